@@ -1,0 +1,56 @@
+# modelfleet — run `make help` for the list of targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  \033[36m%-24s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## Create .venv with modelfleet and the dev tools
+
+.PHONY: lock
+lock: ## Refresh constraints.txt from a clean resolve of pyproject.toml
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip && .lock-venv/bin/pip install -q '.[dev]'
+	.lock-venv/bin/pip freeze --exclude modelfleet | sort > constraints.txt
+	rm -rf .lock-venv
+
+.PHONY: crds
+crds: $(STAMP) ## Regenerate the CRD (crds/ and the chart's copy) from the API models
+	$(BIN)/modelfleet crd -o crds/modelfleet.io_modeldeployments.yaml
+
+.PHONY: docs
+docs: $(STAMP) ## Regenerate generated docs (docs/configuration.md)
+	$(BIN)/modelfleet docs
+
+.PHONY: lint
+lint: $(STAMP) ## ruff, mypy --strict and the import-linter layer contracts
+	$(BIN)/ruff check operator tests benchmarks hack
+	$(BIN)/ruff format --check operator tests benchmarks hack
+	$(BIN)/mypy operator/modelfleet
+	$(BIN)/lint-imports
+
+.PHONY: fmt
+fmt: $(STAMP) ## Format and autofix with ruff
+	$(BIN)/ruff format operator tests benchmarks hack
+	$(BIN)/ruff check --fix operator tests benchmarks hack
+
+.PHONY: test-unit
+test-unit: $(STAMP) ## Fast tier only: pure and adapter tests, no cluster
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+.PHONY: test
+test: $(STAMP) ## Every tier: unit, then integration on the local control plane (built on first use)
+	$(BIN)/pytest tests $(PYTEST_ARGS)

@@ -1,0 +1,48 @@
+"""The ModelDeployment API (group modelfleet.io, version v1alpha1) as pydantic models.
+
+This layer imports neither kopf nor any Kubernetes or HTTP client: it is data and validation only.
+"""
+
+from modelfleet.api.units import parse_duration, parse_quantity, quantity_to_mib
+from modelfleet.api.v1alpha1 import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    PLURAL,
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    EngineSpec,
+    GpuSpec,
+    Instance,
+    ModelDeployment,
+    ModelDeploymentSpec,
+    ModelDeploymentStatus,
+    PlacementSpec,
+    PlacementStrategy,
+    SharingMode,
+    Toleration,
+)
+
+__all__ = [
+    "API_GROUP",
+    "API_VERSION",
+    "KIND",
+    "PLURAL",
+    "Condition",
+    "ConditionStatus",
+    "ConditionType",
+    "EngineSpec",
+    "GpuSpec",
+    "Instance",
+    "ModelDeployment",
+    "ModelDeploymentSpec",
+    "ModelDeploymentStatus",
+    "PlacementSpec",
+    "PlacementStrategy",
+    "SharingMode",
+    "Toleration",
+    "parse_duration",
+    "parse_quantity",
+    "quantity_to_mib",
+]

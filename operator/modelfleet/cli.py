@@ -1,0 +1,45 @@
+"""The one command-line entry point: `modelfleet <command>`.
+
+Each command lives in its component; this module only wires argument parsers to them, importing
+a component when its command runs so that `modelfleet crd` does not load kopf or aiohttp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+# command -> (module that defines `add_arguments(parser)` and `run(args) -> int`, help text)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "crd": ("modelfleet.api.cli", "print (or write) the ModelDeployment CRD"),
+    "docs": ("modelfleet.docs_cli", "write the generated docs (docs/configuration.md)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelfleet",
+        description="Run LLM model replicas (vLLM) across NVIDIA GPU nodes on Kubernetes.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(cmd)
+        runner: Callable[[argparse.Namespace], int] = module.run
+        cmd.set_defaults(_run=runner)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Typed settings, read once at start from `MODELFLEET_*` environment variables.
+
+Every field has a description and a default; docs/configuration.md is generated from these
+classes (`make docs`), and a test fails when it is out of date. `load()` turns a validation
+failure into one message that names the variable and what it accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from modelfleet.api.v1alpha1 import PlacementStrategy
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound="_Settings")
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", validate_default=True, frozen=True)
+    #: Human title used in docs/configuration.md.
+    doc_title: ClassVar[str] = ""
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        prefix = cls.model_config.get("env_prefix", "")
+        return f"{prefix}{field}".upper()
+
+
+def normalize_endpoint(url: str) -> str:
+    """Validate one agent URL (http or https, a host, a port) and return it without a trailing /."""
+    text = url.strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{text!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError(f"{text!r} has no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{text!r} has a port that is not a number from 1 to 65535") from None
+    if port is None:
+        raise ValueError(f"{text!r} has no port; agents listen on :9400 by default")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{text!r} must not carry a query or fragment")
+    return text.rstrip("/")
+
+
+def parse_endpoint_list(value: Any) -> list[str]:
+    """Comma-separated (or list of) agent URLs; duplicates are dropped with a warning."""
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    seen: list[str] = []
+    for raw in items:
+        if not str(raw).strip():
+            continue
+        url = normalize_endpoint(str(raw))
+        if url in seen:
+            log.warning(
+                "endpoint %s is listed twice in MODELFLEET_NODE_STATS_ENDPOINTS; using it once", url
+            )
+            continue
+        seen.append(url)
+    return seen
+
+
+class OperatorSettings(_Settings):
+    """The operator and its GPU pool."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELFLEET_")
+    doc_title: ClassVar[str] = "Operator and GPU pool (`modelfleet operator`, `modelfleet status`)"
+
+    node_stats_endpoints: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated node-stats agent URLs (http://host:port). One URL is the "
+            "single-endpoint setup. Empty: find the agent pods in the cluster."
+        ),
+    )
+    agent_namespace: str = Field(
+        "", description="Namespace of the agent pods for discovery; empty: the operator's own."
+    )
+    agent_selector: str = Field(
+        "app.kubernetes.io/component=agent,app.kubernetes.io/name=modelfleet",
+        description="Label selector of the agent pods for discovery.",
+    )
+    agent_port: int = Field(9400, ge=1, le=65535, description="Port of discovered agents.")
+    agent_token_file: str = Field(
+        "", description="File with the bearer token sent to agents; empty: no token."
+    )
+    default_strategy: PlacementStrategy = Field(
+        PlacementStrategy.AVAILABILITY,
+        description=(
+            "Placement strategy when a ModelDeployment names none: Availability, RoundRobin or "
+            "Weighted. An unknown value logs a warning and falls back to Availability."
+        ),
+    )
+    endpoint_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Timeout of one request to one agent, in seconds."
+    )
+    endpoint_retries: int = Field(
+        1, ge=0, le=10, description="Retries of a failed agent request within one poll round."
+    )
+    poll_interval_s: float = Field(
+        5.0, gt=0, le=300, description="Seconds between poll rounds over all agents."
+    )
+    poll_concurrency: int = Field(
+        64, ge=1, le=4096, description="Agents polled at the same time, at most."
+    )
+    breaker_failure_threshold: int = Field(
+        3, ge=1, le=100, description="Consecutive failures that open an endpoint's breaker."
+    )
+    backoff_base_s: float = Field(
+        1.0, gt=0, le=600, description="First backoff of an open breaker, in seconds."
+    )
+    backoff_cap_s: float = Field(
+        60.0, gt=0, le=3600, description="Longest backoff of an open breaker, in seconds."
+    )
+    watch_namespace: str = Field(
+        "", description="Only reconcile ModelDeployments in this namespace; empty: all."
+    )
+    default_image: str = Field(
+        "vllm/vllm-openai:v0.11.0", description="vLLM image when a ModelDeployment names none."
+    )
+    memory_margin_mib: int = Field(
+        1024, ge=0, description="GPU memory kept free on every GPU in Shared mode, in MiB."
+    )
+    metrics_port: int = Field(
+        8080, ge=1, le=65535, description="Port of /metrics, /healthz and /status."
+    )
+    metrics_host: str = Field("0.0.0.0", description="Address /metrics and /status bind to.")
+    recheck_interval_s: float = Field(
+        30.0, gt=0, le=60, description="Every ModelDeployment is re-checked at least this often."
+    )
+
+    @field_validator("node_stats_endpoints", mode="before")
+    @classmethod
+    def _split_endpoints(cls, value: Any) -> list[str]:
+        return parse_endpoint_list(value)
+
+    @field_validator("default_strategy", mode="before")
+    @classmethod
+    def _fallback_strategy(cls, value: Any) -> Any:
+        known = [s.value for s in PlacementStrategy]
+        if value in known or isinstance(value, PlacementStrategy):
+            return value
+        log.warning(
+            "MODELFLEET_DEFAULT_STRATEGY=%r is not one of %s; using Availability",
+            value,
+            ", ".join(known),
+        )
+        return PlacementStrategy.AVAILABILITY
+
+
+class AgentSettings(_Settings):
+    """The node-stats agent."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELFLEET_AGENT_")
+    doc_title: ClassVar[str] = "Node-stats agent (`modelfleet agent`)"
+
+    backend: Literal["nvml", "simulated"] = Field(
+        "nvml", description="Where GPU stats come from: nvml (real GPUs) or simulated."
+    )
+    node: str = Field(
+        "", description="Node name; empty: NODE_NAME from the downward API, else the host name."
+    )
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(9400, ge=1, le=65535, description="Port to listen on.")
+    poll_interval_s: float = Field(
+        5.0, gt=0, le=300, description="Seconds between two samples of the GPUs."
+    )
+    gpus: int = Field(8, ge=0, le=64, description="Simulated backend: number of GPUs.")
+    gpu_memory_mib: int = Field(
+        81559, ge=1, description="Simulated backend: memory per GPU, in MiB."
+    )
+    product: str = Field(
+        "NVIDIA-H100-80GB-HBM3", description="Simulated backend: GPU product name."
+    )
+    gpu_file: str = Field(
+        "", description="Simulated backend: a YAML or JSON file describing the GPUs."
+    )
+    kubeconfig: str = Field(
+        "",
+        description=(
+            "Simulated backend: kubeconfig to read replica pods from, so reported memory "
+            "follows placements; empty: in-cluster config if present, else none."
+        ),
+    )
+    auth: Literal["none", "token", "tokenreview"] = Field(
+        "none",
+        description=(
+            "Who may read the agent: none, token (a bearer token equal to the token file's "
+            "content) or tokenreview (Kubernetes TokenReview)."
+        ),
+    )
+    token_file: str = Field("", description="File holding the accepted bearer token (auth=token).")
+    pod_resources_socket: str = Field(
+        "/var/lib/kubelet/pod-resources/kubelet.sock",
+        description="kubelet pod-resources socket for pod attribution; skipped when absent.",
+    )
+
+
+class GatewaySettings(_Settings):
+    """The OpenAI-compatible gateway."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELFLEET_GATEWAY_")
+    doc_title: ClassVar[str] = "Gateway (`modelfleet gateway`)"
+
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8080, ge=1, le=65535, description="Port to listen on.")
+    namespace: str = Field("", description="Only route to ModelDeployments here; empty: all.")
+    balancing: Literal["RoundRobin", "LeastOutstanding"] = Field(
+        "RoundRobin",
+        description=(
+            "Default balancing across a model's replicas: RoundRobin or LeastOutstanding; a "
+            "ModelDeployment may override it with the annotation modelfleet.io/balancing."
+        ),
+    )
+    queue_size: int = Field(
+        100, ge=0, le=100000, description="Requests held per model while it scales up from zero."
+    )
+    cold_start_timeout_s: float = Field(
+        600.0, gt=0, description="How long a held request waits for a ready replica, in seconds."
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes."
+    )
+    upstream_connect_timeout_s: float = Field(
+        5.0, gt=0, description="Timeout to connect to a replica, in seconds."
+    )
+    upstream_read_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait between two bytes from a replica, in seconds."
+    )
+    retries: int = Field(
+        2,
+        ge=0,
+        le=2,
+        description="Retries before the first byte (connect error, bodiless 502/503).",
+    )
+    eject_after_failures: int = Field(
+        3, ge=1, description="Consecutive failures after which a replica is skipped for a while."
+    )
+    last_use_interval_s: float = Field(
+        30.0, gt=0, description="Shortest time between two last-use annotation writes per model."
+    )
+
+
+ALL_SETTINGS: tuple[type[_Settings], ...] = (OperatorSettings, AgentSettings, GatewaySettings)
+
+
+def load(cls: type[S], **overrides: Any) -> S:
+    """Read `cls` from the environment (plus overrides); raise SettingsError naming the variable."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            info = cls.model_fields.get(field)
+            accepted = f" ({info.description})" if info and info.description else ""
+            lines.append(f"{cls.env_name(field)}={err.get('input')!r}: {err['msg']}{accepted}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+
+
+def render_configuration_doc() -> str:
+    """docs/configuration.md, generated from the settings classes."""
+    out = [
+        "# Configuration",
+        "",
+        "<!-- Generated by `make docs` from operator/modelfleet/settings.py. Do not edit. -->",
+        "",
+        "Every setting is an environment variable, read and validated once at start. A bad value",
+        "stops the program with a message that names the variable and what it accepts.",
+        "",
+    ]
+    for cls in ALL_SETTINGS:
+        out += [f"## {cls.doc_title}", "", "| Variable | Default | Description |", "|---|---|---|"]
+        for name, info in cls.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, list):
+                default = ",".join(default)
+            shown = f"`{default}`" if default not in ("", None) else "(empty)"
+            out.append(f"| `{cls.env_name(name)}` | {shown} | {info.description} |")
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,75 @@
+"""The committed CRD is exactly what the models generate, and it is a structural schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modelfleet.api.crd import build_crd, render_crd_yaml
+from modelfleet.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "modelfleet.io_modeldeployments.yaml"
+
+
+def walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    out: list[tuple[str, dict[str, Any]]] = []
+    if isinstance(node, dict):
+        out.append((path, node))
+        for key, value in node.items():
+            out += walk(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out += walk(value, f"{path}[{i}]")
+    return out
+
+
+def test_committed_crd_has_not_drifted() -> None:
+    assert CRD_FILE.read_text() == render_crd_yaml(), "run `make crds` and commit the result"
+
+
+def test_cli_prints_the_crd(capsys: Any) -> None:
+    assert main(["crd"]) == 0
+    assert capsys.readouterr().out == render_crd_yaml()
+
+
+def test_schema_has_no_pydantic_artefacts() -> None:
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in walk(schema):
+        assert "$ref" not in node, path
+        assert "$defs" not in node, path
+        assert "title" not in node, path
+        assert node.get("type") != "null", path
+        for option in node.get("anyOf", []):
+            assert option.get("type") != "null", path
+        assert node.get("additionalProperties") is not True, path
+
+
+def test_quantities_are_int_or_string() -> None:
+    spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    memory = spec["properties"]["gpu"]["properties"]["memory"]
+    assert memory["x-kubernetes-int-or-string"] is True
+    assert "type" not in memory
+
+
+def test_subresources_and_columns() -> None:
+    version = build_crd()["spec"]["versions"][0]
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+    assert version["subresources"]["scale"]["labelSelectorPath"] == ".status.selector"
+    names = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert names == ["Model", "Replicas", "Ready", "Status", "Reason", "Age"]
+    assert "md" not in build_crd()["spec"]["names"]["shortNames"]
+
+
+def test_cel_rules_name_the_field() -> None:
+    spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert "spec.minReplicas" in spec["x-kubernetes-validations"][0]["message"]
+    assert "spec.gpu.memory" in spec["properties"]["gpu"]["x-kubernetes-validations"][0]["message"]
+
+
+def test_crd_yaml_is_one_document() -> None:
+    docs = list(yaml.safe_load_all(CRD_FILE.read_text()))
+    assert len(docs) == 1
+    assert docs[0]["metadata"]["name"] == "modeldeployments.modelfleet.io"
