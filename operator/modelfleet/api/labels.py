@@ -1,0 +1,32 @@
+"""Label and annotation keys: the contract between the operator, the gateway and the agents.
+
+Replica Pods carry what every component needs to rebuild its view from the API alone (state
+lives in the API server, not in any process).
+"""
+
+from __future__ import annotations
+
+PREFIX = "modelfleet.io"
+
+# Labels on replica Pods (and the Service selector).
+LABEL_NAME = "app.kubernetes.io/name"  # "modelfleet" on everything the project creates
+LABEL_COMPONENT = "app.kubernetes.io/component"  # "replica", "agent", "operator", "gateway"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"  # "modelfleet-operator" on replica Pods
+LABEL_DEPLOYMENT = f"{PREFIX}/deployment"  # owning ModelDeployment's name
+LABEL_INSTANCE = f"{PREFIX}/instance"  # instance number n of <deployment>-instance-<n>
+COMPONENT_REPLICA = "replica"
+COMPONENT_AGENT = "agent"
+
+# Annotations on replica Pods, written once at creation by the operator.
+ANN_GPUS = f"{PREFIX}/gpus"  # comma-separated global GPU IDs, e.g. "gpu-node-a:0,gpu-node-a:1"
+ANN_GPU_UUIDS = f"{PREFIX}/gpu-uuids"  # comma-separated UUIDs, same order as ANN_GPUS
+ANN_FOOTPRINT_MIB = f"{PREFIX}/footprint-mib"  # GPU memory promised per GPU, MiB ("" = whole GPU)
+ANN_SHARING = f"{PREFIX}/sharing"  # Exclusive or Shared
+ANN_PLACEMENT_REASON = f"{PREFIX}/placement-reason"  # the placement engine's reason, for people
+ANN_SERVED_MODEL = f"{PREFIX}/served-model-name"  # the name the gateway routes by
+ANN_PRIORITY = f"{PREFIX}/priority"  # copy of spec.priority, for eviction without a lookup
+
+# Annotations on ModelDeployments.
+ANN_LAST_REQUEST = f"{PREFIX}/last-request-time"  # RFC 3339, written by the gateway
+ANN_DEMAND = f"{PREFIX}/demand-time"  # RFC 3339, a request waited for a model scaled to zero
+ANN_BALANCING = f"{PREFIX}/balancing"  # RoundRobin or LeastOutstanding, read by the gateway
