@@ -172,3 +172,59 @@ def parse_node_ready(node: Mapping[str, Any]) -> bool:
         if cond.get("type") == "Ready":
             return bool(cond.get("status") == "True")
     return False
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFacts:
+    """The parts of a Node object placement and failure detection read."""
+
+    name: str
+    ready: bool
+    schedulable: bool = True
+    labels: Mapping[str, str] = field(default_factory=dict)
+    taints: tuple[tuple[str, str, str], ...] = ()  # (key, value, effect)
+
+
+def parse_node(node: Mapping[str, Any]) -> NodeFacts:
+    """NodeFacts from a Node dict."""
+    meta = node.get("metadata") or {}
+    spec = node.get("spec") or {}
+    return NodeFacts(
+        name=str(meta.get("name", "")),
+        ready=parse_node_ready(node),
+        schedulable=not spec.get("unschedulable", False),
+        labels=dict(meta.get("labels") or {}),
+        taints=tuple(
+            (str(t.get("key", "")), str(t.get("value") or ""), str(t.get("effect", "")))
+            for t in spec.get("taints") or []
+        ),
+    )
+
+
+def compute_last_use_time(
+    annotations: Mapping[str, str], creation_timestamp: str | None
+) -> datetime | None:
+    """Start of the idle clock: the latest of last request, demand and creation time."""
+    times = [
+        parse_time(annotations.get(L.ANN_LAST_REQUEST)),
+        parse_time(annotations.get(L.ANN_DEMAND)),
+        parse_time(creation_timestamp),
+    ]
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentEntry:
+    """A ModelDeployment as the operator's index holds it: the body and its last use (epoch s)."""
+
+    body: Mapping[str, Any]
+    last_used: float
+
+
+def parse_deployment(body: Mapping[str, Any]) -> DeploymentEntry:
+    """The index entry of a ModelDeployment body (cheap: no validation here)."""
+    meta = body.get("metadata") or {}
+    last = compute_last_use_time(meta.get("annotations") or {}, meta.get("creationTimestamp"))
+    kept = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
+    return DeploymentEntry(body=kept, last_used=last.timestamp() if last else 0.0)

@@ -23,7 +23,13 @@ from modelfleet.controller.decisions import (
     Unplaceable,
     Victim,
 )
-from modelfleet.controller.observed import NodeHealth, ObservedPod, instance_name, parse_time
+from modelfleet.controller.observed import (
+    NodeHealth,
+    ObservedPod,
+    compute_last_use_time,
+    instance_name,
+    parse_time,
+)
 
 # A Pod still terminating this long after its deletion is not waited for: its name is skipped.
 STUCK_TERMINATING = timedelta(minutes=2)
@@ -105,15 +111,8 @@ class PlanSettings:
 
 def compute_last_use(md: ModelDeployment) -> datetime | None:
     """Last request, or the latest demand, or creation time: the start of the idle clock."""
-    ann = md.metadata.annotations
     extra = md.metadata.model_extra or {}
-    times = [
-        parse_time(ann.get(L.ANN_LAST_REQUEST)),
-        parse_time(ann.get(L.ANN_DEMAND)),
-        parse_time(extra.get("creationTimestamp")),
-    ]
-    known = [t for t in times if t is not None]
-    return max(known) if known else None
+    return compute_last_use_time(md.metadata.annotations, extra.get("creationTimestamp"))
 
 
 def compute_target(md: ModelDeployment, now: datetime) -> tuple[int, str]:

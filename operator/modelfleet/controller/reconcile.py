@@ -1,0 +1,338 @@
+"""One reconcile of one ModelDeployment: observe, plan (pure), execute, write status.
+
+Called by every kopf handler (create, resume, update, the timer, Pod and Node events) with the
+cluster as the operator's indices show it. Placement is serialized across deployments: one
+asyncio.Lock covers reading the view, deciding and creating the Pods, and Pods created or deleted
+under it are remembered in the `Ledger` until the watch shows them, so two quick placements never
+take the same GPUs and a replica is never planned twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from modelfleet import placement as P
+from modelfleet.api import ModelDeployment
+from modelfleet.controller import inputs
+from modelfleet.controller.builders import (
+    build_replica_pod,
+    build_service,
+    compute_template_hash,
+)
+from modelfleet.controller.decisions import Decision, PlacementRequest, Placer
+from modelfleet.controller.execute import (
+    EventRecorder,
+    apply_annotations,
+    apply_eviction,
+    apply_status,
+    create_pod,
+    delete_pod,
+    ensure_service,
+)
+from modelfleet.controller.metrics import OperatorMetrics
+from modelfleet.controller.observed import DeploymentEntry, NodeFacts, ObservedPod, parse_pod
+from modelfleet.controller.plan import Plan, PlanSettings, compute_plan
+from modelfleet.controller.status import (
+    compute_measured_footprint_mib,
+    compute_status,
+    status_changed,
+)
+from modelfleet.gpus.snapshot import PoolSnapshot
+from modelfleet.kube.client import KubeClient
+from modelfleet.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+
+
+class Ledger:
+    """Pods this process created or deleted that the watch (the index) does not show yet."""
+
+    def __init__(self, ttl_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl_s
+        self._clock = clock
+        # (namespace, deployment) -> pod name -> (pod, when created)
+        self._created: dict[Key, dict[str, tuple[ObservedPod, float]]] = {}
+        self._deleted: dict[Key, float] = {}  # (namespace, pod name) -> when deleted
+
+    def record_created(self, pod: ObservedPod) -> None:
+        self._created.setdefault((pod.namespace, pod.deployment), {})[pod.name] = (
+            pod,
+            self._clock(),
+        )
+
+    def record_deleted(self, namespace: str, name: str) -> None:
+        self._deleted[(namespace, name)] = self._clock()
+
+    def merge(
+        self, namespace: str, deployment: str, indexed: Iterable[ObservedPod]
+    ) -> list[ObservedPod]:
+        """The deployment's Pods: the index, plus Pods created here, with deletions applied."""
+        now = self._clock()
+        out: list[ObservedPod] = []
+        names = set()
+        deleted = self._deleted
+        for pod in indexed:
+            names.add(pod.name)
+            if deleted and not pod.deleting:
+                deleted_at = deleted.get(pod.key)
+                if deleted_at is not None and now - deleted_at < self._ttl:
+                    pod = replace(pod, deleting=True)
+            out.append(pod)
+        created = self._created.get((namespace, deployment))
+        if created:
+            for name, (pod, created_at) in list(created.items()):
+                if name in names or now - created_at >= self._ttl:
+                    del created[name]  # the index has it now (or it never came: forget it)
+                    continue
+                deleted_at = deleted.get(pod.key)
+                if deleted_at is not None and deleted_at >= created_at:
+                    pod = replace(pod, deleting=True)
+                out.append(pod)
+            if not created:
+                del self._created[(namespace, deployment)]
+        return out
+
+    def merge_all(self, indexed: Mapping[Key, Iterable[ObservedPod]]) -> list[ObservedPod]:
+        """Every replica Pod in the cluster, with this process's creations and deletions."""
+        out: list[ObservedPod] = []
+        for (namespace, deployment), pods in indexed.items():
+            out += self.merge(namespace, deployment, pods)
+        for namespace, deployment in list(self._created):
+            if (namespace, deployment) not in indexed:
+                out += self.merge(namespace, deployment, ())
+        return out
+
+    def prune(self) -> None:
+        """Forget entries older than the TTL (called by the timer)."""
+        now = self._clock()
+        self._deleted = {k: v for k, v in self._deleted.items() if now - v < self._ttl}
+        for key in list(self._created):
+            alive = {n: v for n, v in self._created[key].items() if now - v[1] < self._ttl}
+            if alive:
+                self._created[key] = alive
+            else:
+                del self._created[key]
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """The operator's indices, live: a reconcile that waited for its lock reads fresh state.
+
+    Each mapping is shaped like a kopf index: key -> the values indexed under it.
+    """
+
+    pods: Mapping[Key, Iterable[ObservedPod]]  # replica Pods by (namespace, deployment)
+    nodes: Mapping[str, Iterable[NodeFacts]]  # Nodes by name
+    deployments: Mapping[Key, Iterable[DeploymentEntry]]  # ModelDeployments by (ns, name)
+
+    def node_facts(self) -> dict[str, NodeFacts]:
+        return {name: fact for name, facts in self.nodes.items() for fact in facts}
+
+    def last_used(self) -> dict[Key, float]:
+        return {key: e.last_used for key, entries in self.deployments.items() for e in entries}
+
+    def body(self, key: Key) -> Mapping[str, Any] | None:
+        for entry in self.deployments.get(key, ()):
+            return entry.body
+        return None
+
+
+@dataclass
+class Runtime:
+    """Shared clients and state of the operator process (kept in kopf's operator memo)."""
+
+    client: KubeClient
+    settings: OperatorSettings
+    events: EventRecorder
+    metrics: OperatorMetrics
+    snapshot: Callable[[], PoolSnapshot | None]
+    ledger: Ledger = field(default_factory=Ledger)
+    placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    locks: defaultdict[Key, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    cursor: str | None = None  # round-robin position, shared by every deployment
+    queued: defaultdict[Key, int] = field(default_factory=lambda: defaultdict(int))
+    blocked: set[Key] = field(default_factory=set)  # last plan could not place a replica
+    cluster: ClusterState | None = None  # the live indices, once a handler has seen them
+
+    @property
+    def placement_settings(self) -> P.PlacementSettings:
+        return P.PlacementSettings(
+            default_strategy=self.settings.default_strategy,
+            memory_margin_mib=self.settings.memory_margin_mib,
+        )
+
+
+class _LazyPlacer:
+    """Builds the placement view on the first request only: most reconciles place nothing."""
+
+    def __init__(self, rt: Runtime, cluster: ClusterState, snapshot: PoolSnapshot | None) -> None:
+        self._rt = rt
+        self._cluster = cluster
+        self._snapshot = snapshot
+        self._inner: inputs.EnginePlacer | None = None
+        self.decisions: list[Decision] = []
+
+    def __call__(self, request: PlacementRequest) -> Decision:
+        if self._inner is None:
+            rt, cluster = self._rt, self._cluster
+            every = rt.ledger.merge_all(cluster.pods)
+            placer = inputs.build_placer(
+                cluster.node_facts(),
+                every,
+                cluster.last_used(),
+                self._snapshot,
+                rt.placement_settings,
+                rt.cursor,
+            )
+            assert isinstance(placer, inputs.EnginePlacer)
+            self._inner = placer
+        decision = self._inner(request)
+        self._rt.cursor = self._inner.cursor
+        self.decisions.append(decision)
+        return decision
+
+
+async def reconcile(
+    rt: Runtime,
+    body: Mapping[str, Any],
+    cluster: ClusterState,
+    *,
+    ensure_svc: bool = False,
+) -> Plan | None:
+    """Bring one ModelDeployment towards its spec; returns the applied plan.
+
+    Calls for one deployment run one at a time. When one is already queued behind a running
+    one, further calls return None at once: the queued one reads the indices when it starts,
+    so it sees everything they would have seen.
+    """
+    meta = body.get("metadata") or {}
+    key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+    if rt.queued[key] and not ensure_svc:
+        return None
+    rt.queued[key] += 1
+    started = time.perf_counter()
+    result = "error"
+    try:
+        async with rt.locks[key]:
+            rt.queued[key] -= 1
+            md = ModelDeployment.model_validate(cluster.body(key) or body)
+            plan = await _reconcile_locked(rt, md, cluster, ensure_svc=ensure_svc)
+        result = "ok"
+        return plan
+    finally:
+        if rt.queued[key] <= 0:
+            rt.queued.pop(key, None)
+        rt.metrics.reconcile_duration.labels(result).observe(time.perf_counter() - started)
+
+
+def forget(rt: Runtime, key: Key) -> None:
+    """Drop per-deployment state of a deleted ModelDeployment."""
+    lock = rt.locks.get(key)
+    if lock is not None and not lock.locked():
+        del rt.locks[key]
+    rt.blocked.discard(key)
+    rt.metrics.forget(key)
+
+
+async def _reconcile_locked(
+    rt: Runtime, md: ModelDeployment, cluster: ClusterState, *, ensure_svc: bool
+) -> Plan:
+    namespace, name = md.metadata.namespace or "", md.metadata.name
+    key = (namespace, name)
+    settings = rt.settings
+    template_hash = compute_template_hash(md, settings.default_image)
+    snapshot = rt.snapshot()
+    health = inputs.compute_node_health(cluster.node_facts(), snapshot)
+    async with rt.placement_lock:
+        now = datetime.now(UTC)
+        pods = rt.ledger.merge(namespace, name, cluster.pods.get(key, ()))
+        deleting = frozenset(p.key for p in rt.ledger.merge_all(cluster.pods) if p.deleting)
+        placer = _LazyPlacer(rt, cluster, snapshot)
+        plan = compute_plan(md, pods, health, placer, now, PlanSettings(template_hash), deleting)
+        _count_decisions(rt.metrics, placer.decisions)
+        for item in plan.to_create:
+            body = build_replica_pod(
+                md,
+                item.instance,
+                item.placed,
+                default_image=settings.default_image,
+                template_hash=template_hash,
+            )
+            created = await create_pod(rt.client, body)
+            observed = parse_pod(created)
+            if observed is not None:
+                rt.ledger.record_created(observed)
+        for victim in plan.victims:
+            victim_md = await apply_eviction(rt.client, victim, f"{namespace}/{name}", now)
+            rt.ledger.record_deleted(victim.namespace, victim.pod)
+            rt.metrics.evictions.inc()
+            if victim_md is not None:
+                uid = str((victim_md.get("metadata") or {}).get("uid", ""))
+                for event in plan.events:
+                    if (event.namespace, event.deployment) == (victim.namespace, victim.deployment):
+                        await rt.events.post(event, uid, now)
+    for gone in plan.to_delete:
+        await delete_pod(rt.client, gone.namespace, gone.name, force=gone.force)
+        rt.ledger.record_deleted(gone.namespace, gone.name)
+    rt.metrics.count_replacements(_reasons(plan))
+    if plan.annotations:
+        await apply_annotations(rt.client, md, plan.annotations)
+    for event in plan.events:
+        if (event.namespace, event.deployment) == key:
+            await rt.events.post(event, md.metadata.uid, now)
+    if ensure_svc:
+        await ensure_service(rt.client, build_service(md))
+    measured = (
+        compute_measured_footprint_mib(pods, inputs.compute_gpu_used_mib(snapshot))
+        if md.status.footprint is None and md.spec.gpu.memory is None
+        else None
+    )
+    if plan.blocker is not None:
+        rt.blocked.add(key)
+    else:
+        rt.blocked.discard(key)
+    status = compute_status(md, pods, plan, now, measured)
+    rt.metrics.set_pending(key, max(0, plan.target - status.ready_replicas))
+    if status_changed(md.status, status):
+        await apply_status(rt.client, md, status)
+    if plan.details:
+        log.info("%s/%s: %s", namespace, name, "; ".join(plan.details))
+    return plan
+
+
+def _count_decisions(metrics: OperatorMetrics, decisions: Sequence[Decision]) -> None:
+    from modelfleet.controller.decisions import Evict, Placed
+
+    for d in decisions:
+        kind = (
+            "placed"
+            if isinstance(d, Placed)
+            else "evict"
+            if isinstance(d, Evict)
+            else ("unplaceable")
+        )
+        metrics.placements.labels(kind).inc()
+
+
+def _reasons(plan: Plan) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in plan.to_delete:
+        out[d.reason] = out.get(d.reason, 0) + 1
+    return out
+
+
+def pods_on_nodes(cluster_pods: Mapping[Key, Iterable[ObservedPod]], nodes: set[str]) -> set[Key]:
+    """Deployments with a replica on any of `nodes` (to re-check when a node fails)."""
+    return {key for key, pods in cluster_pods.items() for p in pods if p.node in nodes}
+
+
+__all__ = ["ClusterState", "Ledger", "Placer", "Runtime", "forget", "pods_on_nodes", "reconcile"]
