@@ -56,25 +56,37 @@ async def create_pod(client: KubeClient, body: Mapping[str, Any]) -> dict[str, A
     return existing
 
 
-async def delete_pod(client: KubeClient, namespace: str, name: str, *, force: bool) -> None:
-    """Delete a Pod; gone already is fine. `force` skips the grace period (lost nodes)."""
-    params: dict[str, Any] = {"propagationPolicy": "Background"}
+async def delete_pod(
+    client: KubeClient, namespace: str, name: str, *, force: bool, uid: str = ""
+) -> None:
+    """Delete a Pod; gone already is fine. `force` skips the grace period (lost nodes).
+
+    With `uid`, only that incarnation is deleted: a replacement that already took the name
+    (the API answers 409 to the failed precondition) is left alone.
+    """
+    options: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "DeleteOptions",
+        "propagationPolicy": "Background",
+    }
     if force:
-        params["gracePeriodSeconds"] = 0
+        options["gracePeriodSeconds"] = 0
+    if uid:
+        options["preconditions"] = {"uid": uid}
     try:
-        await client.delete(pods_path(namespace, name), **params)
+        await client.delete(pods_path(namespace, name), options)
     except ApiError as exc:
-        if not exc.not_found:
+        if not (exc.not_found or (uid and exc.conflict)):
             raise
 
 
 async def delete_pods(client: KubeClient, deletions: Iterable[PodToDelete]) -> None:
     for item in deletions:
-        await delete_pod(client, item.namespace, item.name, force=item.force)
+        await delete_pod(client, item.namespace, item.name, force=item.force, uid=item.uid)
 
 
 async def apply_eviction(
-    client: KubeClient, victim: Victim, evicted_by: str, now: datetime
+    client: KubeClient, victim: Victim, evicted_by: str, now: datetime, uid: str = ""
 ) -> dict[str, Any] | None:
     """Mark the victim's ModelDeployment as evicted, then delete the victim Pod.
 
@@ -98,7 +110,7 @@ async def apply_eviction(
         if not exc.not_found:
             raise
         victim_md = None
-    await delete_pod(client, victim.namespace, victim.pod, force=False)
+    await delete_pod(client, victim.namespace, victim.pod, force=False, uid=uid)
     return victim_md
 
 

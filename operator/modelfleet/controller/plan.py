@@ -61,6 +61,7 @@ class PodToDelete:
     reason: str  # one of the constants above
     message: str
     force: bool = False  # grace period 0: the node's kubelet will never confirm a graceful delete
+    uid: str = ""  # delete only this incarnation (a replacement may already use the name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,12 +201,14 @@ def compute_plan(
             if failure and failure[2]:
                 # A graceful delete on a lost node never completes; make it final.
                 plan.to_delete.append(
-                    PodToDelete(namespace, pod.name, name, failure[0], failure[1], force=True)
+                    PodToDelete(namespace, pod.name, name, failure[0], failure[1], True, pod.uid)
                 )
             continue
         if failure:
             reason, message, force = failure
-            plan.to_delete.append(PodToDelete(namespace, pod.name, name, reason, message, force))
+            plan.to_delete.append(
+                PodToDelete(namespace, pod.name, name, reason, message, force, pod.uid)
+            )
             plan.events.append(
                 EventSpec(namespace, name, "Warning", reason, f"replacing {pod.name}: {message}")
             )
@@ -224,7 +227,7 @@ def compute_plan(
             else f"scaling down to {target} replicas"
         )
         for pod in sorted(healthy, key=lambda p: (p.ready, -p.instance))[:excess]:
-            plan.to_delete.append(PodToDelete(namespace, pod.name, name, why, text))
+            plan.to_delete.append(PodToDelete(namespace, pod.name, name, why, text, uid=pod.uid))
             plan.details.append(f"delete {pod.name}: {text}")
             healthy.remove(pod)
         plan.events.append(EventSpec(namespace, name, "Normal", why, text))
@@ -373,6 +376,8 @@ def _plan_rollout(
         return
     for pod in chosen:
         text = f"replacing {pod.name}: the spec changed ({len(outdated)} outdated)"
-        plan.to_delete.append(PodToDelete(namespace, pod.name, name, ROLLING_UPDATE, text))
+        plan.to_delete.append(
+            PodToDelete(namespace, pod.name, name, ROLLING_UPDATE, text, uid=pod.uid)
+        )
         plan.events.append(EventSpec(namespace, name, "Normal", ROLLING_UPDATE, text))
         plan.details.append(text)

@@ -61,7 +61,8 @@ class Ledger:
         self._clock = clock
         # (namespace, deployment) -> pod name -> (pod, when created)
         self._created: dict[Key, dict[str, tuple[ObservedPod, float]]] = {}
-        self._deleted: dict[Key, float] = {}  # (namespace, pod name) -> when deleted
+        # (namespace, pod name) -> (uid, when deleted); uid "" matches Pods created before then
+        self._deleted: dict[Key, tuple[str, float]] = {}
 
     def record_created(self, pod: ObservedPod) -> None:
         self._created.setdefault((pod.namespace, pod.deployment), {})[pod.name] = (
@@ -69,8 +70,8 @@ class Ledger:
             self._clock(),
         )
 
-    def record_deleted(self, namespace: str, name: str) -> None:
-        self._deleted[(namespace, name)] = self._clock()
+    def record_deleted(self, namespace: str, name: str, uid: str) -> None:
+        self._deleted[(namespace, name)] = (uid, self._clock())
 
     def merge(
         self, namespace: str, deployment: str, indexed: Iterable[ObservedPod]
@@ -78,25 +79,29 @@ class Ledger:
         """The deployment's Pods: the index, plus Pods created here, with deletions applied."""
         now = self._clock()
         out: list[ObservedPod] = []
-        names = set()
+        position: dict[str, int] = {}
         deleted = self._deleted
         for pod in indexed:
-            names.add(pod.name)
             if deleted and not pod.deleting:
-                deleted_at = deleted.get(pod.key)
-                if deleted_at is not None and now - deleted_at < self._ttl:
+                gone = deleted.get(pod.key)
+                if gone is not None and gone[0] == pod.uid and now - gone[1] < self._ttl:
                     pod = replace(pod, deleting=True)
+            position[pod.name] = len(out)
             out.append(pod)
         created = self._created.get((namespace, deployment))
         if created:
             for name, (pod, created_at) in list(created.items()):
-                if name in names or now - created_at >= self._ttl:
+                at = position.get(name)
+                if (at is not None and out[at].uid == pod.uid) or now - created_at >= self._ttl:
                     del created[name]  # the index has it now (or it never came: forget it)
                     continue
-                deleted_at = deleted.get(pod.key)
-                if deleted_at is not None and deleted_at >= created_at:
+                gone = deleted.get(pod.key)
+                if gone is not None and gone[0] == pod.uid:
                     pod = replace(pod, deleting=True)
-                out.append(pod)
+                if at is not None:
+                    out[at] = pod  # the index still shows the incarnation this one replaced
+                else:
+                    out.append(pod)
             if not created:
                 del self._created[(namespace, deployment)]
         return out
@@ -114,7 +119,7 @@ class Ledger:
     def prune(self) -> None:
         """Forget entries older than the TTL (called by the timer)."""
         now = self._clock()
-        self._deleted = {k: v for k, v in self._deleted.items() if now - v < self._ttl}
+        self._deleted = {k: v for k, v in self._deleted.items() if now - v[1] < self._ttl}
         for key in list(self._created):
             alive = {n: v for n, v in self._created[key].items() if now - v[1] < self._ttl}
             if alive:
@@ -271,9 +276,11 @@ async def _reconcile_locked(
             observed = parse_pod(created)
             if observed is not None:
                 rt.ledger.record_created(observed)
+        uids = {p.key: p.uid for p in rt.ledger.merge_all(cluster.pods)} if plan.victims else {}
         for victim in plan.victims:
-            victim_md = await apply_eviction(rt.client, victim, f"{namespace}/{name}", now)
-            rt.ledger.record_deleted(victim.namespace, victim.pod)
+            uid = uids.get((victim.namespace, victim.pod), "")
+            victim_md = await apply_eviction(rt.client, victim, f"{namespace}/{name}", now, uid)
+            rt.ledger.record_deleted(victim.namespace, victim.pod, uid)
             rt.metrics.evictions.inc()
             if victim_md is not None:
                 uid = str((victim_md.get("metadata") or {}).get("uid", ""))
@@ -281,8 +288,8 @@ async def _reconcile_locked(
                     if (event.namespace, event.deployment) == (victim.namespace, victim.deployment):
                         await rt.events.post(event, uid, now)
     for gone in plan.to_delete:
-        await delete_pod(rt.client, gone.namespace, gone.name, force=gone.force)
-        rt.ledger.record_deleted(gone.namespace, gone.name)
+        await delete_pod(rt.client, gone.namespace, gone.name, force=gone.force, uid=gone.uid)
+        rt.ledger.record_deleted(gone.namespace, gone.name, gone.uid)
     rt.metrics.count_replacements(_reasons(plan))
     if plan.annotations:
         await apply_annotations(rt.client, md, plan.annotations)

@@ -52,6 +52,7 @@ def pod(
     return ObservedPod(
         name=instance_name(deployment, n),
         namespace="ns",
+        uid=f"pod-uid-{deployment}-{n}",
         deployment=deployment,
         instance=n,
         node=node,
