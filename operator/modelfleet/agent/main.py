@@ -112,7 +112,7 @@ class Agent:
             self.tasks.append(
                 asyncio.create_task(watch_replica_pods(self.client, self.backend, self.state))
             )
-        self.runner = web.AppRunner(self.app, access_log=None)
+        self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.settings.host, self.settings.port)
         await site.start()
@@ -149,6 +149,33 @@ async def watch_replica_pods(
         state.wake.set()
 
 
+def build_backend(
+    settings: AgentSettings, node: str, metrics: AgentMetrics
+) -> tuple[Backend, SimulatedBackend | None]:
+    """The configured backend (and the simulated one again, for its fault knobs).
+
+    Reads files once at start, before anything is served.
+    """
+    if settings.backend == "simulated":
+        if settings.gpu_file:
+            try:
+                gpus = load_gpu_file(settings.gpu_file, node)
+            except GpuFileError as exc:
+                raise AgentConfigError(f"--gpu-file / MODELFLEET_AGENT_GPU_FILE: {exc}") from None
+        else:
+            gpus = build_sim_gpus(node, settings.gpus, settings.gpu_memory_mib, settings.product)
+        sim = SimulatedBackend(node, gpus)
+        return sim, sim
+    if os.path.exists(settings.pod_resources_socket):
+        # Reading it needs a gRPC client; until then the GPUs' pod lists stay empty.
+        log.info(
+            "kubelet pod-resources socket %s found, but pod attribution on the nvml backend "
+            "is not implemented yet: pods lists stay empty",
+            settings.pod_resources_socket,
+        )
+    return NvmlBackend(node, on_gpu_error=metrics.gpu_errors.inc), None
+
+
 async def build_agent(settings: AgentSettings, node: str) -> Agent:
     """Wire the agent from settings; raises AgentConfigError naming a bad setting."""
     metrics = AgentMetrics()
@@ -160,28 +187,11 @@ async def build_agent(settings: AgentSettings, node: str) -> Agent:
             client = KubeClient(cluster, timeout_s=10.0, user_agent="modelfleet-agent")
     try:
         auth = build_authenticator(settings, cluster, client)
-        backend: Backend
-        sim: SimulatedBackend | None = None
-        if settings.backend == "simulated":
-            if settings.gpu_file:
-                try:
-                    gpus = load_gpu_file(settings.gpu_file, node)
-                except GpuFileError as exc:
-                    raise AgentConfigError(
-                        f"--gpu-file / MODELFLEET_AGENT_GPU_FILE: {exc}"
-                    ) from None
-            else:
-                gpus = build_sim_gpus(
-                    node, settings.gpus, settings.gpu_memory_mib, settings.product
-                )
-            sim = SimulatedBackend(node, gpus)
-            backend = sim
+        backend, sim = build_backend(settings, node, metrics)
     except AgentConfigError:
         if client is not None:
             await client.close()
         raise
-    if sim is None:
-        backend = NvmlBackend(node, on_gpu_error=metrics.gpu_errors.inc)
     state = AgentState(
         node=node,
         backend=backend.name,

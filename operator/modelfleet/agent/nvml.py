@@ -130,6 +130,13 @@ class NvmlBackend:
         except nv.NVMLError as exc:
             nv.nvmlShutdown()
             raise NvmlStartError(f"NVML started but could not list the GPUs: {exc}") from None
+        for index, handle in enumerate(self._handles):
+            # Remember who each GPU is, so that one lost before its first sample is still named.
+            known = self._known.setdefault(index, _Known())
+            with contextlib.suppress(nv.NVMLError):
+                known.uuid = _text(nv.nvmlDeviceGetUUID(handle))
+                known.product = _text(nv.nvmlDeviceGetName(handle))
+                known.memory_total_mib = int(nv.nvmlDeviceGetMemoryInfo(handle).total) // MIB
         try:
             self._driver = _text(nv.nvmlSystemGetDriverVersion())
         except nv.NVMLError:
