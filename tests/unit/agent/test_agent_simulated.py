@@ -138,8 +138,9 @@ def test_gpu_file_heterogeneous() -> None:
         (1, "NVIDIA-L4", 23034),
     ]
     assert gpus[1].uuid == "GPU-l4"
-    assert json.loads(json.dumps([{"memoryMib": 1}]))
-    assert parse_gpu_file('[{"memoryMib": 1}]', NODE)
+    # JSON is YAML: the same parser takes both.
+    (only,) = parse_gpu_file('[{"memoryMib": 1024}]', NODE)
+    assert (only.index, only.memory_mib, only.product) == (0, 1024, "NVIDIA-H100-80GB-HBM3")
 
 
 @pytest.mark.parametrize(
