@@ -54,3 +54,7 @@ test-unit: $(STAMP) ## Fast tier only: pure and adapter tests, no cluster
 .PHONY: test
 test: $(STAMP) ## Every tier: unit, then integration on the local control plane (built on first use)
 	$(BIN)/pytest tests $(PYTEST_ARGS)
+
+.PHONY: bench-agent
+bench-agent: $(STAMP) ## Agent: sample cost per GPU and /v1/gpus latency p50/p99 (8 GPUs)
+	$(BIN)/python benchmarks/bench_agent.py
