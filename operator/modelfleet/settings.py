@@ -204,7 +204,13 @@ class AgentSettings(_Settings):
     token_file: str = Field("", description="File holding the accepted bearer token (auth=token).")
     pod_resources_socket: str = Field(
         "/var/lib/kubelet/pod-resources/kubelet.sock",
-        description="kubelet pod-resources socket for pod attribution; skipped when absent.",
+        description=(
+            "nvml backend: kubelet pod-resources socket for pod attribution; off while the "
+            "socket is absent; empty: off."
+        ),
+    )
+    pod_resources_timeout_s: float = Field(
+        1.0, gt=0, le=30, description="Deadline of one kubelet pod-resources call, in seconds."
     )
 
 

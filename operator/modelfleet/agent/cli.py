@@ -30,6 +30,7 @@ FLAGS: dict[str, str] = {
     "--auth": "auth",
     "--token-file": "token_file",
     "--pod-resources-socket": "pod_resources_socket",
+    "--pod-resources-timeout": "pod_resources_timeout_s",
 }
 
 
@@ -55,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--auth", choices=["none", "token", "tokenreview"])
     flag("--token-file", metavar="FILE")
     flag("--pod-resources-socket", metavar="PATH")
+    flag("--pod-resources-timeout", type=float, metavar="SECONDS")
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
