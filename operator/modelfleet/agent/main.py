@@ -70,6 +70,12 @@ def load_cluster(settings: AgentSettings) -> ClusterConfig | None:
 def build_authenticator(
     settings: AgentSettings, cluster: ClusterConfig | None, client: KubeClient | None
 ) -> Authenticator | None:
+    if settings.auth != "tokenreview" and (settings.allowed_subjects or settings.audiences):
+        log.warning(
+            "--allowed-subjects and --audiences apply to --auth tokenreview only; with --auth %s "
+            "they are ignored",
+            settings.auth,
+        )
     if settings.auth == "none":
         return None
     if settings.auth == "token":
@@ -88,7 +94,18 @@ def build_authenticator(
         raise AgentConfigError(
             "--auth tokenreview needs the Kubernetes API: run in a cluster or pass --kubeconfig"
         )
-    return TokenReviewAuth(client)
+    if not settings.allowed_subjects:
+        log.warning(
+            "--auth tokenreview without --allowed-subjects (MODELFLEET_AGENT_ALLOWED_SUBJECTS): "
+            "any identity the API server authenticates may read this agent; list the "
+            "operator's service account, e.g. "
+            "system:serviceaccount:modelfleet-system:modelfleet-operator"
+        )
+    return TokenReviewAuth(
+        client,
+        audiences=tuple(settings.audiences),
+        allowed_subjects=frozenset(settings.allowed_subjects),
+    )
 
 
 @dataclass
