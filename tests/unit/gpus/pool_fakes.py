@@ -63,18 +63,27 @@ class FakeAgent:
     (sleeps `delay_s` before answering) | flap (ok and error, alternating per request).
     """
 
-    def __init__(self, node: str, gpus: int = 8, *, token: str | None = None) -> None:
+    def __init__(
+        self,
+        node: str,
+        gpus: int = 8,
+        *,
+        token: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.host = host
         self.report = make_report(node, gpus)
         self.mode = "ok"
         self.delay_s = 0.0
         self.token = token
         self.requests = 0
-        self.port = 0
+        self.port = port
         self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def node(self) -> str:
@@ -106,7 +115,7 @@ class FakeAgent:
         app.router.add_get("/v1/gpus", self._gpus)
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.1)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self
