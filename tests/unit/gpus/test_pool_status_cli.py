@@ -151,7 +151,7 @@ async def wait_until(pool: GpuPool, predicate: Any, timeout_s: float = 10.0) -> 
 async def test_operator_status_follows_kill_and_recovery_after_probe(
     operator_status: tuple[GpuPool, str, list[Any]], registry: CollectorRegistry
 ) -> None:
-    pool, base, (a, b, c) = operator_status
+    pool, base, (_, b, _) = operator_status
     await wait_until(pool, lambda s: s.totals.figures.gpus_total == 24)
     rc, out, err = await modelfleet("status", "--operator", base, "--json")
     assert rc == 0, err
