@@ -54,3 +54,7 @@ test-unit: $(STAMP) ## Fast tier only: pure and adapter tests, no cluster
 .PHONY: test
 test: $(STAMP) ## Every tier: unit, then integration on the local control plane (built on first use)
 	$(BIN)/pytest tests $(PYTEST_ARGS)
+
+.PHONY: bench-pool
+bench-pool: $(STAMP) ## GPU pool: one poll round over 1,000 agent endpoints (real HTTP on loopback)
+	$(BIN)/python benchmarks/bench_pool.py --endpoints 1000 --rounds 30

@@ -298,7 +298,11 @@ def build_snapshot(
         included = s.state.usable and report is not None
         reason = s.reason
         if included and report is not None:
-            clash = next((g.gpu_id for g in report.gpus if g.gpu_id in gpus), None)
+            clash = (
+                None
+                if gpus.keys().isdisjoint(g.gpu_id for g in report.gpus)
+                else next(g.gpu_id for g in report.gpus if g.gpu_id in gpus)
+            )
             if clash is not None:
                 # The pool rejects clashing replies before they get here; this keeps the
                 # snapshot consistent even for callers that did not.
