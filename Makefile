@@ -62,3 +62,7 @@ bench-agent: $(STAMP) ## Agent: sample cost per GPU and /v1/gpus latency p50/p99
 .PHONY: bench-kube-client
 bench-kube-client: $(STAMP) ## Memory and CPU of the official kubernetes client vs modelfleet.kube
 	$(BIN)/python benchmarks/bench_kube_client.py
+
+.PHONY: bench-pool
+bench-pool: $(STAMP) ## GPU pool: one poll round over 1,000 agent endpoints (real HTTP on loopback)
+	$(BIN)/python benchmarks/bench_pool.py --endpoints 1000 --rounds 30
