@@ -28,7 +28,9 @@ from modelfleet.api.v1alpha1 import (
 # schema's `default: {}` values, where the nested defaults are not filled in yet.
 _SPEC_RULES = [
     {
-        "rule": "!has(self.minReplicas) || !has(self.replicas) || self.minReplicas <= self.replicas",
+        "rule": (
+            "!has(self.minReplicas) || !has(self.replicas) || self.minReplicas <= self.replicas"
+        ),
         "message": "spec.minReplicas must not exceed spec.replicas",
         "fieldPath": ".minReplicas",
         "reason": "FieldValueInvalid",
