@@ -37,8 +37,8 @@ if [[ "$(printf '%s\n%s\n' "$GO_MIN" "$gov" | sort -V | head -1)" != "$GO_MIN" ]
   die "Go $gov is too old: Kubernetes $K8S_VERSION needs Go >= $GO_MIN"
 fi
 export GOTOOLCHAIN=local GOFLAGS=-buildvcs=false CGO_ENABLED=0
-if ! (cd "$(mktemp -d)" && timeout 60 go list -m "k8s.io/kubernetes@v$K8S_VERSION" >/dev/null 2>&1); then
-  die "the Go module proxy ($(go env GOPROXY)) does not serve k8s.io/kubernetes@v$K8S_VERSION; check GOPROXY and the network"
+if ! probe=$(cd "$(mktemp -d)" && timeout 60 go list -m "k8s.io/kubernetes@v$K8S_VERSION" 2>&1); then
+  die "the Go module proxy ($(go env GOPROXY)) does not serve k8s.io/kubernetes@v$K8S_VERSION; check GOPROXY, the network and K8S_VERSION: ${probe##*$'\n'}"
 fi
 
 mkdir -p "$BIN.partial" "$CACHE/k8s-mod" "$CACHE/etcd-mod"

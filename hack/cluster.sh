@@ -43,7 +43,7 @@ cluster_pids() {
   for p in /proc/[0-9]*; do
     pid=${p#/proc/}
     [[ $pid == "$$" ]] && continue
-    if tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "$CDIR/"; then echo "$pid"; fi
+    if { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -qF -- "$CDIR/"; then echo "$pid"; fi
   done | sort -u
 }
 
@@ -186,6 +186,7 @@ cmd_down() {
   local left
   left=$(cluster_pids)
   [[ -z $left ]] || die "processes still running after stop: $(echo $left)"
+  rm -rf "$KWOK_WORKDIR" "$DIR/kwokctl.yaml"
   log "cluster $NAME is down"
 }
 

@@ -200,6 +200,12 @@ def desired_launches(
     return launches, skipped
 
 
+def restart_count(pod: Mapping[str, Any]) -> int:
+    """The pod's current restartCount of its first container (0 if none yet)."""
+    statuses = pod.get("status", {}).get("containerStatuses") or [{}]
+    return int(statuses[0].get("restartCount", 0))
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -295,12 +301,13 @@ class Supervisor:
         client: KubeClient,
         http: aiohttp.ClientSession,
         options: RunnerOptions,
+        restarts: int = 0,
     ) -> None:
         self.launch = launch
         self.client = client
         self.http = http
         self.options = options
-        self.restarts = 0
+        self.restarts = restarts  # continues the pod's count when the runner itself restarts
         self._reported: ContainerState | None = None
 
     async def report(self, state: ContainerState) -> None:
@@ -460,7 +467,9 @@ class Runner:
         await self.stop(stale)
         for uid, launch in desired.items():
             if uid not in self.tasks:
-                supervisor = Supervisor(launch, self.client, self.http, self.options)
+                supervisor = Supervisor(
+                    launch, self.client, self.http, self.options, restart_count(self.pods[uid])
+                )
                 task = asyncio.create_task(supervisor.run(), name=launch.pod_ref)
                 self.tasks[uid] = (launch, task)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +34,12 @@ from clusterkit import (
 from modelfleet.kube.client import ApiError, KubeClient, load_kubeconfig
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "kwok: needs the kwok control plane of hack/cluster.sh (loopback pod IPs)"
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).resolve().parent
     for item in items:
@@ -46,8 +53,16 @@ def _tail(text: str, lines: int = 30) -> str:
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
-    """The running local control plane; started here (and stopped after) when it is down."""
+    """The running local control plane; started here (and stopped after) when it is down.
+
+    With MODELFLEET_TEST_KUBECONFIG set, that cluster (e.g. kind) is used as it is instead.
+    """
     built = subprocess.run([BUILD_SH, "--cached-only"], capture_output=True, text=True)
+    external = os.environ.get("MODELFLEET_TEST_KUBECONFIG")
+    if external:
+        bin_dir = Path(built.stdout.split()[-1]) if built.returncode == 0 else _kubectl_on_path()
+        yield Cluster(kubeconfig=Path(external), bin_dir=bin_dir)
+        return
     if built.returncode != 0:
         pytest.fail(
             "the control plane binaries are not built: run `make control-plane` (or `make test`, "
@@ -70,6 +85,13 @@ def cluster() -> Iterator[Cluster]:
         if started:
             down = subprocess.run([CLUSTER_SH, "down"], capture_output=True, text=True)
             assert down.returncode == 0, _tail(down.stderr)
+
+
+def _kubectl_on_path() -> Path:
+    found = shutil.which("kubectl")
+    if not found:
+        pytest.fail("MODELFLEET_TEST_KUBECONFIG is set but no kubectl is on PATH", pytrace=False)
+    return Path(found).parent
 
 
 @pytest.fixture

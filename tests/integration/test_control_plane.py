@@ -114,6 +114,7 @@ async def test_kubectl_scale_goes_through_the_scale_subresource(
     assert scale["spec"]["replicas"] == 3
 
 
+@pytest.mark.kwok
 async def test_simulated_nodes_look_like_gpu_nodes(kube: KubeClient) -> None:
     nodes = (await kube.list("/api/v1/nodes", labelSelector="nvidia.com/gpu.present=true"))["items"]
     assert nodes, "no simulated GPU nodes"
@@ -151,6 +152,7 @@ def _condition(pod: dict[str, Any], kind: str) -> dict[str, Any]:
     return {}
 
 
+@pytest.mark.kwok
 async def test_gpu_pod_becomes_running_and_ready_with_a_loopback_ip(
     kube: KubeClient, namespace: str
 ) -> None:
@@ -215,6 +217,7 @@ async def _is_zero(value: Any) -> bool:
     return await value == 0
 
 
+@pytest.mark.kwok
 def test_cluster_up_on_a_running_cluster_is_a_no_op(cluster: Cluster) -> None:
     started = time.monotonic()
     done = subprocess.run([CLUSTER_SH, "up"], capture_output=True, text=True, timeout=120)

@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from clusterkit import KUBECONFIG, PodRunner, wait_for
 
 from modelfleet.kube.client import ApiError, KubeClient
 from modelfleet.kube.paths import pods_path
+
+# Every test here runs programs on kwok's loopback pod IPs.
+pytestmark = pytest.mark.kwok
 
 PORT = 8000
 

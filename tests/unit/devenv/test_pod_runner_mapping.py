@@ -14,6 +14,7 @@ from pod_runner import (
     build_launch,
     build_status_patch,
     desired_launches,
+    restart_count,
 )
 
 KUBECONFIG = "/tmp/kc"
@@ -211,3 +212,10 @@ def test_status_patch_after_a_crash_counts_the_restart() -> None:
     assert container["state"] == {"waiting": {"reason": "CrashLoopBackOff"}}
     assert container["lastState"]["terminated"]["exitCode"] == 3
     assert container["lastState"]["terminated"]["reason"] == "Error"
+
+
+def test_restart_count_continues_from_the_pod() -> None:
+    assert restart_count(pod("replica")) == 0
+    the_pod = pod("replica")
+    the_pod["status"]["containerStatuses"] = [{"name": "c", "restartCount": 4}]
+    assert restart_count(the_pod) == 4
