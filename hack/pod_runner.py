@@ -322,17 +322,26 @@ class Supervisor:
         except ApiError as exc:
             if not exc.not_found:  # a deleted pod needs no status
                 log.warning("%s: status patch failed: %s", self.launch.pod_ref, exc)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The API server is away (restarting?): the next change of state reports again.
+            log.warning("%s: status patch failed: %r", self.launch.pod_ref, exc)
 
     async def run(self) -> None:
         backoff = self.options.backoff_initial_s
         last_exit: int | None = None
         while True:
-            proc, started_at = await self._start()
             try:
-                became_ready = await self._watch(proc, started_at, last_exit)
-            finally:
-                await _stop_process(proc, self.launch.grace_s)
-            last_exit = proc.returncode
+                proc, started_at = await self._start()
+            except OSError as exc:
+                # A command that cannot start at all (bad --modelfleet) is retried like a crash.
+                log.error("%s: cannot start %s: %s", self.launch.pod_ref, self.launch.kind, exc)
+                became_ready, last_exit = False, 127
+            else:
+                try:
+                    became_ready = await self._watch(proc, started_at, last_exit)
+                finally:
+                    await _stop_process(proc, self.launch.grace_s)
+                last_exit = proc.returncode
             self.restarts += 1
             log.warning(
                 "%s: %s exited with %s; restart %d in %.1fs",
@@ -422,6 +431,11 @@ class Supervisor:
         return ever_ready
 
 
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s: supervisor failed", task.get_name(), exc_info=task.exception())
+
+
 class Runner:
     """Keeps one Supervisor per pod that should run, from the watched pods and nodes."""
 
@@ -471,6 +485,7 @@ class Runner:
                     launch, self.client, self.http, self.options, restart_count(self.pods[uid])
                 )
                 task = asyncio.create_task(supervisor.run(), name=launch.pod_ref)
+                task.add_done_callback(_log_crash)
                 self.tasks[uid] = (launch, task)
 
     async def stop(self, uids: Sequence[str]) -> None:
@@ -489,7 +504,15 @@ class Runner:
         ]
         try:
             while True:
-                await self._changed.wait()
+                changed = asyncio.ensure_future(self._changed.wait())
+                done, _ = await asyncio.wait(
+                    {changed, *watchers}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for watcher in watchers:
+                    if watcher in done:  # list_and_watch never ends: this is a bug, say so
+                        changed.cancel()
+                        watcher.result()
+                        raise RuntimeError("a watch ended unexpectedly")
                 self._changed.clear()
                 await self.reconcile()
         finally:

@@ -1,8 +1,9 @@
 """A trivial stand-in for the `modelfleet` CLI, used to prove the pod runner end to end.
 
 `agent` and `sim-vllm` serve HTTP on --host/--port: GET /health answers 200 (after
-MODELFLEET_SIM_STARTUP_DELAY_S seconds for sim-vllm, like a model that loads) and GET /argv
-returns the command line and the environment the runner passed, so tests can check them. The
+MODELFLEET_SIM_STARTUP_DELAY_S seconds for sim-vllm, like a model that loads; 503 after GET /sick
+until GET /well) and GET /argv returns the command line and the environment the runner passed, so
+tests can check them. The
 process writes its pid to $FAKE_PID_DIR/<host>_<port>.pid when that variable is set, so a test can
 kill it and watch the runner restart it.
 """
@@ -31,10 +32,17 @@ def main(argv: list[str]) -> int:
         {"argv": argv, "env": {k: v for k, v in os.environ.items() if k.startswith("MODELFLEET")}}
     ).encode()
 
+    sick = [False]
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if self.path in ("/sick", "/well"):
+                sick[0] = self.path == "/sick"
             body = reply if self.path == "/argv" else b"ok"
-            self.send_response(200 if self.path in ("/argv", "/health") else 404)
+            code = 200 if self.path in ("/argv", "/health", "/sick", "/well") else 404
+            if self.path == "/health" and sick[0]:
+                code = 503
+            self.send_response(code)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -136,6 +136,26 @@ async def test_dead_program_makes_the_pod_unready_and_is_restarted(
     assert int(pid_file.read_text()) != first_pid
 
 
+async def test_failing_probe_makes_the_pod_unready_without_a_restart(
+    kube: KubeClient, namespace: str, pod_runner: PodRunner
+) -> None:
+    await kube.create(pods_path(namespace), replica_pod("r4"))
+
+    async def ready_is(flag: str) -> dict[str, Any] | None:
+        pod = await get_pod(kube, namespace, "r4")
+        return pod if condition(pod, "Ready") == flag else None
+
+    pod = await wait_for(lambda: ready_is("True"), timeout=30, what="r4 Ready")
+    base = f"http://{pod['status']['podIP']}:{PORT}"
+    assert await http_get(f"{base}/sick") is not None
+    # failureThreshold 3 at a 1 s period: unready within a few seconds.
+    pod = await wait_for(lambda: ready_is("False"), timeout=15, what="r4 Ready=False")
+    assert restarts(pod) == 0
+    assert await http_get(f"{base}/well") is not None
+    pod = await wait_for(lambda: ready_is("True"), timeout=15, what="r4 Ready again")
+    assert restarts(pod) == 0
+
+
 async def test_program_stops_when_the_pod_is_deleted(
     kube: KubeClient, namespace: str, pod_runner: PodRunner
 ) -> None:
