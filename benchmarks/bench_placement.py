@@ -18,7 +18,6 @@ import time
 from modelfleet.placement import PlacementSettings, PlacementStrategy, build_view
 from placement_workload import apply, make_nodes, measured_snapshot, random_request
 
-
 # Replica sizes in GPUs (Exclusive); 30% of replicas are Shared. 4,000 of them fill about half
 # of the 8,000 GPUs, and the 2,000 decisions bring it to about three quarters.
 SIZES = (1, 1, 2)

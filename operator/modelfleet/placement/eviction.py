@@ -2,7 +2,8 @@
 
 Pure functions over a `ClusterView`. A victim is never of the requesting deployment, never of a
 higher priority than the requester, and never takes its deployment below `minReplicas`. Among
-sets of the same size, lower priority goes first, then the least recently used.
+sets of the same size, lower priority goes first, then the least recently used. A replica that is
+still starting is never a victim.
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ class _Rules:
     floors: Mapping[DeploymentRef, int]
 
     def allowed(self, rep: PlacedReplica) -> bool:
-        return rep.deployment != self.deployment and rep.priority <= self.priority
+        # A starting replica has not served yet: evicting it wastes its start and lets two
+        # deployments of one priority evict each other in turn.
+        return (
+            rep.deployment != self.deployment
+            and rep.priority <= self.priority
+            and rep.state == ReplicaState.READY
+        )
 
     def room(self, dep: DeploymentRef) -> int:
         """Replicas of `dep` that may go before it reaches its floor."""
@@ -259,12 +266,14 @@ def blocked_reasons(
     floors: Mapping[DeploymentRef, int],
 ) -> str:
     """Why the replicas in the way may not be evicted, in counts a person can act on."""
-    same = higher = floor = 0
+    same = higher = floor = starting = 0
     for rep in replicas:
         if rep.deployment == deployment:
             same += 1
         elif rep.priority > priority:
             higher += 1
+        elif rep.state != ReplicaState.READY:
+            starting += 1
         elif counts.get(rep.deployment, 0) <= floors.get(rep.deployment, 0):
             floor += 1
     parts = []
@@ -272,6 +281,8 @@ def blocked_reasons(
         parts.append(f"{higher} have a higher priority than {priority}")
     if floor:
         parts.append(f"{floor} are at their deployment's minReplicas")
+    if starting:
+        parts.append(f"{starting} are still starting")
     if same:
         parts.append(f"{same} belong to {deployment} itself")
     if not parts:
