@@ -128,13 +128,19 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:
     # One pass over the eligible nodes (name order). A node's key is (spread ok, no untolerated
     # PreferNoSchedule taint, the strategy's score, its second signal); the highest key wins and,
     # as only a strictly higher key replaces the best, ties go to the lowest node name.
+    # Round-robin's score is "after the cursor" and its second signal the negated position, so
+    # the first node after the cursor wins, else (wrapping) the first node.
     cursor = view.cursor
     rr = strategy == PlacementStrategy.ROUND_ROBIN
     weighted = strategy == PlacementStrategy.WEIGHTED
-    best_key: tuple[bool, bool, float, float] | None = None
+    # The key is kept as scalars (cls, score, second) rather than a tuple: this loop runs once
+    # per eligible node and tuple building dominated it. cls = 2 * spread ok + no soft taint.
+    best_cls, best_score, best_second = -1, 0.0, 0.0
     chosen: NodeState | None = None
     fits = top = 0
-    for i, (name, prefer) in enumerate(elig.nodes):
+    i = -1
+    for name, prefer in elig.nodes:
+        i += 1
         node = nodes[name]
         # A node's unfiltered capacity bounds its capacity for one product: check it first.
         if shared:
@@ -152,30 +158,26 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:
             elif node.whole_free < count:
                 continue
         fits += 1
-        spread_ok = not spread or dep not in node.deployments
+        cls = (2 if not spread or dep not in node.deployments else 0) + (0 if prefer else 1)
+        if cls < best_cls:
+            continue
         if rr:
-            key = (spread_ok, not prefer, float(cursor is None or name > cursor), float(-i))
+            sc, second = (1.0 if cursor is None or name > cursor else 0.0), float(-i)
         elif weighted:
-            key = (
-                spread_ok,
-                not prefer,
-                node.capacity_mib / (len(node.replicas) + 1),
-                float(node.capacity_mib),
-            )
-        elif shared:
-            free = node.shared_free_gpus
-            key = (spread_ok, not prefer, free / node.healthy_gpus, free)
+            second = float(node.capacity_mib)
+            sc = second / (len(node.replicas) + 1)
         else:
-            free = float(node.whole_free)
-            key = (spread_ok, not prefer, free / node.healthy_gpus, free)
-        if best_key is None or key > best_key:
-            if best_key is None or key[:2] != best_key[:2]:
-                top = 0
-            best_key, chosen = key, node
-        if key[:2] == best_key[:2]:
-            top += 1
-    if chosen is None or best_key is None:
+            second = node.shared_free_gpus if shared else float(node.whole_free)
+            sc = second / node.healthy_gpus
+        if cls > best_cls:
+            best_cls, best_score, best_second, chosen, top = cls, sc, second, node, 1
+            continue
+        top += 1
+        if sc > best_score or (sc == best_score and second > best_second):
+            best_score, best_second, chosen = sc, second, node
+    if chosen is None:
         return _no_fit(view, request, elig, strategy, footprint, discovery)
+    best_spread, best_soft = best_cls >= 2, best_cls % 2 == 1
 
     if rr:
         score = 0.0
@@ -193,8 +195,8 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:
             f"{top} nodes that fit"
         )
     else:
-        score = best_key[2]
-        free_text = f"{best_key[3]:.1f}" if shared else f"{best_key[3]:.0f}"
+        score = best_score
+        free_text = f"{best_second:.1f}" if shared else f"{best_second:.0f}"
         unit = "GPUs' memory" if shared else "GPUs"
         why = (
             f"availability: {free_text} of {chosen.healthy_gpus} {unit} free "
@@ -210,9 +212,9 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:
         gpus = _whole_gpus(chosen, count)
         gpu_why = f"GPU {_fmt_gpus(gpus)}, the lowest free indices"
     notes = []
-    if spread and best_key[0] and top < fits:
+    if spread and best_spread and top < fits:
         notes.append(f"spread: no other replica of {dep} there")
-    if not best_key[1]:
+    if not best_soft:
         notes.append("only nodes with an untolerated PreferNoSchedule taint fit")
     if discovery:
         notes.append(
