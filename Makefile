@@ -62,3 +62,11 @@ bench-placement: $(STAMP) ## Placement speed: decisions/s and p99 at 1,000 nodes
 .PHONY: bench-placement-quality
 bench-placement-quality: $(STAMP) ## Placement quality: GPUs in use at the first failure, per strategy
 	$(BIN)/python benchmarks/bench_placement_quality.py
+
+.PHONY: bench-agent
+bench-agent: $(STAMP) ## Agent: sample cost per GPU and /v1/gpus latency p50/p99 (8 GPUs)
+	$(BIN)/python benchmarks/bench_agent.py
+
+.PHONY: bench-kube-client
+bench-kube-client: $(STAMP) ## Memory and CPU of the official kubernetes client vs modelfleet.kube
+	$(BIN)/python benchmarks/bench_kube_client.py
