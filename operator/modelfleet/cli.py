@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "crd": ("modelfleet.api.cli", "print (or write) the ModelDeployment CRD"),
     "docs": ("modelfleet.docs_cli", "write the generated docs (docs/configuration.md)"),
+    "agent": ("modelfleet.agent.cli", "serve this node's GPU stats (node-stats agent)"),
+    "status": ("modelfleet.gpus.cli", "show the GPU pool: endpoints, health, GPUs and memory"),
     "operator": ("modelfleet.controller.cli", "run the operator (reconciles ModelDeployments)"),
 }
 
