@@ -39,6 +39,8 @@ class Evict:
 
     victims: tuple[Victim, ...]
     reason: str
+    node: str = ""  # where the replica goes once the victims are gone
+    gpu_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -191,6 +191,8 @@ def convert_decision(decision: P.Decision, may_evict: bool) -> Decision:
                 for v in decision.victims
             ),
             reason=decision.reason,
+            node=decision.node,
+            gpu_ids=decision.gpu_ids,
         )
     return Unplaceable(reason=decision.reason, code=str(decision.code))
 
@@ -229,6 +231,35 @@ class EnginePlacer:
         return convert_decision(decision, request.may_evict)
 
 
+def build_reservations(
+    reservations: Mapping[tuple[str, str], tuple[str, tuple[str, ...]]],
+    nodes: Iterable[str],
+    exclude: tuple[str, str],
+) -> list[P.PlacedReplica]:
+    """GPUs freed by an eviction, held for the deployment that evicted, as placeholder replicas.
+
+    Without them the victim (or anyone else) could take the freed GPUs before the evictor does.
+    They are Starting, so never chosen as victims themselves.
+    """
+    known = set(nodes)
+    out = []
+    for (namespace, name), (node, gpu_ids) in reservations.items():
+        if (namespace, name) == exclude or node not in known or not gpu_ids:
+            continue
+        out.append(
+            P.PlacedReplica(
+                deployment=P.DeploymentRef(namespace, name),
+                instance=f"{name}-reserved",
+                node=node,
+                gpu_ids=gpu_ids,
+                footprint_mib=None,
+                priority=1000,
+                state=P.ReplicaState.STARTING,
+            )
+        )
+    return out
+
+
 def build_placer(
     nodes: Mapping[str, NodeFacts],
     pods: Iterable[ObservedPod],
@@ -236,10 +267,11 @@ def build_placer(
     snapshot: PoolSnapshot | None,
     settings: P.PlacementSettings,
     cursor: str | None = None,
+    reserved: Iterable[P.PlacedReplica] = (),
 ) -> Placer:
     """A Placer over the current cluster: pool snapshot, Node objects and every replica Pod."""
     infos = build_node_infos(nodes, snapshot)
-    replicas = build_placed_replicas(pods, last_used, snapshot)
+    replicas = build_placed_replicas(pods, last_used, snapshot) + list(reserved)
     view = P.build_view(infos, replicas, settings, cursor)
     memory = {g.gpu_id: g.memory_total_mib for info in infos for g in info.gpus}
     return EnginePlacer(view=view, last_used=last_used, gpu_memory=memory, cursor=cursor)

@@ -26,7 +26,7 @@ from modelfleet.controller.builders import (
     build_service,
     compute_template_hash,
 )
-from modelfleet.controller.decisions import Decision, PlacementRequest, Placer
+from modelfleet.controller.decisions import Decision, Evict, Placed, PlacementRequest, Placer
 from modelfleet.controller.execute import (
     EventRecorder,
     apply_annotations,
@@ -51,6 +51,9 @@ from modelfleet.settings import OperatorSettings
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+# How long GPUs freed by an eviction stay reserved for the evictor (its replica is normally
+# created within a second of the victims being gone).
+RESERVATION_TTL_S = 60.0
 
 
 class Ledger:
@@ -166,6 +169,8 @@ class Runtime:
     cursor: str | None = None  # round-robin position, shared by every deployment
     queued: defaultdict[Key, int] = field(default_factory=lambda: defaultdict(int))
     blocked: set[Key] = field(default_factory=set)  # last plan could not place a replica
+    # GPUs freed by an eviction, held for the evicting deployment: key -> (node, GPUs, expiry)
+    reservations: dict[Key, tuple[str, tuple[str, ...], float]] = field(default_factory=dict)
     cluster: ClusterState | None = None  # the live indices, once a handler has seen them
 
     @property
@@ -179,7 +184,10 @@ class Runtime:
 class _LazyPlacer:
     """Builds the placement view on the first request only: most reconciles place nothing."""
 
-    def __init__(self, rt: Runtime, cluster: ClusterState, snapshot: PoolSnapshot | None) -> None:
+    def __init__(
+        self, rt: Runtime, cluster: ClusterState, snapshot: PoolSnapshot | None, key: Key
+    ) -> None:
+        self._key = key
         self._rt = rt
         self._cluster = cluster
         self._snapshot = snapshot
@@ -190,13 +198,17 @@ class _LazyPlacer:
         if self._inner is None:
             rt, cluster = self._rt, self._cluster
             every = rt.ledger.merge_all(cluster.pods)
+            facts = cluster.node_facts()
+            now = time.monotonic()
+            held = {k: (n, g) for k, (n, g, until) in rt.reservations.items() if until > now}
             placer = inputs.build_placer(
-                cluster.node_facts(),
+                facts,
                 every,
                 cluster.last_used(),
                 self._snapshot,
                 rt.placement_settings,
                 rt.cursor,
+                inputs.build_reservations(held, facts, self._key),
             )
             assert isinstance(placer, inputs.EnginePlacer)
             self._inner = placer
@@ -245,6 +257,7 @@ def forget(rt: Runtime, key: Key) -> None:
     if lock is not None and not lock.locked():
         del rt.locks[key]
     rt.blocked.discard(key)
+    rt.reservations.pop(key, None)
     rt.metrics.forget(key)
 
 
@@ -261,7 +274,7 @@ async def _reconcile_locked(
         now = datetime.now(UTC)
         pods = rt.ledger.merge(namespace, name, cluster.pods.get(key, ()))
         deleting = frozenset(p.key for p in rt.ledger.merge_all(cluster.pods) if p.deleting)
-        placer = _LazyPlacer(rt, cluster, snapshot)
+        placer = _LazyPlacer(rt, cluster, snapshot, key)
         plan = compute_plan(md, pods, health, placer, now, PlanSettings(template_hash), deleting)
         _count_decisions(rt.metrics, placer.decisions)
         for item in plan.to_create:
@@ -307,6 +320,11 @@ async def _reconcile_locked(
         rt.blocked.add(key)
     else:
         rt.blocked.discard(key)
+        rt.reservations.pop(key, None)
+    for decision in placer.decisions:
+        if isinstance(decision, Evict) and decision.gpu_ids:
+            until = time.monotonic() + RESERVATION_TTL_S
+            rt.reservations[key] = (decision.node, decision.gpu_ids, until)
     status = compute_status(md, pods, plan, now, measured)
     rt.metrics.set_pending(key, max(0, plan.target - status.ready_replicas))
     if status_changed(md.status, status):
@@ -317,8 +335,6 @@ async def _reconcile_locked(
 
 
 def _count_decisions(metrics: OperatorMetrics, decisions: Sequence[Decision]) -> None:
-    from modelfleet.controller.decisions import Evict, Placed
-
     for d in decisions:
         kind = (
             "placed"
