@@ -253,7 +253,46 @@ class GatewaySettings(_Settings):
     )
 
 
-ALL_SETTINGS: tuple[type[_Settings], ...] = (OperatorSettings, AgentSettings, GatewaySettings)
+class SimSettings(_Settings):
+    """The vLLM stand-in used where no real vLLM can run (tests, `make dev`)."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELFLEET_SIM_")
+    doc_title: ClassVar[str] = "vLLM stand-in (`modelfleet sim-vllm`)"
+
+    startup_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="Seconds before /health answers 200 (503 until then: vLLM loading weights).",
+    )
+    token_latency_s: float = Field(
+        0.002, ge=0, le=10, description="Delay between two streamed tokens, in seconds."
+    )
+    request_latency_s: float = Field(
+        0.0, ge=0, le=600, description="Delay before a non-streaming answer, in seconds."
+    )
+    fail_rate: float = Field(
+        0.0, ge=0, le=1, description="Fraction of inference requests answered with fail_status."
+    )
+    fail_status: int = Field(503, ge=400, le=599, description="HTTP status of a simulated failure.")
+    fail_body: bool = Field(
+        False,
+        description=(
+            "Whether a simulated failure carries an OpenAI error body; without one it looks "
+            "like an overloaded server (a gateway may retry it)."
+        ),
+    )
+    embedding_dim: int = Field(
+        32, ge=1, le=8192, description="Length of the vectors /v1/embeddings returns."
+    )
+
+
+ALL_SETTINGS: tuple[type[_Settings], ...] = (
+    OperatorSettings,
+    AgentSettings,
+    GatewaySettings,
+    SimSettings,
+)
 
 
 def load(cls: type[S], **overrides: Any) -> S:
