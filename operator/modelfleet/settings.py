@@ -251,6 +251,33 @@ class GatewaySettings(_Settings):
     last_use_interval_s: float = Field(
         30.0, gt=0, description="Shortest time between two last-use annotation writes per model."
     )
+    retry_backoff_s: float = Field(
+        0.025,
+        ge=0,
+        le=10,
+        description="Pause before a retry: random up to this times 2^attempt, in seconds.",
+    )
+    eject_base_s: float = Field(
+        2.0, gt=0, description="First time a failing replica is skipped; doubles each time."
+    )
+    eject_max_s: float = Field(60.0, gt=0, description="Longest time a replica is skipped.")
+    retry_after_s: int = Field(
+        10, ge=1, le=3600, description="Retry-After of a 503 while a model starts, in seconds."
+    )
+    max_header_bytes: int = Field(
+        8190, ge=1024, le=65536, description="Longest request line and header field, in bytes."
+    )
+    max_headers: int = Field(64, ge=8, le=1024, description="Most request headers accepted.")
+    static_upstreams: str = Field(
+        "",
+        description=(
+            "Fixed upstreams instead of watching the API: MODEL=http://HOST:PORT[,...] with "
+            "models separated by ';' (development and benchmarks)."
+        ),
+    )
+    kubeconfig: str = Field(
+        "", description="kubeconfig file; empty: in-cluster config, else $KUBECONFIG."
+    )
 
 
 class SimSettings(_Settings):

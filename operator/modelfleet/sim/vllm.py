@@ -738,11 +738,7 @@ async def start_sim(config: SimConfig) -> RunningSim:
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=4096, reuse_address=True)
     await site.start()
-    server = site._server
-    assert server is not None
-    sockets = getattr(server, "sockets", None) or []
-    if sockets:
-        config.port = int(sockets[0].getsockname()[1])
+    config.port = int(runner.addresses[0][1])
     if config.instance.endswith(":0"):
         config.instance = f"{config.host}:{config.port}"
         app[STATE].headers = {INSTANCE_HEADER: config.instance}
