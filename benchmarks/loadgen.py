@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -98,18 +99,21 @@ def build_request(url: str, body: bytes, extra_headers: dict[str, str] | None = 
 
 
 async def run_load(
-    url: str,
+    urls: str | list[str],
     body: bytes,
     *,
     concurrency: int,
     duration_s: float,
     warmup_s: float = 0.5,
     headers: dict[str, str] | None = None,
+    on_window: Callable[[str], None] | None = None,
 ) -> LoadResult:
-    """Closed loop for `duration_s` after `warmup_s`; latencies of 2xx answers only."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    payload = build_request(url, body, headers)
+    """Closed loop for `duration_s` after `warmup_s`; latencies of 2xx answers only.
+
+    With several URLs, connection i goes to URL i mod n. `on_window("start")` and
+    `on_window("stop")` are called when the measured window opens and closes (CPU sampling).
+    """
+    targets = [urls] if isinstance(urls, str) else list(urls)
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     statuses: dict[int, int] = {}
@@ -118,8 +122,16 @@ async def run_load(
     measure_from = start + warmup_s
     stop_at = measure_from + duration_s
 
-    async def worker() -> None:
+    if on_window is not None:
+        loop.call_later(warmup_s, on_window, "start")
+        loop.call_later(warmup_s + duration_s, on_window, "stop")
+
+    async def worker(index: int) -> None:
         nonlocal errors
+        url = targets[index % len(targets)]
+        parts = urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        payload = build_request(url, body, headers)
         conn: _Conn | None = None
         while True:
             now = time.perf_counter()
@@ -147,5 +159,5 @@ async def run_load(
         if conn is not None and conn.transport is not None:
             conn.transport.close()
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return LoadResult(len(latencies), errors, duration_s, latencies, statuses)

@@ -7,6 +7,7 @@ by address, so outstanding counts, failure streaks and ejections survive the reb
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 ROUND_ROBIN = "RoundRobin"
 LEAST_OUTSTANDING = "LeastOutstanding"
@@ -20,6 +21,8 @@ class Replica:
     address: str  # host:port
     namespace: str = ""
     base_url: str = field(init=False)
+    # path -> the proxy's parsed upstream URL, cached here so it dies with the replica.
+    urls: dict[str, Any] = field(init=False, default_factory=dict)
     outstanding: int = 0
     consecutive_failures: int = 0
     ejections: int = 0  # consecutive ejections; grows the ejection time, reset by a success

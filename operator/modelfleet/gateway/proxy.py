@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from modelfleet.gateway.balancer import (
     EjectionPolicy,
@@ -257,9 +258,12 @@ class Proxy:
     ) -> aiohttp.ClientResponse:
         """One try; raises _Retry for a failure before the first byte that may be retried."""
         reason = ""
+        url = replica.urls.get(path)
+        if url is None:  # parsed once per replica and path, not per request
+            url = replica.urls[path] = URL(replica.base_url + path)
         try:
             upstream = await self.session.post(
-                replica.base_url + path, data=body, headers=headers, timeout=self.config.timeout
+                url, data=body, headers=headers, timeout=self.config.timeout
             )
         except aiohttp.ClientConnectorError:
             reason = "connect"
