@@ -324,6 +324,17 @@ async def main() -> int:
             print(f"round {round_no + 1}/{args.rounds} done", flush=True)
 
         stream_result = await streams(gateway_url, args.streams, args.stream_tokens)
+        async with aiohttp.ClientSession() as http, http.get(gateway_url + "/metrics") as resp:
+            gateway_errors = [
+                line
+                for line in (await resp.text()).splitlines()
+                if line.startswith(
+                    (
+                        "modelfleet_gateway_upstream_errors_total",
+                        "modelfleet_gateway_ejections_total",
+                    )
+                )
+            ]
 
     direct = targets[0]
     print()
@@ -339,8 +350,8 @@ async def main() -> int:
             rps = median([r.rps for r in runs])
             p50 = median([r.p50_ms for r in runs])
             p99 = median([r.percentile_ms(99) for r in runs])
-            d50 = median([r.p50_ms for r in direct.results[concurrency]])
-            d99 = median([r.percentile_ms(99) for r in direct.results[concurrency]])
+            d50 = median([r.p50_ms for r in direct.results.get(concurrency, [])])
+            d99 = median([r.percentile_ms(99) for r in direct.results.get(concurrency, [])])
             cpu = median(target.cpu_ms.get(concurrency, []))
             errors = sum(r.errors for r in runs)
             summary.setdefault(target.name, {})[concurrency] = {
@@ -357,6 +368,8 @@ async def main() -> int:
         f"peak open {stream_result['peak_open']}, errors {stream_result['errors']} "
         f"{stream_result['error_kinds'] or ''}, {stream_result['seconds']} s"
     )
+    for line in gateway_errors:
+        print(f"gateway: {line}")
     print(f"logs: {logdir}")
 
     def fig(name: str, concurrency: int, key: str) -> str:

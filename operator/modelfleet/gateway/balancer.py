@@ -92,7 +92,13 @@ def record_success(replica: Replica) -> None:
 
 
 def record_failure(replica: Replica, now: float, policy: EjectionPolicy) -> bool:
-    """Count a failure; return True when it ejects the replica."""
+    """Count a failure; return True when it ejects the replica.
+
+    Failures of requests that were already under way when the replica was ejected do not count:
+    a burst of concurrent failures is one incident, not a reason to eject for a minute.
+    """
+    if replica.ejected_until > now:
+        return False
     replica.consecutive_failures += 1
     if replica.consecutive_failures < policy.failures:
         return False

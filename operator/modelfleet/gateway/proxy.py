@@ -265,11 +265,11 @@ class Proxy:
             upstream = await self.session.post(
                 url, data=body, headers=headers, timeout=self.config.timeout
             )
-        except aiohttp.ClientConnectorError:
-            reason = "connect"
-        except (aiohttp.ClientConnectionError, TimeoutError):
-            # A kept-alive connection the replica had closed, or no answer in time.
-            reason = "connect"
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            # Refused, reset, a kept-alive connection the replica had closed, or no answer in
+            # time: nothing was sent back, so another replica may take the request.
+            reason = "timeout" if isinstance(exc, TimeoutError) else "connect"
+            log.debug("try on replica %s failed: %r", replica.name, exc)
         else:
             if upstream.status in (502, 503) and upstream.content_length == 0:
                 upstream.release()
