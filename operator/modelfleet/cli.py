@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "docs": ("modelfleet.docs_cli", "write the generated docs (docs/configuration.md)"),
     "gateway": ("modelfleet.gateway.cli", "run the OpenAI-compatible gateway"),
     "sim-vllm": ("modelfleet.sim.vllm", "run the vLLM stand-in (an OpenAI-compatible simulator)"),
+    "agent": ("modelfleet.agent.cli", "serve this node's GPU stats (node-stats agent)"),
+    "status": ("modelfleet.gpus.cli", "show the GPU pool: endpoints, health, GPUs and memory"),
 }
 
 
