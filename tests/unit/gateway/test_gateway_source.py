@@ -1,6 +1,6 @@
 """The Kubernetes source against a small list-and-watch server on 127.0.0.1 (an adapter test:
 the real API server runs in the integration tier). It checks the level-triggered contract: a
-full re-list after every watch reconnect, and a Pod that turns unready leaving at once."""
+full re-list when the watch cannot resume, and a Pod that turns unready leaving at once."""
 
 from __future__ import annotations
 
@@ -91,7 +91,10 @@ async def test_watch_feeds_the_registry_and_relists_after_reconnect(
                 pod_obj("gemma3-4b-instance-1", "gemma3-4b", 8001),
                 pod_obj("gemma3-4b-instance-2", "gemma3-4b", 8002),
             ]
-            await pods.events.put(None)
+            # The API server ends the watch with 410 Gone (the version is too old): re-list.
+            await pods.events.put(
+                {"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired"}}
+            )
             await wait_until(lambda: len(registry.routes["gemma3-4B"].replicas) == 2)
             assert pods.lists >= 2
 
