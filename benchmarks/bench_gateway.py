@@ -274,7 +274,7 @@ async def main() -> int:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--streams", type=int, default=5000)
-    parser.add_argument("--stream-tokens", type=int, default=40)
+    parser.add_argument("--stream-tokens", type=int, default=30)
     parser.add_argument("--skip-peers", action="store_true")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -290,7 +290,7 @@ async def main() -> int:
                 await spawn(
                     [modelfleet, "sim-vllm", "--model", "google/gemma-3-4b-it",
                      "--served-model-name", MODEL, "--port", str(port)],
-                    env={"POD_NAME": f"replica-{i + 1}", "MODELFLEET_SIM_TOKEN_LATENCY_S": "0.05"},
+                    env={"POD_NAME": f"replica-{i + 1}", "MODELFLEET_SIM_TOKEN_LATENCY_S": "0.25"},
                     log=logdir / f"sim-{i + 1}.log",
                 )
             )  # fmt: skip
