@@ -1,6 +1,6 @@
 """The Kubernetes source against a small list-and-watch server on 127.0.0.1 (an adapter test:
 the real API server runs in the integration tier). It checks the level-triggered contract: a
-full re-list when the watch cannot resume, and a Pod that turns unready leaving at once."""
+full re-list after every watch reconnect, and a Pod that turns unready leaving at once."""
 
 from __future__ import annotations
 
