@@ -204,14 +204,16 @@ def parse_node(node: Mapping[str, Any]) -> NodeFacts:
 def compute_last_use_time(
     annotations: Mapping[str, str], creation_timestamp: str | None
 ) -> datetime | None:
-    """Start of the idle clock: the latest of last request, demand and creation time."""
-    times = [
-        parse_time(annotations.get(L.ANN_LAST_REQUEST)),
-        parse_time(annotations.get(L.ANN_DEMAND)),
-        parse_time(creation_timestamp),
+    """Start of the idle clock and the LRU order: the latest request or demand, else creation."""
+    used = [
+        t
+        for t in (
+            parse_time(annotations.get(L.ANN_LAST_REQUEST)),
+            parse_time(annotations.get(L.ANN_DEMAND)),
+        )
+        if t is not None
     ]
-    known = [t for t in times if t is not None]
-    return max(known) if known else None
+    return max(used) if used else parse_time(creation_timestamp)
 
 
 @dataclass(frozen=True, slots=True)

@@ -336,3 +336,15 @@ def test_plan_is_idempotent_once_applied() -> None:
     applied = [pod(c.instance) for c in first.to_create]
     second = compute_plan(md, applied, nodes("node-a"), placer, NOW, SETTINGS)
     assert second.empty
+
+
+def test_last_request_wins_over_a_recent_creation() -> None:
+    # LRU order and idle clock follow use, not age: an object recreated a minute ago whose
+    # model was last asked for two hours ago is idle.
+    md = make_md(
+        replicas=2,
+        idleTimeout="30m",
+        created=NOW - timedelta(minutes=1),
+        annotations={L.ANN_LAST_REQUEST: "2026-11-22T10:00:00Z"},
+    )
+    assert compute_target(md, NOW) == (0, "Idle")
