@@ -76,6 +76,14 @@ cluster-down: ## Stop the local control plane; leaves no process behind
 cluster-status: ## Is the local control plane up?
 	hack/cluster.sh status
 
+.PHONY: dev
+dev: $(STAMP) control-plane ## Run it all locally: cluster, agents, operator, gateway, examples/ (Ctrl-C stops)
+	hack/dev.sh
+
+.PHONY: dev-smoke
+dev-smoke: $(STAMP) control-plane ## make dev, but exit after gemma3-4B is up and answers (non-interactive check)
+	hack/dev.sh --check
+
 .PHONY: pod-runner
 pod-runner: $(STAMP) ## Run the programs behind agent and replica pods on simulated nodes (foreground)
 	$(BIN)/python hack/pod_runner.py --kubeconfig .cluster/kubeconfig
