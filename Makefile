@@ -104,6 +104,11 @@ bench-agent: $(STAMP) ## Agent: sample cost per GPU and /v1/gpus latency p50/p99
 bench-kube-client: $(STAMP) ## Memory and CPU of the official kubernetes client vs modelfleet.kube
 	$(BIN)/python benchmarks/bench_kube_client.py
 
+.PHONY: bench-operator
+bench-operator: $(STAMP) control-plane ## Operator: change-to-bound p50/p99, RSS, API req/s at 200 nodes x 8 GPUs, 500 ModelDeployments
+	@hack/cluster.sh status >/dev/null 2>&1 || hack/cluster.sh up
+	$(BIN)/python benchmarks/bench_operator.py
+
 .PHONY: bench-pool
 bench-pool: $(STAMP) ## GPU pool: one poll round over 1,000 agent endpoints (real HTTP on loopback)
 	$(BIN)/python benchmarks/bench_pool.py --endpoints 1000 --rounds 30

@@ -16,7 +16,7 @@ from typing import Any
 from modelfleet.api import API_GROUP, API_VERSION, KIND, ModelDeployment, ModelDeploymentStatus
 from modelfleet.api import labels as L
 from modelfleet.controller.decisions import Victim
-from modelfleet.controller.observed import format_time
+from modelfleet.controller.observed import format_time, parse_service
 from modelfleet.controller.plan import EventSpec, PodToDelete
 from modelfleet.controller.status import dump_status
 from modelfleet.kube.client import ApiError, KubeClient
@@ -126,30 +126,40 @@ async def apply_annotations(
     )
 
 
-async def ensure_service(client: KubeClient, body: Mapping[str, Any]) -> bool:
-    """Create the Service, or patch its selector and ports back; True when something changed."""
+async def ensure_service(
+    client: KubeClient,
+    body: Mapping[str, Any],
+    current: Mapping[str, Any] | None = None,
+    *,
+    indexed: bool = False,
+) -> bool:
+    """Create the Service, or patch its selector and ports back; True when something changed.
+
+    With `indexed`, `current` is the Service as the operator's index shows it (None: absent),
+    so a Service in shape costs no request at all; otherwise it is read first.
+    """
     meta = body["metadata"]
     path = resource_path("services", meta["namespace"], meta["name"])
-    try:
-        current = await client.get(path)
-    except ApiError as exc:
-        if not exc.not_found:
-            raise
+    if not indexed:
+        try:
+            current = parse_service(await client.get(path))
+        except ApiError as exc:
+            if not exc.not_found:
+                raise
+            current = None
+    if current is None:
         try:
             await client.create(resource_path("services", meta["namespace"]), body)
-        except ApiError as exc2:
-            if not exc2.conflict:
+        except ApiError as exc:
+            if not exc.conflict:
                 raise
         return True
-    spec = current.get("spec") or {}
-    wanted = body["spec"]
-    ports = [
-        {k: p.get(k) for k in ("name", "port", "targetPort", "protocol")}
-        for p in spec.get("ports") or []
-    ]
-    if spec.get("selector") == wanted["selector"] and ports == wanted["ports"]:
+    wanted = parse_service(body)
+    if current == wanted:
         return False
-    await client.patch(path, {"spec": {"selector": wanted["selector"], "ports": wanted["ports"]}})
+    await client.patch(
+        path, {"spec": {"selector": wanted["selector"], "ports": body["spec"]["ports"]}}
+    )
     return True
 
 

@@ -29,6 +29,7 @@ from modelfleet.controller.observed import (
     parse_deployment,
     parse_node,
     parse_pod,
+    parse_service,
 )
 from modelfleet.controller.reconcile import (
     ClusterState,
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 KOPF_PREFIX = f"kopf.{API_GROUP}"
 REPLICA_LABELS = {L.LABEL_COMPONENT: L.COMPONENT_REPLICA, L.LABEL_NAME: L.NAME_VALUE}
+SERVICE_LABELS = {**REPLICA_LABELS, L.LABEL_MANAGED_BY: L.MANAGED_BY_OPERATOR}
 
 
 # --- lifecycle -------------------------------------------------------------------------------
@@ -73,15 +75,16 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     config: OperatorSettings = memo.config
     cluster = load_config(memo.get("kubeconfig"))
+    metrics: OperatorMetrics = memo.metrics
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=cluster.ssl_context, limit=64),
         headers={"User-Agent": "modelfleet-operator"},
+        trace_configs=[metrics.api_trace()],
     )
     client = KubeClient(cluster, session=session, timeout_s=30)
     agents = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=config.endpoint_timeout_s))
     pool = GpuPool(config, agents, kube=client, metrics=default_metrics())
     await pool.start()
-    metrics: OperatorMetrics = memo.metrics
     memo.runtime = runtime = Runtime(
         client=client,
         settings=config,
@@ -139,12 +142,22 @@ def deployments(
     return {(namespace, name): parse_deployment(body)}
 
 
+def replica_services(
+    namespace: str, name: str, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """The Services the operator made, by (namespace, name): checked without a request."""
+    return {(namespace, name): parse_service(body)}
+
+
 def _cluster(
     replica_pods: Mapping[tuple[str, str], Iterable[ObservedPod]],
     gpu_nodes: Mapping[str, Iterable[NodeFacts]],
     deployments: Mapping[tuple[str, str], Iterable[DeploymentEntry]],
+    replica_services: Mapping[tuple[str, str], Iterable[Mapping[str, Any]]],
 ) -> ClusterState:
-    return ClusterState(pods=replica_pods, nodes=gpu_nodes, deployments=deployments)
+    return ClusterState(
+        pods=replica_pods, nodes=gpu_nodes, deployments=deployments, services=replica_services
+    )
 
 
 # --- handlers -------------------------------------------------------------------------------
@@ -156,10 +169,16 @@ async def on_deployment(
     replica_pods: kopf.Index[tuple[str, str], ObservedPod],
     gpu_nodes: kopf.Index[str, NodeFacts],
     deployments: kopf.Index[tuple[str, str], DeploymentEntry],
+    replica_services: kopf.Index[tuple[str, str], dict[str, Any]],
     **_: Any,
 ) -> None:
     """Create, resume and update: reconcile, and keep the Service."""
-    await _reconcile(memo, body, _cluster(replica_pods, gpu_nodes, deployments), ensure_svc=True)
+    await _reconcile(
+        memo,
+        body,
+        _cluster(replica_pods, gpu_nodes, deployments, replica_services),
+        ensure_svc=True,
+    )
 
 
 async def on_replica_pod(
@@ -170,10 +189,11 @@ async def on_replica_pod(
     replica_pods: kopf.Index[tuple[str, str], ObservedPod],
     gpu_nodes: kopf.Index[str, NodeFacts],
     deployments: kopf.Index[tuple[str, str], DeploymentEntry],
+    replica_services: kopf.Index[tuple[str, str], dict[str, Any]],
     **_: Any,
 ) -> None:
     """A replica Pod changed: re-check its deployment."""
-    cluster = _cluster(replica_pods, gpu_nodes, deployments)
+    cluster = _cluster(replica_pods, gpu_nodes, deployments, replica_services)
     key = (namespace, labels.get(L.LABEL_DEPLOYMENT, ""))
     body = cluster.body(key)
     if body is not None:
@@ -192,12 +212,13 @@ async def on_node(
     replica_pods: kopf.Index[tuple[str, str], ObservedPod],
     gpu_nodes: kopf.Index[str, NodeFacts],
     deployments: kopf.Index[tuple[str, str], DeploymentEntry],
+    replica_services: kopf.Index[tuple[str, str], dict[str, Any]],
     **_: Any,
 ) -> None:
     """A node went NotReady or away: re-check the deployments with replicas on it."""
     if type != "DELETED" and parse_node(body).ready:
         return
-    cluster = _cluster(replica_pods, gpu_nodes, deployments)
+    cluster = _cluster(replica_pods, gpu_nodes, deployments, replica_services)
     for key in sorted(pods_on_nodes(replica_pods, {name})):
         found = cluster.body(key)
         if found is not None:
@@ -237,6 +258,7 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.index("pods", labels=REPLICA_LABELS, registry=registry)(_h(replica_pods))
     kopf.index("nodes", registry=registry)(_h(gpu_nodes))
     kopf.index(*md, registry=registry)(_h(deployments))
+    kopf.index("services", labels=SERVICE_LABELS, registry=registry)(_h(replica_services))
     kopf.on.resume(*md, registry=registry, id="resume")(_h(on_deployment))
     kopf.on.create(*md, registry=registry, id="create")(_h(on_deployment))
     kopf.on.update(*md, registry=registry, id="update")(_h(on_deployment))

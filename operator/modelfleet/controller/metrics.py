@@ -6,7 +6,10 @@ Names carry the `modelfleet_` prefix and base units; labels have a small fixed s
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import SimpleNamespace
+from typing import Any
 
+import aiohttp
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 RESULTS = ("ok", "error")
@@ -57,6 +60,14 @@ class OperatorMetrics:
             "1 while this operator instance holds the leader Lease and acts, else 0.",
             registry=registry,
         )
+        self.api_requests = Counter(
+            "modelfleet_operator_api_requests_total",
+            "Kubernetes API requests made by the reconciler (kopf's own watches not included).",
+            ["method"],
+            registry=registry,
+        )
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+            self.api_requests.labels(method)
         for result in RESULTS:
             self.reconcile_duration.labels(result)
         for result in PLACEMENT_RESULTS:
@@ -64,6 +75,16 @@ class OperatorMetrics:
         for reason in REPLACEMENT_REASONS:
             self.replacements.labels(reason)
         self._pending: dict[tuple[str, str], int] = {}
+
+    def api_trace(self) -> aiohttp.TraceConfig:
+        """An aiohttp trace that counts every request of the session it is attached to."""
+        trace = aiohttp.TraceConfig()
+
+        async def on_start(_: Any, __: SimpleNamespace, params: Any) -> None:
+            self.api_requests.labels(str(params.method)).inc()
+
+        trace.on_request_start.append(on_start)
+        return trace
 
     def set_pending(self, key: tuple[str, str], pending: int) -> None:
         """Record one deployment's pending replicas; the gauge shows the sum."""

@@ -230,3 +230,15 @@ def parse_deployment(body: Mapping[str, Any]) -> DeploymentEntry:
     last = compute_last_use_time(meta.get("annotations") or {}, meta.get("creationTimestamp"))
     kept = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
     return DeploymentEntry(body=kept, last_used=last.timestamp() if last else 0.0)
+
+
+def parse_service(svc: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a Service the operator keeps in shape: selector and ports."""
+    spec = svc.get("spec") or {}
+    return {
+        "selector": dict(spec.get("selector") or {}),
+        "ports": [
+            {k: p.get(k) for k in ("name", "port", "targetPort", "protocol")}
+            for p in spec.get("ports") or []
+        ],
+    }

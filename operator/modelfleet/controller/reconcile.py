@@ -141,6 +141,8 @@ class ClusterState:
     pods: Mapping[Key, Iterable[ObservedPod]]  # replica Pods by (namespace, deployment)
     nodes: Mapping[str, Iterable[NodeFacts]]  # Nodes by name
     deployments: Mapping[Key, Iterable[DeploymentEntry]]  # ModelDeployments by (ns, name)
+    # Services the operator made, by (namespace, name); None: no index, read them instead.
+    services: Mapping[Key, Iterable[Mapping[str, Any]]] | None = None
 
     def node_facts(self) -> dict[str, NodeFacts]:
         return {name: fact for name, facts in self.nodes.items() for fact in facts}
@@ -310,7 +312,11 @@ async def _reconcile_locked(
         if (event.namespace, event.deployment) == key:
             await rt.events.post(event, md.metadata.uid, now)
     if ensure_svc:
-        await ensure_service(rt.client, build_service(md))
+        if cluster.services is None:
+            await ensure_service(rt.client, build_service(md))
+        else:
+            current = next(iter(cluster.services.get(key, ())), None)
+            await ensure_service(rt.client, build_service(md), current, indexed=True)
     measured = (
         compute_measured_footprint_mib(pods, inputs.compute_gpu_used_mib(snapshot))
         if md.status.footprint is None and md.spec.gpu.memory is None
