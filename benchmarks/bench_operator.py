@@ -214,6 +214,25 @@ def md(name: str) -> dict[str, Any]:
     }
 
 
+def start_operator(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "modelfleet",
+                "operator",
+                "--kubeconfig",
+                str(KUBECONFIG),
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
 # --- the benchmark -----------------------------------------------------------------------------
 
 
@@ -293,22 +312,7 @@ async def run_bench(args: argparse.Namespace, endpoints: list[str], kubectl: str
             "MODELFLEET_METRICS_HOST": "127.0.0.1",
             "MODELFLEET_METRICS_PORT": str(port),
         }
-        with log.open("wb") as out:
-            operator = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "modelfleet",
-                    "operator",
-                    "--kubeconfig",
-                    str(KUBECONFIG),
-                    "--log-level",
-                    "WARNING",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
+        operator = await asyncio.to_thread(start_operator, env, log)
         try:
             clock = PodClock(kube)
             watcher = asyncio.create_task(clock.run())
