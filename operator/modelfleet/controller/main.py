@@ -68,6 +68,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.execution.default_backoff = 5
     # Leader election is our Lease (controller/leader.py), not kopf peering.
     settings.peering.standalone = True
+    # Resources are discovered once at start: no RBAC for watching CRDs and namespaces (the
+    # CRD is installed before the operator, by the chart or `make cluster-up`).
+    settings.scanning.disabled = True
     # No deletion handler means no finalizer: ownerReferences clean the children up.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
