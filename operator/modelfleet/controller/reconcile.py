@@ -38,14 +38,14 @@ from modelfleet.controller.execute import (
 )
 from modelfleet.controller.metrics import OperatorMetrics
 from modelfleet.controller.observed import DeploymentEntry, NodeFacts, ObservedPod, parse_pod
-from modelfleet.controller.plan import Plan, PlanSettings, compute_plan
+from modelfleet.controller.plan import EventSpec, Plan, PlanSettings, compute_plan
 from modelfleet.controller.status import (
     compute_measured_footprint_mib,
     compute_status,
     status_changed,
 )
 from modelfleet.gpus.snapshot import PoolSnapshot
-from modelfleet.kube.client import KubeClient
+from modelfleet.kube.client import ApiError, KubeClient
 from modelfleet.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -312,11 +312,7 @@ async def _reconcile_locked(
         if (event.namespace, event.deployment) == key:
             await rt.events.post(event, md.metadata.uid, now)
     if ensure_svc:
-        if cluster.services is None:
-            await ensure_service(rt.client, build_service(md))
-        else:
-            current = next(iter(cluster.services.get(key, ())), None)
-            await ensure_service(rt.client, build_service(md), current, indexed=True)
+        await _ensure_service(rt, md, cluster, now)
     measured = (
         compute_measured_footprint_mib(pods, inputs.compute_gpu_used_mib(snapshot))
         if md.status.footprint is None and md.spec.gpu.memory is None
@@ -338,6 +334,27 @@ async def _reconcile_locked(
     if plan.details:
         log.info("%s/%s: %s", namespace, name, "; ".join(plan.details))
     return plan
+
+
+async def _ensure_service(
+    rt: Runtime, md: ModelDeployment, cluster: ClusterState, now: datetime
+) -> None:
+    """Keep the Service; a failure is reported but never holds up replicas or status."""
+    key = (md.metadata.namespace or "", md.metadata.name)
+    current = None
+    if cluster.services is not None:
+        current = next(iter(cluster.services.get(key, ())), None)
+    try:
+        await ensure_service(
+            rt.client, build_service(md), current, indexed=cluster.services is not None
+        )
+    except ApiError as exc:
+        log.warning("%s/%s: Service not in shape: %s", *key, exc)
+        await rt.events.post(
+            EventSpec(key[0], key[1], "Warning", "ServiceFailed", f"Service {key[1]}: {exc}"),
+            md.metadata.uid,
+            now,
+        )
 
 
 def _count_decisions(metrics: OperatorMetrics, decisions: Sequence[Decision]) -> None:
