@@ -157,9 +157,10 @@ async def ensure_service(
     wanted = parse_service(body)
     if current == wanted:
         return False
-    await client.patch(
-        path, {"spec": {"selector": wanted["selector"], "ports": body["spec"]["ports"]}}
-    )
+    # A merge patch merges maps: keys that must go are set to null.
+    selector: dict[str, Any] = dict.fromkeys(current["selector"])
+    selector.update(wanted["selector"])
+    await client.patch(path, {"spec": {"selector": selector, "ports": body["spec"]["ports"]}})
     return True
 
 
