@@ -129,7 +129,8 @@ async def test_apply_places_replicas_on_distinct_nodes(
     pods = sorted(await replica_pods(kube, namespace, "gemma"), key=lambda p: p["metadata"]["name"])
     assert [p["metadata"]["name"] for p in pods] == ["gemma-instance-1", "gemma-instance-2"]
     used_nodes = {p["spec"]["nodeName"] for p in pods}
-    assert len(used_nodes) == 2 and used_nodes <= set(nodes)  # spread: distinct nodes
+    assert len(used_nodes) == 2
+    assert used_nodes <= set(nodes)
     for pod in pods:
         ann = pod["metadata"]["annotations"]
         node = pod["spec"]["nodeName"]

@@ -72,8 +72,10 @@ def request(md_name: str = "gemma", n: int = 1, **spec: object) -> PlacementRequ
 def test_node_health_from_nodes_and_pool() -> None:
     snap = snapshot(report("a", 2), report("b", 2), down=("b",))
     health = compute_node_health({**facts("a", "b"), **facts("c", ready=False)}, snap)
-    assert health["a"].agent_known and health["a"].agent_up
-    assert health["b"].agent_known and not health["b"].agent_up
+    assert health["a"].agent_known
+    assert health["a"].agent_up
+    assert health["b"].agent_known
+    assert not health["b"].agent_up
     assert not health["c"].ready
     assert not health["c"].agent_known
 
