@@ -87,7 +87,7 @@ async def replica_pods(kube: KubeClient, namespace: str, deployment: str) -> lis
 
 
 async def wait_ready(
-    kube: KubeClient, namespace: str, deployment: str, count: int, timeout: float = 60
+    kube: KubeClient, namespace: str, deployment: str, count: int, deadline_s: float = 60
 ) -> dict[str, Any]:
     async def check() -> dict[str, Any] | None:
         obj = await kube.get(md_path(namespace, deployment))
@@ -101,7 +101,7 @@ async def wait_ready(
         return obj if ok else None
 
     found: dict[str, Any] = await wait_for(
-        check, timeout=timeout, interval=0.2, what=f"{deployment}: {count} ready replicas"
+        check, timeout=deadline_s, interval=0.2, what=f"{deployment}: {count} ready replicas"
     )
     return found
 
