@@ -208,7 +208,7 @@ class EnginePlacer:
 
     view: P.ClusterView
     last_used: Mapping[tuple[str, str], float]
-    gpu_memory: Mapping[str, int] = field(default_factory=dict)
+    gpu_memory: Mapping[str, int] = field(default_factory=dict)  # total MiB per global GPU ID
     cursor: str | None = None
 
     def __call__(self, request: PlacementRequest) -> Decision:

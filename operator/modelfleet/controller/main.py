@@ -204,6 +204,7 @@ async def on_replica_pod(
     if type == "DELETED":
         # Capacity was freed: deployments waiting for room (evicted ones too) try again.
         runtime: Runtime = memo.runtime
+        runtime.view_epoch += 1
         await reconcile_keys(runtime, sorted(runtime.blocked - {key}))
 
 
@@ -221,6 +222,8 @@ async def on_node(
     """A node went NotReady or away: re-check the deployments with replicas on it."""
     if type != "DELETED" and parse_node(body).ready:
         return
+    runtime: Runtime = memo.runtime
+    runtime.view_epoch += 1
     cluster = _cluster(replica_pods, gpu_nodes, deployments, replica_services)
     for key in sorted(pods_on_nodes(replica_pods, {name})):
         found = cluster.body(key)

@@ -20,6 +20,7 @@ from typing import Any
 
 from modelfleet import placement as P
 from modelfleet.api import ModelDeployment
+from modelfleet.api import labels as L
 from modelfleet.controller import inputs
 from modelfleet.controller.builders import (
     build_replica_pod,
@@ -73,6 +74,9 @@ class Ledger:
             self._clock(),
         )
 
+    def forget_created(self, namespace: str, deployment: str, name: str) -> None:
+        self._created.get((namespace, deployment), {}).pop(name, None)
+
     def record_deleted(self, namespace: str, name: str, uid: str) -> None:
         self._deleted[(namespace, name)] = (uid, self._clock())
 
@@ -95,7 +99,12 @@ class Ledger:
         if created:
             for name, (pod, created_at) in list(created.items()):
                 at = position.get(name)
-                if (at is not None and out[at].uid == pod.uid) or now - created_at >= self._ttl:
+                # A Pod promised but not yet answered by the API has no UID: an indexed Pod of
+                # that name that is not terminating is the same one.
+                same = at is not None and (
+                    out[at].uid == pod.uid or (not pod.uid and not out[at].deleting)
+                )
+                if same or now - created_at >= self._ttl:
                     del created[name]  # the index has it now (or it never came: forget it)
                     continue
                 gone = deleted.get(pod.key)
@@ -174,6 +183,8 @@ class Runtime:
     # GPUs freed by an eviction, held for the evicting deployment: key -> (node, GPUs, expiry)
     reservations: dict[Key, tuple[str, tuple[str, ...], float]] = field(default_factory=dict)
     cluster: ClusterState | None = None  # the live indices, once a handler has seen them
+    view_epoch: int = 0  # bumped when the cached placement view must be rebuilt
+    view_cache: tuple[Any, int, P.ClusterView, Mapping[str, int]] | None = None
 
     @property
     def placement_settings(self) -> P.PlacementSettings:
@@ -183,8 +194,38 @@ class Runtime:
         )
 
 
+class _NeedsPlacement(Exception):
+    """Raised by the lock-free first planning pass when the plan must place a replica."""
+
+
+def _no_placement(request: PlacementRequest) -> Decision:
+    raise _NeedsPlacement
+
+
+async def _create(rt: Runtime, body: Mapping[str, Any]) -> None:
+    """Create one promised Pod; the ledger then holds the real object (or forgets the promise)."""
+    meta = body["metadata"]
+    try:
+        created = await create_pod(rt.client, body)
+    except Exception:
+        rt.ledger.forget_created(
+            meta["namespace"], meta["labels"][L.LABEL_DEPLOYMENT], meta["name"]
+        )
+        raise
+    observed = parse_pod(created)
+    if observed is not None:
+        rt.ledger.record_created(observed)
+
+
 class _LazyPlacer:
-    """Builds the placement view on the first request only: most reconciles place nothing."""
+    """Builds the placement view on the first request only: most reconciles place nothing.
+
+    The view is cached between reconciles and rebuilt when the pool takes a new snapshot or
+    `Runtime.view_epoch` moves (a replica Pod went away, a Node changed, a reservation changed);
+    in between, this process's own placements are added to it as they are decided (the
+    operator is the only one that creates replica Pods), so building it is not paid per
+    placement.
+    """
 
     def __init__(
         self, rt: Runtime, cluster: ClusterState, snapshot: PoolSnapshot | None, key: Key
@@ -196,26 +237,51 @@ class _LazyPlacer:
         self._inner: inputs.EnginePlacer | None = None
         self.decisions: list[Decision] = []
 
-    def __call__(self, request: PlacementRequest) -> Decision:
-        if self._inner is None:
-            rt, cluster = self._rt, self._cluster
-            every = rt.ledger.merge_all(cluster.pods)
+    def _build(self) -> inputs.EnginePlacer:
+        rt, cluster = self._rt, self._cluster
+        cached = rt.view_cache
+        if cached is not None and cached[0] is self._snapshot and cached[1] == rt.view_epoch:
+            placer = inputs.EnginePlacer(
+                view=cached[2],
+                last_used=cluster.last_used(),
+                gpu_memory=cached[3],
+                cursor=rt.cursor,
+            )
+        else:
             facts = cluster.node_facts()
             now = time.monotonic()
             held = {k: (n, g) for k, (n, g, until) in rt.reservations.items() if until > now}
-            placer = inputs.build_placer(
+            built = inputs.build_placer(
                 facts,
-                every,
+                rt.ledger.merge_all(cluster.pods),
                 cluster.last_used(),
                 self._snapshot,
                 rt.placement_settings,
                 rt.cursor,
-                inputs.build_reservations(held, facts, self._key),
+                inputs.build_reservations(held, facts, ("", "")),
             )
-            assert isinstance(placer, inputs.EnginePlacer)
-            self._inner = placer
+            assert isinstance(built, inputs.EnginePlacer)
+            placer = built
+        own = [
+            r
+            for r in placer.view.replicas.values()
+            if r.instance == f"{self._key[1]}-reserved" and r.deployment.namespace == self._key[0]
+        ]
+        if own:  # the GPUs this deployment's eviction freed are for it to take
+            placer.view = placer.view.with_removed(own)
+        return placer
+
+    def __call__(self, request: PlacementRequest) -> Decision:
+        if self._inner is None:
+            self._inner = self._build()
         decision = self._inner(request)
         self._rt.cursor = self._inner.cursor
+        self._rt.view_cache = (
+            self._snapshot,
+            self._rt.view_epoch,
+            self._inner.view,
+            self._inner.gpu_memory,
+        )
         self.decisions.append(decision)
         return decision
 
@@ -260,6 +326,7 @@ def forget(rt: Runtime, key: Key) -> None:
         del rt.locks[key]
     rt.blocked.discard(key)
     rt.reservations.pop(key, None)
+    rt.view_epoch += 1
     rt.metrics.forget(key)
 
 
@@ -272,36 +339,53 @@ async def _reconcile_locked(
     template_hash = compute_template_hash(md, settings.default_image)
     snapshot = rt.snapshot()
     health = inputs.compute_node_health(cluster.node_facts(), snapshot)
-    async with rt.placement_lock:
-        now = datetime.now(UTC)
+    plan_settings = PlanSettings(template_hash)
+    now = datetime.now(UTC)
+    # Most reconciles place nothing (a Pod turned ready, a re-check): plan without the
+    # placement lock first, and take it only when a replica has to be placed.
+    placer: _LazyPlacer | None = None
+    try:
         pods = rt.ledger.merge(namespace, name, cluster.pods.get(key, ()))
         deleting = frozenset(p.key for p in rt.ledger.merge_all(cluster.pods) if p.deleting)
-        placer = _LazyPlacer(rt, cluster, snapshot, key)
-        plan = compute_plan(md, pods, health, placer, now, PlanSettings(template_hash), deleting)
+        plan = compute_plan(md, pods, health, _no_placement, now, plan_settings, deleting)
+    except _NeedsPlacement:
+        async with rt.placement_lock:
+            # Under the lock only: read the ledger, decide, and promise the GPUs in the ledger.
+            # The API calls happen after it is released; the ledger already shows the Pods.
+            now = datetime.now(UTC)
+            pods = rt.ledger.merge(namespace, name, cluster.pods.get(key, ()))
+            everything = rt.ledger.merge_all(cluster.pods)
+            deleting = frozenset(p.key for p in everything if p.deleting)
+            placer = _LazyPlacer(rt, cluster, snapshot, key)
+            plan = compute_plan(md, pods, health, placer, now, plan_settings, deleting)
+            bodies = [
+                build_replica_pod(
+                    md,
+                    item.instance,
+                    item.placed,
+                    default_image=settings.default_image,
+                    template_hash=template_hash,
+                )
+                for item in plan.to_create
+            ]
+            for body in bodies:
+                promised = parse_pod(body)
+                if promised is not None:
+                    rt.ledger.record_created(promised)
+            uids = {p.key: p.uid for p in everything}
+            victims = [(v, uids.get((v.namespace, v.pod), "")) for v in plan.victims]
+            for victim, uid in victims:
+                rt.ledger.record_deleted(victim.namespace, victim.pod, uid)
         _count_decisions(rt.metrics, placer.decisions)
-        for item in plan.to_create:
-            body = build_replica_pod(
-                md,
-                item.instance,
-                item.placed,
-                default_image=settings.default_image,
-                template_hash=template_hash,
-            )
-            created = await create_pod(rt.client, body)
-            observed = parse_pod(created)
-            if observed is not None:
-                rt.ledger.record_created(observed)
-        uids = {p.key: p.uid for p in rt.ledger.merge_all(cluster.pods)} if plan.victims else {}
-        for victim in plan.victims:
-            uid = uids.get((victim.namespace, victim.pod), "")
+        await asyncio.gather(*(_create(rt, body) for body in bodies))
+        for victim, uid in victims:
             victim_md = await apply_eviction(rt.client, victim, f"{namespace}/{name}", now, uid)
-            rt.ledger.record_deleted(victim.namespace, victim.pod, uid)
             rt.metrics.evictions.inc()
             if victim_md is not None:
-                uid = str((victim_md.get("metadata") or {}).get("uid", ""))
+                victim_uid = str((victim_md.get("metadata") or {}).get("uid", ""))
                 for event in plan.events:
                     if (event.namespace, event.deployment) == (victim.namespace, victim.deployment):
-                        await rt.events.post(event, uid, now)
+                        await rt.events.post(event, victim_uid, now)
     for gone in plan.to_delete:
         await delete_pod(rt.client, gone.namespace, gone.name, force=gone.force, uid=gone.uid)
         rt.ledger.record_deleted(gone.namespace, gone.name, gone.uid)
@@ -322,10 +406,14 @@ async def _reconcile_locked(
         rt.blocked.add(key)
     else:
         rt.blocked.discard(key)
-        rt.reservations.pop(key, None)
-    for decision in placer.decisions:
+        if rt.reservations.pop(key, None) is not None:
+            rt.view_epoch += 1
+    for decision in placer.decisions if placer is not None else ():
         if isinstance(decision, Evict) and decision.gpu_ids:
             until = time.monotonic() + RESERVATION_TTL_S
+            held = rt.reservations.get(key)
+            if held is None or held[:2] != (decision.node, decision.gpu_ids):
+                rt.view_epoch += 1
             rt.reservations[key] = (decision.node, decision.gpu_ids, until)
     status = compute_status(md, pods, plan, now, measured)
     rt.metrics.set_pending(key, max(0, plan.target - status.ready_replicas))

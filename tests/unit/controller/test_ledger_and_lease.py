@@ -97,3 +97,19 @@ def test_health_changes() -> None:
     assert compute_health_changes({"a": up}, {"a": down}) == {"a"}
     assert compute_health_changes({"a": up}, {"a": sick}) == {"a"}
     assert compute_health_changes({"a": up}, {"a": up, "b": up}) == {"b"}
+
+
+def test_promised_pod_before_the_api_answered() -> None:
+    ledger = Ledger(clock=Clock())
+    promised = replace(pod(1), uid="", phase="Pending", ready=False)
+    ledger.record_created(promised)
+    # Placement sees the promise at once.
+    assert ledger.merge("ns", "gemma", []) == [promised]
+    # It replaces a terminating predecessor of the same name...
+    old = replace(pod(1), uid="old", deleting=True)
+    assert ledger.merge("ns", "gemma", [old]) == [promised]
+    # ...and gives way to the real Pod once the index shows it.
+    real = replace(pod(1), uid="real")
+    assert ledger.merge("ns", "gemma", [real]) == [real]
+    ledger.forget_created("ns", "gemma", "gemma-instance-1")
+    assert ledger.merge("ns", "gemma", []) == []
