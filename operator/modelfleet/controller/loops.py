@@ -25,8 +25,14 @@ from modelfleet.gpus.pool import GpuPool
 log = logging.getLogger(__name__)
 
 
-async def reconcile_keys(rt: Runtime, keys: Iterable[Key], *, ensure_svc: bool = False) -> None:
-    """Reconcile these deployments one after the other; a failure is logged, not raised."""
+async def reconcile_keys(
+    rt: Runtime, keys: Iterable[Key], *, ensure_svc: bool = False, pace_s: float = 0.0
+) -> None:
+    """Reconcile these deployments one after the other; a failure is logged, not raised.
+
+    Between two of them the loop yields (for `pace_s`), so a long sweep never holds the event
+    loop: a reconcile with nothing to write does not suspend on its own.
+    """
     cluster = rt.cluster
     if cluster is None:
         return
@@ -38,15 +44,19 @@ async def reconcile_keys(rt: Runtime, keys: Iterable[Key], *, ensure_svc: bool =
             await reconcile(rt, body, cluster, ensure_svc=ensure_svc)
         except Exception:  # one broken deployment must not stop the others' re-check
             log.exception("re-check of %s/%s failed", *key)
+        await asyncio.sleep(pace_s)
 
 
 async def recheck_forever(rt: Runtime, interval_s: float) -> None:
-    """Reconcile every ModelDeployment, then wait for the rest of the interval; forever."""
+    """Reconcile every ModelDeployment, spread over the interval; forever."""
     while True:
         started = time.monotonic()
         if rt.cluster is not None:
-            rt.metrics.deployments.set(len(rt.cluster.deployments))
-            await reconcile_keys(rt, sorted(rt.cluster.deployments.keys()), ensure_svc=True)
+            keys = sorted(rt.cluster.deployments.keys())
+            rt.metrics.deployments.set(len(keys))
+            # Spread over most of the interval: a steady trickle instead of a burst.
+            pace = 0.8 * interval_s / max(1, len(keys))
+            await reconcile_keys(rt, keys, ensure_svc=True, pace_s=pace)
             rt.ledger.prune()
         await asyncio.sleep(max(1.0, interval_s - (time.monotonic() - started)))
 
