@@ -398,7 +398,7 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--deployments", type=int, default=500)
     parser.add_argument("--scales", type=int, default=100, help="deployments scaled 1 -> 2")
-    parser.add_argument("--rate", type=float, default=20.0, help="changes per second")
+    parser.add_argument("--rate", type=float, default=5.0, help="changes per second")
     parser.add_argument("--window", type=float, default=30.0, help="API rate window, seconds")
     parser.add_argument("--settle", type=float, default=35.0, help="wait before steady state")
     parser.add_argument("--serve", help=argparse.SUPPRESS)

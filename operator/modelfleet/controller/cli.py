@@ -15,6 +15,7 @@ import socket
 import sys
 import uuid
 
+import aiohttp
 import kopf
 
 from modelfleet.controller.leader import LeaderElector
@@ -63,8 +64,14 @@ async def run_operator(settings: OperatorSettings, kubeconfig: str | None = None
     state = ServerState()
     http = await start_http_server(settings, state)
     identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    config = load_config(kubeconfig)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=config.ssl_context, limit=4),
+        headers={"User-Agent": "modelfleet-operator-lease"},
+        trace_configs=[metrics.api_trace()],
+    )
     try:
-        async with KubeClient(load_config(kubeconfig), timeout_s=10) as client:
+        async with session, KubeClient(config, timeout_s=10, session=session) as client:
             elector = None
             if settings.leader_election:
                 elector = LeaderElector(

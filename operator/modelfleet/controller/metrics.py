@@ -62,7 +62,8 @@ class OperatorMetrics:
         )
         self.api_requests = Counter(
             "modelfleet_operator_api_requests_total",
-            "Kubernetes API requests made by the reconciler (kopf's own watches not included).",
+            "Kubernetes API requests of the reconciler and the leader Lease (kopf's watches and "
+            "handler bookkeeping not included).",
             ["method"],
             registry=registry,
         )
