@@ -61,6 +61,7 @@ class _Conn(asyncio.Protocol):
         "buf",
         "chunked",
         "closed",
+        "collect",
         "content_length",
         "error",
         "headers",
@@ -91,6 +92,7 @@ class _Conn(asyncio.Protocol):
         self.parts: collections.deque[bytes] = collections.deque()
         self.body_bytes = 0
         self.paused = False
+        self.collect = False  # read() wants the whole body: never pause for it
         self.status = 0
         self.headers: dict[str, str] = {}
         self.content_length: int | None = None
@@ -286,9 +288,10 @@ class _Conn(asyncio.Protocol):
         if data:
             self.parts.append(data)
             self.body_bytes += len(data)
-            if self.body_bytes > _PAUSE_BYTES and not self.paused and self.transport:
+            if self.body_bytes > _PAUSE_BYTES and not self.paused and not self.collect:
                 self.paused = True
-                self.transport.pause_reading()
+                if self.transport is not None:
+                    self.transport.pause_reading()
             self._wake()
 
     def _finish(self) -> None:
@@ -359,6 +362,7 @@ class _Conn(asyncio.Protocol):
         self.chunked = False
         self.keep_alive = True
         self.body_bytes = 0
+        self.collect = False
         self.parts.clear()
         self.buf.clear()
         if self.closed or self.transport.is_closing():
@@ -402,9 +406,12 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         """The whole body."""
         conn = self._conn
+        conn.collect = True
+        if conn.paused and conn.transport is not None:
+            conn.paused = False
+            conn.transport.resume_reading()
         while conn.state != _DONE:
             await conn._wait()
-            self._resume()
         if conn.error is not None:
             raise conn.error
         parts = conn.parts
