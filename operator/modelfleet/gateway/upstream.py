@@ -333,12 +333,12 @@ class _Conn(asyncio.Protocol):
         self._timer = None
         if self.state == _DONE:
             return
+        now = self._loop.time()
         deadline = self.last_read + self._read_timeout
-        if self.paused or deadline > self._loop.time():
-            # Data came meanwhile (or we stopped reading for a slow client): check again later.
-            self._timer = self._loop.call_at(
-                max(deadline, self._loop.time() + 0.001), self._check_timer
-            )
+        if self.paused:  # we stopped reading for a slow client: the replica is not silent
+            deadline = now + self._read_timeout
+        if deadline > now:  # data came meanwhile: check again later
+            self._timer = self._loop.call_at(deadline, self._check_timer)
             return
         what = f"no data from {self.pool.address} for {self._read_timeout:g}s"
         self._fail(UpstreamError("timeout", what) if not self.status else UpstreamBodyError(what))
