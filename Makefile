@@ -30,6 +30,7 @@ lock: ## Refresh constraints.txt from a clean resolve of pyproject.toml
 .PHONY: crds
 crds: $(STAMP) ## Regenerate the CRD (crds/ and the chart's copy) from the API models
 	$(BIN)/modelfleet crd -o crds/modelfleet.io_modeldeployments.yaml
+	$(BIN)/python hack/chartgen.py crd
 
 .PHONY: docs
 docs: $(STAMP) ## Regenerate generated docs (docs/configuration.md)
