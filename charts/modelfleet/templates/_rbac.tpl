@@ -1,10 +1,11 @@
 {{/* The namespaced RBAC rules, shared by the ClusterRole and the per-namespace Roles. */}}
 {{- define "modelfleet.operatorRules" -}}
 # The operator's work: reconcile ModelDeployments (kopf adds its finalizer and progress
-# annotations by patch) and write their status.
+# annotations by patch).
 - apiGroups: ["modelfleet.io"]
   resources: ["modeldeployments"]
   verbs: ["get", "list", "watch", "patch", "update"]
+# Their status subresource: conditions, ready replicas, instances, observedGeneration.
 - apiGroups: ["modelfleet.io"]
   resources: ["modeldeployments/status"]
   verbs: ["get", "patch", "update"]
@@ -23,6 +24,7 @@
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
+# The same events through events.k8s.io/v1.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
