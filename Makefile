@@ -72,3 +72,11 @@ test-unit: $(STAMP) | $(HADOLINT) ## Fast tier only: pure and adapter tests, no 
 .PHONY: test
 test: $(STAMP) | $(HADOLINT) ## Every tier: unit, then integration on the local control plane (built on first use)
 	$(BIN)/pytest tests $(PYTEST_ARGS)
+
+.PHONY: bench-agent
+bench-agent: $(STAMP) ## Agent: sample cost per GPU and /v1/gpus latency p50/p99 (8 GPUs)
+	$(BIN)/python benchmarks/bench_agent.py
+
+.PHONY: bench-kube-client
+bench-kube-client: $(STAMP) ## Memory and CPU of the official kubernetes client vs modelfleet.kube
+	$(BIN)/python benchmarks/bench_kube_client.py

@@ -27,6 +27,7 @@ class PodRef(_Wire):
 
     namespace: str = Field(..., description="Pod namespace.")
     name: str = Field(..., description="Pod name.")
+    container: str = Field("", description="Container name within the pod, where known.")
     memory_used_mib: int | None = Field(
         None, ge=0, description="GPU memory this pod uses on this GPU, where known."
     )
