@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+NODES ?= hack/nodes.yaml
 # Dev tools that are not Python libraries of the project live in .tools/ (git-ignored).
 TOOLS := .tools
 HADOLINT_VERSION := 2.15.1
@@ -56,7 +57,7 @@ chart-snapshots: $(STAMP) ## Re-render the Helm chart's snapshots (tests/unit/ch
 lint: $(STAMP) | $(HADOLINT) ## ruff, mypy --strict, the import-linter layer contracts, hadolint
 	$(BIN)/ruff check operator tests benchmarks hack
 	$(BIN)/ruff format --check operator tests benchmarks hack
-	$(BIN)/mypy operator/modelfleet
+	$(BIN)/mypy operator/modelfleet hack/pod_runner.py hack/simnodes.py
 	$(BIN)/lint-imports
 	$(HADOLINT) Dockerfile
 
@@ -70,8 +71,32 @@ test-unit: $(STAMP) | $(HADOLINT) ## Fast tier only: pure and adapter tests, no 
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 .PHONY: test
-test: $(STAMP) | $(HADOLINT) ## Every tier: unit, then integration on the local control plane (built on first use)
+test: $(STAMP) control-plane | $(HADOLINT) ## Every tier: unit, then integration on the local control plane (built on first use)
 	$(BIN)/pytest tests $(PYTEST_ARGS)
+
+.PHONY: test-integration
+test-integration: $(STAMP) control-plane ## Integration tier only (starts the local control plane if it is down)
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+.PHONY: control-plane
+control-plane: ## Build etcd, kube-*, kubectl, kwok, kwokctl, helm into ~/.cache/modelfleet (once; ~15 min cold)
+	hack/build-control-plane.sh >/dev/null
+
+.PHONY: cluster-up
+cluster-up: $(STAMP) control-plane ## Start the local control plane with simulated GPU nodes (NODES=hack/nodes.yaml)
+	hack/cluster.sh up --nodes $(NODES)
+
+.PHONY: cluster-down
+cluster-down: ## Stop the local control plane; leaves no process behind
+	hack/cluster.sh down
+
+.PHONY: cluster-status
+cluster-status: ## Is the local control plane up?
+	hack/cluster.sh status
+
+.PHONY: pod-runner
+pod-runner: $(STAMP) ## Run the programs behind agent and replica pods on simulated nodes (foreground)
+	$(BIN)/python hack/pod_runner.py --kubeconfig .cluster/kubeconfig
 
 .PHONY: bench-agent
 bench-agent: $(STAMP) ## Agent: sample cost per GPU and /v1/gpus latency p50/p99 (8 GPUs)
@@ -80,3 +105,7 @@ bench-agent: $(STAMP) ## Agent: sample cost per GPU and /v1/gpus latency p50/p99
 .PHONY: bench-kube-client
 bench-kube-client: $(STAMP) ## Memory and CPU of the official kubernetes client vs modelfleet.kube
 	$(BIN)/python benchmarks/bench_kube_client.py
+
+.PHONY: bench-pool
+bench-pool: $(STAMP) ## GPU pool: one poll round over 1,000 agent endpoints (real HTTP on loopback)
+	$(BIN)/python benchmarks/bench_pool.py --endpoints 1000 --rounds 30

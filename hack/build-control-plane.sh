@@ -3,6 +3,11 @@
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, kwokctl and helm.
 # They land in a per-user cache keyed by their versions; a second run finds them and does nothing.
 # The last line printed on stdout is the directory that holds the binaries.
+#
+#   hack/build-control-plane.sh                build what is missing (the first build is long)
+#   hack/build-control-plane.sh --cached-only  print the directory if the binaries are there, else
+#                                              exit 1 without building
+# Versions: K8S_VERSION, ETCD_VERSION, KWOK_VERSION, HELM_VERSION; cache: MODELFLEET_CP_CACHE.
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-1.36.3}"
@@ -19,6 +24,11 @@ die() { printf '[build-control-plane] error: %s\n' "$*" >&2; exit 1; }
 
 have_all() { for t in "${TOOLS[@]}"; do [[ -x $BIN/$t ]] || return 1; done; }
 if have_all; then echo "$BIN"; exit 0; fi
+if [[ ${1:-} == --cached-only ]]; then
+  log "not built yet: $BIN"
+  exit 1
+fi
+[[ $# -eq 0 ]] || die "unknown argument '$1' (usage: $0 [--cached-only])"
 
 # --- preflight: a Go toolchain new enough, and a module proxy that answers ---
 command -v go >/dev/null || die "go is not on PATH; install Go >= $GO_MIN (https://go.dev/dl/) and run again"
@@ -27,14 +37,33 @@ if [[ "$(printf '%s\n%s\n' "$GO_MIN" "$gov" | sort -V | head -1)" != "$GO_MIN" ]
   die "Go $gov is too old: Kubernetes $K8S_VERSION needs Go >= $GO_MIN"
 fi
 export GOTOOLCHAIN=local GOFLAGS=-buildvcs=false CGO_ENABLED=0
-if ! (cd "$(mktemp -d)" && timeout 60 go list -m "k8s.io/kubernetes@v$K8S_VERSION" >/dev/null 2>&1); then
-  die "the Go module proxy ($(go env GOPROXY)) does not serve k8s.io/kubernetes@v$K8S_VERSION; check GOPROXY and the network"
+if ! probe=$(cd "$(mktemp -d)" && timeout 60 go list -m "k8s.io/kubernetes@v$K8S_VERSION" 2>&1); then
+  die "the Go module proxy ($(go env GOPROXY)) does not serve k8s.io/kubernetes@v$K8S_VERSION; check GOPROXY, the network and K8S_VERSION: ${probe##*$'\n'}"
 fi
 
 mkdir -p "$BIN.partial" "$CACHE/k8s-mod" "$CACHE/etcd-mod"
 OUT="$BIN.partial"
 start=$(date +%s)
 step() { log "[$(( $(date +%s) - start ))s] $*"; }
+# Runs a long command and says every 30 s that it is still going (CI logs stay alive, people wait).
+with_heartbeat() {
+  local what=$1; shift
+  "$@" &
+  local pid=$! t0
+  t0=$(date +%s)
+  while ! wait_for_exit "$pid" 30; do
+    log "[$(( $(date +%s) - start ))s] still $what ($(( $(date +%s) - t0 ))s so far)"
+  done
+  wait "$pid"
+}
+wait_for_exit() {  # pid seconds: 0 once the process has exited, 1 if it still runs after seconds
+  local i
+  for ((i = 0; i < $2 * 5; i++)); do
+    kill -0 "$1" 2>/dev/null || return 0
+    sleep 0.2
+  done
+  return 1
+}
 
 # --- Kubernetes: a helper module that requires k8s.io/kubernetes and replaces every staging module ---
 if [[ ! -x $OUT/kube-apiserver || ! -x $OUT/kube-controller-manager || ! -x $OUT/kube-scheduler || ! -x $OUT/kubectl ]]; then
@@ -44,7 +73,8 @@ if [[ ! -x $OUT/kube-apiserver || ! -x $OUT/kube-controller-manager || ! -x $OUT
   go mod init local.build/k8s-bins >/dev/null 2>&1
   go mod edit -go=1.26.0 -require="k8s.io/kubernetes@v$K8S_VERSION"
   gomod=$(cd "$(mktemp -d)" && go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" \
-          | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+          | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
+  [[ -f $gomod ]] || die "could not download the go.mod of k8s.io/kubernetes@v$K8S_VERSION"
   mods=$(grep -oE '^[[:space:]]*k8s\.io/[a-z0-9.-]+ => \./staging/' "$gomod" | awk '{print $1}' || true)
   [[ -n $mods ]] || mods=$(awk '$1 ~ /^k8s\.io\// && $2 == "v0.0.0" {print $1}' "$gomod")
   staging="v0.${K8S_VERSION#1.}"
@@ -60,7 +90,7 @@ if [[ ! -x $OUT/kube-apiserver || ! -x $OUT/kube-controller-manager || ! -x $OUT
     ld="$ld -X k8s.io/component-base/version.$kv -X k8s.io/client-go/pkg/version.$kv"
   done
   step "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (the long step)"
-  go build -trimpath -ldflags "$ld" -o "$OUT/" $pkgs
+  with_heartbeat "building the Kubernetes binaries" go build -trimpath -ldflags "$ld" -o "$OUT/" $pkgs
 fi
 
 # --- etcd: its own helper module (its go.mod replaces are ignored when it is a dependency) ---

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "crd": ("modelfleet.api.cli", "print (or write) the ModelDeployment CRD"),
     "docs": ("modelfleet.docs_cli", "write the generated docs (docs/configuration.md)"),
     "agent": ("modelfleet.agent.cli", "serve this node's GPU stats (node-stats agent)"),
+    "status": ("modelfleet.gpus.cli", "show the GPU pool: endpoints, health, GPUs and memory"),
 }
 
 

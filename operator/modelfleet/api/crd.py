@@ -24,9 +24,13 @@ from modelfleet.api.v1alpha1 import (
 )
 
 # CEL rules that span fields. Each message names the field so `kubectl apply` says what to fix.
+# Every field a rule reads is guarded by has(): the API server also checks the rules against the
+# schema's `default: {}` values, where the nested defaults are not filled in yet.
 _SPEC_RULES = [
     {
-        "rule": "self.minReplicas <= self.replicas",
+        "rule": (
+            "!has(self.minReplicas) || !has(self.replicas) || self.minReplicas <= self.replicas"
+        ),
         "message": "spec.minReplicas must not exceed spec.replicas",
         "fieldPath": ".minReplicas",
         "reason": "FieldValueInvalid",
@@ -34,7 +38,7 @@ _SPEC_RULES = [
 ]
 _GPU_RULES = [
     {
-        "rule": "self.sharing != 'Shared' || has(self.memory)",
+        "rule": "!has(self.sharing) || self.sharing != 'Shared' || has(self.memory)",
         "message": "spec.gpu.memory is required when spec.gpu.sharing is Shared",
         "fieldPath": ".memory",
         "reason": "FieldValueRequired",

@@ -1,0 +1,193 @@
+"""HTTP client side of the pool: fetch one agent's `GET /v1/gpus` and say precisely what failed.
+
+Everything goes through one aiohttp session that the caller creates (`create_session`) and
+closes; each request carries its own timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import aiohttp
+from pydantic import ValidationError
+
+from modelfleet.api.gpustats import GpuReport
+
+GPUS_PATH = "/v1/gpus"
+_TOKEN_REREAD_S = 60.0  # projected service-account tokens rotate; re-read the file now and then
+_MAX_BODY = 4 * 1024 * 1024  # a 64-GPU report with pods is a few tens of KiB
+
+
+class FailureKind(StrEnum):
+    """Bounded failure classes (a metric label); the reason string carries the details."""
+
+    TIMEOUT = "timeout"
+    CONNECT = "connect"
+    HTTP_STATUS = "http_status"
+    AUTH = "auth"
+    BAD_JSON = "bad_json"
+    BAD_SCHEMA = "bad_schema"
+    NODE_MISMATCH = "node_mismatch"
+    DUPLICATE = "duplicate"
+
+
+class FetchError(Exception):
+    """One failed request; `retryable` is false when sending it again cannot help."""
+
+    def __init__(self, kind: FailureKind, reason: str, *, retryable: bool) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.retryable = retryable
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    report: GpuReport
+    latency_s: float
+    attempts: int
+
+
+def create_session(concurrency: int, user_agent: str = "modelfleet-pool") -> aiohttp.ClientSession:
+    """The one session for polling: enough pooled connections for `concurrency` requests."""
+    connector = aiohttp.TCPConnector(limit=max(concurrency, 1), keepalive_timeout=60)
+    return aiohttp.ClientSession(connector=connector, headers={"User-Agent": user_agent})
+
+
+class TokenSource:
+    """The bearer token from a file, re-read every minute off the event loop."""
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._clock = clock
+        self._token: str | None = None
+        self._read_at: float | None = None
+
+    async def header(self) -> dict[str, str]:
+        if not self.path:
+            return {}
+        now = self._clock()
+        if self._read_at is None or now - self._read_at >= _TOKEN_REREAD_S:
+            try:
+                text = await asyncio.to_thread(Path(self.path).read_text, encoding="utf-8")
+            except OSError as exc:
+                raise FetchError(
+                    FailureKind.AUTH,
+                    f"cannot read the agent token file {self.path} "
+                    f"(MODELFLEET_AGENT_TOKEN_FILE): {exc.strerror or exc}",
+                    retryable=False,
+                ) from None
+            self._token = text.strip()
+            self._read_at = now
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+
+def _describe_validation(exc: ValidationError) -> tuple[FailureKind, str]:
+    errors = exc.errors(include_url=False)
+    if errors and errors[0]["type"] == "json_invalid":
+        return FailureKind.BAD_JSON, f"reply is not JSON: {errors[0]['msg']}"
+    first = errors[0] if errors else {"loc": (), "msg": str(exc)}
+    where = ".".join(str(p) for p in first["loc"]) or "reply"
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return FailureKind.BAD_SCHEMA, f"reply does not match GpuReport: {where}: {first['msg']}{more}"
+
+
+async def fetch_report(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    timeout_s: float,
+    headers: dict[str, str] | None = None,
+    expected_node: str | None = None,
+) -> GpuReport:
+    """One `GET <url>/v1/gpus`, parsed and checked; raises FetchError with a readable reason."""
+    try:
+        async with session.get(
+            url + GPUS_PATH,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            allow_redirects=False,
+        ) as resp:
+            status = resp.status
+            body = await resp.content.read(_MAX_BODY + 1)
+    except TimeoutError:
+        raise FetchError(
+            FailureKind.TIMEOUT, f"no reply within {timeout_s:g} s", retryable=True
+        ) from None
+    except aiohttp.ClientConnectorError as exc:
+        cause = exc.os_error.strerror or str(exc.os_error)
+        raise FetchError(
+            FailureKind.CONNECT, f"cannot connect to {url}: {cause}", retryable=True
+        ) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise FetchError(
+            FailureKind.CONNECT, f"connection failed: {type(exc).__name__}: {exc}", retryable=True
+        ) from None
+    if status in (401, 403):
+        raise FetchError(
+            FailureKind.AUTH,
+            f"HTTP {status}: the agent refused the request; check the token "
+            "(MODELFLEET_AGENT_TOKEN_FILE) and the agent's auth setting",
+            retryable=False,
+        )
+    if status != 200:
+        snippet = body[:200].decode("utf-8", errors="replace").strip()
+        raise FetchError(
+            FailureKind.HTTP_STATUS,
+            f"HTTP {status} from {GPUS_PATH}" + (f": {snippet}" if snippet else ""),
+            retryable=status >= 500 or status == 429,
+        )
+    if len(body) > _MAX_BODY:
+        raise FetchError(
+            FailureKind.BAD_SCHEMA, f"reply larger than {_MAX_BODY} bytes", retryable=False
+        )
+    try:
+        report = GpuReport.model_validate_json(body)
+    except ValidationError as exc:
+        kind, reason = _describe_validation(exc)
+        raise FetchError(kind, reason, retryable=False) from None
+    if expected_node is not None and report.node != expected_node:
+        raise FetchError(
+            FailureKind.NODE_MISMATCH,
+            f"agent reports node {report.node!r} but its pod runs on node {expected_node!r}; "
+            "check the agent's MODELFLEET_AGENT_NODE / NODE_NAME",
+            retryable=False,
+        )
+    return report
+
+
+async def fetch_with_retries(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    timeout_s: float,
+    retries: int,
+    headers: dict[str, str] | None = None,
+    expected_node: str | None = None,
+    timer: Callable[[], float] = time.perf_counter,
+    on_attempt: Callable[[float, FailureKind | None], None] | None = None,
+) -> Fetched:
+    """`fetch_report` with up to `retries` immediate retries of retryable failures."""
+    attempt = 0
+    while True:
+        attempt += 1
+        started = timer()
+        try:
+            report = await fetch_report(
+                session, url, timeout_s=timeout_s, headers=headers, expected_node=expected_node
+            )
+        except FetchError as exc:
+            if on_attempt is not None:
+                on_attempt(timer() - started, exc.kind)
+            if not exc.retryable or attempt > retries:
+                raise
+            continue
+        latency = timer() - started
+        if on_attempt is not None:
+            on_attempt(latency, None)
+        return Fetched(report, latency, attempt)
