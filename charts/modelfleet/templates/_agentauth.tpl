@@ -1,13 +1,14 @@
 {{/*
-How the operator authenticates to the agents, as a volume and the path of the token file in it.
-mode token: the chart's (or an existing) Secret, key "token". mode tokenreview: a projected
-ServiceAccount token for the agents' audience, short-lived and rotated by the kubelet (the
-operator reads the file for every poll round).
+How the operator authenticates to the agents: the file its token is read from, and the volume
+that holds it. mode token: the chart's (or an existing) Secret, key "token", mounted into the
+operator and the agents. mode tokenreview: the operator's own ServiceAccount token (the agents
+check it with a TokenReview against the API server's audience, the only one they check today).
 */}}
 {{- define "modelfleet.agentTokenPath" -}}
-{{- if eq .Values.agent.auth.mode "none" -}}
-{{- else -}}
+{{- if eq .Values.agent.auth.mode "token" -}}
 /var/run/modelfleet/agent-auth/token
+{{- else if eq .Values.agent.auth.mode "tokenreview" -}}
+/var/run/secrets/kubernetes.io/serviceaccount/token
 {{- end -}}
 {{- end -}}
 
@@ -20,14 +21,5 @@ operator reads the file for every poll round).
     items:
       - key: token
         path: token
-{{- else if eq .Values.agent.auth.mode "tokenreview" }}
-- name: agent-auth
-  projected:
-    defaultMode: 0440
-    sources:
-      - serviceAccountToken:
-          audience: {{ .Values.agent.auth.audience }}
-          expirationSeconds: 3600
-          path: token
 {{- end }}
 {{- end -}}

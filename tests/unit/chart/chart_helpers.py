@@ -75,6 +75,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "operator": {"replicas": 1, "podDisruptionBudget": {"enabled": False}},
         "crds": {"keep": False},
     },
+    # The kubelet pod-resources socket mounted into the agents (privileged namespaces only).
+    "podresources": {"agent": {"podResources": {"enabled": True}}},
     # Test clusters: simulated agents (they read pods to follow placements).
     "simulated": {"agent": {"backend": "simulated", "podResources": {"enabled": False}}},
 }

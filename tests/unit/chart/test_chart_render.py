@@ -315,23 +315,28 @@ def test_operator_and_gateway_meet_the_restricted_standard(render: Render, name:
 
 def test_agent_departs_from_restricted_only_for_pod_resources(render: Render) -> None:
     default = pod_spec(one(render(), "DaemonSet", "-agent"))
-    assert restricted_violations(default) == [
+    assert restricted_violations(default) == []
+    mounted = pod_spec(one(render(VALUE_SETS["podresources"]), "DaemonSet", "-agent"))
+    assert restricted_violations(mounted) == [
         "volume pod-resources: ['hostPath']",
         "agent: runAsNonRoot",
         "agent: runAsUser 0",
     ]
-    assert default["volumes"][-1]["hostPath"] == {
+    assert mounted["volumes"][-1]["hostPath"] == {
         "path": "/var/lib/kubelet/pod-resources",
         "type": "Directory",
     }
-    mount = default["containers"][0]["volumeMounts"][-1]
+    mount = mounted["containers"][0]["volumeMounts"][-1]
     assert mount == {
         "name": "pod-resources",
         "mountPath": "/var/lib/kubelet/pod-resources",
         "readOnly": True,
     }
-    restricted = pod_spec(one(render(VALUE_SETS["restricted"]), "DaemonSet", "-agent"))
-    assert restricted_violations(restricted) == []
+    assert mounted["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    env = env_of(mounted["containers"][0])
+    assert env["MODELFLEET_AGENT_POD_RESOURCES_SOCKET"] == (
+        "/var/lib/kubelet/pod-resources/kubelet.sock"
+    )
     values_text = (CHART / "values.yaml").read_text()
     assert "Where the agent departs from the restricted Pod Security Standard, and why" in (
         values_text
@@ -381,20 +386,24 @@ def test_agent_token_is_shared_by_agent_and_operator(render: Render) -> None:
     assert spec["volumes"][-1]["secret"]["secretName"] == "mine"
 
 
-def test_tokenreview_gives_the_operator_a_short_lived_audience_token(render: Render) -> None:
+def test_tokenreview_sends_the_operators_own_token(render: Render) -> None:
     objects = render(VALUE_SETS["restricted"])
     assert not find(objects, "Secret")
     spec = pod_spec(one(objects, "Deployment", "-operator"))
-    volume = next(v for v in spec["volumes"] if v["name"] == "agent-auth")
-    assert volume["projected"]["sources"] == [
-        {
-            "serviceAccountToken": {
-                "audience": "modelfleet-agent",
-                "expirationSeconds": 3600,
-                "path": "token",
-            }
-        }
-    ]
+    assert "agent-auth" not in [v["name"] for v in spec["volumes"]]
+    env = env_of(spec["containers"][0])
+    token = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    assert env["MODELFLEET_AGENT_TOKEN_FILE"] == token
+    assert spec["automountServiceAccountToken"] is True
+    agent = env_of(pod_spec(one(objects, "DaemonSet", "-agent"))["containers"][0])
+    assert "MODELFLEET_AGENT_TOKEN_FILE" not in agent
+
+
+def test_auth_none_sends_no_token(render: Render) -> None:
+    objects = render({"agent": {"auth": {"mode": "none"}}})
+    env = env_of(pod_spec(one(objects, "Deployment", "-operator"))["containers"][0])
+    assert "MODELFLEET_AGENT_TOKEN_FILE" not in env
+    assert not find(objects, "Secret")
 
 
 def test_gateway_deployment_service_and_pdb(render: Render) -> None:
