@@ -155,3 +155,8 @@ override is false or 0 ("replicas: 0" must mean zero). Returns YAML; read it bac
 {{- end -}}
 {{- toYaml $out -}}
 {{- end -}}
+
+{{/* The operator's leader-election Lease. */}}
+{{- define "modelfleet.leaseName" -}}
+{{- printf "%s-operator" (include "modelfleet.fullname" .) -}}
+{{- end -}}

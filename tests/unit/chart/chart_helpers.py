@@ -35,9 +35,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "apiServer": {"cidrs": ["10.0.0.1/32"], "ports": [443]},
         },
     },
-    # Two watched namespaces: Roles instead of ClusterRoles; the CRD managed elsewhere.
+    # A watched namespace: Roles instead of ClusterRoles; the CRD managed elsewhere.
     "namespaced": {
-        "watchNamespaces": ["team-a", "team-b"],
+        "watchNamespaces": ["team-a"],
         "crds": {"enabled": False},
         "networkPolicy": {"replicas": {"allowInCluster": False}},
     },

@@ -129,6 +129,7 @@ def test_every_object_carries_the_standard_labels(render: Render, name: str) -> 
         ({"parallelModels": {"x": {"gpus": 1}}}, "additional properties 'gpus' not allowed"),
         ({"parallelModels": {"+++": 1}}, '"+++" has no letter or digit'),
         ({"watchNamespaces": ["a", "a"]}, "/watchNamespaces"),
+        ({"watchNamespaces": ["a", "b"]}, "/watchNamespaces"),
     ],
 )
 def test_bad_values_are_refused_with_a_message_naming_them(
@@ -219,6 +220,19 @@ def test_operator_rbac_covers_its_work_cluster_wide(render: Render) -> None:
     for resource, verbs in expected.items():
         assert grants[("*", resource)] == verbs, resource
     assert grants[(NAMESPACE, "coordination.k8s.io/leases")] == {"get", "create", "update"}
+    leader = one(render(), "Role", "-operator-leader")
+    by_name = [r for r in leader["rules"] if r["resources"] == ["leases"] and "get" in r["verbs"]]
+    assert by_name == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [f"{RELEASE}-modelfleet-operator"],
+            "verbs": ["get", "update"],
+        }
+    ]
+    env = env_of(pod_spec(one(render(), "Deployment", "-operator"))["containers"][0])
+    assert env["MODELFLEET_LEASE_NAME"] == f"{RELEASE}-modelfleet-operator"
+    assert env["MODELFLEET_LEASE_NAMESPACE"] == NAMESPACE
 
 
 def test_watch_namespaces_switch_to_roles(render: Render) -> None:
@@ -227,7 +241,7 @@ def test_watch_namespaces_switch_to_roles(render: Render) -> None:
         for rule in obj["rules"]:
             assert set(rule["resources"]) <= CLUSTER_SCOPED, (obj["metadata"]["name"], rule)
     grants = operator_grants(objects)
-    for ns in ("team-a", "team-b"):
+    for ns in ("team-a",):
         assert grants[(ns, "/pods")] == {"get", "list", "watch", "create", "delete", "patch"}
         role = one([o for o in objects if o["metadata"].get("namespace") == ns], "Role", "gateway")
         assert {r for rule in role["rules"] for r in rule["resources"]} == {
@@ -237,9 +251,9 @@ def test_watch_namespaces_switch_to_roles(render: Render) -> None:
     assert (NAMESPACE, "/pods") in grants  # agent discovery in the release namespace
     assert ("*", "/pods") not in grants
     operator = one(objects, "Deployment", "operator")
-    assert env_of(pod_spec(operator)["containers"][0])["MODELFLEET_WATCH_NAMESPACE"] == (
-        "team-a,team-b"
-    )
+    assert env_of(pod_spec(operator)["containers"][0])["MODELFLEET_WATCH_NAMESPACE"] == "team-a"
+    gateway = one(objects, "Deployment", "-gateway")
+    assert env_of(pod_spec(gateway)["containers"][0])["MODELFLEET_GATEWAY_NAMESPACE"] == "team-a"
     bindings = [b for b in find(objects, "RoleBinding") if b["metadata"]["namespace"] == "team-a"]
     assert {s["namespace"] for b in bindings for s in b["subjects"]} == {NAMESPACE}
 
@@ -412,7 +426,7 @@ def test_gateway_deployment_service_and_pdb(render: Render) -> None:
     container = pod_spec(deployment)["containers"][0]
     assert container["args"] == ["gateway"]
     assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     service = one(objects, "Service", "-gateway")
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     assert one(objects, "PodDisruptionBudget", "-gateway")["spec"]["minAvailable"] == 1
@@ -481,11 +495,11 @@ def test_network_policies_deny_by_default_and_allow_what_is_needed(render: Rende
 def test_network_policies_follow_the_values(render: Render) -> None:
     objects = render(VALUE_SETS["namespaced"])
     replicas = find(objects, "NetworkPolicy", "-replicas")
-    assert sorted(p["metadata"]["namespace"] for p in replicas) == [NAMESPACE, "team-a", "team-b"]
+    assert sorted(p["metadata"]["namespace"] for p in replicas) == [NAMESPACE, "team-a"]
     assert all({"namespaceSelector": {}} not in p["spec"]["ingress"][0]["from"] for p in replicas)
     gateway = one(objects, "NetworkPolicy", "-gateway")
     selector = gateway["spec"]["egress"][-1]["to"][0]["namespaceSelector"]
-    assert selector["matchExpressions"][0]["values"] == ["team-a", "team-b"]
+    assert selector["matchExpressions"][0]["values"] == ["team-a"]
     restricted = render(VALUE_SETS["restricted"])
     operator = one(restricted, "NetworkPolicy", "-operator")
     assert operator["spec"]["egress"][1] == {
