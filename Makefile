@@ -98,6 +98,14 @@ cluster-status: ## Is the local control plane up?
 pod-runner: $(STAMP) ## Run the programs behind agent and replica pods on simulated nodes (foreground)
 	$(BIN)/python hack/pod_runner.py --kubeconfig .cluster/kubeconfig
 
+.PHONY: bench-placement
+bench-placement: $(STAMP) ## Placement speed: decisions/s and p99 at 1,000 nodes x 8 GPUs, 4,000 replicas
+	$(BIN)/python benchmarks/bench_placement.py
+
+.PHONY: bench-placement-quality
+bench-placement-quality: $(STAMP) ## Placement quality: GPUs in use at the first failure, per strategy
+	$(BIN)/python benchmarks/bench_placement_quality.py
+
 .PHONY: bench-agent
 bench-agent: $(STAMP) ## Agent: sample cost per GPU and /v1/gpus latency p50/p99 (8 GPUs)
 	$(BIN)/python benchmarks/bench_agent.py

@@ -72,6 +72,17 @@ def parse_endpoint_list(value: Any) -> list[str]:
     return seen
 
 
+def parse_name_list(value: Any) -> list[str]:
+    """Comma-separated (or list of) names, stripped, empty items and repeats dropped."""
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    names: list[str] = []
+    for raw in items:
+        name = str(raw).strip()
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
 class OperatorSettings(_Settings):
     """The operator and its GPU pool."""
 
@@ -202,10 +213,36 @@ class AgentSettings(_Settings):
         ),
     )
     token_file: str = Field("", description="File holding the accepted bearer token (auth=token).")
+    allowed_subjects: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "auth=tokenreview: comma-separated usernames that may read the agent, e.g. "
+            "system:serviceaccount:modelfleet-system:modelfleet-operator; others get 403; "
+            "empty: any authenticated identity (warned at start)."
+        ),
+    )
+    audiences: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "auth=tokenreview: comma-separated audiences the token must be meant for, sent in "
+            "the TokenReview; empty: the API server's own audience."
+        ),
+    )
     pod_resources_socket: str = Field(
         "/var/lib/kubelet/pod-resources/kubelet.sock",
-        description="kubelet pod-resources socket for pod attribution; skipped when absent.",
+        description=(
+            "nvml backend: kubelet pod-resources socket for pod attribution; off while the "
+            "socket is absent; empty: off."
+        ),
     )
+    pod_resources_timeout_s: float = Field(
+        1.0, gt=0, le=30, description="Deadline of one kubelet pod-resources call, in seconds."
+    )
+
+    @field_validator("allowed_subjects", "audiences", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> list[str]:
+        return parse_name_list(value)
 
 
 class GatewaySettings(_Settings):

@@ -1,0 +1,384 @@
+"""`decide`: place one replica on a `ClusterView`, or say whom to evict, or say why it waits.
+
+Pure: the same view and request give the same decision. docs/placement.md gives every score and
+rule with worked examples; the reasons returned here are what Events and status show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from modelfleet.placement.eviction import blocked_reasons, plan_eviction
+from modelfleet.placement.model import (
+    Decision,
+    Evict,
+    Placed,
+    PlacedReplica,
+    PlacementInputError,
+    PlacementStrategy,
+    ReplicaRequest,
+    ReplicaState,
+    SharingMode,
+    Unplaceable,
+    UnplaceableCode,
+)
+from modelfleet.placement.view import (
+    STAGE_CORDONED,
+    STAGE_PRODUCT,
+    STAGE_SELECTOR,
+    STAGE_STALE,
+    STAGE_TAINTS,
+    STAGE_UNHEALTHY,
+    STAGES,
+    ClusterView,
+    Eligibility,
+    GpuState,
+    NodeState,
+    StaticKey,
+    build_node_state,
+)
+
+
+def check_request(request: ReplicaRequest) -> None:
+    """Raise PlacementInputError when a request cannot be placed as written."""
+    name = f"{request.deployment}"
+    if request.gpu_count < 1:
+        raise PlacementInputError(f"{name}: gpu count is {request.gpu_count}; it must be 1 or more")
+    for what, value in (
+        ("spec.gpu.memory", request.memory_mib),
+        ("status.footprint", request.measured_footprint_mib),
+    ):
+        if value is not None and value <= 0:
+            raise PlacementInputError(f"{name}: {what} is {value} MiB; it must be positive")
+
+
+def _static_key(request: ReplicaRequest) -> StaticKey:
+    return (request.product, frozenset(request.node_selector.items()), request.tolerations)
+
+
+def _product_node(node: NodeState, product: str | None, margin: int) -> NodeState:
+    """`node` restricted to GPUs of `product` when it mixes products (rare: the slow path)."""
+    if product is None or node.product == product:
+        return node
+    gpus = tuple(g for g in node.info.gpus if g.product == product)
+    return build_node_state(replace(node.info, gpus=gpus), node.replicas, margin)
+
+
+def _whole_gpus(node: NodeState, count: int) -> list[GpuState]:
+    # Lowest free indices: whole GPUs do not fragment memory, and a low, contiguous block keeps
+    # the high indices free together for the next multi-GPU replica (NVLink pairs are adjacent).
+    return [g for g in node.gpus if g.free_whole][:count]
+
+
+def _best_fit_gpus(node: NodeState, count: int, footprint: int) -> list[GpuState]:
+    # Best fit: the GPU with the least memory that still fits, so emptier GPUs stay whole for
+    # Exclusive and large Shared replicas (the classic way to keep fragmentation down).
+    fits = [
+        g
+        for g in node.gpus
+        if g.info.healthy
+        and not g.holders
+        and g.available_mib >= footprint
+        and not any(r.state == ReplicaState.STARTING for r in g.shared)
+    ]
+    fits.sort(key=lambda g: (g.available_mib, g.info.index))
+    return fits[:count]
+
+
+def _fmt_gpus(gpus: Sequence[GpuState]) -> str:
+    return ",".join(g.info.gpu_id for g in gpus)
+
+
+def decide(view: ClusterView, request: ReplicaRequest) -> Decision:
+    """Place `request` on `view`: Placed, Evict or Unplaceable, each with a reason."""
+    check_request(request)
+    strategy = PlacementStrategy(request.strategy or view.settings.default_strategy)
+    margin = view.settings.memory_margin_mib
+    count = request.gpu_count
+    dep = request.deployment
+    existing = view.counts.get(dep, 0)
+    footprint = request.footprint_mib
+    discovery = footprint is None and existing == 0
+    shared = request.sharing == SharingMode.SHARED and footprint is not None
+    if request.sharing == SharingMode.SHARED and footprint is None and existing > 0:
+        runs = sorted(
+            f"{r.deployment.namespace}/{r.instance}"
+            for r in view.replicas.values()
+            if r.deployment == dep
+        )
+        return Unplaceable(
+            UnplaceableCode.WAITING_FOR_STATS,
+            f"the GPU memory of {dep} is not known yet: waiting for its discovery run "
+            f"({', '.join(runs[:3])}) to be measured, or set spec.gpu.memory",
+        )
+    if not view.nodes:
+        return Unplaceable(
+            UnplaceableCode.WAITING_FOR_STATS,
+            "no GPU node is known yet: no node-stats agent has reported",
+        )
+    elig = view.eligibility(_static_key(request))
+    if not elig.nodes:
+        return _no_eligible_node(view, request, elig)
+
+    need = footprint if shared and footprint is not None else 0
+    product = request.product
+    nodes = view.nodes
+    spread = request.spread
+    # One pass over the eligible nodes (name order). A node's key is (spread ok, no untolerated
+    # PreferNoSchedule taint, the strategy's score, its second signal); the highest key wins and,
+    # as only a strictly higher key replaces the best, ties go to the lowest node name.
+    # Round-robin's score is "after the cursor" and its second signal the negated position, so
+    # the first node after the cursor wins, else (wrapping) the first node.
+    cursor = view.cursor
+    rr = strategy == PlacementStrategy.ROUND_ROBIN
+    weighted = strategy == PlacementStrategy.WEIGHTED
+    # The key is kept as scalars (cls, score, second) rather than a tuple: this loop runs once
+    # per eligible node and tuple building dominated it. cls = 2 * spread ok + no soft taint.
+    best_cls, best_score, best_second = -1, 0.0, 0.0
+    chosen: NodeState | None = None
+    fits = top = 0
+    i = -1
+    for name, prefer in elig.nodes:
+        i += 1
+        node = nodes[name]
+        # A node's unfiltered capacity bounds its capacity for one product: check it first.
+        if shared:
+            av = node.shared_avail
+            if len(av) < count or av[count - 1] < need:
+                continue
+        elif node.whole_free < count:
+            continue
+        if product is not None and node.product != product:
+            node = _product_node(node, product, margin)
+            if shared:
+                av = node.shared_avail
+                if len(av) < count or av[count - 1] < need:
+                    continue
+            elif node.whole_free < count:
+                continue
+        fits += 1
+        cls = (2 if not spread or dep not in node.deployments else 0) + (0 if prefer else 1)
+        if cls < best_cls:
+            continue
+        if rr:
+            sc, second = (1.0 if cursor is None or name > cursor else 0.0), float(-i)
+        elif weighted:
+            second = float(node.capacity_mib)
+            sc = second / (len(node.replicas) + 1)
+        else:
+            second = node.shared_free_gpus if shared else float(node.whole_free)
+            sc = second / node.healthy_gpus
+        if cls > best_cls:
+            best_cls, best_score, best_second, chosen, top = cls, sc, second, node, 1
+            continue
+        top += 1
+        if sc > best_score or (sc == best_score and second > best_second):
+            best_score, best_second, chosen = sc, second, node
+    if chosen is None:
+        return _no_fit(view, request, elig, strategy, footprint, discovery)
+    best_spread, best_soft = best_cls >= 2, best_cls % 2 == 1
+
+    if rr:
+        score = 0.0
+        why = (
+            f"round-robin: the next node after {cursor} that fits"
+            if cursor is not None
+            else "round-robin: the first node that fits"
+        )
+        cursor = chosen.info.name
+    elif weighted:
+        score = chosen.capacity_mib / 1024 / (len(chosen.replicas) + 1)
+        why = (
+            f"weighted: {chosen.capacity_mib // 1024} GiB of GPU memory for "
+            f"{len(chosen.replicas) + 1} replicas, {score:.1f} GiB per replica, the most among "
+            f"{top} nodes that fit"
+        )
+    else:
+        score = best_score
+        free_text = f"{best_second:.1f}" if shared else f"{best_second:.0f}"
+        unit = "GPUs' memory" if shared else "GPUs"
+        why = (
+            f"availability: {free_text} of {chosen.healthy_gpus} {unit} free "
+            f"({score:.0%}), the highest share among {top} nodes that fit"
+        )
+    if shared:
+        gpus = _best_fit_gpus(chosen, count, need)
+        gpu_why = (
+            f"GPU {_fmt_gpus(gpus)} by best fit ({gpus[0].available_mib} MiB available "
+            f"for {need} MiB)"
+        )
+    else:
+        gpus = _whole_gpus(chosen, count)
+        gpu_why = f"GPU {_fmt_gpus(gpus)}, the lowest free indices"
+    notes = []
+    if spread and best_spread and top < fits:
+        notes.append(f"spread: no other replica of {dep} there")
+    if not best_soft:
+        notes.append("only nodes with an untolerated PreferNoSchedule taint fit")
+    if discovery:
+        notes.append(
+            "discovery run: holds whole GPUs until its memory is measured"
+            if request.sharing == SharingMode.SHARED
+            else "discovery run: its memory will be measured"
+        )
+    reason = f"{chosen.info.name}: {why}; {gpu_why}" + "".join(f"; {n}" for n in notes)
+    replica = PlacedReplica(
+        deployment=dep,
+        instance=request.instance,
+        node=chosen.info.name,
+        gpu_ids=tuple(g.info.gpu_id for g in gpus),
+        sharing=request.sharing,
+        footprint_mib=footprint,
+        priority=request.priority,
+        last_used=request.last_used,
+        min_replicas=request.min_replicas,
+        state=ReplicaState.STARTING,
+        measured=False,
+    )
+    return Placed(
+        node=chosen.info.name,
+        gpu_ids=replica.gpu_ids,
+        uuids=tuple(g.info.uuid for g in gpus),
+        reason=reason,
+        score=round(score, 4),
+        cursor=cursor,
+        strategy=strategy,
+        discovery=discovery,
+        replica=replica,
+    )
+
+
+def _no_fit(
+    view: ClusterView,
+    request: ReplicaRequest,
+    elig: Eligibility,
+    strategy: PlacementStrategy,
+    footprint: int | None,
+    discovery: bool,
+) -> Decision:
+    """Nothing fits as things are: wait for a starting replica, evict, or say why not."""
+    margin = view.settings.memory_margin_mib
+    count = request.gpu_count
+    dep = request.deployment
+    shared = request.sharing == SharingMode.SHARED and footprint is not None
+    need = footprint if shared else None
+    nodes = [
+        (_product_node(view.nodes[name], request.product, margin), prefer)
+        for name, prefer in elig.nodes
+    ]
+    what = f"{request.product} GPU" if request.product else "GPU"
+    largest = max(nodes, key=lambda n: n[0].healthy_gpus)[0]
+    if largest.healthy_gpus < count:
+        return Unplaceable(
+            UnplaceableCode.NO_CAPACITY,
+            f"needs {count} {what}s on one node; the largest matching node, "
+            f"{largest.info.name}, has {largest.healthy_gpus} healthy",
+        )
+    if need is not None:
+        waiting = [
+            n
+            for n, _ in nodes
+            if len(n.shared_avail_any) >= count and n.shared_avail_any[count - 1] >= need
+        ]
+        if waiting:
+            node = waiting[0]
+            busy = next(
+                g
+                for g in node.gpus
+                if g.info.healthy and not g.holders and g.available_mib >= need and g.starting
+            )
+            starting = busy.starting[0]
+            return Unplaceable(
+                UnplaceableCode.START_SERIALIZED,
+                f"{busy.info.gpu_id} has {busy.available_mib} MiB available but "
+                f"{starting.deployment.namespace}/{starting.instance} is still starting there; "
+                "Shared replicas start one at a time on a GPU",
+            )
+    plan = plan_eviction(
+        (
+            (
+                n,
+                [g for g in n.gpus if g.info.healthy],
+                not request.spread or dep not in n.deployments,
+            )
+            for n, _ in nodes
+        ),
+        count,
+        need,
+        margin,
+        dep,
+        request.priority,
+        view.counts,
+        view.floors,
+    )
+    if plan is not None:
+        names = ", ".join(v.describe() for v in plan.victims)
+        return Evict(
+            victims=plan.victims,
+            node=plan.node.info.name,
+            gpu_ids=tuple(g.info.gpu_id for g in plan.gpus),
+            uuids=tuple(g.info.uuid for g in plan.gpus),
+            reason=(
+                f"nothing fits; evicting {len(plan.victims)} replica"
+                f"{'s' if len(plan.victims) > 1 else ''} (lowest priority, then least recently "
+                f"used) frees {_fmt_gpus(plan.gpus)} on {plan.node.info.name}: {names}"
+            ),
+        )
+    in_the_way = [r for n, _ in nodes for r in n.replicas]
+    blocked = blocked_reasons(in_the_way, dep, request.priority, view.counts, view.floors)
+    if need is not None:
+        gpus = [(g.available_mib, g) for n, _ in nodes for g in n.gpus if g.info.healthy]
+        most, top_gpu = max(gpus, key=lambda t: t[0])
+        if count == 1:
+            head = f"no {what} has {need} MiB available"
+        else:
+            head = f"needs {count} {what}s with {need} MiB available each on one node"
+        text = (
+            f"{head} (most: {max(most, 0)} MiB on {top_gpu.info.gpu_id}, after the "
+            f"{margin} MiB margin and memory promised to replicas not yet measured); {blocked}"
+        )
+    else:
+        best = max(nodes, key=lambda n: n[0].whole_free)[0]
+        text = (
+            f"needs {count} free {what}{'s' if count > 1 else ''} on one node; the largest free "
+            f"block is {best.whole_free}, on {best.info.name}; {blocked}"
+        )
+    return Unplaceable(UnplaceableCode.NO_CAPACITY, text)
+
+
+def _examples(items: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _no_eligible_node(view: ClusterView, request: ReplicaRequest, elig: Eligibility) -> Unplaceable:
+    """Why no node may take this request at all, stage by stage."""
+    parts = []
+    ex = elig.excluded
+    total = len(view.order)
+    for stage in STAGES:
+        items = ex.get(stage, ())
+        if not items:
+            continue
+        k = len(items)
+        nodes = "node" if k == 1 else "nodes"
+        if stage == STAGE_SELECTOR:
+            sel = ",".join(f"{k_}={v}" for k_, v in sorted(request.node_selector.items()))
+            parts.append(f"{k} of {total} {nodes} do not match nodeSelector {sel}")
+        elif stage == STAGE_PRODUCT:
+            parts.append(f"{k} {nodes} have no {request.product} GPU ({_examples(items)})")
+        elif stage == STAGE_TAINTS:
+            parts.append(f"{k} {nodes} carry taints not tolerated ({_examples(items)})")
+        elif stage == STAGE_CORDONED:
+            parts.append(f"{k} {nodes} cordoned ({_examples(items)})")
+        elif stage == STAGE_STALE:
+            parts.append(f"{k} {nodes} with stale GPU stats ({_examples(items)})")
+        elif stage == STAGE_UNHEALTHY:
+            parts.append(f"{k} {nodes} unhealthy ({_examples(items)})")
+    code = (
+        UnplaceableCode.WAITING_FOR_STATS
+        if ex.get(STAGE_STALE)
+        else UnplaceableCode.NO_MATCHING_NODE
+    )
+    return Unplaceable(code, "no node may run it: " + "; ".join(parts))

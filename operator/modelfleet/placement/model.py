@@ -1,0 +1,228 @@
+"""Inputs and results of the placement engine: plain frozen dataclasses, no I/O.
+
+The operator adapts what it observed (the GPU pool snapshot, Node objects, replica Pods and their
+annotations) to these types; the engine never reads anything else. Memory is in MiB, times are
+seconds since the epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import NamedTuple
+
+from modelfleet.api.v1alpha1 import PlacementStrategy, SharingMode
+
+__all__ = [
+    "PRODUCT_LABEL",
+    "Decision",
+    "DeploymentRef",
+    "Evict",
+    "GpuInfo",
+    "NodeInfo",
+    "Placed",
+    "PlacedReplica",
+    "PlacementInputError",
+    "PlacementSettings",
+    "PlacementStrategy",
+    "ReplicaRequest",
+    "ReplicaState",
+    "SharingMode",
+    "Taint",
+    "Toleration",
+    "Unplaceable",
+    "UnplaceableCode",
+]
+
+# The node label GPU Feature Discovery sets; spec.gpu.product is matched against it.
+PRODUCT_LABEL = "nvidia.com/gpu.product"
+
+
+class PlacementInputError(ValueError):
+    """An input to the placement engine is inconsistent; the message names it and the fix."""
+
+
+class ReplicaState(StrEnum):
+    STARTING = "Starting"
+    READY = "Ready"
+
+
+class DeploymentRef(NamedTuple):
+    """A ModelDeployment by namespace and name (a tuple: hashed and compared in C, and fast)."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Taint:
+    """A node taint, as in a Node spec."""
+
+    key: str
+    value: str = ""
+    effect: str = "NoSchedule"  # NoSchedule, PreferNoSchedule or NoExecute
+
+
+@dataclass(frozen=True, slots=True)
+class Toleration:
+    """A toleration, as in a Pod spec (same matching rules as the kube-scheduler)."""
+
+    key: str | None = None
+    operator: str = "Equal"  # Equal or Exists
+    value: str | None = None
+    effect: str | None = None  # None or "" matches every effect
+
+    def tolerates(self, taint: Taint) -> bool:
+        if self.effect and self.effect != taint.effect:
+            return False
+        if self.operator == "Exists":
+            return not self.key or self.key == taint.key
+        return self.key == taint.key and (self.value or "") == taint.value
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """One GPU as the pool last saw it."""
+
+    index: int
+    gpu_id: str  # <node>:<index>
+    uuid: str
+    product: str
+    memory_total_mib: int
+    memory_used_mib: int
+    memory_free_mib: int
+    healthy: bool = True
+    reason: str = ""  # why it is unhealthy
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One GPU node: Node object facts plus its agent's view of the GPUs."""
+
+    name: str
+    gpus: tuple[GpuInfo, ...] = ()
+    schedulable: bool = True  # False when cordoned (spec.unschedulable)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    taints: tuple[Taint, ...] = ()
+    healthy: bool = True  # the agent answers and the node is Ready
+    stale: bool = False  # the last sample is too old to trust
+    reason: str = ""  # why it is unhealthy or stale
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedReplica:
+    """A replica that already exists, rebuilt by the operator from its Pod and annotations."""
+
+    deployment: DeploymentRef
+    instance: str  # Pod name, <deployment>-instance-<n>
+    node: str
+    gpu_ids: tuple[str, ...]
+    sharing: SharingMode = SharingMode.EXCLUSIVE
+    footprint_mib: int | None = None  # promised per GPU; None: the whole GPUs
+    priority: int = 0
+    last_used: float = 0.0  # last request to its deployment, seconds since the epoch; 0: never
+    min_replicas: int = 0  # its deployment's spec.minReplicas
+    state: ReplicaState = ReplicaState.STARTING
+    measured: bool = False  # the agent already reports its memory (it is in memory_used)
+
+    @property
+    def whole_gpus(self) -> bool:
+        """True when it holds its GPUs whole: Exclusive, or a discovery run not yet measured."""
+        return self.sharing == SharingMode.EXCLUSIVE or self.footprint_mib is None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.deployment.namespace, self.instance)
+
+    def describe(self) -> str:
+        used = (
+            "never used"
+            if self.last_used <= 0
+            else "last used "
+            + datetime.fromtimestamp(self.last_used, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        )
+        return f"{self.deployment.namespace}/{self.instance} (priority {self.priority}, {used})"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRequest:
+    """A replica to place, from its ModelDeployment's spec and status."""
+
+    deployment: DeploymentRef
+    instance: str
+    gpu_count: int = 1
+    memory_mib: int | None = None  # spec.gpu.memory
+    measured_footprint_mib: int | None = None  # status.footprint
+    sharing: SharingMode = SharingMode.EXCLUSIVE
+    product: str | None = None  # spec.gpu.product
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Toleration, ...] = ()
+    strategy: PlacementStrategy | None = None  # None: the operator's default
+    spread: bool = True
+    priority: int = 0
+    min_replicas: int = 0
+    last_used: float = 0.0
+
+    @property
+    def footprint_mib(self) -> int | None:
+        """Declared memory, else the measured footprint, else None (a discovery run)."""
+        return self.memory_mib if self.memory_mib is not None else self.measured_footprint_mib
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementSettings:
+    """What the operator's settings say about placement (passed in, never read from globals)."""
+
+    default_strategy: PlacementStrategy = PlacementStrategy.AVAILABILITY
+    memory_margin_mib: int = 1024  # kept free on every GPU in Shared mode
+
+
+class UnplaceableCode(StrEnum):
+    """Why a replica stays pending, as one CamelCase word (for conditions and Events)."""
+
+    NO_CAPACITY = "NoCapacity"  # nodes match, but nothing fits, not even after eviction
+    NO_MATCHING_NODE = "NoMatchingNode"  # selector, product, taints, cordons or health exclude all
+    WAITING_FOR_STATS = "WaitingForStats"  # stats missing or stale, or a discovery run unmeasured
+    START_SERIALIZED = "StartSerialized"  # room exists, but a Shared replica is starting there
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """Run the replica on `node`, on `gpu_ids` (same order as `uuids`)."""
+
+    node: str
+    gpu_ids: tuple[str, ...]
+    uuids: tuple[str, ...]
+    reason: str
+    score: float
+    cursor: str | None  # round-robin cursor to persist (unchanged by other strategies)
+    strategy: PlacementStrategy
+    discovery: bool  # the footprint is unknown: this replica measures it
+    replica: PlacedReplica  # the record to add to the view (and to write as annotations)
+
+
+@dataclass(frozen=True, slots=True)
+class Evict:
+    """Delete `victims` first; the replica then fits on `node`, on `gpu_ids`."""
+
+    victims: tuple[PlacedReplica, ...]
+    node: str
+    gpu_ids: tuple[str, ...]
+    uuids: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unplaceable:
+    """Nothing fits now; `reason` says why in words a person can act on."""
+
+    code: UnplaceableCode
+    reason: str
+
+
+Decision = Placed | Evict | Unplaceable

@@ -1,0 +1,426 @@
+"""The cluster as placement sees it: per-GPU and per-node state, the ledger, and fast indexes.
+
+`build_view` turns one snapshot (nodes + placed replicas) into a `ClusterView` once; every
+decision reads it, and `ClusterView.with_placed` / `with_removed` return a new view that shares
+everything but the one node that changed, so a burst of decisions never rebuilds the whole index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from modelfleet.placement.model import (
+    PRODUCT_LABEL,
+    DeploymentRef,
+    Evict,
+    GpuInfo,
+    NodeInfo,
+    Placed,
+    PlacedReplica,
+    PlacementInputError,
+    PlacementSettings,
+    ReplicaState,
+    Taint,
+    Toleration,
+)
+
+ReplicaKey = tuple[str, str]  # (namespace, instance)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """What is promised on one GPU to replicas that the agent does not measure yet."""
+
+    gpu_id: str
+    promised_mib: int  # Shared footprints not yet in memory_used
+    whole: bool  # an unmeasured replica holds the whole GPU
+    instances: tuple[str, ...]  # namespace/instance of every unmeasured replica on it
+
+
+def compute_ledger(replicas: Iterable[PlacedReplica]) -> dict[str, LedgerEntry]:
+    """Memory and GPUs promised but not yet measured, per global GPU ID.
+
+    A pure function of the replicas (which the operator rebuilds from Pod annotations), so the
+    ledger survives restarts and two quick placements never take the same resources.
+    """
+    promised: dict[str, int] = {}
+    whole: dict[str, bool] = {}
+    names: dict[str, list[str]] = {}
+    for rep in replicas:
+        if rep.measured:
+            continue
+        for gpu_id in rep.gpu_ids:
+            names.setdefault(gpu_id, []).append(f"{rep.deployment.namespace}/{rep.instance}")
+            if rep.whole_gpus:
+                whole[gpu_id] = True
+            else:
+                promised[gpu_id] = promised.get(gpu_id, 0) + (rep.footprint_mib or 0)
+    return {
+        gpu_id: LedgerEntry(gpu_id, promised.get(gpu_id, 0), whole.get(gpu_id, False), tuple(n))
+        for gpu_id, n in sorted(names.items())
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class GpuState:
+    """One GPU with the replicas on it."""
+
+    info: GpuInfo
+    holders: tuple[PlacedReplica, ...]  # replicas holding it whole
+    shared: tuple[PlacedReplica, ...]  # Shared replicas with a footprint on it
+    ledger_mib: int  # footprints of the Shared replicas not measured yet
+    available_mib: int  # memory_free - ledger - margin; -1 when held whole
+
+    @property
+    def free_whole(self) -> bool:
+        """Free for a whole-GPU replica: healthy, and no replica and no promise on it."""
+        return self.info.healthy and not self.holders and not self.shared
+
+    @property
+    def starting(self) -> tuple[PlacedReplica, ...]:
+        return tuple(r for r in self.shared if r.state == ReplicaState.STARTING)
+
+    def replicas(self) -> tuple[PlacedReplica, ...]:
+        return self.holders + self.shared
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """One node with its GPUs and the summaries a decision reads without looking at GPUs."""
+
+    info: NodeInfo
+    gpus: tuple[GpuState, ...]  # by index
+    product: str | None  # node label, else the product every GPU shares, else None (mixed)
+    healthy_gpus: int
+    whole_free: int  # GPUs free for a whole-GPU replica
+    shared_avail: tuple[int, ...]  # available MiB of healthy, not whole-held GPUs with no
+    # starting Shared replica, largest first
+    shared_avail_any: tuple[int, ...]  # the same, starting replicas or not
+    shared_free_gpus: float  # sum of available/total over healthy not whole-held GPUs
+    capacity_mib: int  # memory of the healthy GPUs
+    replicas: tuple[PlacedReplica, ...]
+    deployments: frozenset[DeploymentRef]
+    # For the one-victim eviction search (see eviction.py), per replica whose removal alone
+    # unblocks GPUs: (whole GPUs it alone frees, replica), and (MiB available on a GPU once it
+    # alone is gone, replica, GPU index); with the maxima for a quick per-node check.
+    solo_whole: tuple[tuple[int, PlacedReplica], ...]
+    solo_shared: tuple[tuple[int, PlacedReplica, int], ...]
+    max_solo_whole: int
+    max_solo_shared: int
+
+
+def _node_product(info: NodeInfo) -> str | None:
+    label = info.labels.get(PRODUCT_LABEL)
+    if label:
+        return label
+    products = {g.product for g in info.gpus}
+    return products.pop() if len(products) == 1 else None
+
+
+def build_node_state(
+    info: NodeInfo, replicas: Iterable[PlacedReplica], margin_mib: int
+) -> NodeState:
+    """Summarize one node from its GPUs and the replicas placed on it."""
+    reps = tuple(sorted(replicas, key=lambda r: r.key))
+    holders: dict[str, list[PlacedReplica]] = {}
+    shared: dict[str, list[PlacedReplica]] = {}
+    for rep in reps:
+        for gpu_id in rep.gpu_ids:
+            (holders if rep.whole_gpus else shared).setdefault(gpu_id, []).append(rep)
+    gpus: list[GpuState] = []
+    avail: list[int] = []
+    avail_any: list[int] = []
+    free_whole = 0
+    free_equiv = 0.0
+    capacity = 0
+    healthy = 0
+    for g in sorted(info.gpus, key=lambda g: g.index):
+        held = tuple(holders.get(g.gpu_id, ()))
+        sh = tuple(shared.get(g.gpu_id, ()))
+        ledger = sum(r.footprint_mib or 0 for r in sh if not r.measured)
+        available = -1 if held else g.memory_free_mib - ledger - margin_mib
+        state = GpuState(g, held, sh, ledger, available)
+        gpus.append(state)
+        if not g.healthy:
+            continue
+        healthy += 1
+        capacity += g.memory_total_mib
+        if not held and not sh:
+            free_whole += 1
+        if not held:
+            avail_any.append(available)
+            if not any(r.state == ReplicaState.STARTING for r in sh):
+                avail.append(available)
+            if g.memory_total_mib > 0:
+                free_equiv += max(available, 0) / g.memory_total_mib
+    avail.sort(reverse=True)
+    solo_gain: dict[tuple[str, str], int] = {}
+    solo_rep: dict[tuple[str, str], PlacedReplica] = {}
+    solo_shared: list[tuple[int, PlacedReplica, int]] = []
+    for st in gpus:
+        if not st.info.healthy:
+            continue
+        blockers = st.holders + st.shared
+        if len(blockers) == 1:
+            only = blockers[0]
+            solo_gain[only.key] = solo_gain.get(only.key, 0) + 1
+            solo_rep[only.key] = only
+        if st.holders:
+            if len(st.holders) == 1 and not st.shared:
+                h = st.holders[0]
+                freed = st.info.memory_total_mib if h.measured else st.info.memory_free_mib
+                solo_shared.append((freed - margin_mib, h, st.info.index))
+            continue
+        starting = [r for r in st.shared if r.state == ReplicaState.STARTING]
+        for r in st.shared:
+            if not starting or starting == [r]:
+                solo_shared.append((st.available_mib + (r.footprint_mib or 0), r, st.info.index))
+    solo_whole = tuple((solo_gain[k], solo_rep[k]) for k in sorted(solo_gain))
+    avail_any.sort(reverse=True)
+    return NodeState(
+        info=info,
+        gpus=tuple(gpus),
+        product=_node_product(info),
+        healthy_gpus=healthy,
+        whole_free=free_whole,
+        shared_avail=tuple(avail),
+        shared_avail_any=tuple(avail_any),
+        shared_free_gpus=free_equiv,
+        capacity_mib=capacity,
+        replicas=reps,
+        deployments=frozenset(r.deployment for r in reps),
+        solo_whole=solo_whole,
+        solo_shared=tuple(solo_shared),
+        max_solo_whole=max((g for g, _ in solo_whole), default=0),
+        max_solo_shared=max((a for a, _, _ in solo_shared), default=-1),
+    )
+
+
+def untolerated(taints: Iterable[Taint], tolerations: tuple[Toleration, ...]) -> list[Taint]:
+    """The taints no toleration matches."""
+    return [t for t in taints if not any(tol.tolerates(t) for tol in tolerations)]
+
+
+# The static part of a request: what decides eligibility before any capacity is looked at.
+StaticKey = tuple[str | None, frozenset[tuple[str, str]], tuple[Toleration, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class Eligibility:
+    """Nodes a kind of request may use (name order), and why the others may not."""
+
+    nodes: tuple[tuple[str, bool], ...]  # (node, has an untolerated PreferNoSchedule taint)
+    excluded: Mapping[str, tuple[str, ...]]  # stage -> "node: why" for each node excluded there
+
+
+# The stages a node passes, in the order the reasons are reported.
+STAGE_SELECTOR = "selector"
+STAGE_PRODUCT = "product"
+STAGE_TAINTS = "taints"
+STAGE_CORDONED = "cordoned"
+STAGE_STALE = "stale"
+STAGE_UNHEALTHY = "unhealthy"
+STAGES = (
+    STAGE_SELECTOR,
+    STAGE_PRODUCT,
+    STAGE_TAINTS,
+    STAGE_CORDONED,
+    STAGE_STALE,
+    STAGE_UNHEALTHY,
+)
+
+
+def _exclusion(node: NodeState, key: StaticKey) -> tuple[str, str] | None:
+    product, selector, tolerations = key
+    info = node.info
+    for label, value in selector:
+        if info.labels.get(label) != value:
+            return STAGE_SELECTOR, f"{info.name}: label {label}={info.labels.get(label, '')!r}"
+    if (
+        product is not None
+        and node.product != product
+        and not any(g.info.product == product for g in node.gpus)
+    ):
+        have = node.product or "mixed GPUs"
+        return STAGE_PRODUCT, f"{info.name}: has {have}"
+    bad = [t for t in untolerated(info.taints, tolerations) if t.effect != "PreferNoSchedule"]
+    if bad:
+        text = ", ".join(f"{t.key}={t.value}:{t.effect}" for t in bad)
+        return STAGE_TAINTS, f"{info.name}: taint {text}"
+    if not info.schedulable:
+        return STAGE_CORDONED, f"{info.name}: cordoned"
+    if info.stale:
+        return STAGE_STALE, f"{info.name}: {info.reason or 'stats are stale'}"
+    if not info.healthy:
+        return STAGE_UNHEALTHY, f"{info.name}: {info.reason or 'unhealthy'}"
+    if node.healthy_gpus == 0:
+        return STAGE_UNHEALTHY, f"{info.name}: no healthy GPU"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """Everything a decision reads. Build it with `build_view`; never mutate it."""
+
+    # The dicts are never changed after construction: `with_*` copy them (dict.copy is a fast
+    # C copy; read-only proxies would make every copy a slow Python-level iteration).
+    settings: PlacementSettings
+    nodes: dict[str, NodeState]
+    order: tuple[str, ...]  # node names, sorted: the stable order of ties and round-robin
+    replicas: dict[ReplicaKey, PlacedReplica]
+    counts: dict[DeploymentRef, int]  # replicas per deployment
+    floors: dict[DeploymentRef, int]  # minReplicas per deployment
+    cursor: str | None  # the node round-robin chose last
+    # Eligibility depends only on node facts, which placements do not change: views derived
+    # from one snapshot share this cache.
+    _eligibility: dict[StaticKey, Eligibility] = field(default_factory=dict, repr=False)
+
+    def eligibility(self, key: StaticKey) -> Eligibility:
+        """Nodes a request with this product, selector and tolerations may use (cached)."""
+        found = self._eligibility.get(key)
+        if found is None:
+            ok: list[tuple[str, bool]] = []
+            excluded: dict[str, list[str]] = {}
+            for name in self.order:
+                node = self.nodes[name]
+                why = _exclusion(node, key)
+                if why is None:
+                    prefer = any(
+                        t.effect == "PreferNoSchedule"
+                        for t in untolerated(node.info.taints, key[2])
+                    )
+                    ok.append((name, prefer))
+                else:
+                    excluded.setdefault(why[0], []).append(why[1])
+            found = Eligibility(tuple(ok), {k: tuple(v) for k, v in excluded.items()})
+            if len(self._eligibility) > 4096:  # bounded: one entry per kind of request
+                self._eligibility.clear()
+            self._eligibility[key] = found
+        return found
+
+    def ledger(self) -> dict[str, LedgerEntry]:
+        """The ledger of this view (see `compute_ledger`)."""
+        return compute_ledger(self.replicas.values())
+
+    def with_placed(self, decision: Placed) -> ClusterView:
+        """The view after `decision.replica` was added (the operator created its Pod)."""
+        rep = decision.replica
+        if rep.key in self.replicas:
+            raise PlacementInputError(
+                f"replica {rep.deployment.namespace}/{rep.instance} is already placed; "
+                "use a new instance name or remove the old replica first"
+            )
+        replicas = self.replicas.copy()
+        replicas[rep.key] = rep
+        counts = self.counts.copy()
+        counts[rep.deployment] = counts.get(rep.deployment, 0) + 1
+        floors = self.floors.copy()
+        floors[rep.deployment] = max(floors.get(rep.deployment, 0), rep.min_replicas)
+        nodes = self.nodes.copy()
+        node = nodes.get(rep.node)
+        if node is not None:
+            nodes[rep.node] = build_node_state(
+                node.info, (*node.replicas, rep), self.settings.memory_margin_mib
+            )
+        return replace(
+            self,
+            nodes=nodes,
+            replicas=replicas,
+            counts=counts,
+            floors=floors,
+            cursor=decision.cursor,
+        )
+
+    def with_removed(self, victims: Iterable[PlacedReplica]) -> ClusterView:
+        """The view after these replicas were deleted (unknown ones are ignored)."""
+        replicas = self.replicas.copy()
+        counts = self.counts.copy()
+        touched: set[str] = set()
+        for rep in victims:
+            if replicas.pop(rep.key, None) is None:
+                continue
+            counts[rep.deployment] -= 1
+            if counts[rep.deployment] == 0:
+                del counts[rep.deployment]
+            touched.add(rep.node)
+        nodes = self.nodes.copy()
+        for name in touched:
+            node = nodes.get(name)
+            if node is not None:
+                left = [r for r in node.replicas if r.key in replicas]
+                nodes[name] = build_node_state(node.info, left, self.settings.memory_margin_mib)
+        return replace(
+            self,
+            nodes=nodes,
+            replicas=replicas,
+            counts=counts,
+        )
+
+    def with_evicted(self, decision: Evict) -> ClusterView:
+        """The view after the victims of `decision` were deleted."""
+        return self.with_removed(decision.victims)
+
+
+def build_view(
+    nodes: Iterable[NodeInfo],
+    replicas: Iterable[PlacedReplica],
+    settings: PlacementSettings,
+    cursor: str | None = None,
+) -> ClusterView:
+    """Index one snapshot for placement. Raises PlacementInputError on inconsistent input."""
+    infos: dict[str, NodeInfo] = {}
+    for info in nodes:
+        if info.name in infos:
+            raise PlacementInputError(f"node {info.name!r} appears twice in the snapshot")
+        seen: set[int] = set()
+        for g in info.gpus:
+            if g.gpu_id != f"{info.name}:{g.index}":
+                raise PlacementInputError(
+                    f"GPU {g.index} of node {info.name!r} has global ID {g.gpu_id!r}; "
+                    f"it must be {info.name}:{g.index}"
+                )
+            if g.index in seen:
+                raise PlacementInputError(f"GPU index {g.index} appears twice on {info.name!r}")
+            seen.add(g.index)
+        infos[info.name] = info
+    by_key: dict[ReplicaKey, PlacedReplica] = {}
+    by_node: dict[str, list[PlacedReplica]] = {}
+    counts: dict[DeploymentRef, int] = {}
+    floors: dict[DeploymentRef, int] = {}
+    for rep in replicas:
+        if rep.key in by_key:
+            raise PlacementInputError(
+                f"replica {rep.deployment.namespace}/{rep.instance} appears twice; "
+                "instance names must be unique in a namespace"
+            )
+        for gpu_id in rep.gpu_ids:
+            node, _, index = gpu_id.rpartition(":")
+            if node != rep.node or not index.isdigit():
+                raise PlacementInputError(
+                    f"replica {rep.deployment.namespace}/{rep.instance} on node {rep.node!r} "
+                    f"lists GPU {gpu_id!r}; its GPUs must be {rep.node}:<index>"
+                )
+        if not rep.whole_gpus and (rep.footprint_mib or 0) <= 0:
+            raise PlacementInputError(
+                f"Shared replica {rep.deployment.namespace}/{rep.instance} promises "
+                f"{rep.footprint_mib} MiB; a Shared footprint must be a positive number of MiB"
+            )
+        by_key[rep.key] = rep
+        by_node.setdefault(rep.node, []).append(rep)
+        counts[rep.deployment] = counts.get(rep.deployment, 0) + 1
+        floors[rep.deployment] = max(floors.get(rep.deployment, 0), rep.min_replicas)
+    order = tuple(sorted(infos))
+    states = {
+        name: build_node_state(infos[name], by_node.get(name, ()), settings.memory_margin_mib)
+        for name in order
+    }
+    return ClusterView(
+        settings=settings,
+        nodes=states,
+        order=order,
+        replicas=by_key,
+        counts=counts,
+        floors=floors,
+        cursor=cursor,
+    )

@@ -1,0 +1,665 @@
+"""Placement engine: named table cases, each a small cluster, a request and the expected outcome."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from modelfleet.placement import (
+    PRODUCT_LABEL,
+    DeploymentRef,
+    Evict,
+    GpuInfo,
+    NodeInfo,
+    Placed,
+    PlacedReplica,
+    PlacementInputError,
+    PlacementSettings,
+    PlacementStrategy,
+    ReplicaRequest,
+    ReplicaState,
+    SharingMode,
+    Taint,
+    Toleration,
+    Unplaceable,
+    UnplaceableCode,
+    build_view,
+    compute_ledger,
+    decide,
+)
+
+H100 = "NVIDIA-H100-80GB-HBM3"
+L4 = "NVIDIA-L4"
+MIB = 81920
+SETTINGS = PlacementSettings(memory_margin_mib=1024)
+
+
+def node(
+    name: str,
+    gpus: int = 8,
+    *,
+    product: str = H100,
+    memory: int = MIB,
+    used: dict[int, int] | None = None,
+    bad_gpus: tuple[int, ...] = (),
+    **kw: object,
+) -> NodeInfo:
+    used = used or {}
+    infos = tuple(
+        GpuInfo(
+            index=i,
+            gpu_id=f"{name}:{i}",
+            uuid=f"GPU-{name}-{i}",
+            product=product,
+            memory_total_mib=memory,
+            memory_used_mib=used.get(i, 0),
+            memory_free_mib=memory - used.get(i, 0),
+            healthy=i not in bad_gpus,
+            reason="XID 79" if i in bad_gpus else "",
+        )
+        for i in range(gpus)
+    )
+    labels = {PRODUCT_LABEL: product, **kw.pop("labels", {})}  # type: ignore[dict-item]
+    return NodeInfo(name=name, gpus=infos, labels=labels, **kw)  # type: ignore[arg-type]
+
+
+def dep(name: str) -> DeploymentRef:
+    return DeploymentRef("ml", name)
+
+
+def rep(
+    deployment: str,
+    n: int,
+    node_name: str,
+    gpus: tuple[int, ...],
+    *,
+    footprint: int | None = None,
+    sharing: SharingMode = SharingMode.EXCLUSIVE,
+    priority: int = 0,
+    last_used: float = 0.0,
+    min_replicas: int = 0,
+    state: ReplicaState = ReplicaState.READY,
+    measured: bool = True,
+) -> PlacedReplica:
+    return PlacedReplica(
+        deployment=dep(deployment),
+        instance=f"{deployment}-instance-{n}",
+        node=node_name,
+        gpu_ids=tuple(f"{node_name}:{i}" for i in gpus),
+        sharing=sharing,
+        footprint_mib=footprint,
+        priority=priority,
+        last_used=last_used,
+        min_replicas=min_replicas,
+        state=state,
+        measured=measured,
+    )
+
+
+def req(deployment: str = "new", **kw: object) -> ReplicaRequest:
+    return ReplicaRequest(deployment=dep(deployment), instance=f"{deployment}-instance-9", **kw)  # type: ignore[arg-type]
+
+
+def shared_req(deployment: str = "new", memory: int = 20480, **kw: object) -> ReplicaRequest:
+    return req(deployment, sharing=SharingMode.SHARED, memory_mib=memory, **kw)
+
+
+def placed(decision: object) -> Placed:
+    assert isinstance(decision, Placed), decision
+    return decision
+
+
+def unplaceable(decision: object, code: UnplaceableCode) -> Unplaceable:
+    assert isinstance(decision, Unplaceable), decision
+    assert decision.code == code, decision
+    return decision
+
+
+def evict(decision: object) -> Evict:
+    assert isinstance(decision, Evict), decision
+    return decision
+
+
+# --- simple choices -------------------------------------------------------------------------
+
+
+def test_empty_cluster_waits_for_stats() -> None:
+    d = unplaceable(decide(build_view([], [], SETTINGS), req()), UnplaceableCode.WAITING_FOR_STATS)
+    assert "no node-stats agent has reported" in d.reason
+
+
+def test_single_node_lowest_free_gpus() -> None:
+    view = build_view([node("a", 4)], [rep("x", 1, "a", (0,))], SETTINGS)
+    d = placed(decide(view, req(gpu_count=2)))
+    assert (d.node, d.gpu_ids, d.uuids) == ("a", ("a:1", "a:2"), ("GPU-a-1", "GPU-a-2"))
+    assert "lowest free indices" in d.reason
+    assert d.replica.state == ReplicaState.STARTING
+    assert not d.replica.measured
+
+
+def test_availability_prefers_share_over_count_on_heterogeneous_nodes() -> None:
+    # big: 4 of 8 free (50%); small: 3 of 4 free (75%): the share wins although 4 > 3.
+    view = build_view(
+        [node("big", 8), node("small", 4)],
+        [rep("x", 1, "big", (0, 1, 2, 3)), rep("y", 1, "small", (0,))],
+        SETTINGS,
+    )
+    d = placed(decide(view, req()))
+    assert d.node == "small"
+    assert d.score == 0.75
+    assert "3 of 4 GPUs free (75%)" in d.reason
+
+
+def test_availability_count_breaks_equal_shares() -> None:
+    # 4 of 8 and 2 of 4 are both 50%: the absolute count decides.
+    view = build_view(
+        [node("a-small", 4), node("b-big", 8)],
+        [rep("x", 1, "a-small", (0, 1)), rep("y", 1, "b-big", (0, 1, 2, 3))],
+        SETTINGS,
+    )
+    assert placed(decide(view, req())).node == "b-big"
+
+
+def test_ties_go_to_the_lowest_node_name() -> None:
+    view = build_view([node("c"), node("b"), node("a")], [], SETTINGS)
+    for strategy in PlacementStrategy:
+        assert placed(decide(view, req(strategy=strategy))).node == "a"
+
+
+def test_weighted_spreads_in_proportion_to_capacity() -> None:
+    # 8x80 GiB with 2 replicas: 640/3 = 213 GiB per replica; 4x80 GiB with 1: 320/2 = 160.
+    view = build_view(
+        [node("big", 8), node("small", 4)],
+        [rep("x", 1, "big", (0,)), rep("x", 2, "big", (1,)), rep("y", 1, "small", (0,))],
+        SETTINGS,
+    )
+    d = placed(decide(view, req(strategy=PlacementStrategy.WEIGHTED)))
+    assert d.node == "big"
+    assert d.score == pytest.approx(640 / 3, abs=0.01)
+    # Over a stream, the big node gets twice the replicas of the small one.
+    view = build_view([node("big", 8), node("small", 4)], [], SETTINGS)
+    counts = {"big": 0, "small": 0}
+    for i in range(9):
+        r = replace(
+            req(f"m{i}", strategy=PlacementStrategy.WEIGHTED, spread=False),
+            instance=f"m{i}-instance-1",
+        )
+        d = placed(decide(view, r))
+        counts[d.node] += 1
+        view = view.with_placed(d)
+    assert counts == {"big": 6, "small": 3}
+
+
+def test_default_strategy_comes_from_settings() -> None:
+    view = build_view(
+        [node("a"), node("b")],
+        [rep("x", 1, "a", (0,))],
+        PlacementSettings(default_strategy=PlacementStrategy.ROUND_ROBIN),
+        cursor="a",
+    )
+    d = placed(decide(view, req()))
+    assert d.strategy == PlacementStrategy.ROUND_ROBIN
+    assert d.node == "b"
+    assert d.cursor == "b"
+
+
+# --- round-robin ----------------------------------------------------------------------------
+
+
+def test_round_robin_cycles_in_name_order_and_skips_unhealthy() -> None:
+    nodes = [
+        node("n1"),
+        node("n2", healthy=False, reason="agent unreachable"),
+        node("n3"),
+        node("n4", stale=True, reason="last sample 40s old"),
+        node("n5"),
+    ]
+    view = build_view(nodes, [], SETTINGS)
+    seen = []
+    for i in range(6):
+        d = placed(decide(view, req(f"m{i}", strategy=PlacementStrategy.ROUND_ROBIN)))
+        seen.append(d.node)
+        view = view.with_placed(d)
+        assert view.cursor == d.node == d.cursor
+    assert seen == ["n1", "n3", "n5", "n1", "n3", "n5"]
+
+
+def test_round_robin_cursor_is_input_state() -> None:
+    view = build_view([node("a"), node("b"), node("c")], [], SETTINGS, cursor="b")
+    d = placed(decide(view, req(strategy=PlacementStrategy.ROUND_ROBIN)))
+    assert d.node == "c"
+    assert "next node after b" in d.reason
+    # A cursor naming a node that is gone still works: the next name after it.
+    view = build_view([node("a"), node("c")], [], SETTINGS, cursor="b")
+    assert placed(decide(view, req(strategy=PlacementStrategy.ROUND_ROBIN))).node == "c"
+    view = build_view([node("a"), node("c")], [], SETTINGS, cursor="z")
+    assert placed(decide(view, req(strategy=PlacementStrategy.ROUND_ROBIN))).node == "a"
+
+
+def test_other_strategies_leave_the_cursor_alone() -> None:
+    view = build_view([node("a"), node("b")], [], SETTINGS, cursor="b")
+    d = placed(decide(view, req()))
+    assert d.cursor == "b"
+
+
+# --- exclusions -----------------------------------------------------------------------------
+
+
+def test_unhealthy_node_and_gpu_are_excluded() -> None:
+    view = build_view(
+        [node("a", 2, bad_gpus=(0,)), node("b", 8, healthy=False, reason="NotReady")],
+        [],
+        SETTINGS,
+    )
+    d = placed(decide(view, req()))
+    assert (d.node, d.gpu_ids) == ("a", ("a:1",))
+    d2 = unplaceable(decide(view, req(gpu_count=2)), UnplaceableCode.NO_CAPACITY)
+    assert "largest matching node, a, has 1 healthy" in d2.reason
+
+
+def test_only_unhealthy_nodes_say_why() -> None:
+    view = build_view([node("a", healthy=False, reason="agent unreachable")], [], SETTINGS)
+    d = unplaceable(decide(view, req()), UnplaceableCode.NO_MATCHING_NODE)
+    assert "a: agent unreachable" in d.reason
+
+
+def test_stale_node_waits_for_stats() -> None:
+    view = build_view([node("a", stale=True, reason="last sample 45s old")], [], SETTINGS)
+    d = unplaceable(decide(view, req()), UnplaceableCode.WAITING_FOR_STATS)
+    assert "stale" in d.reason
+    assert "45s old" in d.reason
+
+
+def test_cordoned_node_is_excluded() -> None:
+    view = build_view([node("a", schedulable=False), node("b")], [], SETTINGS)
+    assert placed(decide(view, req())).node == "b"
+    view = build_view([node("a", schedulable=False)], [], SETTINGS)
+    d = unplaceable(decide(view, req()), UnplaceableCode.NO_MATCHING_NODE)
+    assert "cordoned" in d.reason
+
+
+def test_node_selector() -> None:
+    view = build_view(
+        [node("a", labels={"gpu": "h100"}), node("b", labels={"gpu": "a100"})], [], SETTINGS
+    )
+    assert placed(decide(view, req(node_selector={"gpu": "a100"}))).node == "b"
+    d = unplaceable(
+        decide(view, req(node_selector={"gpu": "l4"})), UnplaceableCode.NO_MATCHING_NODE
+    )
+    assert "2 of 2 nodes do not match nodeSelector gpu=l4" in d.reason
+
+
+def test_product_selector() -> None:
+    view = build_view([node("a", product=H100), node("b", product=L4, memory=23034)], [], SETTINGS)
+    assert placed(decide(view, req(product=L4))).node == "b"
+    d = unplaceable(decide(view, req(product="NVIDIA-A100")), UnplaceableCode.NO_MATCHING_NODE)
+    assert "no NVIDIA-A100 GPU" in d.reason
+
+
+def test_product_selector_on_a_node_with_mixed_gpus() -> None:
+    gpus = (
+        GpuInfo(0, "m:0", "u0", H100, MIB, 0, MIB),
+        GpuInfo(1, "m:1", "u1", L4, 23034, 0, 23034),
+    )
+    view = build_view([NodeInfo("m", gpus)], [], SETTINGS)
+    assert placed(decide(view, req(product=L4))).gpu_ids == ("m:1",)
+    d = unplaceable(decide(view, req(product=L4, gpu_count=2)), UnplaceableCode.NO_CAPACITY)
+    assert "NVIDIA-L4 GPUs on one node" in d.reason
+
+
+def test_taints_and_tolerations() -> None:
+    tainted = node("a", taints=(Taint("dedicated", "infer", "NoSchedule"),))
+    view = build_view([tainted], [], SETTINGS)
+    d = unplaceable(decide(view, req()), UnplaceableCode.NO_MATCHING_NODE)
+    assert "dedicated=infer:NoSchedule" in d.reason
+    for tol in (
+        Toleration("dedicated", "Equal", "infer", "NoSchedule"),
+        Toleration("dedicated", "Exists"),
+        Toleration(None, "Exists"),
+        Toleration("dedicated", "Equal", "infer"),
+    ):
+        assert placed(decide(view, req(tolerations=(tol,)))).node == "a", tol
+    for tol in (
+        Toleration("dedicated", "Equal", "batch"),
+        Toleration("dedicated", "Exists", effect="NoExecute"),
+        Toleration("other", "Exists"),
+    ):
+        unplaceable(decide(view, req(tolerations=(tol,))), UnplaceableCode.NO_MATCHING_NODE)
+    no_exec = build_view([node("a", taints=(Taint("gpu", "bad", "NoExecute"),))], [], SETTINGS)
+    unplaceable(decide(no_exec, req()), UnplaceableCode.NO_MATCHING_NODE)
+
+
+def test_prefer_no_schedule_lowers_the_choice() -> None:
+    soft = node("a", taints=(Taint("spot", "yes", "PreferNoSchedule"),))
+    view = build_view([soft, node("b")], [rep("x", 1, "b", (0, 1, 2, 3, 4, 5))], SETTINGS)
+    # b has 2 of 8 free, a has 8 of 8, but a's taint is not tolerated: b still wins.
+    assert placed(decide(view, req())).node == "b"
+    tolerated = req(tolerations=(Toleration("spot", "Exists"),))
+    assert placed(decide(view, tolerated)).node == "a"
+    full_b = build_view([soft, node("b", 1)], [rep("x", 1, "b", (0,))], SETTINGS)
+    d = placed(decide(full_b, req()))
+    assert d.node == "a"
+    assert "PreferNoSchedule" in d.reason
+
+
+# --- spread ---------------------------------------------------------------------------------
+
+
+def test_spread_prefers_nodes_without_the_deployment() -> None:
+    view = build_view(
+        [node("a"), node("b")],
+        [rep("m", 1, "a", (0,)), rep("other", 1, "b", (0, 1, 2, 3))],
+        SETTINGS,
+    )
+    d = placed(decide(view, req("m")))
+    assert d.node == "b"
+    assert "spread" in d.reason
+    assert placed(decide(view, req("m", spread=False))).node == "a"
+
+
+def test_spread_is_a_preference_not_a_rule() -> None:
+    view = build_view([node("a", 2)], [rep("m", 1, "a", (0,))], SETTINGS)
+    assert placed(decide(view, req("m"))).node == "a"
+
+
+# --- capacity, fragmentation ----------------------------------------------------------------
+
+
+def test_fragmentation_says_the_largest_free_block() -> None:
+    view = build_view(
+        [node("gpu-node-1", 2), node("gpu-node-3", 2)],
+        [
+            rep("x", 1, "gpu-node-1", (0,), priority=5),
+            rep("x", 2, "gpu-node-3", (1,), priority=5),
+        ],
+        SETTINGS,
+    )
+    d = unplaceable(decide(view, req(gpu_count=2)), UnplaceableCode.NO_CAPACITY)
+    assert "needs 2 free GPUs on one node; the largest free block is 1, on gpu-node-1" in d.reason
+    assert "2 have a higher priority than 0" in d.reason
+
+
+def test_request_larger_than_any_node() -> None:
+    view = build_view([node("a", 8)], [], SETTINGS)
+    d = unplaceable(decide(view, req(gpu_count=16)), UnplaceableCode.NO_CAPACITY)
+    assert "needs 16 GPUs on one node" in d.reason
+    assert "has 8 healthy" in d.reason
+
+
+# --- shared mode, ledger, start serialization -----------------------------------------------
+
+
+def test_shared_best_fit_picks_the_fullest_gpu_that_fits() -> None:
+    view = build_view(
+        [node("a", 3, used={0: 70000, 1: 40000, 2: 10000})],
+        [
+            rep("x", 1, "a", (0,), footprint=70000, sharing=SharingMode.SHARED),
+            rep("y", 1, "a", (1,), footprint=40000, sharing=SharingMode.SHARED),
+            rep("z", 1, "a", (2,), footprint=10000, sharing=SharingMode.SHARED),
+        ],
+        SETTINGS,
+    )
+    d = placed(decide(view, shared_req(memory=20480)))
+    # 81920-40000-1024 = 40896 available on a:1 is the least that fits (a:0 has 10896).
+    assert d.gpu_ids == ("a:1",)
+    assert "best fit (40896 MiB available for 20480 MiB)" in d.reason
+
+
+def test_shared_ledger_keeps_two_quick_placements_apart() -> None:
+    view = build_view([node("a", 1, memory=49152)], [], SETTINGS)
+    first = placed(decide(view, shared_req("m1", memory=20000, priority=5)))
+    # The agent has not measured first yet: free memory still reads 49152 MiB. Rebuilt from the
+    # replicas alone (as after an operator restart), the ledger still holds its 20000 MiB.
+    replicas = [first.replica]
+    assert compute_ledger(replicas)["a:0"].promised_mib == 20000
+    again = build_view([node("a", 1, memory=49152)], replicas, SETTINGS)
+    # While it starts, no other Shared replica starts on a:0.
+    unplaceable(decide(again, shared_req("m2", memory=20000)), UnplaceableCode.START_SERIALIZED)
+    # Ready but not measured: the ledger decides: 49152 - 20000 - 1024 = 28128 MiB available.
+    ready = [replace(first.replica, state=ReplicaState.READY)]
+    view = build_view([node("a", 1, memory=49152)], ready, SETTINGS)
+    assert placed(decide(view, shared_req("m2", memory=28128))).gpu_ids == ("a:0",)
+    d = unplaceable(decide(view, shared_req("m2", memory=28129)), UnplaceableCode.NO_CAPACITY)
+    assert "most: 28128 MiB on a:0" in d.reason
+
+
+def test_starting_replicas_are_never_evicted() -> None:
+    starting = rep("x", 1, "a", (0,), state=ReplicaState.STARTING, measured=False)
+    view = build_view([node("a", 1)], [starting], SETTINGS)
+    d = unplaceable(decide(view, req()), UnplaceableCode.NO_CAPACITY)
+    assert "1 are still starting" in d.reason
+
+
+def test_measured_replicas_are_not_counted_twice() -> None:
+    # Measured: its 30000 MiB are in memory_used; the ledger holds nothing for it.
+    r = rep("x", 1, "a", (0,), footprint=30000, sharing=SharingMode.SHARED, measured=True)
+    view = build_view([node("a", 1, used={0: 30000})], [r], SETTINGS)
+    assert compute_ledger([r]) == {}
+    d = placed(decide(view, shared_req(memory=81920 - 30000 - 1024)))
+    assert d.gpu_ids == ("a:0",)
+
+
+def test_start_serialization_on_shared_gpus() -> None:
+    starting = rep(
+        "x", 1, "a", (0,), footprint=10000, sharing=SharingMode.SHARED,
+        state=ReplicaState.STARTING, measured=False,
+    )  # fmt: skip
+    view = build_view([node("a", 1)], [starting], SETTINGS)
+    d = unplaceable(decide(view, shared_req()), UnplaceableCode.START_SERIALIZED)
+    assert "ml/x-instance-1 is still starting there" in d.reason
+    assert "one at a time" in d.reason
+    # Another GPU without a starting replica is used instead.
+    view = build_view([node("a", 2)], [starting], SETTINGS)
+    assert placed(decide(view, shared_req())).gpu_ids == ("a:1",)
+
+
+def test_shared_and_exclusive_do_not_mix_on_a_gpu() -> None:
+    view = build_view(
+        [node("a", 2)],
+        [
+            rep("x", 1, "a", (0,)),
+            rep("y", 1, "a", (1,), footprint=1000, sharing=SharingMode.SHARED),
+        ],
+        SETTINGS,
+    )
+    assert placed(decide(view, shared_req())).gpu_ids == ("a:1",)
+    unplaceable(decide(view, req(priority=-1)), UnplaceableCode.NO_CAPACITY)
+
+
+def test_shared_no_room_names_the_most_free_gpu() -> None:
+    view = build_view(
+        [node("node-x", 2, product=L4, memory=23034, used={0: 20000, 1: 4000})],
+        [
+            rep("y", 1, "node-x", (0,), footprint=20000, sharing=SharingMode.SHARED, priority=9),
+            rep("y", 2, "node-x", (1,), footprint=4000, sharing=SharingMode.SHARED, priority=9),
+        ],
+        SETTINGS,
+    )
+    d = unplaceable(decide(view, shared_req(memory=20480, product=L4)), UnplaceableCode.NO_CAPACITY)
+    assert "no NVIDIA-L4 GPU has 20480 MiB available (most: 18010 MiB on node-x:1" in d.reason
+
+
+# --- footprint discovery --------------------------------------------------------------------
+
+
+def test_discovery_run_takes_whole_gpus_in_shared_mode() -> None:
+    view = build_view([node("a", 2, used={0: 1000})], [
+        rep("x", 1, "a", (0,), footprint=1000, sharing=SharingMode.SHARED)
+    ], SETTINGS)  # fmt: skip
+    r = req("m", sharing=SharingMode.SHARED, memory_mib=None)
+    d = placed(decide(view, r))
+    assert d.discovery
+    assert d.gpu_ids == ("a:1",)
+    assert "discovery run" in d.reason
+    assert d.replica.footprint_mib is None
+    assert d.replica.whole_gpus
+    view = view.with_placed(d)
+    # Nothing else may share a:1 until it is measured.
+    assert placed(decide(view, shared_req("other", memory=1000))).gpu_ids == ("a:0",)
+    big = evict(decide(view, shared_req("other", memory=80000)))
+    assert big.gpu_ids == ("a:0",)
+    assert big.victims[0].instance == "x-instance-1"
+    # A second replica of m waits for the measurement.
+    w = unplaceable(
+        decide(view, replace(r, instance="m-instance-2")), UnplaceableCode.WAITING_FOR_STATS
+    )
+    assert "discovery run (ml/m-instance-9)" in w.reason
+    # With the footprint measured, it places by memory.
+    measured = replace(r, instance="m-instance-2", measured_footprint_mib=5000)
+    assert placed(decide(view, measured)).gpu_ids == ("a:0",)
+
+
+def test_declared_memory_wins_over_measured() -> None:
+    r = req("m", memory_mib=1000, measured_footprint_mib=5000)
+    assert r.footprint_mib == 1000
+
+
+# --- eviction -------------------------------------------------------------------------------
+
+
+def test_eviction_takes_lower_priority_first_then_lru() -> None:
+    view = build_view(
+        [node("a", 1), node("b", 1), node("c", 1)],
+        [
+            rep("old", 1, "a", (0,), priority=0, last_used=100.0),
+            rep("recent", 1, "b", (0,), priority=0, last_used=900.0),
+            rep("low", 1, "c", (0,), priority=-5, last_used=1000.0),
+        ],
+        SETTINGS,
+    )
+    d = evict(decide(view, req()))
+    assert [v.instance for v in d.victims] == ["low-instance-1"]
+    assert (d.node, d.gpu_ids) == ("c", ("c:0",))
+    assert "lowest priority, then least recently used" in d.reason
+    # Without the low one, the least recently used of equal priority goes.
+    view2 = view.with_removed([view.replicas[("ml", "low-instance-1")]])
+    view2 = build_view([node("a", 1), node("b", 1)], list(view2.replicas.values()), SETTINGS)
+    assert [v.instance for v in evict(decide(view2, req())).victims] == ["old-instance-1"]
+
+
+def test_eviction_prefers_fewer_victims() -> None:
+    # Two small LRU replicas on a, or one more recent on b: one victim wins.
+    view = build_view(
+        [node("a", 2), node("b", 2)],
+        [
+            rep("s1", 1, "a", (0,), last_used=1.0),
+            rep("s2", 1, "a", (1,), last_used=2.0),
+            rep("big", 1, "b", (0, 1), last_used=50.0),
+        ],
+        SETTINGS,
+    )
+    d = evict(decide(view, req(gpu_count=2)))
+    assert [v.instance for v in d.victims] == ["big-instance-1"]
+    assert d.gpu_ids == ("b:0", "b:1")
+
+
+def test_eviction_of_several_replicas_on_one_node() -> None:
+    view = build_view(
+        [node("a", 2)],
+        [rep("s1", 1, "a", (0,), last_used=1.0), rep("s2", 1, "a", (1,), last_used=2.0)],
+        SETTINGS,
+    )
+    d = evict(decide(view, req(gpu_count=2)))
+    assert [v.instance for v in d.victims] == ["s1-instance-1", "s2-instance-1"]
+    after = view.with_evicted(d)
+    p = placed(decide(after, req(gpu_count=2)))
+    assert (p.node, p.gpu_ids) == (d.node, d.gpu_ids)
+
+
+def test_eviction_respects_min_replicas() -> None:
+    view = build_view(
+        [node("a", 1), node("b", 1)],
+        [
+            rep("floor", 1, "a", (0,), last_used=1.0, min_replicas=1),
+            rep("spare", 1, "b", (0,), last_used=99.0, min_replicas=0),
+        ],
+        SETTINGS,
+    )
+    assert [v.instance for v in evict(decide(view, req())).victims] == ["spare-instance-1"]
+    only_floor = build_view([node("a", 1)], [rep("floor", 1, "a", (0,), min_replicas=1)], SETTINGS)
+    d = unplaceable(decide(only_floor, req()), UnplaceableCode.NO_CAPACITY)
+    assert "1 are at their deployment's minReplicas" in d.reason
+
+
+def test_eviction_never_takes_a_higher_priority_and_allows_equal() -> None:
+    view = build_view([node("a", 1)], [rep("high", 1, "a", (0,), priority=10)], SETTINGS)
+    unplaceable(decide(view, req(priority=5)), UnplaceableCode.NO_CAPACITY)
+    assert evict(decide(view, req(priority=10))).victims[0].instance == "high-instance-1"
+
+
+def test_eviction_never_takes_the_requesters_own_replicas() -> None:
+    view = build_view([node("a", 1)], [rep("m", 1, "a", (0,))], SETTINGS)
+    d = unplaceable(decide(view, req("m")), UnplaceableCode.NO_CAPACITY)
+    assert "belong to ml/m itself" in d.reason
+
+
+def test_shared_eviction_frees_just_enough_memory() -> None:
+    reps = [
+        rep("a1", 1, "a", (0,), footprint=30000, sharing=SharingMode.SHARED, last_used=5.0),
+        rep("a2", 1, "a", (0,), footprint=10000, sharing=SharingMode.SHARED, last_used=1.0),
+        rep("a3", 1, "a", (0,), footprint=30000, sharing=SharingMode.SHARED, last_used=9.0),
+    ]
+    view = build_view([node("a", 1, used={0: 70000})], reps, SETTINGS)
+    # available 81920-70000-1024 = 10896; needs 30000: one 30000 MiB victim is enough, and of
+    # the two the least recently used goes.
+    d = evict(decide(view, shared_req(memory=30000)))
+    assert [v.instance for v in d.victims] == ["a1-instance-1"]
+
+
+def test_evict_then_place_round_trip_on_shared() -> None:
+    reps = [rep("x", 1, "a", (0,)), rep("y", 1, "a", (1,), last_used=9.0)]
+    view = build_view([node("a", 2, used={0: 73000, 1: 73000})], reps, SETTINGS)
+    d = evict(decide(view, shared_req(memory=20000)))
+    assert [v.instance for v in d.victims] == ["x-instance-1"]
+    assert d.gpu_ids == ("a:0",)
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("nodes", "replicas", "words"),
+    [
+        ([node("a"), node("a")], [], "node 'a' appears twice"),
+        (
+            [NodeInfo("a", (GpuInfo(0, "b:0", "u", H100, 1, 0, 1),))],
+            [],
+            "it must be a:0",
+        ),
+        ([node("a")], [rep("x", 1, "a", (0,)), rep("x", 1, "a", (1,))], "appears twice"),
+        ([node("a")], [replace(rep("x", 1, "a", (0,)), gpu_ids=("b:0",))], "must be a:<index>"),
+        (
+            [node("a")],
+            [rep("x", 1, "a", (0,), footprint=0, sharing=SharingMode.SHARED)],
+            "positive number of MiB",
+        ),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_error(
+    nodes: list[NodeInfo], replicas: list[PlacedReplica], words: str
+) -> None:
+    with pytest.raises(PlacementInputError, match=words):
+        build_view(nodes, replicas, SETTINGS)
+
+
+def test_bad_request_is_refused() -> None:
+    view = build_view([node("a")], [], SETTINGS)
+    with pytest.raises(PlacementInputError, match="gpu count is 0"):
+        decide(view, req(gpu_count=0))
+    with pytest.raises(PlacementInputError, match=r"spec\.gpu\.memory is -1 MiB"):
+        decide(view, shared_req(memory=-1))
+
+
+def test_with_placed_refuses_a_duplicate() -> None:
+    view = build_view([node("a")], [], SETTINGS)
+    d = placed(decide(view, req()))
+    view = view.with_placed(d)
+    with pytest.raises(PlacementInputError, match="already placed"):
+        view.with_placed(d)
+
+
+def test_replicas_on_unknown_nodes_count_for_floors_only() -> None:
+    view = build_view([node("a", 1)], [rep("x", 1, "gone", (0,)), rep("x", 2, "a", (0,))], SETTINGS)
+    assert view.counts[dep("x")] == 2
+    assert evict(decide(view, req())).victims[0].instance == "x-instance-2"
