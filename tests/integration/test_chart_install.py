@@ -130,6 +130,7 @@ async def test_install_upgrade_uninstall(cluster: Cluster, kube: KubeClient) -> 
     release = release_name()
     values: dict[str, Any] = {
         "crds": {"enabled": False},
+        "agent": {"podResources": {"enabled": False}},
         "parallelModels": {"gemma3-4B": 2, "Llama-3.2-1B": {"model": "meta-llama/x"}},
     }
     try:
@@ -151,7 +152,7 @@ async def test_install_upgrade_uninstall(cluster: Cluster, kube: KubeClient) -> 
             scope = ["-n", obj["metadata"]["namespace"]] if obj["metadata"].get("namespace") else []
             await kubectl(cluster, "get", obj["kind"], obj["metadata"]["name"], *scope)
         kinds = {o["kind"] for o in objects}
-        assert {"Deployment", "DaemonSet", "NetworkPolicy", "ModelDeployment", "Secret"} <= kinds
+        assert {"Deployment", "DaemonSet", "NetworkPolicy", "ModelDeployment", "ClusterRole"} <= kinds
         pods = await kube.get(f"/api/v1/namespaces/{ns}/pods")
         components = sorted(
             p["metadata"]["labels"]["app.kubernetes.io/component"] for p in pods["items"]
@@ -186,13 +187,11 @@ async def test_install_upgrade_uninstall(cluster: Cluster, kube: KubeClient) -> 
 async def test_pod_security_admission_refuses_the_pod_resources_agent(
     cluster: Cluster, kube: KubeClient
 ) -> None:
-    # The negative control for the rollout above: the same namespace level refuses the agent
-    # once it mounts the kubelet socket, naming what is wrong.
+    # The negative control for the rollout above: the same namespace level refuses the default
+    # agent, which mounts the kubelet socket, naming what is wrong.
     ns = await make_namespace(kube, {"pod-security.kubernetes.io/enforce": "restricted"})
     try:
-        rendered = await helm(
-            cluster, "template", "psa", str(CHART), "-n", ns, values=VALUE_SETS["podresources"]
-        )
+        rendered = await helm(cluster, "template", "psa", str(CHART), "-n", ns, values={})
         (daemonset,) = [o for o in objects_of(rendered.stdout) if o["kind"] == "DaemonSet"]
         spec = dict(daemonset["spec"]["template"]["spec"])
         spec["serviceAccountName"] = "default"
@@ -236,7 +235,7 @@ async def test_service_accounts_can_do_their_work_and_nothing_else(
         str(CHART),
         "-n",
         namespace,
-        values={"crds": {"enabled": False}, "agent": {"auth": {"mode": "token"}}},
+        values={"crds": {"enabled": False}},
     )
     try:
         sa = f"system:serviceaccount:{namespace}:{release}-modelfleet"
@@ -264,6 +263,7 @@ async def test_service_accounts_can_do_their_work_and_nothing_else(
             (operator, "update", f"leases.coordination.k8s.io/{lease}", "-n", namespace),
             (gateway, "watch", "pods", "-n", other),
             (gateway, "patch", "modeldeployments.modelfleet.io", "-n", other),
+            (agent, "create", "tokenreviews.authentication.k8s.io"),
         ]
         denied = [
             (operator, "get", "secrets", "-n", namespace),
@@ -283,7 +283,8 @@ async def test_service_accounts_can_do_their_work_and_nothing_else(
             (gateway, "list", "nodes"),
             (agent, "list", "pods", "-n", namespace),
             (agent, "get", "secrets", "-n", namespace),
-            (agent, "create", "tokenreviews.authentication.k8s.io"),
+            (agent, "create", "subjectaccessreviews.authorization.k8s.io"),
+            (agent, "create", "serviceaccounts", "--subresource=token", "-n", namespace),
         ]
         for who, *query in allowed:
             assert await can_i(cluster, who, *query), f"{who} should be allowed: {query}"
@@ -320,10 +321,17 @@ async def test_watch_namespace_confines_operator_and_gateway(
             str(CHART),
             "-n",
             namespace,
-            values={"crds": {"enabled": False}, "watchNamespaces": [extra_namespace]},
+            values={
+                "crds": {"enabled": False},
+                "watchNamespaces": [extra_namespace],
+                "agent": {"auth": {"mode": "token"}},
+            },
         )
         sa = f"system:serviceaccount:{namespace}:{release}-modelfleet"
-        operator, gateway = f"{sa}-operator", f"{sa}-gateway"
+        operator, gateway, agent = f"{sa}-operator", f"{sa}-gateway", f"{sa}-agent"
+        # Token mode: the agents need the API for nothing.
+        assert not await can_i(cluster, agent, "create", "tokenreviews.authentication.k8s.io")
+        assert not await can_i(cluster, agent, "list", "pods", "-n", namespace)
         assert await can_i(cluster, operator, "create", "pods", "-n", extra_namespace)
         assert await can_i(cluster, operator, "list", "pods", "-n", namespace)  # agents
         assert not await can_i(cluster, operator, "create", "pods", "-n", namespace)

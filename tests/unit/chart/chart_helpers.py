@@ -14,11 +14,11 @@ NAMESPACE = "modelfleet"
 # Named value sets the chart is rendered, validated and snapshotted with.
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
-    # Everything within the restricted Pod Security Standard, TokenReview auth, Prometheus.
+    # Everything within the restricted Pod Security Standard, a Secret token, Prometheus.
     "restricted": {
         "agent": {
             "podResources": {"enabled": False},
-            "auth": {"mode": "tokenreview"},
+            "auth": {"mode": "token"},
             "runtimeClassName": "nvidia",
             "priorityClassName": "system-node-critical",
         },

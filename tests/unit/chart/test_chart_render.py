@@ -268,17 +268,16 @@ def test_gateway_rbac_reads_models_and_pods_and_patches_annotations(render: Rend
 
 
 def test_agent_gets_api_access_only_for_tokenreview(render: Render) -> None:
+    token = render(VALUE_SETS["restricted"])
+    assert not find(token, "ClusterRole", "-agent")
+    assert one(token, "ServiceAccount", "-agent")["automountServiceAccountToken"] is False
+    assert pod_spec(one(token, "DaemonSet", "-agent"))["automountServiceAccountToken"] is False
     default = render()
-    assert not find(default, "ClusterRole", "-agent")
-    agent_sa = one(default, "ServiceAccount", "-agent")
-    assert agent_sa["automountServiceAccountToken"] is False
-    assert pod_spec(one(default, "DaemonSet", "-agent"))["automountServiceAccountToken"] is False
-    objects = render(VALUE_SETS["restricted"])
-    role = one(objects, "ClusterRole", "-agent")
+    role = one(default, "ClusterRole", "-agent")
     assert role["rules"] == [
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}
     ]
-    assert pod_spec(one(objects, "DaemonSet", "-agent"))["automountServiceAccountToken"] is True
+    assert pod_spec(one(default, "DaemonSet", "-agent"))["automountServiceAccountToken"] is True
 
 
 # ---- workloads ----
@@ -328,9 +327,10 @@ def test_operator_and_gateway_meet_the_restricted_standard(render: Render, name:
 
 
 def test_agent_departs_from_restricted_only_for_pod_resources(render: Render) -> None:
-    default = pod_spec(one(render(), "DaemonSet", "-agent"))
-    assert restricted_violations(default) == []
-    mounted = pod_spec(one(render(VALUE_SETS["podresources"]), "DaemonSet", "-agent"))
+    restricted = pod_spec(one(render(VALUE_SETS["restricted"]), "DaemonSet", "-agent"))
+    assert restricted_violations(restricted) == []
+    assert env_of(restricted["containers"][0])["MODELFLEET_AGENT_POD_RESOURCES_SOCKET"] == ""
+    mounted = pod_spec(one(render(), "DaemonSet", "-agent"))
     assert restricted_violations(mounted) == [
         "volume pod-resources: ['hostPath']",
         "agent: runAsNonRoot",
@@ -346,7 +346,10 @@ def test_agent_departs_from_restricted_only_for_pod_resources(render: Render) ->
         "mountPath": "/var/lib/kubelet/pod-resources",
         "readOnly": True,
     }
-    assert mounted["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    security = mounted["containers"][0]["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
     env = env_of(mounted["containers"][0])
     assert env["MODELFLEET_AGENT_POD_RESOURCES_SOCKET"] == (
         "/var/lib/kubelet/pod-resources/kubelet.sock"
@@ -359,6 +362,7 @@ def test_agent_departs_from_restricted_only_for_pod_resources(render: Render) ->
 
 def test_agent_runs_on_gpu_nodes_only(render: Render) -> None:
     spec = pod_spec(one(render(VALUE_SETS["restricted"]), "DaemonSet", "-agent"))
+    assert env_of(spec["containers"][0])["MODELFLEET_AGENT_AUTH"] == "token"
     terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert terms["nodeSelectorTerms"] == [
         {
@@ -375,7 +379,6 @@ def test_agent_runs_on_gpu_nodes_only(render: Render) -> None:
     container = spec["containers"][0]
     env = env_of(container)
     assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
-    assert env["MODELFLEET_AGENT_AUTH"] == "tokenreview"
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert "nvidia.com/gpu" not in json.dumps(container["resources"])
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -383,7 +386,7 @@ def test_agent_runs_on_gpu_nodes_only(render: Render) -> None:
 
 
 def test_agent_token_is_shared_by_agent_and_operator(render: Render) -> None:
-    objects = render()
+    objects = render(VALUE_SETS["restricted"])
     secret = one(objects, "Secret", "-agent-token")
     assert re.fullmatch(r"[A-Za-z0-9]{48}", _b64(secret["data"]["token"]))
     name = secret["metadata"]["name"]
@@ -394,23 +397,43 @@ def test_agent_token_is_shared_by_agent_and_operator(render: Render) -> None:
         env = env_of(spec["containers"][0])
         key = "MODELFLEET_AGENT_TOKEN_FILE"
         assert env[key] == "/var/run/modelfleet/agent-auth/token"
-    with_existing = render({"agent": {"auth": {"existingSecret": "mine"}}})
+    with_existing = render({"agent": {"auth": {"mode": "token", "existingSecret": "mine"}}})
     assert not find(with_existing, "Secret")
     spec = pod_spec(one(with_existing, "Deployment", "-operator"))
     assert spec["volumes"][-1]["secret"]["secretName"] == "mine"
 
 
-def test_tokenreview_sends_the_operators_own_token(render: Render) -> None:
-    objects = render(VALUE_SETS["restricted"])
+def test_tokenreview_is_the_default_with_an_audience_token_for_the_operator_only(
+    render: Render,
+) -> None:
+    objects = render()
     assert not find(objects, "Secret")
     spec = pod_spec(one(objects, "Deployment", "-operator"))
-    assert "agent-auth" not in [v["name"] for v in spec["volumes"]]
+    volume = next(v for v in spec["volumes"] if v["name"] == "agent-auth")
+    assert volume["projected"]["sources"] == [
+        {
+            "serviceAccountToken": {
+                "audience": "modelfleet-agent",
+                "expirationSeconds": 3600,
+                "path": "token",
+            }
+        }
+    ]
     env = env_of(spec["containers"][0])
-    token = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-    assert env["MODELFLEET_AGENT_TOKEN_FILE"] == token
-    assert spec["automountServiceAccountToken"] is True
+    assert env["MODELFLEET_AGENT_TOKEN_FILE"] == "/var/run/modelfleet/agent-auth/token"
     agent = env_of(pod_spec(one(objects, "DaemonSet", "-agent"))["containers"][0])
+    assert agent["MODELFLEET_AGENT_AUTH"] == "tokenreview"
+    assert agent["MODELFLEET_AGENT_AUDIENCES"] == "modelfleet-agent"
+    assert agent["MODELFLEET_AGENT_ALLOWED_SUBJECTS"] == (
+        f"system:serviceaccount:{NAMESPACE}:{RELEASE}-modelfleet-operator"
+    )
     assert "MODELFLEET_AGENT_TOKEN_FILE" not in agent
+    more = render({"agent": {"auth": {"extraAllowedSubjects": ["system:serviceaccount:m:prom"]}}})
+    agent = env_of(pod_spec(one(more, "DaemonSet", "-agent"))["containers"][0])
+    assert agent["MODELFLEET_AGENT_ALLOWED_SUBJECTS"].split(",") == [
+        f"system:serviceaccount:{NAMESPACE}:{RELEASE}-modelfleet-operator",
+        "system:serviceaccount:m:prom",
+    ]
 
 
 def test_auth_none_sends_no_token(render: Render) -> None:
@@ -508,7 +531,9 @@ def test_network_policies_follow_the_values(render: Render) -> None:
     }
     agent = one(restricted, "NetworkPolicy", "-agent")
     assert len(agent["spec"]["ingress"][0]["from"]) == 2  # operator + the metrics scrapers
-    assert len(agent["spec"]["egress"]) == 2  # DNS + API server for TokenReviews
+    assert len(agent["spec"]["egress"]) == 1  # DNS only: token mode needs no API server
+    default_agent = one(render(), "NetworkPolicy", "-agent")
+    assert len(default_agent["spec"]["egress"]) == 2  # DNS + the API server for TokenReviews
     assert not find(render(VALUE_SETS["minimal"]), "NetworkPolicy")
 
 
@@ -517,7 +542,10 @@ def test_network_policies_follow_the_values(render: Render) -> None:
 
 def test_service_monitors_are_optional_and_authenticate_to_agents(render: Render) -> None:
     assert not find(render(), "ServiceMonitor")
-    monitors = find(render({"serviceMonitor": {"enabled": True}}), "ServiceMonitor")
+    monitors = find(
+        render({"serviceMonitor": {"enabled": True}, "agent": {"auth": {"mode": "token"}}}),
+        "ServiceMonitor",
+    )
     assert [m["metadata"]["name"].rsplit("-", 1)[-1] for m in monitors] == [
         "operator",
         "agent",
@@ -529,6 +557,10 @@ def test_service_monitors_are_optional_and_authenticate_to_agents(render: Render
         "key": "token",
     }
     assert agent["port"] == "http"
+    auth = {"type": "Bearer", "credentials": {"name": "prom-token", "key": "token"}}
+    values = {"serviceMonitor": {"enabled": True, "agentAuthorization": auth}}
+    agent_monitor = one(render(values), "ServiceMonitor", "-agent")
+    assert agent_monitor["spec"]["endpoints"][0]["authorization"] == auth
 
 
 # ---- parallelModels ----
