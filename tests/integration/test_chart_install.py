@@ -152,7 +152,8 @@ async def test_install_upgrade_uninstall(cluster: Cluster, kube: KubeClient) -> 
             scope = ["-n", obj["metadata"]["namespace"]] if obj["metadata"].get("namespace") else []
             await kubectl(cluster, "get", obj["kind"], obj["metadata"]["name"], *scope)
         kinds = {o["kind"] for o in objects}
-        assert {"Deployment", "DaemonSet", "NetworkPolicy", "ModelDeployment", "ClusterRole"} <= kinds
+        expected = {"Deployment", "DaemonSet", "NetworkPolicy", "ModelDeployment", "ClusterRole"}
+        assert expected <= kinds
         pods = await kube.get(f"/api/v1/namespaces/{ns}/pods")
         components = sorted(
             p["metadata"]["labels"]["app.kubernetes.io/component"] for p in pods["items"]
