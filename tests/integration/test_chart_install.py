@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -429,3 +430,185 @@ async def test_fresh_install_creates_the_crd_and_the_models(private_cluster: Clu
 async def _no_models(cluster: Cluster, ns: str) -> bool:
     done = await kubectl(cluster, "get", "modeldeployments", "-n", ns, "-o", "name")
     return done.stdout.strip() == ""
+
+
+# ---- the operator under the chart's ServiceAccount, doing its whole job ----
+
+
+def service_account_kubeconfig(admin: Path, token: str, namespace: str, out: Path) -> Path:
+    """A kubeconfig for the same API server that authenticates with a ServiceAccount token."""
+    config = yaml.safe_load(admin.read_text())
+    context = next(c for c in config["contexts"] if c["name"] == config["current-context"])
+    cluster = next(c for c in config["clusters"] if c["name"] == context["context"]["cluster"])
+    out.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [cluster],
+                "users": [{"name": "sa", "user": {"token": token}}],
+                "contexts": [
+                    {
+                        "name": "sa",
+                        "context": {
+                            "cluster": cluster["name"],
+                            "user": "sa",
+                            "namespace": namespace,
+                        },
+                    }
+                ],
+                "current-context": "sa",
+            }
+        )
+    )
+    return out
+
+
+@pytest.mark.timeout(300)
+async def test_operator_under_the_charts_service_account_runs_the_models(
+    cluster: Cluster, kube: KubeClient, namespace: str, tmp_path: Path
+) -> None:
+    """helm install, then the real operator with nothing but the chart's ServiceAccount (a token
+    from the TokenRequest API) and the chart's environment: it takes its Lease, finds the chart's
+    agents (run by the pod runner, TokenReview auth with the audience token), places the
+    parallelModels replicas and reports them ready. Any permission it lacks fails the test."""
+    kit = pytest.importorskip("operator_kit", reason="the operator has not landed on main")
+    from modelfleet.api import labels
+
+    await kit.create_test_nodes(kube, namespace, 2, 2)
+    runner = kit.start_pod_runner(cluster, tmp_path)
+    next(runner)
+    release = release_name()
+    operator = None
+    try:
+        values = {
+            "crds": {"enabled": False},
+            "watchNamespaces": [namespace],
+            "gateway": {"enabled": False},
+            "agent": {
+                "backend": "simulated",
+                "podResources": {"enabled": False},
+                "nodeSelector": {kit.TEST_POOL_LABEL: namespace},
+                "tolerations": [{"operator": "Exists"}],
+            },
+            "parallelModels": {"gemma3-4B": {"replicas": 2, "gpu": {"count": 1}}},
+        }
+        await helm(cluster, "install", release, str(CHART), "-n", namespace, values=values)
+        manifest = objects_of(
+            (await helm(cluster, "get", "manifest", release, "-n", namespace)).stdout
+        )
+        deployment = next(
+            o
+            for o in manifest
+            if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-operator")
+        )
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+
+        async def agents_ready() -> bool:
+            pods = await kube.get(
+                f"/api/v1/namespaces/{namespace}/pods",
+                labelSelector=f"app.kubernetes.io/component=agent,app.kubernetes.io/instance={release}",
+            )
+            return len(pods["items"]) == 2 and all(
+                any(
+                    c["type"] == "Ready" and c["status"] == "True"
+                    for c in p["status"].get("conditions", [])
+                )
+                for p in pods["items"]
+            )
+
+        await wait_for(agents_ready, timeout=60, what="the chart's 2 agents ready")
+
+        api_token = (await kubectl(cluster, "create", "token", sa, "-n", namespace)).stdout.strip()
+        audience = values_default("agent", "auth", "audience")
+        agent_token = (
+            await kubectl(cluster, "create", "token", sa, "-n", namespace, "--audience", audience)
+        ).stdout.strip()
+        token_file = tmp_path / "agent-token"
+        token_file.write_text(agent_token)
+        kubeconfig = service_account_kubeconfig(
+            cluster.kubeconfig, api_token, namespace, tmp_path / "sa-kubeconfig"
+        )
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        env |= {
+            "MODELFLEET_AGENT_TOKEN_FILE": str(token_file),  # the projected volume's stand-in
+            "MODELFLEET_METRICS_HOST": "127.0.0.1",
+            "MODELFLEET_METRICS_PORT": str(kit.free_port()),
+            "MODELFLEET_POLL_INTERVAL_S": "1",
+        }
+        log = tmp_path / "operator.log"
+        with log.open("wb") as out:
+            operator = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "modelfleet",
+                *container["args"],
+                "--kubeconfig",
+                str(kubeconfig),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"} | env,
+                cwd=ROOT,
+            )
+
+        async def ready() -> dict[str, Any] | None:
+            if operator is not None and operator.returncode is not None:
+                raise AssertionError(f"the operator exited:\n{log.read_text()[-4000:]}")
+            md = (await md_names(kube, namespace)).get("gemma3-4b", {})
+            status = md.get("status", {})
+            return md if status.get("readyReplicas") == 2 else None
+
+        md = await wait_for(
+            ready, timeout=150, interval=0.5, what="gemma3-4b with 2 ready replicas"
+        )
+        pods = await kube.get(
+            f"/api/v1/namespaces/{namespace}/pods",
+            labelSelector=f"{labels.LABEL_DEPLOYMENT}=gemma3-4b",
+        )
+        assert len(pods["items"]) == 2
+        assert {p["spec"]["nodeName"] for p in pods["items"]} <= set(
+            await _pool_nodes(kube, kit.TEST_POOL_LABEL, namespace)
+        )
+        assert md["status"]["observedGeneration"] == md["metadata"]["generation"]
+        lease = await kube.get(
+            f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{env['MODELFLEET_LEASE_NAME']}"
+        )
+        assert lease["spec"]["holderIdentity"]
+        # Deleting the models while the operator runs: it removes the replicas and its finalizer.
+        await kubectl(
+            cluster,
+            "delete",
+            "modeldeployments",
+            "--all",
+            "-n",
+            namespace,
+            "--wait",
+            "--timeout=60s",
+        )
+        output = log.read_text(errors="replace")
+        assert "Forbidden" not in output, output[-4000:]
+        assert " 403" not in output, output[-4000:]
+    finally:
+        if operator is not None and operator.returncode is None:
+            operator.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(operator.wait(), 20)
+            except TimeoutError:
+                operator.kill()
+                await operator.wait()
+        await helm(cluster, "uninstall", release, "-n", namespace, check=False)
+        await kit.delete_test_nodes(kube, namespace)
+        next(runner, None)
+
+
+async def _pool_nodes(kube: KubeClient, label: str, pool: str) -> list[str]:
+    nodes = await kube.get("/api/v1/nodes", labelSelector=f"{label}={pool}")
+    return [n["metadata"]["name"] for n in nodes["items"]]
+
+
+def values_default(*path: str) -> Any:
+    node: Any = yaml.safe_load((CHART / "values.yaml").read_text())
+    for part in path:
+        node = node[part]
+    return node
