@@ -18,9 +18,11 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from clusterkit import ROOT, Cluster, kubectl, wait_for
@@ -465,13 +467,17 @@ def service_account_kubeconfig(admin: Path, token: str, namespace: str, out: Pat
 
 
 @pytest.mark.timeout(300)
-async def test_operator_under_the_charts_service_account_runs_the_models(
+async def test_operator_and_gateway_under_the_charts_service_accounts_run_the_models(
     cluster: Cluster, kube: KubeClient, namespace: str, tmp_path: Path
 ) -> None:
-    """helm install, then the real operator with nothing but the chart's ServiceAccount (a token
-    from the TokenRequest API) and the chart's environment: it takes its Lease, finds the chart's
-    agents (run by the pod runner, TokenReview auth with the audience token), places the
-    parallelModels replicas and reports them ready. Any permission it lacks fails the test."""
+    """helm install, then the real operator and gateway with nothing but the chart's
+    ServiceAccounts (tokens from the TokenRequest API) and the chart's environment.
+
+    The operator takes its Lease, finds the chart's agents (run by the pod runner; TokenReview
+    auth with the audience-bound token), places the parallelModels replicas and reports them
+    ready; the gateway routes a request to them and records its time on the ModelDeployment.
+    Any permission either lacks fails the test.
+    """
     kit = pytest.importorskip("operator_kit", reason="the operator has not landed on main")
     from modelfleet.api import labels
 
@@ -479,12 +485,11 @@ async def test_operator_under_the_charts_service_account_runs_the_models(
     runner = kit.start_pod_runner(cluster, tmp_path)
     next(runner)
     release = release_name()
-    operator = None
+    processes: list[ChartProcess] = []
     try:
         values = {
             "crds": {"enabled": False},
             "watchNamespaces": [namespace],
-            "gateway": {"enabled": False},
             "agent": {
                 "backend": "simulated",
                 "podResources": {"enabled": False},
@@ -497,13 +502,6 @@ async def test_operator_under_the_charts_service_account_runs_the_models(
         manifest = objects_of(
             (await helm(cluster, "get", "manifest", release, "-n", namespace)).stdout
         )
-        deployment = next(
-            o
-            for o in manifest
-            if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-operator")
-        )
-        container = deployment["spec"]["template"]["spec"]["containers"][0]
-        sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
 
         async def agents_ready() -> bool:
             pods = await kube.get(
@@ -520,48 +518,45 @@ async def test_operator_under_the_charts_service_account_runs_the_models(
 
         await wait_for(agents_ready, timeout=60, what="the chart's 2 agents ready")
 
-        api_token = (await kubectl(cluster, "create", "token", sa, "-n", namespace)).stdout.strip()
-        audience = values_default("agent", "auth", "audience")
-        agent_token = (
-            await kubectl(cluster, "create", "token", sa, "-n", namespace, "--audience", audience)
-        ).stdout.strip()
-        token_file = tmp_path / "agent-token"
-        token_file.write_text(agent_token)
-        kubeconfig = service_account_kubeconfig(
-            cluster.kubeconfig, api_token, namespace, tmp_path / "sa-kubeconfig"
+        operator = await start_from_chart(
+            cluster,
+            manifest,
+            "-operator",
+            namespace,
+            tmp_path,
+            {
+                "MODELFLEET_METRICS_HOST": "127.0.0.1",
+                "MODELFLEET_METRICS_PORT": str(kit.free_port()),
+                "MODELFLEET_POLL_INTERVAL_S": "1",
+            },
+            audience=values_default("agent", "auth", "audience"),
         )
-        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-        env |= {
-            "MODELFLEET_AGENT_TOKEN_FILE": str(token_file),  # the projected volume's stand-in
-            "MODELFLEET_METRICS_HOST": "127.0.0.1",
-            "MODELFLEET_METRICS_PORT": str(kit.free_port()),
-            "MODELFLEET_POLL_INTERVAL_S": "1",
-        }
-        log = tmp_path / "operator.log"
-        with log.open("wb") as out:
-            operator = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "modelfleet",
-                *container["args"],
-                "--kubeconfig",
-                str(kubeconfig),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"} | env,
-                cwd=ROOT,
-            )
+        processes.append(operator)
+        log = operator.log
+        env = operator.env
 
         async def ready() -> dict[str, Any] | None:
-            if operator is not None and operator.returncode is not None:
+            if operator.process.returncode is not None:
                 raise AssertionError(f"the operator exited:\n{log.read_text()[-4000:]}")
             md = (await md_names(kube, namespace)).get("gemma3-4b", {})
             status = md.get("status", {})
             return md if status.get("readyReplicas") == 2 else None
 
-        md = await wait_for(
-            ready, timeout=150, interval=0.5, what="gemma3-4b with 2 ready replicas"
-        )
+        try:
+            md = await wait_for(
+                ready, timeout=150, interval=0.5, what="gemma3-4b with 2 ready replicas"
+            )
+        except AssertionError as exc:
+            seen = (await md_names(kube, namespace)).get("gemma3-4b", {}).get("status")
+            replica_logs = "".join(
+                f"\n--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
+                for p in sorted((tmp_path / "pod-logs").glob("**/*gemma3-4b*"))
+                if p.is_file()
+            )
+            raise AssertionError(
+                f"{exc}\nstatus: {seen}\noperator log:\n{log.read_text(errors='replace')[-6000:]}"
+                f"\nreplica logs:{replica_logs}"
+            ) from None
         pods = await kube.get(
             f"/api/v1/namespaces/{namespace}/pods",
             labelSelector=f"{labels.LABEL_DEPLOYMENT}=gemma3-4b",
@@ -575,6 +570,27 @@ async def test_operator_under_the_charts_service_account_runs_the_models(
             f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{env['MODELFLEET_LEASE_NAME']}"
         )
         assert lease["spec"]["holderIdentity"]
+        # The gateway under its own ServiceAccount routes to the replicas and records the use.
+        gateway_port = kit.free_port()
+        gateway = await start_from_chart(
+            cluster,
+            manifest,
+            "-gateway",
+            namespace,
+            tmp_path,
+            {"MODELFLEET_GATEWAY_HOST": "127.0.0.1", "MODELFLEET_GATEWAY_PORT": str(gateway_port)},
+        )
+        processes.append(gateway)
+        reply = await wait_for(
+            lambda: chat(gateway_port, "gemma3-4B"), timeout=60, what="a reply through the gateway"
+        )
+        assert reply["model"] == "gemma3-4B"
+
+        async def use_recorded() -> bool:
+            md = (await md_names(kube, namespace))["gemma3-4b"]
+            return labels.ANN_LAST_REQUEST in md["metadata"].get("annotations", {})
+
+        await wait_for(use_recorded, timeout=60, what="the gateway's last-request annotation")
         # Deleting the models while the operator runs: it removes the replicas and its finalizer.
         await kubectl(
             cluster,
@@ -586,17 +602,13 @@ async def test_operator_under_the_charts_service_account_runs_the_models(
             "--wait",
             "--timeout=60s",
         )
-        output = log.read_text(errors="replace")
-        assert "Forbidden" not in output, output[-4000:]
-        assert " 403" not in output, output[-4000:]
+        for started in processes:
+            output = started.log.read_text(errors="replace")
+            assert "Forbidden" not in output, output[-4000:]
+            assert " 403" not in output, output[-4000:]
     finally:
-        if operator is not None and operator.returncode is None:
-            operator.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(operator.wait(), 20)
-            except TimeoutError:
-                operator.kill()
-                await operator.wait()
+        for started in reversed(processes):
+            await started.stop()
         await helm(cluster, "uninstall", release, "-n", namespace, check=False)
         await kit.delete_test_nodes(kube, namespace)
         next(runner, None)
@@ -612,3 +624,89 @@ def values_default(*path: str) -> Any:
     for part in path:
         node = node[part]
     return node
+
+
+@dataclass
+class ChartProcess:
+    """A modelfleet component run here as the chart would run it in a pod."""
+
+    process: asyncio.subprocess.Process
+    log: Path
+    env: dict[str, str]
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), 20)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+
+async def start_from_chart(
+    cluster: Cluster,
+    manifest: list[dict[str, Any]],
+    suffix: str,
+    namespace: str,
+    tmp: Path,
+    overrides: dict[str, str],
+    audience: str | None = None,
+) -> ChartProcess:
+    """Start the container of the chart's Deployment `*suffix` as a local process.
+
+    It gets the container's arguments and literal environment, and the credentials its pod
+    would have: a token of the Deployment's ServiceAccount from the TokenRequest API (in a
+    kubeconfig, for the API server) and, with `audience`, a second one for the agents, in the
+    file the projected volume would hold.
+    """
+    deployment = next(
+        o for o in manifest if o["kind"] == "Deployment" and o["metadata"]["name"].endswith(suffix)
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    sa = pod["serviceAccountName"]
+    token = (await kubectl(cluster, "create", "token", sa, "-n", namespace)).stdout.strip()
+    kubeconfig = service_account_kubeconfig(
+        cluster.kubeconfig, token, namespace, tmp / f"kubeconfig{suffix}"
+    )
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    if audience is not None:
+        agent_token = await kubectl(
+            cluster, "create", "token", sa, "-n", namespace, "--audience", audience
+        )
+        token_file = tmp / f"agent-token{suffix}"
+        token_file.write_text(agent_token.stdout.strip())
+        env["MODELFLEET_AGENT_TOKEN_FILE"] = str(token_file)
+    env |= overrides
+    log = tmp / f"process{suffix}.log"
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "modelfleet",
+            *container["args"],
+            "--kubeconfig",
+            str(kubeconfig),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"} | env,
+            cwd=ROOT,
+        )
+    return ChartProcess(process, log, env)
+
+
+async def chat(port: int, model: str) -> dict[str, Any] | None:
+    """One chat completion through the gateway; None until it answers 200."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+            session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as reply,
+        ):
+            if reply.status != 200:
+                return None
+            data: dict[str, Any] = await reply.json()
+            return data
+    except (aiohttp.ClientError, TimeoutError):
+        return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "modelfleet"
 HACK = ROOT / "hack"
 RELEASE = "mf"
+# The `render` fixture: `helm template` of the chart with values (and extra helm arguments).
+Render = Callable[..., list[dict[str, Any]]]
 NAMESPACE = "modelfleet"
 
 # Named value sets the chart is rendered, validated and snapshotted with.
@@ -95,3 +99,7 @@ def one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     found = find(objects, kind, name)
     assert len(found) == 1, f"expected one {kind} named *{name}, got {len(found)}"
     return found[0]
+
+
+def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm, *args], capture_output=True, text=True, check=False, timeout=60)

@@ -13,13 +13,11 @@ from typing import Any
 
 import pytest
 import yaml
-from chart_helpers import CHART, HACK, NAMESPACE, RELEASE
+from chart_helpers import CHART, HACK, NAMESPACE, RELEASE, Render
 
 # The generators under hack/ are scripts, not a package: make them importable for their tests.
 if str(HACK) not in sys.path:
     sys.path.insert(0, str(HACK))
-
-Render = Callable[..., list[dict[str, Any]]]
 
 
 def find_helm() -> str | None:
@@ -50,10 +48,6 @@ def helm() -> str:
             "helm is not built yet: run hack/build-control-plane.sh (or set MODELFLEET_HELM)"
         )
     return found
-
-
-def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([helm, *args], capture_output=True, text=True, check=False, timeout=60)
 
 
 @pytest.fixture(scope="session")

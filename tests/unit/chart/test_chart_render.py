@@ -14,10 +14,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from chart_helpers import CHART, NAMESPACE, RELEASE, ROOT, VALUE_SETS, find, one
+from chart_helpers import CHART, NAMESPACE, RELEASE, ROOT, VALUE_SETS, Render, find, one, run_helm
 from jsonschema import Draft7Validator
 
-from conftest import Render, run_helm
 from modelfleet.api.crd import build_crd
 from modelfleet.api.v1alpha1 import ModelDeployment
 
