@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import logging
@@ -23,9 +24,29 @@ class AuthUnavailable(RuntimeError):
     """The token could not be checked (the API server did not answer)."""
 
 
+class Decision(enum.Enum):
+    ALLOW = "allow"
+    UNAUTHENTICATED = "unauthenticated"  # 401: no valid token
+    FORBIDDEN = "forbidden"  # 403: a valid token of an identity that may not read the agent
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome of one token check: the decision, who the token belongs to where known, why."""
+
+    decision: Decision
+    username: str = ""
+    reason: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision is Decision.ALLOW
+
+
 class Authenticator(Protocol):
-    async def check(self, token: str) -> bool:
-        """True when `token` may read the agent; raise AuthUnavailable when it cannot tell."""
+    async def check(self, token: str) -> Verdict:
+        """Who `token` is and whether it may read the agent; raise AuthUnavailable when it
+        cannot tell."""
         ...
 
 
@@ -57,33 +78,73 @@ class TokenFileAuth:
             self._token = self._path.read_bytes().strip()
             self._mtime = mtime
 
-    async def check(self, token: str) -> bool:
+    async def check(self, token: str) -> Verdict:
         try:
             self._reload()
         except OSError as exc:
             log.warning("token file unreadable, keeping the previous token: %s", exc)
         # Constant time, so the comparison leaks nothing about the token's content.
-        return bool(self._token) and hmac.compare_digest(token.encode(), self._token)
+        if self._token and hmac.compare_digest(token.encode(), self._token):
+            return Verdict(Decision.ALLOW)
+        return Verdict(Decision.UNAUTHENTICATED, reason="invalid bearer token")
+
+
+@dataclass(frozen=True, slots=True)
+class _Review:
+    username: str  # empty: not authenticated
+    reason: str
+    expires: float
 
 
 @dataclass
 class TokenReviewAuth:
-    """Asks the API server (TokenReview) whether a token is valid; caches answers briefly."""
+    """Asks the API server (TokenReview) who a token belongs to; caches answers briefly.
+
+    `allowed_subjects` (usernames) may read the agent; empty: any authenticated identity. With
+    `audiences`, the token must be meant for one of them, and the API server must say so.
+    """
 
     client: KubeClient
     audiences: tuple[str, ...] = ()
+    allowed_subjects: frozenset[str] = frozenset()
     ttl_ok_s: float = 30.0
     ttl_denied_s: float = 5.0
     max_entries: int = 1024
-    _cache: dict[str, tuple[bool, float]] = field(default_factory=dict)
+    _cache: dict[str, _Review] = field(default_factory=dict)
 
-    async def check(self, token: str) -> bool:
+    async def check(self, token: str) -> Verdict:
         # Keys are digests: the cache never holds a usable token.
         key = hashlib.sha256(token.encode()).hexdigest()
         now = time.monotonic()
-        hit = self._cache.get(key)
-        if hit and hit[1] > now:
-            return hit[0]
+        cached = self._cache.get(key)
+        if cached is not None and cached.expires > now:
+            return self.decide(cached.username, cached.reason)
+        review = await self._review(token, now)
+        if len(self._cache) >= self.max_entries:
+            self._cache.clear()
+        self._cache[key] = review
+        verdict = self.decide(review.username, review.reason)
+        if verdict.decision is Decision.FORBIDDEN:
+            # Once per review (the cache holds it ttl_ok_s), not once per request.
+            log.warning("refused %s: not one of the allowed subjects", verdict.username)
+        return verdict
+
+    def decide(self, username: str, reason: str = "") -> Verdict:
+        """Allowed, forbidden (authenticated, not allowed) or unauthenticated (no username)."""
+        if not username:
+            return Verdict(Decision.UNAUTHENTICATED, reason=reason or "invalid bearer token")
+        if self.allowed_subjects and username not in self.allowed_subjects:
+            return Verdict(
+                Decision.FORBIDDEN,
+                username=username,
+                reason=(
+                    f"{username} may not read this agent: it is not one of the allowed "
+                    "subjects (MODELFLEET_AGENT_ALLOWED_SUBJECTS)"
+                ),
+            )
+        return Verdict(Decision.ALLOW, username=username)
+
+    async def _review(self, token: str, now: float) -> _Review:
         spec: dict[str, object] = {"token": token}
         if self.audiences:
             spec["audiences"] = list(self.audiences)
@@ -93,13 +154,26 @@ class TokenReviewAuth:
         except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise AuthUnavailable(f"TokenReview failed: {exc}") from exc
         status = reply.get("status") or {}
-        ok = bool(status.get("authenticated"))
-        if not ok and status.get("error"):
+        username = ""
+        reason = "invalid bearer token"
+        if status.get("authenticated"):
+            username = str((status.get("user") or {}).get("username") or "")
+            if not username:
+                reason = "the token's identity has no username"
+            elif self.audiences and not set(status.get("audiences") or ()) & set(self.audiences):
+                # An authenticator that ignores audiences answers none: the token may be meant
+                # for someone else, so it is not good here.
+                log.info(
+                    "token of %s refused: not meant for the audiences %s",
+                    username,
+                    ",".join(self.audiences),
+                )
+                username = ""
+                reason = "the bearer token is not meant for this agent's audiences"
+        elif status.get("error"):
             log.info("token refused by TokenReview: %s", status["error"])
-        if len(self._cache) >= self.max_entries:
-            self._cache.clear()
-        self._cache[key] = (ok, now + (self.ttl_ok_s if ok else self.ttl_denied_s))
-        return ok
+        ttl = self.ttl_ok_s if username else self.ttl_denied_s
+        return _Review(username=username, reason=reason, expires=now + ttl)
 
 
 AuthMode = Literal["none", "token", "tokenreview"]

@@ -29,7 +29,10 @@ FLAGS: dict[str, str] = {
     "--kubeconfig": "kubeconfig",
     "--auth": "auth",
     "--token-file": "token_file",
+    "--allowed-subjects": "allowed_subjects",
+    "--audiences": "audiences",
     "--pod-resources-socket": "pod_resources_socket",
+    "--pod-resources-timeout": "pod_resources_timeout_s",
 }
 
 
@@ -54,7 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--kubeconfig", metavar="PATH")
     flag("--auth", choices=["none", "token", "tokenreview"])
     flag("--token-file", metavar="FILE")
+    flag("--allowed-subjects", metavar="USER[,USER...]")
+    flag("--audiences", metavar="AUD[,AUD...]")
     flag("--pod-resources-socket", metavar="PATH")
+    flag("--pod-resources-timeout", type=float, metavar="SECONDS")
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )

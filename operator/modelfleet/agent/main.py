@@ -15,6 +15,7 @@ from aiohttp import web
 from modelfleet.agent.auth import Authenticator, TokenFileAuth, TokenReviewAuth
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.nvml import NvmlBackend
+from modelfleet.agent.podresources import PodAttribution, PodResourcesClient
 from modelfleet.agent.server import build_app
 from modelfleet.agent.simulated import (
     GpuFileError,
@@ -69,6 +70,12 @@ def load_cluster(settings: AgentSettings) -> ClusterConfig | None:
 def build_authenticator(
     settings: AgentSettings, cluster: ClusterConfig | None, client: KubeClient | None
 ) -> Authenticator | None:
+    if settings.auth != "tokenreview" and (settings.allowed_subjects or settings.audiences):
+        log.warning(
+            "--allowed-subjects and --audiences apply to --auth tokenreview only; with --auth %s "
+            "they are ignored",
+            settings.auth,
+        )
     if settings.auth == "none":
         return None
     if settings.auth == "token":
@@ -87,7 +94,18 @@ def build_authenticator(
         raise AgentConfigError(
             "--auth tokenreview needs the Kubernetes API: run in a cluster or pass --kubeconfig"
         )
-    return TokenReviewAuth(client)
+    if not settings.allowed_subjects:
+        log.warning(
+            "--auth tokenreview without --allowed-subjects (MODELFLEET_AGENT_ALLOWED_SUBJECTS): "
+            "any identity the API server authenticates may read this agent; list the "
+            "operator's service account, e.g. "
+            "system:serviceaccount:modelfleet-system:modelfleet-operator"
+        )
+    return TokenReviewAuth(
+        client,
+        audiences=tuple(settings.audiences),
+        allowed_subjects=frozenset(settings.allowed_subjects),
+    )
 
 
 @dataclass
@@ -100,6 +118,7 @@ class Agent:
     state: AgentState
     app: web.Application
     client: KubeClient | None = None
+    attribution: PodAttribution | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     runner: web.AppRunner | None = None
     port: int = 0
@@ -130,6 +149,8 @@ class Agent:
             await self.runner.cleanup()
         if isinstance(self.backend, NvmlBackend):
             await self.backend.close()
+        if self.attribution is not None:
+            await asyncio.to_thread(self.attribution.close)
         if self.client is not None:
             await self.client.close()
 
@@ -150,7 +171,10 @@ async def watch_replica_pods(
 
 
 def build_backend(
-    settings: AgentSettings, node: str, metrics: AgentMetrics
+    settings: AgentSettings,
+    node: str,
+    metrics: AgentMetrics,
+    attribution: PodAttribution | None = None,
 ) -> tuple[Backend, SimulatedBackend | None]:
     """The configured backend (and the simulated one again, for its fault knobs).
 
@@ -166,14 +190,24 @@ def build_backend(
             gpus = build_sim_gpus(node, settings.gpus, settings.gpu_memory_mib, settings.product)
         sim = SimulatedBackend(node, gpus)
         return sim, sim
-    if os.path.exists(settings.pod_resources_socket):
-        # Reading it needs a gRPC client; until then the GPUs' pod lists stay empty.
-        log.info(
-            "kubelet pod-resources socket %s found, but pod attribution on the nvml backend "
-            "is not implemented yet: pods lists stay empty",
-            settings.pod_resources_socket,
-        )
-    return NvmlBackend(node, on_gpu_error=metrics.gpu_errors.inc), None
+    pods_by_device = attribution.refresh_blocking if attribution is not None else None
+    backend = NvmlBackend(node, on_gpu_error=metrics.gpu_errors.inc, pods_by_device=pods_by_device)
+    return backend, None
+
+
+def build_attribution(settings: AgentSettings, metrics: AgentMetrics) -> PodAttribution | None:
+    """The kubelet pod-resources source of the NVML backend; None when switched off (empty path).
+
+    A configured socket that is absent is not an error: attribution stays off until it appears.
+    """
+    if settings.backend != "nvml" or not settings.pod_resources_socket:
+        return None
+    return PodAttribution(
+        PodResourcesClient(
+            settings.pod_resources_socket, deadline_s=settings.pod_resources_timeout_s
+        ),
+        on_error=metrics.pod_resources_errors.inc,
+    )
 
 
 async def build_agent(settings: AgentSettings, node: str) -> Agent:
@@ -187,7 +221,8 @@ async def build_agent(settings: AgentSettings, node: str) -> Agent:
             client = KubeClient(cluster, timeout_s=10.0, user_agent="modelfleet-agent")
     try:
         auth = build_authenticator(settings, cluster, client)
-        backend, sim = build_backend(settings, node, metrics)
+        attribution = build_attribution(settings, metrics)
+        backend, sim = build_backend(settings, node, metrics, attribution)
     except AgentConfigError:
         if client is not None:
             await client.close()
@@ -200,7 +235,15 @@ async def build_agent(settings: AgentSettings, node: str) -> Agent:
     )
     metrics.attach(lambda: state.latest)
     app = build_app(state, auth=auth, sim=sim)
-    return Agent(settings=settings, node=node, backend=backend, state=state, app=app, client=client)
+    return Agent(
+        settings=settings,
+        node=node,
+        backend=backend,
+        state=state,
+        app=app,
+        client=client,
+        attribution=attribution,
+    )
 
 
 async def serve(agent: Agent) -> None:

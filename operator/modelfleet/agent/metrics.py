@@ -119,6 +119,11 @@ class AgentMetrics:
             "Reads of one GPU that failed; that GPU is reported unhealthy with the reason.",
             registry=self.registry,
         )
+        self.pod_resources_errors = Counter(
+            "modelfleet_agent_pod_resources_errors",
+            "kubelet pod-resources List calls that failed; pod lists stay empty meanwhile.",
+            registry=self.registry,
+        )
 
     def attach(self, latest: Callable[[], Sample | None]) -> None:
         """Register the collector that reads the latest sample."""

@@ -3,6 +3,9 @@
 NVML is initialised once for the process. Every NVML call is a blocking C call, so the poll and
 the XID event wait run in worker threads (`asyncio.to_thread`), never on the event loop. A failure
 on one GPU marks that GPU unhealthy with the reason and leaves the others reported.
+
+Pod attribution (which pods use which GPU) comes from a `pods_by_device` source, the kubelet's
+pod-resources API in the agent, read once per poll in the same worker thread.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import contextlib
 import importlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from modelfleet.agent.podresources import compute_gpu_pods, unknown_device_ids
 from modelfleet.api.gpustats import GpuHealth, GpuStats, PodRef
 from modelfleet.gpuid import format_gpu_id
 
@@ -24,6 +29,9 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 XID_WAIT_MS = 500  # short, so that a stopping agent's event thread ends within half a second
+# MIG devices are enumerated when the kubelet names a device the agent does not know, at most
+# this often: a MIG layout changes rarely, and an ID that matches nothing must not cost every poll.
+MIG_RESCAN_S = 60.0
 
 # XIDs that an application can cause (a bad kernel, an out-of-range access): counted and shown,
 # but the GPU stays healthy. The NVIDIA device plugin skips the same set by default.
@@ -87,12 +95,16 @@ class NvmlBackend:
         *,
         nvml: ModuleType | None = None,
         on_gpu_error: Callable[[], None] | None = None,
-        pods_by_uuid: Callable[[], Mapping[str, list[PodRef]]] | None = None,
+        pods_by_device: Callable[[], Mapping[str, list[PodRef]]] | None = None,
     ) -> None:
+        """`pods_by_device`: device ID (GPU UUID, MIG UUID or index, as the NVIDIA device plugin
+        reports it) -> pods; called once per poll in the poll thread, so it may block briefly."""
         self.node = node
         self._nvml = nvml
         self._on_gpu_error = on_gpu_error or (lambda: None)
-        self._pods_by_uuid = pods_by_uuid or dict
+        self._pods_by_device = pods_by_device
+        self._mig_index: dict[str, int] = {}
+        self._next_mig_scan = 0.0
         self._handles: list[Any] = []
         self._known: dict[int, _Known] = {}
         self._driver: str | None = None
@@ -170,7 +182,7 @@ class NvmlBackend:
             return None
         return event_set
 
-    def read_gpu_blocking(self, index: int) -> GpuStats:
+    def read_gpu_blocking(self, index: int, pods: Sequence[PodRef] = ()) -> GpuStats:
         """One GPU; an NVML error becomes an unhealthy entry with the reason."""
         nv = self.nvml
         handle = self._handles[index]
@@ -200,7 +212,7 @@ class NvmlBackend:
                 memory_used_mib=known.memory_total_mib,
                 memory_free_mib=0,
                 health=self._health(index, reason),
-                pods=self._pods_by_uuid().get(known.uuid, []),
+                pods=list(pods),
             )
         used = int(memory.used) // MIB
         return GpuStats(
@@ -215,7 +227,7 @@ class NvmlBackend:
             temperature_c=float(temperature),
             power_w=float(power_mw) / 1000.0,
             health=self._health(index, ""),
-            pods=self._pods_by_uuid().get(known.uuid, []),
+            pods=list(pods),
         )
 
     def _health(self, index: int, read_error: str) -> GpuHealth:
@@ -227,7 +239,53 @@ class NvmlBackend:
         return GpuHealth(healthy=not reason, reason=reason, xid_errors=count, last_xid=last)
 
     def sample_blocking(self) -> list[GpuStats]:
-        return [self.read_gpu_blocking(i) for i in range(len(self._handles))]
+        gpu_pods = self.gpu_pods_blocking()
+        return [self.read_gpu_blocking(i, gpu_pods.get(i, ())) for i in range(len(self._handles))]
+
+    def gpu_pods_blocking(self) -> dict[int, list[PodRef]]:
+        """GPU index -> pods using it (or one of its MIG devices), from the attribution source."""
+        if self._pods_by_device is None:
+            return {}
+        try:
+            by_device = self._pods_by_device()
+        except Exception as exc:
+            # The source handles its own failures; this is the last guard, so that attribution
+            # can never cost the GPU sample.
+            log.warning("pod attribution failed, pod lists empty for this poll: %s", exc)
+            return {}
+        if not by_device:
+            return {}
+        index_of = self._device_index()
+        if unknown_device_ids(by_device, index_of) and time.monotonic() >= self._next_mig_scan:
+            self.scan_mig_blocking()
+            index_of = self._device_index()
+        return compute_gpu_pods(by_device, index_of)
+
+    def _device_index(self) -> dict[str, int]:
+        gpus = {known.uuid: index for index, known in self._known.items() if known.uuid}
+        return {**self._mig_index, **gpus}
+
+    def scan_mig_blocking(self) -> None:
+        """Map the UUID of every MIG device to its GPU's index (GPUs in MIG mode only)."""
+        nv = self.nvml
+        found: dict[str, int] = {}
+        for index, handle in enumerate(self._handles):
+            try:
+                current, _pending = nv.nvmlDeviceGetMigMode(handle)
+                if current != nv.NVML_DEVICE_MIG_ENABLE:
+                    continue
+                slots = int(nv.nvmlDeviceGetMaxMigDeviceCount(handle))
+            except nv.NVMLError:
+                continue  # no MIG support (NOT_SUPPORTED), or the GPU cannot be read now
+            for slot in range(slots):
+                try:
+                    mig = nv.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+                    found[_text(nv.nvmlDeviceGetUUID(mig))] = index
+                except nv.NVMLError:
+                    continue  # an empty slot answers NVML_ERROR_NOT_FOUND
+        self._mig_index = found
+        self._next_mig_scan = time.monotonic() + MIG_RESCAN_S
+        log.info("MIG devices: %d found", len(found))
 
     def wait_xid_blocking(self, timeout_ms: int = XID_WAIT_MS) -> int | None:
         """Wait for one XID event; record it and return its GPU index, or None on timeout."""

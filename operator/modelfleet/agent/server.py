@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from modelfleet.agent.auth import Authenticator, AuthUnavailable, parse_bearer
+from modelfleet.agent.auth import Authenticator, AuthUnavailable, Decision, parse_bearer
 from modelfleet.agent.simulated import Faults, SimulatedBackend
 from modelfleet.agent.state import AgentState
 
@@ -64,12 +64,14 @@ def build_auth_middleware(
         if token is None:
             return _unauthorized("missing bearer token")
         try:
-            ok = await auth.check(token)
+            verdict = await auth.check(token)
         except AuthUnavailable as exc:
             log.warning("%s", exc)
             return _error(503, "cannot verify the token now; try again")
-        if not ok:
-            return _unauthorized("invalid bearer token")
+        if verdict.decision is Decision.FORBIDDEN:
+            return _error(403, verdict.reason)
+        if not verdict.allowed:
+            return _unauthorized(verdict.reason or "invalid bearer token")
         return await handler(request)
 
     return check_auth

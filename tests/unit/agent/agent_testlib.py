@@ -21,6 +21,7 @@ class FakeNVMLError(Exception):
     NAMES = {
         1: "Uninitialized",
         3: "Not Supported",
+        6: "Not Found",
         9: "Driver Not Loaded",
         10: "Timeout",
         15: "GPU is lost",
@@ -46,6 +47,7 @@ class FakeGpu:
     power_mw: int = 70000
     fail_with: int | None = None  # error code every call on this GPU raises
     fail_temperature_with: int | None = None
+    mig_uuids: list[str] = field(default_factory=list)  # non-empty: MIG mode on, these devices
 
 
 @dataclass
@@ -72,6 +74,8 @@ class FakeNvml:
         consts = {
             "NVML_ERROR_UNINITIALIZED": 1,
             "NVML_ERROR_NOT_SUPPORTED": 3,
+            "NVML_ERROR_NOT_FOUND": 6,
+            "NVML_DEVICE_MIG_ENABLE": 1,
             "NVML_ERROR_DRIVER_NOT_LOADED": 9,
             "NVML_ERROR_TIMEOUT": 10,
             "NVML_ERROR_GPU_IS_LOST": 15,
@@ -115,6 +119,22 @@ class FakeNvml:
             except queue.Empty:
                 raise FakeNVMLError(10) from None
 
+        def nvmlDeviceGetUUID(handle: Any) -> str:
+            if isinstance(handle, tuple):  # a MIG device handle: (gpu handle, slot)
+                return gpu(handle[0]).mig_uuids[handle[1]]
+            return gpu(handle).uuid
+
+        def nvmlDeviceGetMigMode(handle: int) -> list[int]:
+            fake.calls.append("mig-mode")
+            if not gpu(handle).mig_uuids:
+                raise FakeNVMLError(3)  # as on a GPU without MIG support
+            return [1, 1]
+
+        def nvmlDeviceGetMigDeviceHandleByIndex(handle: int, slot: int) -> tuple[int, int]:
+            if slot >= len(gpu(handle).mig_uuids):
+                raise FakeNVMLError(6)  # an empty slot: NVML_ERROR_NOT_FOUND
+            return (handle, slot)
+
         def nvmlDeviceGetSupportedEventTypes(handle: int) -> int:
             if not fake.events_supported:
                 raise FakeNVMLError(3)
@@ -128,7 +148,10 @@ class FakeNvml:
             "nvmlDeviceGetIndex": lambda h: h,
             "nvmlSystemGetDriverVersion": lambda: "550.54.15",
             # nvidia-ml-py returns str; older releases returned bytes: the backend takes both.
-            "nvmlDeviceGetUUID": lambda h: gpu(h).uuid,
+            "nvmlDeviceGetUUID": nvmlDeviceGetUUID,
+            "nvmlDeviceGetMigMode": nvmlDeviceGetMigMode,
+            "nvmlDeviceGetMaxMigDeviceCount": lambda h: 7,
+            "nvmlDeviceGetMigDeviceHandleByIndex": nvmlDeviceGetMigDeviceHandleByIndex,
             "nvmlDeviceGetName": lambda h: gpu(h).name.encode(),
             "nvmlDeviceGetMemoryInfo": lambda h: types.SimpleNamespace(
                 total=gpu(h).total_mib * MIB,

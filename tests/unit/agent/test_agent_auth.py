@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,12 +10,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from modelfleet.agent.auth import TokenFileAuth, TokenReviewAuth, parse_bearer
+from modelfleet.agent.auth import Decision, TokenFileAuth, TokenReviewAuth, parse_bearer
+from modelfleet.agent.main import build_authenticator
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.server import build_app
 from modelfleet.agent.simulated import SimulatedBackend, build_sim_gpus
 from modelfleet.agent.state import AgentState, poll_once
 from modelfleet.kube import ClusterConfig, KubeClient
+from modelfleet.settings import AgentSettings
 
 NODE = "auth-node"
 DATA_PATHS = ("/v1/gpus", "/metrics", "/sim/faults")
@@ -93,12 +96,26 @@ def test_empty_token_file_is_refused(tmp_path: Path) -> None:
         TokenFileAuth(str(tmp_path / "t"))
 
 
+OPERATOR = "system:serviceaccount:modelfleet-system:modelfleet-operator"
+STRANGER = "system:serviceaccount:default:curious"
+
+
 class FakeTokenReviewApi:
-    """Answers POST tokenreviews like the API server: only `good` is authenticated."""
+    """Answers POST tokenreviews like an audience-aware API server.
+
+    `tokens` maps a token to (username, the audiences it was issued for); others are refused.
+    With `audience_aware` off it ignores spec.audiences, as an old authenticator does.
+    """
 
     def __init__(self) -> None:
         self.reviews: list[dict[str, Any]] = []
         self.fail = False
+        self.audience_aware = True
+        self.tokens: dict[str, tuple[str, tuple[str, ...]]] = {
+            "good": (OPERATOR, ("https://kubernetes.default.svc",)),
+            "stranger": (STRANGER, ("https://kubernetes.default.svc",)),
+            "agent-aud": (OPERATOR, ("modelfleet-agent",)),
+        }
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -114,12 +131,22 @@ class FakeTokenReviewApi:
         assert body["kind"] == "TokenReview"
         assert request.headers["Authorization"] == "Bearer agent-sa-token"
         self.reviews.append(body)
-        ok = body["spec"]["token"] == "good"
-        status: dict[str, Any] = {"authenticated": ok}
-        if ok:
-            status["user"] = {"username": "system:serviceaccount:modelfleet:operator"}
-        else:
-            status["error"] = "invalid bearer token"
+        known = self.tokens.get(body["spec"]["token"])
+        wanted = body["spec"].get("audiences") or ["https://kubernetes.default.svc"]
+        status: dict[str, Any] = {"authenticated": False, "error": "invalid bearer token"}
+        if known:
+            username, issued_for = known
+            common = [a for a in wanted if a in issued_for]
+            if not self.audience_aware:
+                status = {"authenticated": True, "user": {"username": username}}
+            elif common:
+                status = {
+                    "authenticated": True,
+                    "user": {"username": username, "groups": ["system:serviceaccounts"]},
+                    "audiences": common,
+                }
+            else:
+                status["error"] = "token audiences is invalid for the target audiences"
         return web.json_response({**body, "status": status}, status=201)
 
 
@@ -154,3 +181,114 @@ async def test_tokenreview(serve) -> None:  # type: ignore[no-untyped-def]
     finally:
         await client.close()
     assert all("new" not in key for key in auth._cache)  # digests, never tokens
+
+
+async def tokenreview_agent(serve, api: FakeTokenReviewApi, **kwargs: Any):  # type: ignore[no-untyped-def]
+    api_url = await serve(api.app())
+    client = KubeClient(
+        ClusterConfig(server=api_url, ssl_context=False, token="agent-sa-token"), timeout_s=5
+    )
+    base = await serve(await ready_app(TokenReviewAuth(client, **kwargs)))
+    return base, client
+
+
+async def test_tokenreview_allowed_subjects(serve) -> None:  # type: ignore[no-untyped-def]
+    api = FakeTokenReviewApi()
+    base, client = await tokenreview_agent(serve, api, allowed_subjects=frozenset({OPERATOR}))
+    try:
+        async with aiohttp.ClientSession() as http:
+            for path in DATA_PATHS:
+                async with http.get(base + path, headers={"Authorization": "Bearer good"}) as r:
+                    assert r.status == 200, path
+                # Authenticated, but not the operator: 403, no data, and who was refused.
+                async with http.get(base + path, headers={"Authorization": "Bearer stranger"}) as r:
+                    assert r.status == 403, path
+                    body = await r.json()
+                    assert "WWW-Authenticate" not in r.headers
+                assert STRANGER in body["error"]
+                assert "MODELFLEET_AGENT_ALLOWED_SUBJECTS" in body["error"]
+                assert set(body) == {"error", "status"}
+                async with http.get(base + path, headers={"Authorization": "Bearer nope"}) as r:
+                    assert r.status == 401, path
+            async with http.get(base + "/healthz") as r:
+                assert r.status == 200
+    finally:
+        await client.close()
+    # Cached per token: one review each, whatever the number of requests.
+    assert sorted(r["spec"]["token"] for r in api.reviews) == ["good", "nope", "stranger"]
+    assert all("audiences" not in r["spec"] for r in api.reviews)
+
+
+async def test_tokenreview_without_allowed_subjects_takes_any_identity(serve) -> None:  # type: ignore[no-untyped-def]
+    base, client = await tokenreview_agent(serve, FakeTokenReviewApi())
+    try:
+        async with aiohttp.ClientSession() as http:
+            for token in ("good", "stranger"):
+                async with http.get(
+                    base + "/v1/gpus", headers={"Authorization": f"Bearer {token}"}
+                ) as r:
+                    assert r.status == 200, token
+    finally:
+        await client.close()
+
+
+async def test_tokenreview_audiences(serve) -> None:  # type: ignore[no-untyped-def]
+    api = FakeTokenReviewApi()
+    base, client = await tokenreview_agent(
+        serve, api, audiences=("modelfleet-agent",), allowed_subjects=frozenset({OPERATOR})
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(
+                base + "/v1/gpus", headers={"Authorization": "Bearer agent-aud"}
+            ) as r:
+                assert r.status == 200
+            # A token of the right identity, issued for the API server, not for the agent.
+            async with http.get(base + "/v1/gpus", headers={"Authorization": "Bearer good"}) as r:
+                assert r.status == 401
+        assert {tuple(r["spec"]["audiences"]) for r in api.reviews} == {("modelfleet-agent",)}
+        # An API server that ignores audiences answers none: the agent cannot trust the token.
+        api.audience_aware = False
+        auth = TokenReviewAuth(client, audiences=("modelfleet-agent",))
+        verdict = await auth.check("agent-aud")
+        assert verdict.decision is Decision.UNAUTHENTICATED
+        assert "audiences" in verdict.reason
+    finally:
+        await client.close()
+
+
+async def test_build_authenticator_from_settings(  # type: ignore[no-untyped-def]
+    serve, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        "MODELFLEET_AGENT_ALLOWED_SUBJECTS", f" {OPERATOR}, ,{OPERATOR},system:admin "
+    )
+    monkeypatch.setenv("MODELFLEET_AGENT_AUDIENCES", "modelfleet-agent")
+    settings = AgentSettings(auth="tokenreview")
+    assert settings.allowed_subjects == [OPERATOR, "system:admin"]
+    client = KubeClient(ClusterConfig(server="http://127.0.0.1:1", ssl_context=False), timeout_s=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="modelfleet.agent.main"):
+            auth = build_authenticator(settings, None, client)
+            assert isinstance(auth, TokenReviewAuth)
+            assert auth.allowed_subjects == frozenset({OPERATOR, "system:admin"})
+            assert auth.audiences == ("modelfleet-agent",)
+            assert not caplog.records
+            # No allowed subjects: it works, and says at start that anyone authenticated may read.
+            open_auth = build_authenticator(
+                AgentSettings(auth="tokenreview", allowed_subjects=""), None, client
+            )
+        assert isinstance(open_auth, TokenReviewAuth)
+        assert open_auth.allowed_subjects == frozenset()
+        assert len(caplog.records) == 1
+        assert "any identity" in caplog.records[0].getMessage()
+        assert "MODELFLEET_AGENT_ALLOWED_SUBJECTS" in caplog.records[0].getMessage()
+    finally:
+        await client.close()
+
+
+def test_decide() -> None:
+    auth = TokenReviewAuth(client=None, allowed_subjects=frozenset({OPERATOR}))  # type: ignore[arg-type]
+    assert auth.decide(OPERATOR).decision is Decision.ALLOW
+    assert auth.decide(STRANGER).decision is Decision.FORBIDDEN
+    assert auth.decide("").decision is Decision.UNAUTHENTICATED

@@ -119,6 +119,8 @@ def test_simulated_agent_serves_all_endpoints() -> None:
         (["--auth", "token"], {}, "--token-file"),
         (["--auth", "tokenreview"], {}, "--kubeconfig"),
         (["--kubeconfig", "/nonexistent/kubeconfig"], {}, "--kubeconfig"),
+        (["--pod-resources-timeout", "0"], {}, "--pod-resources-timeout"),
+        ([], {"MODELFLEET_AGENT_POD_RESOURCES_TIMEOUT_S": "x"}, "POD_RESOURCES_TIMEOUT_S"),
     ],
 )
 def test_bad_options_exit_nonzero_naming_the_option(

@@ -160,9 +160,9 @@ async def test_device_listing_failure_shuts_nvml_down(fake_nvml: FakeNvml) -> No
     assert fake_nvml.initialised == 0
 
 
-async def test_pods_by_uuid_attribution(fake_nvml: FakeNvml) -> None:
+async def test_pods_by_device_attribution(fake_nvml: FakeNvml) -> None:
     pod = PodRef(namespace="ml", name="gemma-instance-1", container="vllm")
-    backend = await started(pods_by_uuid=lambda: {"GPU-bbbb": [pod]})
+    backend = await started(pods_by_device=lambda: {"GPU-bbbb": [pod]})
     try:
         gpus, _ = await backend.sample()
     finally:
@@ -205,3 +205,16 @@ async def test_http_endpoints_with_nvml_backend(fake_nvml: FakeNvml, serve) -> N
     healthy = {s.labels["gpu"]: s.value for s in families["modelfleet_agent_gpu_healthy"].samples}
     assert healthy == {"0": 1.0, "1": 0.0}
     assert families["modelfleet_agent_gpu_read_errors"].samples[0].value == 1
+
+
+async def test_failing_pod_source_never_costs_the_sample(fake_nvml: FakeNvml) -> None:
+    def broken() -> dict[str, list[PodRef]]:
+        raise RuntimeError("attribution bug")
+
+    backend = await started(pods_by_device=broken)
+    try:
+        gpus, _ = await backend.sample()
+    finally:
+        await backend.close()
+    assert [g.uuid for g in gpus] == ["GPU-aaaa", "GPU-bbbb"]
+    assert all(g.health.healthy and g.pods == [] for g in gpus)
