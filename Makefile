@@ -117,3 +117,16 @@ bench-kube-client: $(STAMP) ## Memory and CPU of the official kubernetes client 
 .PHONY: bench-pool
 bench-pool: $(STAMP) ## GPU pool: one poll round over 1,000 agent endpoints (real HTTP on loopback)
 	$(BIN)/python benchmarks/bench_pool.py --endpoints 1000 --rounds 30
+
+PEERS_VENV := benchmarks/.peers-venv
+# The peers run from their own venv so their dependencies never touch the project's.
+# LiteLLM 1.107.0 was a compromised release; the pin below predates it.
+PEERS := 'litellm[proxy]==1.100.5' 'vllm-router==0.1.17'
+
+$(PEERS_VENV)/.installed:
+	-$(PYTHON) -m venv $(PEERS_VENV) && $(PEERS_VENV)/bin/pip install -q --upgrade pip \
+		&& $(PEERS_VENV)/bin/pip install -q $(PEERS) && touch $@
+
+.PHONY: bench-gateway
+bench-gateway: $(STAMP) $(PEERS_VENV)/.installed ## Gateway vs direct, LiteLLM and vllm-router; 5,000 streams
+	$(BIN)/python benchmarks/bench_gateway.py --peers-venv $(PEERS_VENV) $(BENCH_ARGS)

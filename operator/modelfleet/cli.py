@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "crd": ("modelfleet.api.cli", "print (or write) the ModelDeployment CRD"),
     "docs": ("modelfleet.docs_cli", "write the generated docs (docs/configuration.md)"),
+    "gateway": ("modelfleet.gateway.cli", "run the OpenAI-compatible gateway"),
+    "sim-vllm": ("modelfleet.sim.vllm", "run the vLLM stand-in (an OpenAI-compatible simulator)"),
     "agent": ("modelfleet.agent.cli", "serve this node's GPU stats (node-stats agent)"),
     "status": ("modelfleet.gpus.cli", "show the GPU pool: endpoints, health, GPUs and memory"),
 }
@@ -31,12 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(cmd)
         runner: Callable[[argparse.Namespace], int] = module.run
-        cmd.set_defaults(_run=runner)
+        # A command that stands in for another program (sim-vllm takes vLLM's arguments) sets
+        # ACCEPTS_UNKNOWN_ARGS and gets the arguments it does not know as args._unknown.
+        cmd.set_defaults(_run=runner, _lenient=getattr(module, "ACCEPTS_UNKNOWN_ARGS", False))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not args._lenient:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args._unknown = unknown
     try:
         return int(args._run(args))
     except KeyboardInterrupt:

@@ -288,9 +288,75 @@ class GatewaySettings(_Settings):
     last_use_interval_s: float = Field(
         30.0, gt=0, description="Shortest time between two last-use annotation writes per model."
     )
+    retry_backoff_s: float = Field(
+        0.025,
+        ge=0,
+        le=10,
+        description="Pause before a retry: random up to this times 2^attempt, in seconds.",
+    )
+    eject_base_s: float = Field(
+        2.0, gt=0, description="First time a failing replica is skipped; doubles each time."
+    )
+    eject_max_s: float = Field(60.0, gt=0, description="Longest time a replica is skipped.")
+    retry_after_s: int = Field(
+        10, ge=1, le=3600, description="Retry-After of a 503 while a model starts, in seconds."
+    )
+    max_header_bytes: int = Field(
+        8190, ge=1024, le=65536, description="Longest request line and header field, in bytes."
+    )
+    max_headers: int = Field(64, ge=8, le=1024, description="Most request headers accepted.")
+    static_upstreams: str = Field(
+        "",
+        description=(
+            "Fixed upstreams instead of watching the API: MODEL=http://HOST:PORT[,...] with "
+            "models separated by ';' (development and benchmarks)."
+        ),
+    )
+    kubeconfig: str = Field(
+        "", description="kubeconfig file; empty: in-cluster config, else $KUBECONFIG."
+    )
 
 
-ALL_SETTINGS: tuple[type[_Settings], ...] = (OperatorSettings, AgentSettings, GatewaySettings)
+class SimSettings(_Settings):
+    """The vLLM stand-in used where no real vLLM can run (tests, `make dev`)."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELFLEET_SIM_")
+    doc_title: ClassVar[str] = "vLLM stand-in (`modelfleet sim-vllm`)"
+
+    startup_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="Seconds before /health answers 200 (503 until then: vLLM loading weights).",
+    )
+    token_latency_s: float = Field(
+        0.002, ge=0, le=10, description="Delay between two streamed tokens, in seconds."
+    )
+    request_latency_s: float = Field(
+        0.0, ge=0, le=600, description="Delay before a non-streaming answer, in seconds."
+    )
+    fail_rate: float = Field(
+        0.0, ge=0, le=1, description="Fraction of inference requests answered with fail_status."
+    )
+    fail_status: int = Field(503, ge=400, le=599, description="HTTP status of a simulated failure.")
+    fail_body: bool = Field(
+        False,
+        description=(
+            "Whether a simulated failure carries an OpenAI error body; without one it looks "
+            "like an overloaded server (a gateway may retry it)."
+        ),
+    )
+    embedding_dim: int = Field(
+        32, ge=1, le=8192, description="Length of the vectors /v1/embeddings returns."
+    )
+
+
+ALL_SETTINGS: tuple[type[_Settings], ...] = (
+    OperatorSettings,
+    AgentSettings,
+    GatewaySettings,
+    SimSettings,
+)
 
 
 def load(cls: type[S], **overrides: Any) -> S:

@@ -308,24 +308,26 @@ async def list_and_watch(
     path: str,
     *,
     retry_delay_s: float = 1.0,
+    watch_timeout_s: int = 300,
     **params: Any,
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """Level-triggered view of a collection: yields ("SYNC", list) then ("ADDED"|..., obj) forever.
 
-    After every reconnect the whole list is read again and yielded as a SYNC event, so a consumer
-    that rebuilds its cache on SYNC never keeps an object that vanished while it was away.
+    After every reconnect, whether the watch failed or the server simply closed it at its
+    timeout, the whole list is read again and yielded as a SYNC event, so a consumer that rebuilds
+    its cache on SYNC never keeps an object that vanished while it was away. The cost is one LIST
+    per watch timeout (`watch_timeout_s`), which is small next to the safety it buys.
     """
     while True:
         try:
             listing = await client.list(path, **params)
             version = listing.get("metadata", {}).get("resourceVersion")
             yield "SYNC", listing
-            while True:
-                async for event in client.watch(path, resource_version=version, **params):
-                    obj = event.get("object", {})
-                    version = obj.get("metadata", {}).get("resourceVersion", version)
-                    if event["type"] != "BOOKMARK":
-                        yield event["type"], obj
+            async for event in client.watch(
+                path, resource_version=version, timeout_s=watch_timeout_s, **params
+            ):
+                if event["type"] != "BOOKMARK":
+                    yield event["type"], event.get("object", {})
         except ApiError as exc:
             if exc.status != 410:
                 await asyncio.sleep(retry_delay_s)

@@ -1,0 +1,205 @@
+"""The gateway's composition root: settings in, a running aiohttp application out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from modelfleet.gateway.balancer import EjectionPolicy
+from modelfleet.gateway.metrics import GatewayMetrics
+from modelfleet.gateway.proxy import Proxy, ProxyConfig, models_payload, status_payload
+from modelfleet.gateway.registry import Registry
+from modelfleet.gateway.usage import AnnotationWriter, UsageRecorder
+from modelfleet.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+Source = Callable[[Registry], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class Gateway:
+    """Everything one gateway process shares: registry, metrics, recorder and the proxy."""
+
+    settings: GatewaySettings
+    registry: Registry
+    metrics: GatewayMetrics
+    usage: UsageRecorder
+    source: Source | None = None
+    proxy: Proxy | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+
+
+def build_proxy_config(settings: GatewaySettings) -> ProxyConfig:
+    return ProxyConfig(
+        max_body_bytes=settings.max_body_bytes,
+        retries=settings.retries,
+        retry_backoff_s=settings.retry_backoff_s,
+        queue_size=settings.queue_size,
+        cold_start_timeout_s=settings.cold_start_timeout_s,
+        retry_after_s=settings.retry_after_s,
+        ejection=EjectionPolicy(
+            failures=settings.eject_after_failures,
+            base_s=settings.eject_base_s,
+            max_s=settings.eject_max_s,
+        ),
+        # No total timeout: a stream may run for many minutes. sock_read bounds a silent replica.
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.upstream_connect_timeout_s,
+            sock_read=settings.upstream_read_timeout_s,
+        ),
+    )
+
+
+def build_session() -> aiohttp.ClientSession:
+    """The one upstream session: pooled keep-alive connections, no per-request extras."""
+    connector = aiohttp.TCPConnector(
+        limit=0,  # the per-model queues and the replicas bound concurrency, not the pool
+        limit_per_host=0,
+        keepalive_timeout=30,
+        ttl_dns_cache=None,
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,  # bytes pass through as the replica sent them
+        skip_auto_headers=("User-Agent",),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+def build_app(
+    settings: GatewaySettings,
+    *,
+    registry: Registry | None = None,
+    source: Source | None = None,
+    writer: AnnotationWriter | None = None,
+    metrics: GatewayMetrics | None = None,
+) -> web.Application:
+    """The gateway application; `source` fills the registry (None: the caller fills it)."""
+    registry = registry or Registry(settings.balancing)
+    metrics = metrics or GatewayMetrics()
+    usage = UsageRecorder(registry, writer, metrics, interval_s=settings.last_use_interval_s)
+    gateway = Gateway(settings, registry, metrics, usage, source)
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app[GATEWAY] = gateway
+    app.cleanup_ctx.append(_lifecycle)
+
+    async def inference(request: web.Request) -> web.StreamResponse:
+        assert gateway.proxy is not None
+        return await gateway.proxy.handle(request)
+
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        app.router.add_post(path, inference)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/gateway/status", handle_status)
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/healthz", handle_healthz)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY]
+    session = build_session()
+    gateway.proxy = Proxy(
+        build_proxy_config(gateway.settings),
+        gateway.registry,
+        gateway.metrics,
+        gateway.usage,
+        session,
+    )
+    gateway.tasks.append(asyncio.create_task(gateway.usage.run(), name="usage"))
+    if gateway.source is not None:
+        gateway.tasks.append(asyncio.create_task(gateway.source(gateway.registry), name="source"))
+    try:
+        yield
+    finally:
+        for task in gateway.tasks:
+            task.cancel()
+        for task in gateway.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await gateway.usage.flush()  # the last use of every model, once more
+        await session.close()
+
+
+async def handle_models(request: web.Request) -> web.StreamResponse:
+    return web.json_response(models_payload(request.app[GATEWAY].registry))
+
+
+async def handle_status(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    gauge = gateway.metrics.ready_replicas
+    for model, route in gateway.registry.routes.items():
+        gauge.labels(model).set(len(route.replicas))
+    return web.json_response(status_payload(gateway.registry, time.monotonic()))
+
+
+async def handle_metrics(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    gauge = gateway.metrics.ready_replicas
+    for model, route in gateway.registry.routes.items():
+        gauge.labels(model).set(len(route.replicas))
+    return web.Response(
+        body=generate_latest(gateway.metrics.registry),
+        headers={"Content-Type": CONTENT_TYPE_LATEST},
+    )
+
+
+async def handle_healthz(request: web.Request) -> web.StreamResponse:
+    """Liveness: the process serves. `synced` says whether it has seen the fleet yet."""
+    registry = request.app[GATEWAY].registry
+    return web.json_response({"status": "ok", "synced": registry.is_synced})
+
+
+def build_runner(app: web.Application, settings: GatewaySettings) -> web.AppRunner:
+    return web.AppRunner(
+        app,
+        access_log=None,
+        # A client that disconnects cancels its handler, which closes the upstream request.
+        handler_cancellation=True,
+        max_line_size=settings.max_header_bytes,
+        max_field_size=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+    )
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app[GATEWAY]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_gateway(
+    app: web.Application, settings: GatewaySettings, host: str, port: int
+) -> RunningGateway:
+    """Start serving `app`; port 0 picks a free port."""
+    runner = build_runner(app, settings)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    await site.start()
+    port = int(runner.addresses[0][1])
+    return RunningGateway(f"http://{host}:{port}", app, runner)

@@ -1,0 +1,173 @@
+"""Pure parts of the gateway: API objects to routing facts, the model field, error bodies.
+
+Nothing here does I/O; the watch loops and the proxy call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from modelfleet.api import labels
+
+BALANCING_MODES = ("RoundRobin", "LeastOutstanding")
+DEFAULT_ENGINE_PORT = 8000
+
+
+@dataclass(frozen=True)
+class DeploymentInfo:
+    """What the gateway needs from one ModelDeployment."""
+
+    namespace: str
+    name: str
+    served_name: str
+    replicas: int
+    balancing: str | None  # the annotation's value when valid, else None (the global default)
+    port: int
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+
+@dataclass(frozen=True)
+class PodEndpoint:
+    """One ready replica Pod: where it listens and which model it serves."""
+
+    namespace: str
+    name: str
+    deployment: str
+    served_name: str | None  # from the Pod's annotation; None: take the deployment's
+    host: str
+    port: int
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_deployment(obj: dict[str, Any]) -> DeploymentInfo | None:
+    """DeploymentInfo of a ModelDeployment object; None when it has no name."""
+    meta = obj.get("metadata") or {}
+    name = meta.get("name")
+    if not name:
+        return None
+    spec = obj.get("spec") or {}
+    balancing = (meta.get("annotations") or {}).get(labels.ANN_BALANCING)
+    replicas = spec.get("replicas", 1)
+    port = (spec.get("engine") or {}).get("port") or DEFAULT_ENGINE_PORT
+    return DeploymentInfo(
+        namespace=meta.get("namespace") or "",
+        name=name,
+        served_name=spec.get("servedModelName") or name,
+        replicas=replicas if isinstance(replicas, int) else 1,
+        balancing=balancing if balancing in BALANCING_MODES else None,
+        port=port if isinstance(port, int) else DEFAULT_ENGINE_PORT,
+    )
+
+
+def _pod_ready(obj: dict[str, Any]) -> bool:
+    status = obj.get("status") or {}
+    if status.get("phase") not in (None, "Running"):
+        return False
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or ()
+    )
+
+
+def _container_port(obj: dict[str, Any]) -> int | None:
+    """The port vLLM listens on: a container port named http, else the first one declared."""
+    first: int | None = None
+    for container in (obj.get("spec") or {}).get("containers") or ():
+        for port in container.get("ports") or ():
+            number = port.get("containerPort")
+            if not isinstance(number, int):
+                continue
+            if port.get("name") == "http":
+                return number
+            if first is None:
+                first = number
+    return first
+
+
+def parse_replica_pod(obj: dict[str, Any], default_port: int | None = None) -> PodEndpoint | None:
+    """PodEndpoint of a replica Pod that may take traffic; None for any other Pod.
+
+    Only Pods that are Ready, not terminating and have an IP qualify: the gateway never routes to
+    a Pod that is not ready, and routes from Pods rather than EndpointSlices because Kubernetes
+    refuses loopback addresses (the local control plane's simulated Pods) in EndpointSlices.
+    """
+    meta = obj.get("metadata") or {}
+    pod_labels = meta.get("labels") or {}
+    if pod_labels.get(labels.LABEL_COMPONENT) != labels.COMPONENT_REPLICA:
+        return None
+    deployment = pod_labels.get(labels.LABEL_DEPLOYMENT)
+    if not deployment or meta.get("deletionTimestamp") or not _pod_ready(obj):
+        return None
+    host = (obj.get("status") or {}).get("podIP")
+    port = _container_port(obj) or default_port or DEFAULT_ENGINE_PORT
+    if not host:
+        return None
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return PodEndpoint(
+        namespace=meta.get("namespace") or "",
+        name=meta.get("name") or "",
+        deployment=deployment,
+        served_name=(meta.get("annotations") or {}).get(labels.ANN_SERVED_MODEL) or None,
+        host=host,
+        port=port,
+    )
+
+
+# A key named "model" whose opening quote is not escaped: inside a JSON string every quote is
+# preceded by a backslash, so this only matches real object keys.
+_MODEL_KEY = re.compile(rb'(?<!\\)"model"\s*:\s*"([^"\\]{0,512})"')
+_MODEL_KEY_ANY = re.compile(rb'(?<!\\)"model"\s*:')
+
+
+class BodyError(ValueError):
+    """The request body cannot be routed; the message is safe to return (no input echoed)."""
+
+
+def extract_model(body: bytes) -> str:
+    """The request's top-level `model`, without decoding the whole body when that is safe.
+
+    One unescaped `"model":` key with a plain string value is the top-level one; anything else
+    (several keys named model, escapes in the value) falls back to a full JSON parse.
+    """
+    keys = _MODEL_KEY_ANY.findall(body)
+    if len(keys) == 1:
+        match = _MODEL_KEY.search(body)
+        if match:
+            try:
+                return match.group(1).decode()
+            except UnicodeDecodeError:
+                raise BodyError("the model field is not valid UTF-8") from None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise BodyError("the request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise BodyError("the request body must be a JSON object")
+    model = doc.get("model")
+    if not isinstance(model, str) or not model:
+        raise BodyError("the request body has no model field; set model to a served model name")
+    return model
+
+
+def build_error_body(
+    status: int, message: str, kind: str, code: str | None = None, param: str | None = None
+) -> bytes:
+    """The OpenAI error shape. Messages are written by the gateway, never copied from input."""
+    return json.dumps(
+        {"error": {"message": message, "type": kind, "param": param, "code": code or str(status)}},
+        separators=(",", ":"),
+    ).encode()

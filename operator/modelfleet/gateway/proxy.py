@@ -1,0 +1,387 @@
+"""The request path: route by model, hold while a model starts, retry before the first byte,
+relay the answer (SSE chunk by chunk).
+
+Kept lean on purpose (benchmarks/RESULTS.md, Gateway): the body is read once and forwarded as
+the same bytes, only the `model` field is parsed, routing is one dict lookup, a handful of
+headers is copied, and one shared client session with pooled keep-alive connections carries all
+upstream traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from modelfleet.gateway.balancer import (
+    EjectionPolicy,
+    Replica,
+    Route,
+    pick_replica,
+    record_failure,
+    record_success,
+)
+from modelfleet.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
+from modelfleet.gateway.model import BodyError, build_error_body, extract_model
+from modelfleet.gateway.registry import Registry
+from modelfleet.gateway.usage import UsageRecorder
+
+log = logging.getLogger(__name__)
+
+INSTANCE_HEADER = "x-modelfleet-instance"
+# Request headers a replica may need; everything else (hop-by-hop, Host, cookies) stays here.
+_FORWARD_HEADERS = ("Content-Type", "Accept", "Authorization", "X-Request-Id", "traceparent")
+_JSON = "application/json"
+_SSE = "text/event-stream"
+# An answer bigger than this, or without a length, is streamed through rather than buffered.
+_BUFFER_LIMIT = 1 << 20
+# How many known models a 404 lists; the error stays small with thousands of models.
+_LIST_LIMIT = 20
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The request path's settings, resolved once."""
+
+    max_body_bytes: int
+    retries: int
+    retry_backoff_s: float
+    queue_size: int
+    cold_start_timeout_s: float
+    retry_after_s: int
+    ejection: EjectionPolicy
+    timeout: aiohttp.ClientTimeout
+
+
+def error_response(
+    status: int,
+    message: str,
+    kind: str,
+    code: str,
+    *,
+    param: str | None = None,
+    retry_after_s: int | None = None,
+) -> web.Response:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return web.Response(
+        status=status,
+        body=build_error_body(status, message, kind, code, param),
+        content_type=_JSON,
+        headers=headers,
+    )
+
+
+class _Retry(Exception):
+    """A try failed before the first byte and may be repeated on another replica."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Proxy:
+    """The inference endpoints: /v1/chat/completions, /v1/completions, /v1/embeddings."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        registry: Registry,
+        metrics: GatewayMetrics,
+        usage: UsageRecorder,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.usage = usage
+        self.session = session
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        model = UNKNOWN_MODEL
+        status = 500
+        try:
+            response, model = await self._handle(request)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = 499  # the client went away; nginx's code for it
+            raise
+        finally:
+            self.metrics.observe(model, status, time.perf_counter() - started)
+
+    async def _handle(self, request: web.Request) -> tuple[web.StreamResponse, str]:
+        cfg = self.config
+        length = request.content_length
+        if length is not None and length > cfg.max_body_bytes:
+            return self._too_large(), UNKNOWN_MODEL
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large(), UNKNOWN_MODEL
+        try:
+            model = extract_model(body)
+        except BodyError as exc:
+            return error_response(400, str(exc), "invalid_request_error", "invalid_body"), (
+                UNKNOWN_MODEL
+            )
+        route = self.registry.routes.get(model)
+        if route is None and not self.registry.is_synced:
+            await self.registry.wait_synced(cfg.cold_start_timeout_s)
+            route = self.registry.routes.get(model)
+        if route is None:
+            return self._unknown_model(), UNKNOWN_MODEL
+        self.usage.touch(model)
+        if not route.replicas:
+            held = await self._hold(model)
+            if isinstance(held, web.Response):
+                return held, model
+            route = held
+        return await self._forward(request, route, model, body), model
+
+    def _too_large(self) -> web.Response:
+        limit = self.config.max_body_bytes
+        return error_response(
+            413,
+            f"the request body is larger than this gateway accepts ({limit} bytes)",
+            "invalid_request_error",
+            "request_too_large",
+        )
+
+    def _unknown_model(self) -> web.Response:
+        known = sorted(self.registry.models)
+        shown = ", ".join(known[:_LIST_LIMIT])
+        more = f" and {len(known) - _LIST_LIMIT} more" if len(known) > _LIST_LIMIT else ""
+        message = (
+            f"the requested model is not served here; known models: {shown}{more}"
+            if known
+            else "the requested model is not served here; no models are deployed"
+        )
+        return error_response(
+            404, message, "invalid_request_error", "model_not_found", param="model"
+        )
+
+    async def _hold(self, model: str) -> Route | web.Response:
+        """Wait in the model's bounded queue until it has a ready replica."""
+        cfg = self.config
+        registry = self.registry
+        waiting = registry.waiting.get(model, 0)
+        if waiting == 0:
+            self.usage.demand(model)  # the first request of a burst asks for a scale-up
+        if waiting >= cfg.queue_size:
+            self.metrics.queue_rejections.labels(model, "full").inc()
+            return error_response(
+                503,
+                f"model {model} has no ready replica and its queue is full; retry later",
+                "server_error",
+                "model_queue_full",
+                retry_after_s=cfg.retry_after_s,
+            )
+        registry.waiting[model] = waiting + 1
+        gauge = self.metrics.queue_depth.labels(model)
+        gauge.inc()
+        try:
+            route = await registry.wait_for_replica(model, cfg.cold_start_timeout_s)
+        finally:
+            registry.waiting[model] -= 1
+            gauge.dec()
+        if route is None:
+            self.metrics.queue_rejections.labels(model, "timeout").inc()
+            return error_response(
+                503,
+                f"model {model} has no ready replica yet (it is starting); retry later",
+                "server_error",
+                "model_not_ready",
+                retry_after_s=cfg.retry_after_s,
+            )
+        return route
+
+    def _upstream_headers(self, request: web.Request) -> dict[str, str]:
+        source = request.headers
+        headers = {}
+        for name in _FORWARD_HEADERS:
+            value = source.get(name)
+            if value is not None:
+                headers[name] = value
+        return headers
+
+    async def _forward(
+        self, request: web.Request, route: Route, model: str, body: bytes
+    ) -> web.StreamResponse:
+        cfg = self.config
+        headers = self._upstream_headers(request)
+        path = request.path
+        tried: tuple[Replica, ...] = ()
+        last_reason = ""
+        for attempt in range(cfg.retries + 1):
+            replica = pick_replica(route, time.monotonic(), tried)
+            if replica is None:
+                break
+            tried += (replica,)
+            replica.outstanding += 1
+            replica.requests += 1
+            try:
+                upstream = await self._send(replica, path, body, headers, model)
+            except _Retry as exc:
+                replica.outstanding -= 1
+                last_reason = exc.reason
+                if attempt < cfg.retries:
+                    self.metrics.retries.labels(model).inc()
+                    # Jittered, growing pause so a burst of retries does not arrive at once.
+                    await asyncio.sleep(random.uniform(0, cfg.retry_backoff_s * 2**attempt))
+                continue
+            except BaseException:
+                replica.outstanding -= 1
+                raise
+            try:
+                return await self._relay(request, upstream, replica)
+            finally:
+                replica.outstanding -= 1
+        # Every replica refused: 503 when they said they were busy, 502 when unreachable.
+        return error_response(
+            503 if last_reason in ("status", "") else 502,
+            f"no replica of model {model} could take the request; retry later",
+            "server_error",
+            "upstream_unavailable",
+            retry_after_s=cfg.retry_after_s,
+        )
+
+    async def _send(
+        self, replica: Replica, path: str, body: bytes, headers: dict[str, str], model: str
+    ) -> aiohttp.ClientResponse:
+        """One try; raises _Retry for a failure before the first byte that may be retried."""
+        reason = ""
+        url = replica.urls.get(path)
+        if url is None:  # parsed once per replica and path, not per request
+            url = replica.urls[path] = URL(replica.base_url + path)
+        try:
+            upstream = await self.session.post(
+                url, data=body, headers=headers, timeout=self.config.timeout
+            )
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            # Refused, reset, a kept-alive connection the replica had closed, or no answer in
+            # time: nothing was sent back, so another replica may take the request.
+            reason = "timeout" if isinstance(exc, TimeoutError) else "connect"
+            log.debug("try on replica %s failed: %r", replica.name, exc)
+        else:
+            if upstream.status in (502, 503) and upstream.content_length == 0:
+                upstream.release()
+                reason = "status"
+            else:
+                if upstream.status < 500:
+                    record_success(replica)
+                else:
+                    self._failed(replica, model, "status")
+                return upstream
+        self._failed(replica, model, reason)
+        raise _Retry(reason)
+
+    def _failed(self, replica: Replica, model: str, reason: str) -> None:
+        self.metrics.upstream_errors.labels(model, reason).inc()
+        if record_failure(replica, time.monotonic(), self.config.ejection):
+            self.metrics.ejections.labels(model).inc()
+            log.warning(
+                "replica %s (%s) of model %s failed %d times in a row; skipping it until %.0fs "
+                "from now",
+                replica.name,
+                replica.address,
+                model,
+                self.config.ejection.failures,
+                replica.ejected_until - time.monotonic(),
+            )
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, replica: Replica
+    ) -> web.StreamResponse:
+        """Send the replica's answer on: small JSON whole, anything else chunk by chunk."""
+        up_headers = upstream.headers
+        content_type = up_headers.get("Content-Type", _JSON)
+        headers = {
+            "Content-Type": content_type,
+            INSTANCE_HEADER: up_headers.get(INSTANCE_HEADER) or replica.name,
+        }
+        length = upstream.content_length
+        try:
+            if length is not None and length <= _BUFFER_LIMIT and _SSE not in content_type:
+                data = await upstream.read()
+                return web.Response(status=upstream.status, body=data, headers=headers)
+            if _SSE in content_type:
+                headers["Cache-Control"] = "no-cache"
+                headers["X-Accel-Buffering"] = "no"  # no buffering in an nginx in front
+            response = web.StreamResponse(status=upstream.status, headers=headers)
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        except BaseException:
+            # The client left (or the replica broke off): close the upstream connection so the
+            # replica stops generating, rather than returning it to the pool half read.
+            upstream.close()
+            raise
+        finally:
+            upstream.release()
+
+
+def models_payload(registry: Registry) -> dict[str, Any]:
+    """/v1/models: every served model, including those scaled to zero."""
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": model,
+                "object": "model",
+                "created": 0,
+                "owned_by": "modelfleet",
+                "ready_replicas": len(registry.routes[model].replicas)
+                if model in registry.routes
+                else 0,
+                "desired_replicas": registry.desired_replicas(model),
+            }
+            for model in sorted(registry.models)
+        ],
+    }
+
+
+def status_payload(registry: Registry, now: float) -> dict[str, Any]:
+    """/gateway/status: the original gateway's fields, plus health and queues."""
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    by_name: dict[str, dict[str, Any]] = {}
+    for model, route in sorted(registry.routes.items()):
+        instances = []
+        for replica in route.replicas:
+            item = {
+                "name": replica.name,
+                "namespace": replica.namespace,
+                "model": model,
+                "address": replica.address,
+                "outstanding": replica.outstanding,
+                "requests": replica.requests,
+                "consecutive_failures": replica.consecutive_failures,
+                "ejected": replica.ejected_until > now,
+                "ejected_for_s": round(max(0.0, replica.ejected_until - now), 3),
+            }
+            instances.append(item)
+            by_name[replica.name] = item
+        if instances:
+            by_model[model] = instances
+    return {
+        "healthy": registry.is_synced,
+        "synced": dict(registry.synced),
+        "parallel_model_config": {m: registry.desired_replicas(m) for m in sorted(registry.models)},
+        "active_models_by_id": by_model,
+        "active_containers_by_name": dict(sorted(by_name.items())),
+        "queue_depth": {m: n for m, n in sorted(registry.waiting.items()) if n},
+        "balancing": {m: r.balancing for m, r in sorted(registry.routes.items())},
+        "deployments": {
+            m: [f"{d.namespace}/{d.name}" if d.namespace else d.name for d in infos]
+            for m, infos in sorted(registry.models.items())
+        },
+    }

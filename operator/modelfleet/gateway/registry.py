@@ -1,0 +1,194 @@
+"""The gateway's view of the fleet: ModelDeployments, their ready Pods, and a route per model.
+
+Sources (the Kubernetes watch, or a static list) feed objects in; the proxy reads `routes`, a plain
+dict from served model name to Route, so the request path does one lookup and no locking.
+Requests for a model without a ready replica wait on `wait_for_replica`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from modelfleet.gateway.balancer import Route, build_route
+from modelfleet.gateway.model import (
+    DeploymentInfo,
+    PodEndpoint,
+    parse_deployment,
+    parse_replica_pod,
+)
+
+Key = tuple[str, str]
+
+
+def _natural(text: str) -> list[Any]:
+    """Sort key that puts instance-2 before instance-10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
+
+
+class Registry:
+    """Deployments and ready Pods in, one Route per served model out."""
+
+    def __init__(self, default_balancing: str = "RoundRobin") -> None:
+        self.default_balancing = default_balancing
+        self.deployments: dict[Key, DeploymentInfo] = {}
+        self.pods: dict[Key, PodEndpoint] = {}
+        self.routes: dict[str, Route] = {}
+        self.models: dict[str, list[DeploymentInfo]] = {}  # served name -> its deployments
+        self.waiting: dict[str, int] = {}
+        self.synced = {"deployments": False, "pods": False}
+        self._pods_by_model: dict[str, dict[Key, PodEndpoint]] = {}
+        self._pod_model: dict[Key, str] = {}
+        self._ready: dict[str, asyncio.Event] = {}
+        self._synced_event = asyncio.Event()
+
+    # ---- inputs -------------------------------------------------------------------------------
+
+    def replace_deployments(self, objs: Iterable[dict[str, Any]]) -> None:
+        """A full listing (after every watch reconnect): forget deployments not in it."""
+        self.deployments = {}
+        for obj in objs:
+            info = parse_deployment(obj)
+            if info:
+                self.deployments[info.key] = info
+        self.synced["deployments"] = True
+        self._rebuild_all()
+
+    def apply_deployment(self, event: str, obj: dict[str, Any]) -> None:
+        info = parse_deployment(obj)
+        if info is None:
+            return
+        if event == "DELETED":
+            self.deployments.pop(info.key, None)
+        else:
+            self.deployments[info.key] = info
+        self._rebuild_all()
+
+    def replace_pods(self, objs: Iterable[dict[str, Any]]) -> None:
+        self.pods = {}
+        for obj in objs:
+            pod = parse_replica_pod(obj)
+            if pod:
+                self.pods[pod.key] = pod
+        self.synced["pods"] = True
+        self._rebuild_all()
+
+    def apply_pod(self, event: str, obj: dict[str, Any]) -> None:
+        """One watch event. A Pod that is no longer ready leaves its route at once."""
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace") or "", meta.get("name") or "")
+        pod = None if event == "DELETED" else parse_replica_pod(obj)
+        if pod is None:
+            if self.pods.pop(key, None) is None:
+                return
+        else:
+            self.pods[key] = pod
+        old_model = self._pod_model.pop(key, None)
+        if old_model is not None:
+            self._pods_by_model.get(old_model, {}).pop(key, None)
+        new_model = self._index_pod(pod) if pod else None
+        for model in {old_model, new_model} - {None}:
+            assert model is not None
+            self._rebuild_model(model)
+
+    def set_static(self, upstreams: dict[str, list[str]]) -> None:
+        """Fixed upstreams per model (tests, `--static-upstreams`): host:port addresses."""
+        self.deployments = {}
+        self.pods = {}
+        for model, addresses in upstreams.items():
+            info = DeploymentInfo("", model, model, len(addresses), None, 0)
+            self.deployments[info.key] = info
+            for address in addresses:
+                host, _, port = address.rpartition(":")
+                pod = PodEndpoint("", address, model, model, host, int(port))
+                self.pods[pod.key] = pod
+        self.synced = {"deployments": True, "pods": True}
+        self._rebuild_all()
+
+    # ---- outputs ------------------------------------------------------------------------------
+
+    @property
+    def is_synced(self) -> bool:
+        return all(self.synced.values())
+
+    async def wait_synced(self, timeout_s: float) -> bool:
+        """Wait for the first full listing of both kinds (requests at start-up wait, not 404)."""
+        if not self.is_synced:
+            try:
+                await asyncio.wait_for(self._synced_event.wait(), timeout_s)
+            except TimeoutError:
+                return False
+        return True
+
+    def desired_replicas(self, model: str) -> int:
+        return sum(d.replicas for d in self.models.get(model, ()))
+
+    async def wait_for_replica(self, model: str, timeout_s: float) -> Route | None:
+        """Wait until `model` has a ready replica; its Route, or None after the timeout."""
+        route = self.routes.get(model)
+        if route and route.replicas:
+            return route
+        event = self._ready.get(model)
+        if event is None:
+            event = self._ready[model] = asyncio.Event()
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except TimeoutError:
+            return None
+        route = self.routes.get(model)
+        return route if route and route.replicas else None
+
+    # ---- rebuilding ---------------------------------------------------------------------------
+
+    def _served_name(self, pod: PodEndpoint) -> str | None:
+        if pod.served_name:
+            return pod.served_name
+        info = self.deployments.get((pod.namespace, pod.deployment))
+        return info.served_name if info else None
+
+    def _index_pod(self, pod: PodEndpoint) -> str | None:
+        model = self._served_name(pod)
+        if model is None:
+            return None
+        self._pod_model[pod.key] = model
+        self._pods_by_model.setdefault(model, {})[pod.key] = pod
+        return model
+
+    def _rebuild_all(self) -> None:
+        if self.is_synced:
+            self._synced_event.set()
+        models: dict[str, list[DeploymentInfo]] = {}
+        for info in sorted(self.deployments.values(), key=lambda d: d.key):
+            models.setdefault(info.served_name, []).append(info)
+        self.models = models
+        self._pods_by_model = {}
+        self._pod_model = {}
+        for pod in self.pods.values():
+            self._index_pod(pod)
+        for model in set(self.routes) | set(self._pods_by_model) | set(models):
+            self._rebuild_model(model)
+
+    def _balancing(self, model: str) -> str:
+        for info in self.models.get(model, ()):
+            if info.balancing:
+                return info.balancing
+        return self.default_balancing
+
+    def _rebuild_model(self, model: str) -> None:
+        pods = self._pods_by_model.get(model, {})
+        if not pods and model not in self.models:
+            self.routes.pop(model, None)
+            self._pods_by_model.pop(model, None)
+            return
+        triples = sorted(
+            ((p.name, p.address, p.namespace) for p in pods.values()),
+            key=lambda t: (_natural(t[0]), t[1]),
+        )
+        route = build_route(model, triples, self._balancing(model), self.routes.get(model))
+        self.routes[model] = route
+        if route.replicas:
+            event = self._ready.pop(model, None)
+            if event is not None:
+                event.set()
