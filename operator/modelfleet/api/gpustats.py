@@ -11,7 +11,7 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from modelfleet.gpuid import format_gpu_id
+from modelfleet.gpuid import MAX_GPU_INDEX, format_gpu_id, validate_node_name
 
 SCHEMA_VERSION = "v1"
 
@@ -74,11 +74,15 @@ class GpuReport(_Wire):
 
     @model_validator(mode="after")
     def _consistent(self) -> GpuReport:
+        if self.gpus:
+            validate_node_name(self.node)  # once per report: the pool parses thousands a round
         seen: set[int] = set()
         for gpu in self.gpus:
             if gpu.index in seen:
                 raise ValueError(f"GPU index {gpu.index} appears twice in the report")
             seen.add(gpu.index)
+            if gpu.index <= MAX_GPU_INDEX and gpu.gpu_id == f"{self.node}:{gpu.index}":
+                continue  # the common case, without re-checking the node name per GPU
             expected = format_gpu_id(self.node, gpu.index)
             if gpu.gpu_id != expected:
                 raise ValueError(

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -19,6 +18,7 @@ from modelfleet.gateway.balancer import EjectionPolicy
 from modelfleet.gateway.metrics import GatewayMetrics
 from modelfleet.gateway.proxy import Proxy, ProxyConfig, models_payload, status_payload
 from modelfleet.gateway.registry import Registry
+from modelfleet.gateway.upstream import UpstreamClient
 from modelfleet.gateway.usage import AnnotationWriter, UsageRecorder
 from modelfleet.settings import GatewaySettings
 
@@ -56,29 +56,17 @@ def build_proxy_config(settings: GatewaySettings) -> ProxyConfig:
             base_s=settings.eject_base_s,
             max_s=settings.eject_max_s,
         ),
-        # No total timeout: a stream may run for many minutes. sock_read bounds a silent replica.
-        timeout=aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=settings.upstream_connect_timeout_s,
-            sock_read=settings.upstream_read_timeout_s,
-        ),
+        # No total timeout: a stream may run for many minutes. The read timeout bounds a silent
+        # replica (the longest wait between two reads).
+        connect_timeout_s=settings.upstream_connect_timeout_s,
+        read_timeout_s=settings.upstream_read_timeout_s,
     )
 
 
-def build_session() -> aiohttp.ClientSession:
-    """The one upstream session: pooled keep-alive connections, no per-request extras."""
-    connector = aiohttp.TCPConnector(
-        limit=0,  # the per-model queues and the replicas bound concurrency, not the pool
-        limit_per_host=0,
-        keepalive_timeout=30,
-        ttl_dns_cache=None,
-        enable_cleanup_closed=False,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,  # bytes pass through as the replica sent them
-        skip_auto_headers=("User-Agent",),
-        cookie_jar=aiohttp.DummyCookieJar(),
+def build_upstream(config: ProxyConfig) -> UpstreamClient:
+    """The one upstream client: kept-alive connections pooled per replica."""
+    return UpstreamClient(
+        connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.read_timeout_s
     )
 
 
@@ -114,14 +102,9 @@ def build_app(
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
-    session = build_session()
-    gateway.proxy = Proxy(
-        build_proxy_config(gateway.settings),
-        gateway.registry,
-        gateway.metrics,
-        gateway.usage,
-        session,
-    )
+    config = build_proxy_config(gateway.settings)
+    upstream = build_upstream(config)
+    gateway.proxy = Proxy(config, gateway.registry, gateway.metrics, gateway.usage, upstream)
     gateway.tasks.append(asyncio.create_task(gateway.usage.run(), name="usage"))
     if gateway.source is not None:
         gateway.tasks.append(asyncio.create_task(gateway.source(gateway.registry), name="source"))
@@ -135,7 +118,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 await task
         with contextlib.suppress(Exception):
             await gateway.usage.flush()  # the last use of every model, once more
-        await session.close()
+        await upstream.close()
 
 
 async def handle_models(request: web.Request) -> web.StreamResponse:

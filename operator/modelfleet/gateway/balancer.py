@@ -7,7 +7,6 @@ by address, so outstanding counts, failure streaks and ejections survive the reb
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 ROUND_ROBIN = "RoundRobin"
 LEAST_OUTSTANDING = "LeastOutstanding"
@@ -21,8 +20,8 @@ class Replica:
     address: str  # host:port
     namespace: str = ""
     base_url: str = field(init=False)
-    # path -> the proxy's parsed upstream URL, cached here so it dies with the replica.
-    urls: dict[str, Any] = field(init=False, default_factory=dict)
+    # path -> the request line and Host header the proxy sends, cached so it dies with the replica.
+    heads: dict[str, bytes] = field(init=False, default_factory=dict)
     outstanding: int = 0
     consecutive_failures: int = 0
     ejections: int = 0  # consecutive ejections; grows the ejection time, reset by a success

@@ -3,8 +3,8 @@ relay the answer (SSE chunk by chunk).
 
 Kept lean on purpose (benchmarks/RESULTS.md, Gateway): the body is read once and forwarded as
 the same bytes, only the `model` field is parsed, routing is one dict lookup, a handful of
-headers is copied, and one shared client session with pooled keep-alive connections carries all
-upstream traffic.
+headers is copied as raw bytes, and one lean HTTP/1.1 client (upstream.py) with kept-alive
+connections pooled per replica carries all upstream traffic.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from modelfleet.gateway.balancer import (
     EjectionPolicy,
@@ -31,13 +29,21 @@ from modelfleet.gateway.balancer import (
 from modelfleet.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from modelfleet.gateway.model import BodyError, build_error_body, extract_model
 from modelfleet.gateway.registry import Registry
+from modelfleet.gateway.upstream import (
+    UpstreamBodyError,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+)
 from modelfleet.gateway.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 
 INSTANCE_HEADER = "x-modelfleet-instance"
 # Request headers a replica may need; everything else (hop-by-hop, Host, cookies) stays here.
-_FORWARD_HEADERS = ("Content-Type", "Accept", "Authorization", "X-Request-Id", "traceparent")
+_FORWARD_HEADERS = frozenset(
+    (b"content-type", b"accept", b"authorization", b"x-request-id", b"traceparent")
+)
 _JSON = "application/json"
 _SSE = "text/event-stream"
 # An answer bigger than this, or without a length, is streamed through rather than buffered.
@@ -57,7 +63,8 @@ class ProxyConfig:
     cold_start_timeout_s: float
     retry_after_s: int
     ejection: EjectionPolicy
-    timeout: aiohttp.ClientTimeout
+    connect_timeout_s: float
+    read_timeout_s: float
 
 
 def error_response(
@@ -95,13 +102,13 @@ class Proxy:
         registry: Registry,
         metrics: GatewayMetrics,
         usage: UsageRecorder,
-        session: aiohttp.ClientSession,
+        upstream: UpstreamClient,
     ) -> None:
         self.config = config
         self.registry = registry
         self.metrics = metrics
         self.usage = usage
-        self.session = session
+        self.upstream = upstream
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -203,20 +210,28 @@ class Proxy:
             )
         return route
 
-    def _upstream_headers(self, request: web.Request) -> dict[str, str]:
-        source = request.headers
-        headers = {}
-        for name in _FORWARD_HEADERS:
-            value = source.get(name)
-            if value is not None:
-                headers[name] = value
-        return headers
+    def _upstream_headers(self, request: web.Request) -> bytes:
+        """The forwarded request headers as wire bytes, built once per request (not per try).
+
+        Copied from the raw header pairs as the client sent them; the server's parser has
+        already refused CR/LF in names and values, so they cannot split the upstream request.
+        """
+        seen: set[bytes] = set()
+        out = []
+        for name, value in request.raw_headers:
+            key = name.lower()
+            if key in _FORWARD_HEADERS and key not in seen:  # the first of duplicates, as before
+                seen.add(key)
+                out.append(b"%s: %s\r\n" % (name, value))
+        if b"content-type" not in seen:
+            out.append(b"Content-Type: application/json\r\n")  # the body is JSON, or it is 400
+        return b"".join(out)
 
     async def _forward(
         self, request: web.Request, route: Route, model: str, body: bytes
     ) -> web.StreamResponse:
         cfg = self.config
-        headers = self._upstream_headers(request)
+        tail = b"Content-Length: %d\r\n%s\r\n" % (len(body), self._upstream_headers(request))
         path = request.path
         tried: tuple[Replica, ...] = ()
         last_reason = ""
@@ -228,7 +243,7 @@ class Proxy:
             replica.outstanding += 1
             replica.requests += 1
             try:
-                upstream = await self._send(replica, path, body, headers, model)
+                upstream = await self._send(replica, path, tail, body, model)
             except _Retry as exc:
                 replica.outstanding -= 1
                 last_reason = exc.reason
@@ -241,7 +256,7 @@ class Proxy:
                 replica.outstanding -= 1
                 raise
             try:
-                return await self._relay(request, upstream, replica)
+                return await self._relay(request, upstream, replica, model)
             finally:
                 replica.outstanding -= 1
         # Every replica refused: 503 when they said they were busy, 502 when unreachable.
@@ -254,22 +269,21 @@ class Proxy:
         )
 
     async def _send(
-        self, replica: Replica, path: str, body: bytes, headers: dict[str, str], model: str
-    ) -> aiohttp.ClientResponse:
+        self, replica: Replica, path: str, tail: bytes, body: bytes, model: str
+    ) -> UpstreamResponse:
         """One try; raises _Retry for a failure before the first byte that may be retried."""
-        reason = ""
-        url = replica.urls.get(path)
-        if url is None:  # parsed once per replica and path, not per request
-            url = replica.urls[path] = URL(replica.base_url + path)
-        try:
-            upstream = await self.session.post(
-                url, data=body, headers=headers, timeout=self.config.timeout
+        head = replica.heads.get(path)
+        if head is None:  # request line and Host, built once per replica and path
+            head = replica.heads[path] = (
+                f"POST {path} HTTP/1.1\r\nHost: {replica.address}\r\n".encode()
             )
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            # Refused, reset, a kept-alive connection the replica had closed, or no answer in
-            # time: nothing was sent back, so another replica may take the request.
-            reason = "timeout" if isinstance(exc, TimeoutError) else "connect"
-            log.debug("try on replica %s failed: %r", replica.name, exc)
+        try:
+            upstream = await self.upstream.post(replica.address, head + tail, body)
+        except UpstreamError as exc:
+            # Refused, reset, closed without an answer, or no answer in time: nothing was sent
+            # back, so another replica may take the request.
+            reason = exc.reason
+            log.debug("try on replica %s failed: %s", replica.name, exc)
         else:
             if upstream.status in (502, 503) and upstream.content_length == 0:
                 upstream.release()
@@ -298,32 +312,48 @@ class Proxy:
             )
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, replica: Replica
+        self, request: web.Request, upstream: UpstreamResponse, replica: Replica, model: str
     ) -> web.StreamResponse:
         """Send the replica's answer on: small JSON whole, anything else chunk by chunk."""
         up_headers = upstream.headers
-        content_type = up_headers.get("Content-Type", _JSON)
+        content_type = up_headers.get("content-type", _JSON)
         headers = {
             "Content-Type": content_type,
             INSTANCE_HEADER: up_headers.get(INSTANCE_HEADER) or replica.name,
         }
         length = upstream.content_length
+        sse = _SSE in content_type
+        response: web.StreamResponse | None = None
         try:
-            if length is not None and length <= _BUFFER_LIMIT and _SSE not in content_type:
+            if length is not None and length <= _BUFFER_LIMIT and not sse:
                 data = await upstream.read()
                 return web.Response(status=upstream.status, body=data, headers=headers)
-            if _SSE in content_type:
+            if sse:
                 headers["Cache-Control"] = "no-cache"
                 headers["X-Accel-Buffering"] = "no"  # no buffering in an nginx in front
             response = web.StreamResponse(status=upstream.status, headers=headers)
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.iter_chunks():
                 await response.write(chunk)
             await response.write_eof()
             return response
+        except UpstreamBodyError as exc:
+            # The replica broke off mid-answer. Before anything went out the client gets a 502;
+            # after that all we can do is end the connection so it sees the answer is cut.
+            upstream.close()
+            self._failed(replica, model, "body")
+            log.debug("replica %s broke off its answer: %s", replica.name, exc)
+            if response is None:
+                return error_response(
+                    502,
+                    f"a replica of model {model} broke off its answer; retry later",
+                    "server_error",
+                    "upstream_broke_off",
+                )
+            raise
         except BaseException:
-            # The client left (or the replica broke off): close the upstream connection so the
-            # replica stops generating, rather than returning it to the pool half read.
+            # The client left: close the upstream connection so the replica stops generating,
+            # rather than returning it to the pool half read.
             upstream.close()
             raise
         finally:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import aiohttp
+from yarl import URL
 
 from modelfleet.api.gpustats import GpuReport
 from modelfleet.gpus.breaker import (
@@ -38,7 +39,9 @@ from modelfleet.gpus.client import (
     FailureKind,
     Fetched,
     FetchError,
+    LastReply,
     TokenSource,
+    build_target,
     fetch_with_retries,
 )
 from modelfleet.gpus.discovery import watch_agent_pods
@@ -67,6 +70,11 @@ class _Endpoint:
     health: HealthRecord = field(default_factory=HealthRecord)
     report: GpuReport | None = None
     state: EndpointState = EndpointState.STALE
+    target: URL = field(init=False)
+    last_reply: LastReply = field(default_factory=LastReply)
+
+    def __post_init__(self) -> None:
+        self.target = build_target(self.url)
 
 
 class GpuPool:
@@ -96,6 +104,12 @@ class GpuPool:
             backoff_cap_s=settings.backoff_cap_s,
         )
         self._token = TokenSource(settings.agent_token_file, clock)
+        # Built once: every request of every round uses the same timeout.
+        self._timeout = aiohttp.ClientTimeout(total=settings.endpoint_timeout_s)
+        self._request_metric = {
+            outcome: self._metrics.request_duration.labels(outcome=outcome)
+            for outcome in ("ok", *(k.value for k in FailureKind))
+        }
         self._endpoints: dict[str, _Endpoint] = {}
         self._owners: dict[str, str] = {}  # node -> url that last reported it successfully
         self._replicas: Mapping[str, int] | None = None
@@ -175,9 +189,18 @@ class GpuPool:
 
     def build_samples(self, now: float) -> list[EndpointSample]:
         samples = []
+        interval = self.settings.poll_interval_s
         for ep in self._endpoints.values():
             h = ep.health
-            ep.state = self._update_state(ep, h.state(now, self.settings.poll_interval_s))
+            state = h.state(now, interval)
+            reason = h.last_error
+            if state == EndpointState.STALE:
+                frozen = h.stale_sample_reason(now, interval)
+                if frozen:
+                    reason = f"{frozen}; last error: {reason}" if reason else frozen
+                elif not reason:
+                    reason = "no reply yet"
+            ep.state = self._update_state(ep, state, reason)
             b = h.breaker
             samples.append(
                 EndpointSample(
@@ -186,8 +209,7 @@ class GpuPool:
                     state=ep.state,
                     breaker=b.state,
                     report=ep.report,
-                    reason=h.last_error
-                    or ("no reply yet" if ep.state == EndpointState.STALE else ""),
+                    reason=reason,
                     last_success_at=(
                         datetime.fromtimestamp(h.last_success_wall, UTC)
                         if h.last_success_wall is not None
@@ -204,7 +226,7 @@ class GpuPool:
             )
         return samples
 
-    def _update_state(self, ep: _Endpoint, state: EndpointState) -> EndpointState:
+    def _update_state(self, ep: _Endpoint, state: EndpointState, reason: str) -> EndpointState:
         if state != ep.state:
             level = logging.INFO if state.usable else logging.WARNING
             log.log(
@@ -213,7 +235,7 @@ class GpuPool:
                 state.value,
                 ep.url,
                 ep.node or (ep.report.node if ep.report else "?"),
-                ep.health.last_error or "-",
+                reason or "-",
             )
         return state
 
@@ -228,23 +250,25 @@ class GpuPool:
         ep.health.breaker = new
 
     def _observe_request(self, latency_s: float, kind: FailureKind | None) -> None:
-        outcome = "ok" if kind is None else kind.value
-        self._metrics.request_duration.labels(outcome=outcome).observe(latency_s)
+        self._request_metric["ok" if kind is None else kind.value].observe(latency_s)
 
     async def _poll_endpoint(
-        self, ep: _Endpoint, sem: asyncio.Semaphore, headers: dict[str, str]
+        self, ep: _Endpoint, sem: asyncio.Semaphore, headers: dict[str, str] | None
     ) -> Fetched | FetchError:
         # A half-open breaker lets exactly one probe through: no retries.
-        retries = 0 if ep.health.breaker.state == BreakerState.HALF_OPEN else None
+        half_open = ep.health.breaker.state == BreakerState.HALF_OPEN
         async with sem:
             try:
                 return await fetch_with_retries(
                     self._session,
                     ep.url,
                     timeout_s=self.settings.endpoint_timeout_s,
-                    retries=self.settings.endpoint_retries if retries is None else retries,
+                    retries=0 if half_open else self.settings.endpoint_retries,
                     headers=headers,
                     expected_node=ep.node if ep.discovered else None,
+                    target=ep.target,
+                    client_timeout=self._timeout,
+                    last=ep.last_reply,
                     on_attempt=self._observe_request,
                 )
             except FetchError as exc:
@@ -266,13 +290,14 @@ class GpuPool:
             else:
                 sem = asyncio.Semaphore(self.settings.poll_concurrency)
                 results = await asyncio.gather(
-                    *(self._poll_endpoint(ep, sem, headers) for ep in due)
+                    *(self._poll_endpoint(ep, sem, headers or None) for ep in due)
                 )
             self._apply_results(due, results)
             snapshot = build_snapshot(
                 self.build_samples(self._clock()),
                 taken_at=self._now_wall(),
                 replicas_by_node=self._replicas,
+                previous=self._snapshot,
             )
             self._snapshot = snapshot
             self._metrics.observe_snapshot(snapshot)
@@ -306,6 +331,7 @@ class GpuPool:
             if isinstance(res, Fetched):
                 self._set_breaker(ep, breaker_on_success(h.breaker))
                 h.record_success(done, wall, res.latency_s)
+                h.record_sample(done, res.report.sampled_at, res.report.poll_interval_s)
                 ep.report = res.report
                 self._owners[res.report.node] = ep.url
             else:

@@ -1,16 +1,17 @@
 """The pool snapshot: an immutable view of every usable GPU, keyed by global GPU ID.
 
 `build_snapshot` is a pure function of the endpoints' last samples and health, so it is tested
-with tables and properties; the pool calls it after every poll round. Only usable endpoints
-(healthy or degraded, see `modelfleet.gpus.health`) contribute GPUs, nodes and totals; every
-endpoint appears in `endpoints` with its state and the reason.
+with tables and properties; the pool calls it after every poll round, passing the previous
+snapshot so that a node whose report object has not changed is reused rather than rebuilt.
+Only usable endpoints (healthy or degraded, see `modelfleet.gpus.health`) contribute GPUs,
+nodes and totals; every endpoint appears in `endpoints` with its state and the reason.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
 
@@ -151,6 +152,10 @@ class PoolSnapshot:
     totals: Totals
     balance: Balance
     _by_node: Mapping[str, PoolNode] = field(default_factory=dict, repr=False, compare=False)
+    #: url -> (the report, its node): what `build_snapshot(previous=...)` may reuse.
+    _built: Mapping[str, tuple[GpuReport, PoolNode]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def node(self, name: str) -> PoolNode | None:
         return self._by_node.get(name)
@@ -286,10 +291,18 @@ def build_snapshot(
     *,
     taken_at: datetime,
     replicas_by_node: Mapping[str, int] | None = None,
+    previous: PoolSnapshot | None = None,
 ) -> PoolSnapshot:
-    """Merge the endpoints' samples into one pool; see the module docstring for what counts."""
+    """Merge the endpoints' samples into one pool; see the module docstring for what counts.
+
+    With `previous`, an endpoint whose report is the very object it had there keeps its node
+    (GPUs and figures) instead of building it again: the result is the same either way.
+    """
     gpus: dict[str, PoolGpu] = {}
     nodes: list[PoolNode] = []
+    seen_nodes: set[str] = set()
+    built: dict[str, tuple[GpuReport, PoolNode]] = {}
+    reusable = previous._built if previous is not None else {}
     summaries: list[EndpointSummary] = []
     by_state = dict.fromkeys(EndpointState, 0)
     for s in sorted(samples, key=lambda s: s.url):
@@ -298,10 +311,12 @@ def build_snapshot(
         included = s.state.usable and report is not None
         reason = s.reason
         if included and report is not None:
+            # A report's GPU IDs are all `<its node>:<index>` (GpuReport checks), so only a
+            # node seen before can clash; the scan runs only then.
             clash = (
-                None
-                if gpus.keys().isdisjoint(g.gpu_id for g in report.gpus)
-                else next(g.gpu_id for g in report.gpus if g.gpu_id in gpus)
+                next((g.gpu_id for g in report.gpus if g.gpu_id in gpus), None)
+                if report.node in seen_nodes
+                else None
             )
             if clash is not None:
                 # The pool rejects clashing replies before they get here; this keeps the
@@ -310,13 +325,25 @@ def build_snapshot(
                 reason = f"duplicate GPU IDs: {clash} is already reported by {gpus[clash].endpoint}"
         figures: Figures | None = None
         if included and report is not None:
-            node_gpus = _pool_gpus(report, s.url)
-            for gpu in node_gpus:
+            kept = reusable.get(s.url)
+            if kept is not None and kept[0] is report:
+                node = kept[1] if kept[1].state == s.state else replace(kept[1], state=s.state)
+            else:
+                node_gpus = _pool_gpus(report, s.url)
+                node = PoolNode(
+                    report.node,
+                    s.url,
+                    s.state,
+                    report.sampled_at,
+                    node_gpus,
+                    compute_figures(node_gpus),
+                )
+            for gpu in node.gpus:
                 gpus[gpu.gpu_id] = gpu
-            figures = compute_figures(node_gpus)
-            nodes.append(
-                PoolNode(report.node, s.url, s.state, report.sampled_at, node_gpus, figures)
-            )
+            figures = node.figures
+            nodes.append(node)
+            seen_nodes.add(report.node)
+            built[s.url] = (report, node)
         summaries.append(
             EndpointSummary(
                 url=s.url,
@@ -354,6 +381,7 @@ def build_snapshot(
         totals=totals,
         balance=compute_balance(nodes, replicas_by_node),
         _by_node=MappingProxyType({n.name: n for n in nodes}),
+        _built=built,
     )
 
 

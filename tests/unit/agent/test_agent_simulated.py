@@ -384,3 +384,35 @@ async def test_readyz_waits_for_first_sample(serve) -> None:  # type: ignore[no-
         assert await poll_once(backend, state)
         async with http.get(f"{base}/readyz") as resp:
             assert resp.status == 200
+
+
+async def test_freeze_sample_knob_hangs_the_poll_loop(sim_agent) -> None:  # type: ignore[no-untyped-def]
+    """`freezeSample`: the agent keeps serving its last sample, as one with a stuck poll loop."""
+    base, http, state, backend = sim_agent
+    await wait_for(lambda: state.latest is not None, what="first sample")
+
+    async def served() -> GpuReport:
+        async with http.get(f"{base}/v1/gpus") as resp:
+            assert resp.status == 200
+            return GpuReport.model_validate_json(await resp.read())
+
+    async with http.post(f"{base}/sim/faults", json={"freezeSample": True}) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["freezeSample"] is True
+    frozen = state.latest
+    # A GPU fault asks for a new sample at once; the loop cannot take it.
+    async with http.post(f"{base}/sim/faults", json={"unhealthy": {"3": "XID 79"}}) as resp:
+        assert resp.status == 200
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(backend.sample(), 0.2)
+    assert state.latest is frozen
+    report = await served()
+    assert report.sampled_at == frozen.report.sampled_at
+    assert report.gpus[3].health.healthy
+
+    async with http.post(f"{base}/sim/faults", json={"freezeSample": False}) as resp:
+        assert resp.status == 200
+    await wait_for(lambda: state.latest is not frozen, what="a new sample after the thaw")
+    report = await served()
+    assert report.sampled_at > frozen.report.sampled_at
+    assert report.gpus[3].health.reason == "XID 79"

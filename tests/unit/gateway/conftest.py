@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 from gwharness import Fleet, FleetFactory, RecordingWriter, md_obj
 
 from modelfleet.gateway.app import build_app, start_gateway
 from modelfleet.gateway.registry import Registry
 from modelfleet.settings import GatewaySettings
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every gateway test on both loops: the gateway runs on uvloop, whose transports differ."""
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture

@@ -1,16 +1,16 @@
 """Helpers for the pool tests: small real HTTP servers that speak the agent's `GET /v1/gpus`.
 
 Each `FakeAgent` is a real aiohttp server on an ephemeral 127.0.0.1 port serving valid
-`GpuReport` JSON, with fault knobs (delay, HTTP error, garbage, wrong schema, flapping) and a
-request counter, so breaker and retry behaviour is asserted against real sockets. A fake clock
-and a scripted jitter source make the backoff schedule exact.
+`GpuReport` JSON, with fault knobs (delay, HTTP error, garbage, wrong schema, flapping, a
+frozen sample) and a request counter, so breaker and retry behaviour is asserted against real
+sockets. A fake clock and a scripted jitter source make the backoff schedule exact.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
@@ -61,6 +61,10 @@ class FakeAgent:
 
     mode: ok | error (HTTP 500) | garbage (not JSON) | schema (JSON, wrong shape) | delay
     (sleeps `delay_s` before answering) | flap (ok and error, alternating per request).
+
+    Like a real agent, every reply is a new sample: `sampledAt` is the report's plus one second
+    per request. `frozen = True` keeps serving the last sample, as an agent whose poll loop is
+    stuck does.
     """
 
     def __init__(
@@ -77,7 +81,9 @@ class FakeAgent:
         self.mode = "ok"
         self.delay_s = 0.0
         self.token = token
+        self.frozen = False
         self.requests = 0
+        self._body = b""
         self.port = port
         self._runner: web.AppRunner | None = None
 
@@ -106,9 +112,12 @@ class FakeAgent:
             return web.Response(body=b"\x00<html>not json", content_type="text/html")
         if mode == "schema":
             return web.json_response({"node": self.node, "gpus": "eight"})
-        return web.Response(
-            body=self.report.model_dump_json(by_alias=True), content_type="application/json"
-        )
+        if not self.frozen or not self._body:
+            sample = self.report.model_copy(
+                update={"sampled_at": self.report.sampled_at + timedelta(seconds=self.requests)}
+            )
+            self._body = sample.model_dump_json(by_alias=True).encode()
+        return web.Response(body=self._body, content_type="application/json")
 
     async def start(self) -> FakeAgent:
         app = web.Application()

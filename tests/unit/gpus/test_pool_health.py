@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
 from modelfleet.gpus.breaker import BreakerState
@@ -10,6 +12,7 @@ from modelfleet.gpus.health import (
     HealthRecord,
     compute_ewma,
     compute_p95,
+    compute_sample_stale_after,
     compute_state,
 )
 
@@ -78,3 +81,67 @@ def test_record_windows() -> None:
     assert r.last_error == "timeout"
     assert r.last_success == 24.0
     assert r.latency_p95_s == 0.100
+
+
+@pytest.mark.parametrize(
+    ("name", "changed", "agent_interval", "now", "expected"),
+    [
+        ("sample changed this round", 114.0, 5.0, 114.0, EndpointState.HEALTHY),
+        ("unchanged just under 3 intervals", 100.0, 5.0, 114.9, EndpointState.HEALTHY),
+        ("unchanged for 3 intervals", 100.0, 5.0, 115.0, EndpointState.STALE),
+        ("faster agent: the pool's interval counts", 100.0, 1.0, 114.9, EndpointState.HEALTHY),
+        ("slower agent: its interval counts", 100.0, 10.0, 129.9, EndpointState.HEALTHY),
+        ("slower agent, 3 of its intervals", 100.0, 10.0, 130.0, EndpointState.STALE),
+        ("no sample time known", None, None, 500.0, EndpointState.HEALTHY),
+    ],
+)
+def test_unchanged_sample_goes_stale(
+    name: str,
+    changed: float | None,
+    agent_interval: float | None,
+    now: float,
+    expected: EndpointState,
+) -> None:
+    """Replies keep arriving (last success is now) but the agent's sample may not change."""
+    got = compute_state(
+        breaker=C,
+        consecutive_failures=0,
+        last_success=now,
+        success_rate=1.0,
+        now=now,
+        poll_interval_s=5.0,
+        sample_changed=changed,
+        agent_poll_interval_s=agent_interval,
+    )
+    assert got == expected, name
+
+
+def test_stale_after_is_three_of_the_slower_interval() -> None:
+    assert compute_sample_stale_after(5.0, None) == 15.0
+    assert compute_sample_stale_after(5.0, 2.0) == 15.0
+    assert compute_sample_stale_after(5.0, 20.0) == 60.0
+
+
+def test_sample_changes_are_judged_against_the_same_agent_only() -> None:
+    """The pool's clock decides the age; the agent's times are only compared with each other,
+    so a skewed or stepped-back node clock is never mistaken for a stuck agent."""
+    r = HealthRecord()
+    skewed = datetime(1999, 1, 1, tzinfo=UTC)  # the node's clock is decades off
+    r.record_sample(100.0, skewed, 5.0)
+    r.record_sample(105.0, skewed + timedelta(seconds=5), 5.0)
+    assert r.sample_changed == 105.0
+    r.record_sample(110.0, skewed - timedelta(hours=1), 5.0)  # stepped back: still a new sample
+    assert r.sample_changed == 110.0
+    r.record_sample(115.0, datetime(1999, 1, 1), 5.0)  # naive: compares unequal, never raises
+    assert r.sample_changed == 115.0
+    r.record_sample(120.0, datetime(1999, 1, 1), 5.0)
+    r.record_sample(129.9, datetime(1999, 1, 1), 5.0)
+    assert r.sample_changed == 115.0
+    assert r.stale_sample_reason(129.9, 5.0) == ""
+    r.record_success(130.0, 1.7e9, 0.01)
+    assert r.state(130.0, 5.0) == EndpointState.STALE
+    assert r.stale_sample_reason(130.0, 5.0) == (
+        "the agent's sample has not changed for 15 s (sampledAt 1999-01-01T00:00:00; stale after "
+        "15 s = 3 x 5 s poll interval): its poll loop may be stuck; check the agent's log and "
+        "modelfleet_agent_poll_errors_total"
+    )

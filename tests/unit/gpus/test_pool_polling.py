@@ -7,6 +7,7 @@ source, so breaker timings are exact; every request is real HTTP to a `FakeAgent
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,13 @@ from pool_fakes import FakeClock, ScriptedJitter
 from prometheus_client import CollectorRegistry
 
 from modelfleet.gpus.breaker import BreakerState
-from modelfleet.gpus.client import create_session
+from modelfleet.gpus.client import (
+    FetchError,
+    LastReply,
+    build_target,
+    create_session,
+    fetch_report,
+)
 from modelfleet.gpus.health import EndpointState
 from modelfleet.gpus.metrics import PoolMetrics
 from modelfleet.gpus.pool import GpuPool
@@ -256,6 +263,93 @@ async def test_stale_before_down_with_a_high_threshold(agents: Any, make_pool: A
     assert seen == ["degraded", "degraded", "stale"]
     assert snap.totals.figures.gpus_total == 8
     assert not by_url(snap, b.url).included
+
+
+async def test_agent_serving_an_old_sample_goes_stale_and_comes_back(
+    agents: Any, make_pool: Any
+) -> None:
+    """Every request succeeds, but one agent's `sampledAt` stops advancing (a stuck poll loop)."""
+    a, b = await agents(2)
+    # The agent samples every second; the pool polls every 5 s: 3 x 5 s counts.
+    b.report = b.report.model_copy(update={"poll_interval_s": 1.0})
+    pool, clock, _ = make_pool([a.url, b.url])
+    await pool.poll_once()
+    b.frozen = True
+    seen = []
+    for _ in range(3):
+        clock.advance(INTERVAL)
+        snap = await pool.poll_once()
+        seen.append(states(pool)["node-b"])
+    assert seen == ["healthy", "healthy", "stale"]
+    stuck = by_url(snap, b.url)
+    assert not stuck.included
+    assert stuck.breaker == BreakerState.CLOSED
+    assert stuck.consecutive_failures == 0
+    assert stuck.reason.startswith(
+        "the agent's sample has not changed for 15 s (sampledAt 2025-01-01T00:00:01"
+    )
+    assert "stale after 15 s = 3 x 5 s poll interval" in stuck.reason
+    assert snap.totals.figures.gpus_total == 8
+    assert {g.node for g in snap.gpus.values()} == {"node-a"}
+    assert snap.ready
+
+    b.frozen = False  # the loop recovers: the next reply is a new sample
+    clock.advance(INTERVAL)
+    snap = await pool.poll_once()
+    assert states(pool)["node-b"] == "healthy"
+    assert by_url(snap, b.url).reason == ""
+    assert snap.totals.figures.gpus_total == 16
+
+
+async def test_slower_agent_interval_and_skewed_clock_are_not_stale(
+    agents: Any, make_pool: Any
+) -> None:
+    """An agent that samples every 10 s repeats its sample for a round or two: 3 x 10 s counts.
+    Its clock is decades off and steps back once: only changes matter, never the clock itself."""
+    a, b = await agents(2)
+    b.report = b.report.model_copy(
+        update={"poll_interval_s": 10.0, "sampled_at": datetime(1999, 1, 1, tzinfo=UTC)}
+    )
+    pool, clock, _ = make_pool([a.url, b.url])
+    await pool.poll_once()
+    b.frozen = True
+    seen = []
+    for _ in range(6):
+        clock.advance(INTERVAL)
+        await pool.poll_once()
+        seen.append(states(pool)["node-b"])
+    assert seen == ["healthy"] * 5 + ["stale"]
+    assert "stale after 30 s = 3 x 10 s poll interval" in by_url(pool.snapshot(), b.url).reason
+
+    b.frozen = False
+    b.report = b.report.model_copy(update={"sampled_at": datetime(1998, 1, 1, tzinfo=UTC)})
+    clock.advance(INTERVAL)
+    snap = await pool.poll_once()
+    assert states(pool)["node-b"] == "healthy"  # stepped back, but a new sample
+    assert snap.totals.figures.gpus_total == 16
+    # The pool never judged the agent's sample by the pool's own wall clock.
+    assert by_url(snap, b.url).sampled_at is not None
+    assert by_url(snap, b.url).sampled_at.year == 1998
+
+
+async def test_an_unchanged_body_is_not_parsed_again(
+    agents: Any, session: aiohttp.ClientSession
+) -> None:
+    (a,) = await agents(1)
+    last = LastReply()
+    target = build_target(a.url)
+    first = await fetch_report(session, a.url, timeout_s=1.0, target=target, last=last)
+    second = await fetch_report(session, a.url, timeout_s=1.0, target=target, last=last)
+    assert second is not first  # a new sample: parsed
+    assert second.sampled_at > first.sampled_at
+    a.frozen = True
+    third = await fetch_report(session, a.url, timeout_s=1.0, target=target, last=last)
+    fourth = await fetch_report(session, a.url, timeout_s=1.0, target=target, last=last)
+    assert fourth is third  # the same bytes: the same report, no second parse
+    a.mode = "garbage"  # a bad reply is never served from the cache
+    with pytest.raises(FetchError, match="reply is not JSON"):
+        await fetch_report(session, a.url, timeout_s=1.0, target=target, last=last)
+    assert last.report is third
 
 
 async def test_all_down_waits_with_a_reason_and_recovers(agents: Any, make_pool: Any) -> None:

@@ -12,6 +12,7 @@ import json
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,7 @@ import pytest
 from pool_fakes import FakeClock, ScriptedJitter
 from prometheus_client import CollectorRegistry
 
+from modelfleet.api.gpustats import GpuReport
 from modelfleet.gpus.breaker import BreakerState
 from modelfleet.gpus.client import create_session
 from modelfleet.gpus.health import EndpointState
@@ -39,8 +41,9 @@ def free_port() -> int:
 class RealAgent:
     """`modelfleet agent --backend simulated` as a child process."""
 
-    def __init__(self, node: str, http: aiohttp.ClientSession) -> None:
+    def __init__(self, node: str, http: aiohttp.ClientSession, *extra: str) -> None:
         self.node = node
+        self.extra = extra
         self.port = free_port()
         self.http = http
         self.proc: asyncio.subprocess.Process | None = None
@@ -53,6 +56,7 @@ class RealAgent:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "modelfleet", "agent", "--backend", "simulated",
             "--node", self.node, "--host", "127.0.0.1", "--port", str(self.port), "--gpus", "8",
+            *self.extra,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
@@ -77,14 +81,28 @@ class RealAgent:
         async with self.http.post(self.url + "/sim/faults", json=knobs) as resp:
             assert resp.status == 200, await resp.text()
 
+    async def sampled_at(self) -> datetime:
+        async with self.http.get(self.url + "/v1/gpus") as resp:
+            assert resp.status == 200, await resp.text()
+            return GpuReport.model_validate_json(await resp.read()).sampled_at
+
+    async def wait_for_sample_after(self, previous: datetime | None) -> datetime:
+        """Wait (with a deadline) until the agent serves a sample other than `previous`."""
+        async with asyncio.timeout(10):
+            while True:
+                current = await self.sampled_at()
+                if current != previous:
+                    return current
+                await asyncio.sleep(0.02)  # poll interval of the wait; the agent samples at 20/s
+
 
 @pytest.fixture
-async def real_agents() -> AsyncIterator[Callable[[int], Awaitable[list[RealAgent]]]]:
+async def real_agents() -> AsyncIterator[Callable[..., Awaitable[list[RealAgent]]]]:
     started: list[RealAgent] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
 
-        async def factory(n: int) -> list[RealAgent]:
-            new = [RealAgent(f"gpu-node-{len(started) + i}", http) for i in range(n)]
+        async def factory(n: int, *extra: str) -> list[RealAgent]:
+            new = [RealAgent(f"gpu-node-{len(started) + i}", http, *extra) for i in range(n)]
             await asyncio.gather(*(a.start() for a in new))
             started.extend(new)
             return new
@@ -173,6 +191,53 @@ async def test_kill_slow_garbage_flap_with_exact_backoff_and_recovery(real_agent
         assert by_url(snap, killed.url).included
         assert snap.totals.figures.gpus_total == 40
         assert jitter.used == 4
+
+
+async def test_agent_with_a_frozen_sample_goes_stale_and_comes_back(real_agents: Any) -> None:
+    """The real agent's `freezeSample` knob: it answers every request, always with the same
+    sample. The pool excludes it after 3 poll intervals without a new sample (on the pool's
+    clock), and takes it back at the first new one. The agents sample every 50 ms; before each
+    round the test waits until the steady one has a new sample, as 5 s of real time would."""
+    stuck, steady = await real_agents(2, "--poll-interval", "0.05")
+    settings = OperatorSettings(
+        node_stats_endpoints=[stuck.url, steady.url],
+        poll_interval_s=INTERVAL,
+        endpoint_timeout_s=2.0,
+        endpoint_retries=0,
+    )
+    clock = FakeClock()
+    async with create_session(4) as session:
+        pool = GpuPool(settings, session, metrics=PoolMetrics(CollectorRegistry()), clock=clock)
+
+        async def next_round() -> PoolSnapshot:
+            clock.advance(INTERVAL)
+            await steady.wait_for_sample_after(by_url(pool.snapshot(), steady.url).sampled_at)
+            return await pool.poll_once()
+
+        await stuck.faults(freezeSample=True)
+        frozen_at = await stuck.sampled_at()
+        snap = await pool.poll_once()  # t=0: the pool sees the frozen sample for the first time
+        assert by_url(snap, stuck.url).sampled_at == frozen_at
+        seen = []
+        for _ in range(3):  # t=5, 10, 15
+            snap = await next_round()
+            seen.append(by_url(snap, stuck.url).state)
+        assert seen == [EndpointState.HEALTHY, EndpointState.HEALTHY, EndpointState.STALE]
+        row = by_url(snap, stuck.url)
+        assert not row.included
+        assert row.breaker == BreakerState.CLOSED
+        assert row.reason.startswith(
+            f"the agent's sample has not changed for 15 s (sampledAt {frozen_at.isoformat()}"
+        )
+        assert by_url(snap, steady.url).state == EndpointState.HEALTHY
+        assert snap.totals.figures.gpus_total == 8
+
+        await stuck.faults(freezeSample=False)
+        await stuck.wait_for_sample_after(frozen_at)
+        snap = await next_round()
+        assert by_url(snap, stuck.url).state == EndpointState.HEALTHY
+        assert by_url(snap, stuck.url).included
+        assert snap.totals.figures.gpus_total == 16
 
 
 async def modelfleet(*args: str) -> tuple[int, str]:

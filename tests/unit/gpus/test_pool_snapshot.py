@@ -222,3 +222,31 @@ def test_totals_equal_the_sum_over_usable_endpoints(
     assert set(share) == {s.report.node for s in usable}  # type: ignore[union-attr]
     total_share = sum(share.values())
     assert math.isclose(total_share, 1.0) or total_share == 0.0
+
+
+@given(first=pools(), states=st.lists(endpoint_states, min_size=8, max_size=8))
+def test_reusing_the_previous_snapshot_gives_the_same_snapshot(
+    first: list[EndpointSample], states: list[EndpointState]
+) -> None:
+    """Same report objects, states drawn again: reuse changes nothing but the work done."""
+    before = build_snapshot(first, taken_at=T)
+    second = [
+        EndpointSample(url=s.url, node=s.node, state=state, breaker=s.breaker, report=s.report)
+        for s, state in zip(first, states, strict=False)
+    ]
+    reused = build_snapshot(second, taken_at=T, previous=before)
+    assert reused == build_snapshot(second, taken_at=T)
+    for node in reused.nodes:
+        old = before.node(node.name)
+        if old is not None and old.state == node.state:
+            assert node is old  # not rebuilt
+
+
+def test_a_new_report_object_is_rebuilt() -> None:
+    before = build_snapshot([sample("http://a:1", "node-a")], taken_at=T)
+    changed = make_report("node-a", 2, 1000, [0, 900])
+    after = build_snapshot(
+        [sample("http://a:1", "node-a", report=changed)], taken_at=T, previous=before
+    )
+    assert after.gpus["node-a:1"].memory_used_mib == 900
+    assert after.totals.figures.memory_used_mib == 900
