@@ -326,3 +326,44 @@ async def test_two_operators_only_one_acts(
     await kube.patch(md_path(namespace, "m"), {"spec": {"replicas": 3}})
     await wait_ready(kube, namespace, "m", 3)
     assert "create m-instance-3" in b.output()
+
+
+async def test_spec_change_rolls_one_replica_at_a_time(
+    kube: KubeClient, namespace: str, gpus: Any, operators: Operators
+) -> None:
+    await gpus(2, 2)
+    operators.start()
+    await kube.create(md_path(namespace), md("m", replicas=2))
+    await wait_ready(kube, namespace, "m", 2)
+    before = {
+        p["metadata"]["name"]: p["metadata"]["annotations"][L.ANN_TEMPLATE_HASH]
+        for p in await replica_pods(kube, namespace, "m")
+    }
+    await kube.patch(
+        md_path(namespace, "m"), {"spec": {"engine": {"args": ["--max-model-len", "4096"]}}}
+    )
+
+    lowest_ready = 2
+
+    async def rolled() -> bool:
+        nonlocal lowest_ready
+        pods = await replica_pods(kube, namespace, "m")
+        lowest_ready = min(lowest_ready, sum(_ready(p) for p in pods))
+        new = [
+            p
+            for p in pods
+            if p["metadata"]["annotations"][L.ANN_TEMPLATE_HASH] not in before.values()
+            and _ready(p)
+        ]
+        return len(new) == 2
+
+    await wait_for(
+        rolled, timeout=90, interval=0.05, what="both replicas rebuilt from the new spec"
+    )
+    assert lowest_ready >= 1  # one at a time: the other kept serving
+    pods = await replica_pods(kube, namespace, "m")
+    assert sorted(p["metadata"]["name"] for p in pods) == sorted(before)  # same names
+    args = pods[0]["spec"]["containers"][0]["args"]
+    assert args[-2:] == ["--max-model-len", "4096"]
+    reasons = [e["reason"] for e in await events_of(kube, namespace, "m")]
+    assert "RollingUpdate" in reasons
