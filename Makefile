@@ -94,6 +94,14 @@ cluster-down: ## Stop the local control plane; leaves no process behind
 cluster-status: ## Is the local control plane up?
 	hack/cluster.sh status
 
+.PHONY: dev
+dev: $(STAMP) control-plane ## Run it all locally: cluster, agents, operator, gateway, examples/ (Ctrl-C stops)
+	hack/dev.sh
+
+.PHONY: dev-smoke
+dev-smoke: $(STAMP) control-plane ## make dev, but exit after gemma3-4B is up and answers (non-interactive check)
+	hack/dev.sh --check
+
 .PHONY: pod-runner
 pod-runner: $(STAMP) ## Run the programs behind agent and replica pods on simulated nodes (foreground)
 	$(BIN)/python hack/pod_runner.py --kubeconfig .cluster/kubeconfig
@@ -113,6 +121,11 @@ bench-agent: $(STAMP) ## Agent: sample cost per GPU and /v1/gpus latency p50/p99
 .PHONY: bench-kube-client
 bench-kube-client: $(STAMP) ## Memory and CPU of the official kubernetes client vs modelfleet.kube
 	$(BIN)/python benchmarks/bench_kube_client.py
+
+.PHONY: bench-operator
+bench-operator: $(STAMP) control-plane ## Operator: change-to-bound p50/p99, RSS, API req/s at 200 nodes x 8 GPUs, 500 ModelDeployments
+	@hack/cluster.sh status >/dev/null 2>&1 || hack/cluster.sh up
+	$(BIN)/python benchmarks/bench_operator.py
 
 .PHONY: bench-pool
 bench-pool: $(STAMP) ## GPU pool: one poll round over 1,000 agent endpoints (real HTTP on loopback)

@@ -103,6 +103,9 @@ componentsPatches:
   extraArgs:
   - key: advertise-address
     value: 127.0.0.1
+  # One ClusterIP Service per ModelDeployment: the default /24 holds only 254 of them.
+  - key: service-cluster-ip-range
+    value: 10.0.0.0/16
 ---
 apiVersion: config.kwok.x-k8s.io/v1alpha1
 kind: KwokConfiguration
@@ -122,9 +125,11 @@ EOF
   cat "$ROOT/hack/kwok-stages.yaml" >>"$DIR/kwokctl.yaml"
 }
 
-# What the running cluster was made from: a change in binaries or stages means a new cluster; a
-# change in the CRD or the nodes file is applied to the running one.
-cluster_fingerprint() { { echo "$BIN"; cat "$ROOT/hack/kwok-stages.yaml"; } | sha256sum | cut -c1-16; }
+# What the running cluster was made from: a change in binaries, component config or stages means a
+# new cluster; a change in the CRD or the nodes file is applied to the running one.
+cluster_fingerprint() {
+  { echo "$BIN"; declare -f write_config; cat "$ROOT/hack/kwok-stages.yaml"; } | sha256sum | cut -c1-16
+}
 content_fingerprint() { cat "$ROOT/crds/"*.yaml "$NODES" | sha256sum | cut -c1-16; }
 
 apply_content() {

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sim-vllm": ("modelfleet.sim.vllm", "run the vLLM stand-in (an OpenAI-compatible simulator)"),
     "agent": ("modelfleet.agent.cli", "serve this node's GPU stats (node-stats agent)"),
     "status": ("modelfleet.gpus.cli", "show the GPU pool: endpoints, health, GPUs and memory"),
+    "operator": ("modelfleet.controller.cli", "run the operator (reconciles ModelDeployments)"),
 }
 
 

@@ -151,6 +151,29 @@ class OperatorSettings(_Settings):
     recheck_interval_s: float = Field(
         30.0, gt=0, le=60, description="Every ModelDeployment is re-checked at least this often."
     )
+    leader_election: bool = Field(
+        True,
+        description=(
+            "Elect one acting operator through a coordination.k8s.io Lease; the others stand "
+            "by. Turn off only when exactly one operator runs."
+        ),
+    )
+    lease_name: str = Field("modelfleet-operator", description="Name of the leader Lease.")
+    lease_namespace: str = Field(
+        "", description="Namespace of the leader Lease; empty: the operator's own namespace."
+    )
+    lease_duration_s: float = Field(
+        15.0,
+        ge=2,
+        le=300,
+        description=(
+            "Seconds a standby waits for the leader's renewal before taking over; also how long "
+            "a leader that cannot renew keeps acting before it exits."
+        ),
+    )
+    lease_renew_interval_s: float = Field(
+        5.0, gt=0, le=100, description="Seconds between two renewals of the leader Lease."
+    )
 
     @field_validator("node_stats_endpoints", mode="before")
     @classmethod

@@ -16,6 +16,8 @@ LABEL_DEPLOYMENT = f"{PREFIX}/deployment"  # owning ModelDeployment's name
 LABEL_INSTANCE = f"{PREFIX}/instance"  # instance number n of <deployment>-instance-<n>
 COMPONENT_REPLICA = "replica"
 COMPONENT_AGENT = "agent"
+NAME_VALUE = "modelfleet"  # value of LABEL_NAME
+MANAGED_BY_OPERATOR = "modelfleet-operator"  # value of LABEL_MANAGED_BY on replica Pods
 
 # Annotations on replica Pods, written once at creation by the operator.
 ANN_GPUS = f"{PREFIX}/gpus"  # comma-separated global GPU IDs, e.g. "gpu-node-a:0,gpu-node-a:1"
@@ -25,8 +27,12 @@ ANN_SHARING = f"{PREFIX}/sharing"  # Exclusive or Shared
 ANN_PLACEMENT_REASON = f"{PREFIX}/placement-reason"  # the placement engine's reason, for people
 ANN_SERVED_MODEL = f"{PREFIX}/served-model-name"  # the name the gateway routes by
 ANN_PRIORITY = f"{PREFIX}/priority"  # copy of spec.priority, for eviction without a lookup
+ANN_TEMPLATE_HASH = f"{PREFIX}/template-hash"  # hash of the spec parts the Pod is built from
+ANN_MIN_REPLICAS = f"{PREFIX}/min-replicas"  # copy of spec.minReplicas, the eviction floor
 
 # Annotations on ModelDeployments.
 ANN_LAST_REQUEST = f"{PREFIX}/last-request-time"  # RFC 3339, written by the gateway
 ANN_DEMAND = f"{PREFIX}/demand-time"  # RFC 3339, a request waited for a model scaled to zero
 ANN_BALANCING = f"{PREFIX}/balancing"  # RoundRobin or LeastOutstanding, read by the gateway
+ANN_EVICTED_AT = f"{PREFIX}/evicted-at"  # RFC 3339, written by the operator on an eviction victim
+ANN_EVICTED_BY = f"{PREFIX}/evicted-by"  # <namespace>/<name> of the deployment that needed room

@@ -1,0 +1,71 @@
+"""The operator's side of a placement: the request it asks and the three answers it acts on.
+
+The placement engine has its own input and output types; `inputs.py` adapts between the two, so
+the planner and its tests depend only on these small values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from modelfleet.api import ModelDeploymentSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """Run the replica on `node`, on these GPUs."""
+
+    node: str
+    gpu_ids: tuple[str, ...]
+    gpu_uuids: tuple[str, ...]
+    gpu_memory_mib: int  # total memory of one of the chosen GPUs
+    footprint_mib: int | None  # promised per GPU; None = the whole GPU (a discovery run)
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Victim:
+    """A replica Pod of another deployment that must go to make room."""
+
+    namespace: str
+    pod: str
+    deployment: str
+
+
+@dataclass(frozen=True, slots=True)
+class Evict:
+    """Nothing fits now; removing these replicas (least recently used first) would make room."""
+
+    victims: tuple[Victim, ...]
+    reason: str
+    node: str = ""  # where the replica goes once the victims are gone
+    gpu_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Unplaceable:
+    """Nothing fits and nothing may be evicted. `code` is a condition reason (NoCapacity, ...)."""
+
+    reason: str
+    code: str = "NoCapacity"
+
+
+Decision = Placed | Evict | Unplaceable
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRequest:
+    """One replica to place, with what this plan already decided for its siblings."""
+
+    namespace: str
+    deployment: str
+    instance: int
+    spec: ModelDeploymentSpec
+    footprint_mib: int | None  # per GPU; None = not known yet (discovery run takes the whole GPU)
+    planned: tuple[Placed, ...] = ()  # decided earlier in the same plan, not yet in the cluster
+    released: tuple[str, ...] = ()  # pod names this plan deletes: their GPUs count as free
+    may_evict: bool = True
+
+
+Placer = Callable[[PlacementRequest], Decision]

@@ -1,0 +1,252 @@
+"""The only module of the controller that writes to the Kubernetes API.
+
+Every function is idempotent, so a reconcile that dies half way and runs again converges: a Pod
+that already exists and is ours counts as created, a Pod already gone counts as deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from modelfleet.api import API_GROUP, API_VERSION, KIND, ModelDeployment, ModelDeploymentStatus
+from modelfleet.api import labels as L
+from modelfleet.controller.decisions import Victim
+from modelfleet.controller.observed import format_time, parse_service
+from modelfleet.controller.plan import EventSpec, PodToDelete
+from modelfleet.controller.status import dump_status
+from modelfleet.kube.client import ApiError, KubeClient
+from modelfleet.kube.paths import md_path, pods_path, resource_path
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "modelfleet-operator"
+MAX_EVENT_MESSAGE = 1024  # the API server refuses longer Event messages
+
+
+class PodNameTaken(RuntimeError):
+    """A Pod with a replica's name exists but belongs to something else."""
+
+
+def _owned_by(pod: Mapping[str, Any], uid: str) -> bool:
+    refs = (pod.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("controller") and r.get("uid") == uid for r in refs)
+
+
+async def create_pod(client: KubeClient, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Create a replica Pod; an existing Pod of the same name and owner counts as created."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    try:
+        return await client.create(pods_path(namespace), body)
+    except ApiError as exc:
+        if not exc.conflict:
+            raise
+    existing = await client.get(pods_path(namespace, name))
+    owner_uid = meta["ownerReferences"][0]["uid"]
+    if not _owned_by(existing, owner_uid):
+        raise PodNameTaken(
+            f"Pod {namespace}/{name} exists and is not owned by this ModelDeployment; "
+            "delete or rename it so the replica can take its name"
+        )
+    return existing
+
+
+async def delete_pod(
+    client: KubeClient, namespace: str, name: str, *, force: bool, uid: str = ""
+) -> None:
+    """Delete a Pod; gone already is fine. `force` skips the grace period (lost nodes).
+
+    With `uid`, only that incarnation is deleted: a replacement that already took the name
+    (the API answers 409 to the failed precondition) is left alone.
+    """
+    options: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "DeleteOptions",
+        "propagationPolicy": "Background",
+    }
+    if force:
+        options["gracePeriodSeconds"] = 0
+    if uid:
+        options["preconditions"] = {"uid": uid}
+    try:
+        await client.delete(pods_path(namespace, name), options)
+    except ApiError as exc:
+        if not (exc.not_found or (uid and exc.conflict)):
+            raise
+
+
+async def delete_pods(client: KubeClient, deletions: Iterable[PodToDelete]) -> None:
+    for item in deletions:
+        await delete_pod(client, item.namespace, item.name, force=item.force, uid=item.uid)
+
+
+async def apply_eviction(
+    client: KubeClient, victim: Victim, evicted_by: str, now: datetime, uid: str = ""
+) -> dict[str, Any] | None:
+    """Mark the victim's ModelDeployment as evicted, then delete the victim Pod.
+
+    The mark comes first so that the victim's own reconcile, woken by the Pod deletion, already
+    knows not to evict back. Returns the victim ModelDeployment (None if it is gone).
+    """
+    victim_md: dict[str, Any] | None
+    try:
+        victim_md = await client.patch(
+            md_path(victim.namespace, victim.deployment),
+            {
+                "metadata": {
+                    "annotations": {
+                        L.ANN_EVICTED_AT: format_time(now),
+                        L.ANN_EVICTED_BY: evicted_by,
+                    }
+                }
+            },
+        )
+    except ApiError as exc:
+        if not exc.not_found:
+            raise
+        victim_md = None
+    await delete_pod(client, victim.namespace, victim.pod, force=False, uid=uid)
+    return victim_md
+
+
+async def apply_annotations(
+    client: KubeClient, md: ModelDeployment, annotations: Mapping[str, str | None]
+) -> None:
+    """Set (str) or remove (None) annotations on the ModelDeployment."""
+    if not annotations:
+        return
+    await client.patch(
+        md_path(md.metadata.namespace, md.metadata.name),
+        {"metadata": {"annotations": dict(annotations)}},
+    )
+
+
+async def ensure_service(
+    client: KubeClient,
+    body: Mapping[str, Any],
+    current: Mapping[str, Any] | None = None,
+    *,
+    indexed: bool = False,
+) -> bool:
+    """Create the Service, or patch its selector and ports back; True when something changed.
+
+    With `indexed`, `current` is the Service as the operator's index shows it (None: absent),
+    so a Service in shape costs no request at all; otherwise it is read first.
+    """
+    meta = body["metadata"]
+    path = resource_path("services", meta["namespace"], meta["name"])
+    if not indexed:
+        try:
+            current = parse_service(await client.get(path))
+        except ApiError as exc:
+            if not exc.not_found:
+                raise
+            current = None
+    if current is None:
+        try:
+            await client.create(resource_path("services", meta["namespace"]), body)
+        except ApiError as exc:
+            if not exc.conflict:
+                raise
+        return True
+    wanted = parse_service(body)
+    if current == wanted:
+        return False
+    # A merge patch merges maps: keys that must go are set to null.
+    selector: dict[str, Any] = dict.fromkeys(current["selector"])
+    selector.update(wanted["selector"])
+    await client.patch(path, {"spec": {"selector": selector, "ports": body["spec"]["ports"]}})
+    return True
+
+
+async def apply_status(
+    client: KubeClient, md: ModelDeployment, status: ModelDeploymentStatus
+) -> None:
+    """Replace status through the status subresource (merge patch of the whole status)."""
+    await client.patch(
+        md_path(md.metadata.namespace, md.metadata.name) + "/status",
+        {"status": dump_status(status)},
+    )
+
+
+class EventRecorder:
+    """Posts core/v1 Events about ModelDeployments and aggregates repeats by bumping count.
+
+    The Event name is derived from the object, reason and message, so a repeat finds the same
+    Event even after a restart; the in-memory count only saves a GET.
+    """
+
+    def __init__(self, client: KubeClient, instance: str | None = None) -> None:
+        self._client = client
+        self._instance = instance or socket.gethostname()
+        self._counts: dict[tuple[str, str], int] = {}
+
+    async def post(self, event: EventSpec, uid: str | None, now: datetime) -> None:
+        """Record one Event; failures are logged, never raised (Events are best effort)."""
+        try:
+            await self._post(event, uid, now)
+        except (ApiError, OSError, TimeoutError) as exc:
+            log.warning("could not post Event %s on %s: %s", event.reason, event.deployment, exc)
+
+    async def _post(self, event: EventSpec, uid: str | None, now: datetime) -> None:
+        message = event.message[:MAX_EVENT_MESSAGE]
+        digest = hashlib.sha256(
+            f"{uid or event.deployment}|{event.type}|{event.reason}|{message}".encode()
+        ).hexdigest()[:16]
+        name = f"{event.deployment}.{digest}"
+        key = (event.namespace, name)
+        path = resource_path("events", event.namespace, name)
+        stamp = format_time(now)
+        count = self._counts.get(key)
+        if count is not None:
+            try:
+                await self._client.patch(path, {"count": count + 1, "lastTimestamp": stamp})
+                self._counts[key] = count + 1
+                return
+            except ApiError as exc:
+                if not exc.not_found:
+                    raise
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": name, "namespace": event.namespace},
+            "involvedObject": {
+                "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                "kind": KIND,
+                "name": event.deployment,
+                "namespace": event.namespace,
+                **({"uid": uid} if uid else {}),
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": message,
+            "count": 1,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "source": {"component": COMPONENT},
+            "reportingComponent": f"{API_GROUP}/operator",
+            "reportingInstance": self._instance,
+        }
+        try:
+            await self._client.create(resource_path("events", event.namespace), body)
+            self._counts[key] = 1
+        except ApiError as exc:
+            if not exc.conflict:
+                raise
+            existing = await self._client.get(path)
+            count = int(existing.get("count") or 1) + 1
+            await self._client.patch(path, {"count": count, "lastTimestamp": stamp})
+            self._counts[key] = count
+        if len(self._counts) > 10_000:  # bound memory; the names are deterministic anyway
+            self._counts.clear()
+
+    async def post_all(
+        self, events: Sequence[EventSpec], uids: Mapping[tuple[str, str], str], now: datetime
+    ) -> None:
+        for event in events:
+            await self.post(event, uids.get((event.namespace, event.deployment)), now)

@@ -1,0 +1,277 @@
+"""Adapters from what the operator observes to the placement engine's inputs, and back. Pure.
+
+The pool snapshot (GPU stats per node), Node objects and replica Pods become placement's
+NodeInfo and PlacedReplica; the planner's PlacementRequest becomes a ReplicaRequest; the
+engine's decision becomes the planner's Placed, Evict or Unplaceable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from modelfleet import placement as P
+from modelfleet.api import ModelDeploymentSpec, SharingMode
+from modelfleet.controller.decisions import (
+    Decision,
+    Evict,
+    Placed,
+    PlacementRequest,
+    Placer,
+    Unplaceable,
+    Victim,
+)
+from modelfleet.controller.observed import NodeFacts, NodeHealth, ObservedPod, instance_name
+from modelfleet.gpus.snapshot import PoolSnapshot
+
+
+def compute_node_health(
+    nodes: Mapping[str, NodeFacts], snapshot: PoolSnapshot | None
+) -> dict[str, NodeHealth]:
+    """Per node: exists and Ready (Node object), agent answering and unhealthy GPUs (pool)."""
+    agents: dict[str, tuple[bool, bool]] = {}  # node -> (ever answered, usable now)
+    unhealthy: dict[str, set[str]] = {}
+    if snapshot is not None:
+        for ep in snapshot.endpoints:
+            if ep.node is None:
+                continue
+            known = ep.last_success_at is not None
+            agents[ep.node] = (known, ep.state.usable)
+        for gpu in snapshot.gpus.values():
+            if not gpu.healthy:
+                unhealthy.setdefault(gpu.node, set()).add(gpu.gpu_id)
+    out: dict[str, NodeHealth] = {}
+    for name, facts in nodes.items():
+        known, up = agents.get(name, (False, False))
+        out[name] = NodeHealth(
+            exists=True,
+            ready=facts.ready,
+            agent_known=known,
+            agent_up=up,
+            unhealthy_gpus=frozenset(unhealthy.get(name, ())),
+        )
+    return out
+
+
+def compute_gpu_used_mib(snapshot: PoolSnapshot | None) -> dict[str, int]:
+    """Memory in use per global GPU ID, for the discovery-run footprint."""
+    if snapshot is None:
+        return {}
+    return {gpu_id: gpu.memory_used_mib for gpu_id, gpu in snapshot.gpus.items()}
+
+
+def build_node_infos(
+    nodes: Mapping[str, NodeFacts], snapshot: PoolSnapshot | None
+) -> list[P.NodeInfo]:
+    """Placement's nodes: every node the pool can see, with its Node object's facts."""
+    if snapshot is None:
+        return []
+    out = []
+    for pnode in snapshot.nodes:
+        facts = nodes.get(pnode.name)
+        if facts is None:
+            continue  # an agent reports a node the API does not know (yet): never place there
+        gpus = tuple(
+            P.GpuInfo(
+                index=g.index,
+                gpu_id=g.gpu_id,
+                uuid=g.uuid,
+                product=g.product,
+                memory_total_mib=g.memory_total_mib,
+                memory_used_mib=g.memory_used_mib,
+                memory_free_mib=g.memory_free_mib,
+                healthy=g.healthy,
+                reason=g.reason,
+            )
+            for g in pnode.gpus
+        )
+        healthy = facts.ready and pnode.state.usable
+        reason = "" if healthy else ("node is NotReady" if not facts.ready else "agent is down")
+        out.append(
+            P.NodeInfo(
+                name=pnode.name,
+                gpus=gpus,
+                schedulable=facts.schedulable,
+                labels=dict(facts.labels),
+                taints=tuple(P.Taint(k, v, e) for k, v, e in facts.taints),
+                healthy=healthy,
+                stale=pnode.state == "stale",
+                reason=reason,
+            )
+        )
+    return out
+
+
+def _measured_pods(snapshot: PoolSnapshot | None) -> set[tuple[str, str]]:
+    """Pods the agents already attribute memory to."""
+    if snapshot is None:
+        return set()
+    return {(p.namespace, p.name) for g in snapshot.gpus.values() for p in g.pods}
+
+
+def build_placed_replicas(
+    pods: Iterable[ObservedPod],
+    last_used: Mapping[tuple[str, str], float],
+    snapshot: PoolSnapshot | None,
+) -> list[P.PlacedReplica]:
+    """Placement's replicas from the replica Pods (annotations carry everything needed).
+
+    Terminating Pods still hold their GPUs until they are gone, and are the cheapest victims:
+    an eviction already under way is then chosen again instead of a new one.
+    """
+    measured = _measured_pods(snapshot)
+    out = []
+    for pod in pods:
+        if pod.node is None or not pod.gpu_ids:
+            continue
+        sharing = SharingMode.SHARED if pod.sharing == "Shared" else SharingMode.EXCLUSIVE
+        out.append(
+            P.PlacedReplica(
+                deployment=P.DeploymentRef(pod.namespace, pod.deployment),
+                instance=pod.name,
+                node=pod.node,
+                gpu_ids=pod.gpu_ids,
+                sharing=sharing,
+                footprint_mib=pod.footprint_mib,
+                priority=-1001 if pod.deleting else pod.priority,
+                last_used=0.0
+                if pod.deleting
+                else last_used.get((pod.namespace, pod.deployment), 0.0),
+                min_replicas=0 if pod.deleting else pod.min_replicas,
+                state=P.ReplicaState.READY if pod.ready else P.ReplicaState.STARTING,
+                measured=(pod.namespace, pod.name) in measured,
+            )
+        )
+    return out
+
+
+def build_replica_request(
+    request: PlacementRequest, footprint_measured: int | None, last_used: float
+) -> P.ReplicaRequest:
+    """Placement's request for one replica of a deployment."""
+    spec: ModelDeploymentSpec = request.spec
+    memory = request.footprint_mib if spec.gpu.memory is not None else None
+    return P.ReplicaRequest(
+        deployment=P.DeploymentRef(request.namespace, request.deployment),
+        instance=instance_name(request.deployment, request.instance),
+        gpu_count=spec.gpu.count,
+        memory_mib=memory,
+        measured_footprint_mib=footprint_measured,
+        sharing=SharingMode(spec.gpu.sharing),
+        product=spec.gpu.product,
+        node_selector=dict(spec.placement.node_selector),
+        tolerations=tuple(
+            P.Toleration(key=t.key, operator=t.operator or "Equal", value=t.value, effect=t.effect)
+            for t in spec.placement.tolerations
+        ),
+        strategy=spec.placement.strategy,
+        spread=spec.placement.spread,
+        priority=spec.priority,
+        min_replicas=spec.min_replicas,
+        last_used=last_used,
+    )
+
+
+def convert_decision(decision: P.Decision, may_evict: bool) -> Decision:
+    """The engine's decision as the planner's."""
+    if isinstance(decision, P.Placed):
+        total = 0
+        return Placed(
+            node=decision.node,
+            gpu_ids=decision.gpu_ids,
+            gpu_uuids=decision.uuids,
+            gpu_memory_mib=total,
+            footprint_mib=decision.replica.footprint_mib,
+            reason=decision.reason,
+        )
+    if isinstance(decision, P.Evict):
+        return Evict(
+            victims=tuple(
+                Victim(v.deployment.namespace, v.instance, v.deployment.name)
+                for v in decision.victims
+            ),
+            reason=decision.reason,
+            node=decision.node,
+            gpu_ids=decision.gpu_ids,
+        )
+    return Unplaceable(reason=decision.reason, code=str(decision.code))
+
+
+@dataclass
+class EnginePlacer:
+    """A Placer over one placement view; every Placed decision is added to the view at once.
+
+    Built lazily by the reconcile (only when a replica is to be placed) and used under the
+    operator's placement lock, so the decisions of one plan, and of plans that follow each other,
+    never take the same GPUs.
+    """
+
+    view: P.ClusterView
+    last_used: Mapping[tuple[str, str], float]
+    gpu_memory: Mapping[str, int] = field(default_factory=dict)  # total MiB per global GPU ID
+    cursor: str | None = None
+
+    def __call__(self, request: PlacementRequest) -> Decision:
+        measured = request.footprint_mib if request.spec.gpu.memory is None else None
+        engine_request = build_replica_request(
+            request, measured, self.last_used.get((request.namespace, request.deployment), 0.0)
+        )
+        decision = P.decide(self.view, engine_request)
+        if isinstance(decision, P.Evict) and not request.may_evict:
+            return convert_decision(decision, False)
+        if isinstance(decision, P.Placed):
+            self.view = self.view.with_placed(decision)
+            self.cursor = decision.cursor
+            out = convert_decision(decision, request.may_evict)
+            assert isinstance(out, Placed)
+            total = self.gpu_memory.get(decision.gpu_ids[0], 0) if decision.gpu_ids else 0
+            return Placed(
+                out.node, out.gpu_ids, out.gpu_uuids, total, out.footprint_mib, out.reason
+            )
+        return convert_decision(decision, request.may_evict)
+
+
+def build_reservations(
+    reservations: Mapping[tuple[str, str], tuple[str, tuple[str, ...]]],
+    nodes: Iterable[str],
+    exclude: tuple[str, str],
+) -> list[P.PlacedReplica]:
+    """GPUs freed by an eviction, held for the deployment that evicted, as placeholder replicas.
+
+    Without them the victim (or anyone else) could take the freed GPUs before the evictor does.
+    They are Starting, so never chosen as victims themselves.
+    """
+    known = set(nodes)
+    out = []
+    for (namespace, name), (node, gpu_ids) in reservations.items():
+        if (namespace, name) == exclude or node not in known or not gpu_ids:
+            continue
+        out.append(
+            P.PlacedReplica(
+                deployment=P.DeploymentRef(namespace, name),
+                instance=f"{name}-reserved",
+                node=node,
+                gpu_ids=gpu_ids,
+                footprint_mib=None,
+                priority=1000,
+                state=P.ReplicaState.STARTING,
+            )
+        )
+    return out
+
+
+def build_placer(
+    nodes: Mapping[str, NodeFacts],
+    pods: Iterable[ObservedPod],
+    last_used: Mapping[tuple[str, str], float],
+    snapshot: PoolSnapshot | None,
+    settings: P.PlacementSettings,
+    cursor: str | None = None,
+    reserved: Iterable[P.PlacedReplica] = (),
+) -> Placer:
+    """A Placer over the current cluster: pool snapshot, Node objects and every replica Pod."""
+    infos = build_node_infos(nodes, snapshot)
+    replicas = build_placed_replicas(pods, last_used, snapshot) + list(reserved)
+    view = P.build_view(infos, replicas, settings, cursor)
+    memory = {g.gpu_id: g.memory_total_mib for info in infos for g in info.gpus}
+    return EnginePlacer(view=view, last_used=last_used, gpu_memory=memory, cursor=cursor)

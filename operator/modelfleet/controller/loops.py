@@ -1,0 +1,103 @@
+"""The operator's two background loops: the periodic re-check and the GPU-pool watcher.
+
+The re-check is levels-not-edges insurance: every ModelDeployment is reconciled at least every
+MODELFLEET_RECHECK_INTERVAL_S whatever events arrived. It is one loop rather than a kopf timer per
+object because kopf puts a finalizer on every object that has a timer, and then deleting a
+ModelDeployment would hang whenever the operator is down; ownerReferences already clean up.
+
+The pool watcher turns what only the agents can tell (an agent that stopped answering, a GPU
+that turned unhealthy, the first stats after start, freed memory) into reconciles of the
+deployments it concerns, right after the poll round that saw it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+
+from modelfleet.controller import inputs
+from modelfleet.controller.observed import NodeHealth
+from modelfleet.controller.reconcile import Key, Runtime, pods_on_nodes, reconcile
+from modelfleet.gpus.pool import GpuPool
+
+log = logging.getLogger(__name__)
+
+
+async def reconcile_keys(
+    rt: Runtime, keys: Iterable[Key], *, ensure_svc: bool = False, pace_s: float = 0.0
+) -> None:
+    """Reconcile these deployments one after the other; a failure is logged, not raised.
+
+    Between two of them the loop yields (for `pace_s`), so a long sweep never holds the event
+    loop: a reconcile with nothing to write does not suspend on its own.
+    """
+    cluster = rt.cluster
+    if cluster is None:
+        return
+    for key in keys:
+        body = cluster.body(key)
+        if body is None:
+            continue
+        try:
+            await reconcile(rt, body, cluster, ensure_svc=ensure_svc)
+        except Exception:  # one broken deployment must not stop the others' re-check
+            log.exception("re-check of %s/%s failed", *key)
+        await asyncio.sleep(pace_s)
+
+
+async def recheck_forever(rt: Runtime, interval_s: float) -> None:
+    """Reconcile every ModelDeployment, spread over the interval; forever."""
+    while True:
+        started = time.monotonic()
+        if rt.cluster is not None:
+            keys = sorted(rt.cluster.deployments.keys())
+            rt.metrics.deployments.set(len(keys))
+            # Spread over most of the interval: a steady trickle instead of a burst.
+            pace = 0.8 * interval_s / max(1, len(keys))
+            await reconcile_keys(rt, keys, ensure_svc=True, pace_s=pace)
+            rt.ledger.prune()
+        await asyncio.sleep(max(1.0, interval_s - (time.monotonic() - started)))
+
+
+def compute_health_changes(
+    before: Mapping[str, NodeHealth], after: Mapping[str, NodeHealth]
+) -> set[str]:
+    """Nodes whose agent or GPU health differs between two views."""
+    changed = set()
+    for name in set(before) | set(after):
+        old, new = before.get(name), after.get(name)
+        if old is None or new is None:
+            changed.add(name)
+            continue
+        if (old.agent_known, old.agent_up, old.unhealthy_gpus) != (
+            new.agent_known,
+            new.agent_up,
+            new.unhealthy_gpus,
+        ):
+            changed.add(name)
+    return changed
+
+
+async def watch_pool(rt: Runtime, pool: GpuPool) -> None:
+    """After each poll round: re-check deployments on nodes whose health changed, and the
+    deployments waiting for capacity or stats."""
+    seen = pool.rounds
+    before: dict[str, NodeHealth] = {}
+    while True:
+        try:
+            snapshot = await pool.wait_for_round(seen, timeout_s=3600)
+        except TimeoutError:
+            continue
+        seen = pool.rounds
+        cluster = rt.cluster
+        if cluster is None:
+            continue
+        after = inputs.compute_node_health(cluster.node_facts(), snapshot)
+        changed = compute_health_changes(before, after)
+        before = after
+        keys = pods_on_nodes(cluster.pods, changed) if changed else set()
+        keys |= set(rt.blocked)
+        if keys:
+            await reconcile_keys(rt, sorted(keys))

@@ -1,0 +1,104 @@
+"""Every Prometheus metric of the operator, in one place (the pool registers its own).
+
+Names carry the `modelfleet_` prefix and base units; labels have a small fixed set of values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+RESULTS = ("ok", "error")
+PLACEMENT_RESULTS = ("placed", "evict", "unplaceable")
+REPLACEMENT_REASONS = ("NodeLost", "EndpointsDown", "GpuUnhealthy", "ReplicaFailed")
+
+
+class OperatorMetrics:
+    """The operator's metrics, registered once on `registry`."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.reconcile_duration = Histogram(
+            "modelfleet_reconcile_duration_seconds",
+            "Time of one reconcile of one ModelDeployment, from reading state to writing status.",
+            ["result"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self.placements = Counter(
+            "modelfleet_placements_total",
+            "Placement decisions, by result: placed, evict (victims chosen) or unplaceable.",
+            ["result"],
+            registry=registry,
+        )
+        self.evictions = Counter(
+            "modelfleet_evictions_total",
+            "Replica Pods deleted to make room for another ModelDeployment.",
+            registry=registry,
+        )
+        self.replacements = Counter(
+            "modelfleet_replica_replacements_total",
+            "Replica Pods deleted because they could no longer serve where they ran.",
+            ["reason"],
+            registry=registry,
+        )
+        self.pending_replicas = Gauge(
+            "modelfleet_pending_replicas",
+            "Replicas wanted but not ready, summed over every ModelDeployment.",
+            registry=registry,
+        )
+        self.deployments = Gauge(
+            "modelfleet_modeldeployments",
+            "ModelDeployments the operator reconciles.",
+            registry=registry,
+        )
+        self.leader = Gauge(
+            "modelfleet_operator_leader",
+            "1 while this operator instance holds the leader Lease and acts, else 0.",
+            registry=registry,
+        )
+        self.api_requests = Counter(
+            "modelfleet_operator_api_requests_total",
+            "Kubernetes API requests of the reconciler and the leader Lease (kopf's watches and "
+            "handler bookkeeping not included).",
+            ["method"],
+            registry=registry,
+        )
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+            self.api_requests.labels(method)
+        for result in RESULTS:
+            self.reconcile_duration.labels(result)
+        for result in PLACEMENT_RESULTS:
+            self.placements.labels(result)
+        for reason in REPLACEMENT_REASONS:
+            self.replacements.labels(reason)
+        self._pending: dict[tuple[str, str], int] = {}
+
+    def api_trace(self) -> aiohttp.TraceConfig:
+        """An aiohttp trace that counts every request of the session it is attached to."""
+        trace = aiohttp.TraceConfig()
+
+        async def on_start(_: Any, __: SimpleNamespace, params: Any) -> None:
+            self.api_requests.labels(str(params.method)).inc()
+
+        trace.on_request_start.append(on_start)
+        return trace
+
+    def set_pending(self, key: tuple[str, str], pending: int) -> None:
+        """Record one deployment's pending replicas; the gauge shows the sum."""
+        if pending > 0:
+            self._pending[key] = pending
+        else:
+            self._pending.pop(key, None)
+        self.pending_replicas.set(sum(self._pending.values()))
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self.set_pending(key, 0)
+
+    def count_replacements(self, reasons: Mapping[str, int]) -> None:
+        for reason, count in reasons.items():
+            if reason in REPLACEMENT_REASONS and count:
+                self.replacements.labels(reason).inc(count)

@@ -1,0 +1,244 @@
+"""What the operator observes, as small immutable values parsed once from API objects.
+
+Everything here is pure: `parse_*` functions turn Pod and Node dicts into dataclasses that the
+planner, the status computation and the placement adapter read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from modelfleet.api import labels as L
+
+_INSTANCE_NAME = re.compile(r"^(?P<deployment>.+)-instance-(?P<n>[1-9][0-9]*)$")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    """An RFC 3339 time as Kubernetes writes it, or None when absent or malformed."""
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 in UTC with a Z, second precision, as Kubernetes writes times."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def instance_name(deployment: str, n: int) -> str:
+    """The name of replica `n` of `deployment`."""
+    return f"{deployment}-instance-{n}"
+
+
+def parse_instance_number(deployment: str, pod_name: str) -> int | None:
+    """n from `<deployment>-instance-<n>`, None when the name does not belong to `deployment`."""
+    match = _INSTANCE_NAME.match(pod_name)
+    if not match or match["deployment"] != deployment:
+        return None
+    return int(match["n"])
+
+
+def _split(text: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedPod:
+    """One replica Pod, as far as planning and status care."""
+
+    name: str
+    namespace: str
+    deployment: str
+    instance: int
+    uid: str = ""
+    node: str | None = None
+    phase: str = "Pending"  # the Pod's status.phase
+    ready: bool = False
+    ready_since: datetime | None = None
+    deleting: bool = False
+    deleting_since: datetime | None = None
+    created_at: datetime | None = None
+    template_hash: str = ""
+    gpu_ids: tuple[str, ...] = ()
+    gpu_uuids: tuple[str, ...] = ()
+    footprint_mib: int | None = None  # promised per GPU; None = the whole GPU (discovery run)
+    sharing: str = "Exclusive"
+    priority: int = 0
+    min_replicas: int = 0
+    waiting_reason: str = ""  # e.g. CrashLoopBackOff, ImagePullBackOff
+    restarts: int = 0
+    owner_uid: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.phase in ("Failed", "Succeeded")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+
+def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
+    """An ObservedPod from a replica Pod dict; None if it is not a modelfleet replica."""
+    meta = pod.get("metadata") or {}
+    pod_labels = meta.get("labels") or {}
+    ann = meta.get("annotations") or {}
+    deployment = pod_labels.get(L.LABEL_DEPLOYMENT)
+    if pod_labels.get(L.LABEL_COMPONENT) != L.COMPONENT_REPLICA or not deployment:
+        return None
+    name = str(meta.get("name", ""))
+    instance = parse_instance_number(deployment, name)
+    if instance is None:
+        return None
+    status = pod.get("status") or {}
+    ready = False
+    ready_since = None
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Ready" and cond.get("status") == "True":
+            ready = True
+            ready_since = parse_time(cond.get("lastTransitionTime"))
+    waiting = ""
+    restarts = 0
+    for cs in status.get("containerStatuses") or []:
+        restarts += int(cs.get("restartCount") or 0)
+        reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
+        if reason and reason not in ("ContainerCreating", "PodInitializing"):
+            waiting = str(reason)
+    footprint = ann.get(L.ANN_FOOTPRINT_MIB, "")
+    owner_uid = ""
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller"):
+            owner_uid = str(ref.get("uid", ""))
+    return ObservedPod(
+        name=name,
+        namespace=str(meta.get("namespace", "")),
+        deployment=deployment,
+        instance=instance,
+        uid=str(meta.get("uid", "")),
+        node=(pod.get("spec") or {}).get("nodeName") or None,
+        phase=str(status.get("phase") or "Pending"),
+        ready=ready,
+        ready_since=ready_since,
+        deleting=bool(meta.get("deletionTimestamp")),
+        deleting_since=parse_time(meta.get("deletionTimestamp")),
+        created_at=parse_time(meta.get("creationTimestamp")),
+        template_hash=str(ann.get(L.ANN_TEMPLATE_HASH, "")),
+        gpu_ids=_split(ann.get(L.ANN_GPUS)),
+        gpu_uuids=_split(ann.get(L.ANN_GPU_UUIDS)),
+        footprint_mib=int(footprint) if footprint.isdigit() else None,
+        sharing=str(ann.get(L.ANN_SHARING, "Exclusive")),
+        priority=_int(ann.get(L.ANN_PRIORITY), 0),
+        min_replicas=_int(ann.get(L.ANN_MIN_REPLICAS), 0),
+        waiting_reason=waiting,
+        restarts=restarts,
+        owner_uid=owner_uid,
+    )
+
+
+def _int(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHealth:
+    """What the operator knows about one node's ability to keep running replicas.
+
+    `exists` and `ready` come from the Node object; `agent_up` and `unhealthy_gpus` from the GPU
+    pool. `agent_known` is False until the pool has heard from the node's agent at least once, so
+    a freshly started operator does not mistake "not polled yet" for "agent down".
+    """
+
+    exists: bool = True
+    ready: bool = True
+    agent_known: bool = False
+    agent_up: bool = True
+    unhealthy_gpus: frozenset[str] = field(default_factory=frozenset)
+
+
+def parse_node_ready(node: Mapping[str, Any]) -> bool:
+    """True when the Node's Ready condition is True (an unknown kubelet counts as not ready)."""
+    for cond in (node.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            return bool(cond.get("status") == "True")
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFacts:
+    """The parts of a Node object placement and failure detection read."""
+
+    name: str
+    ready: bool
+    schedulable: bool = True
+    labels: Mapping[str, str] = field(default_factory=dict)
+    taints: tuple[tuple[str, str, str], ...] = ()  # (key, value, effect)
+
+
+def parse_node(node: Mapping[str, Any]) -> NodeFacts:
+    """NodeFacts from a Node dict."""
+    meta = node.get("metadata") or {}
+    spec = node.get("spec") or {}
+    return NodeFacts(
+        name=str(meta.get("name", "")),
+        ready=parse_node_ready(node),
+        schedulable=not spec.get("unschedulable", False),
+        labels=dict(meta.get("labels") or {}),
+        taints=tuple(
+            (str(t.get("key", "")), str(t.get("value") or ""), str(t.get("effect", "")))
+            for t in spec.get("taints") or []
+        ),
+    )
+
+
+def compute_last_use_time(
+    annotations: Mapping[str, str], creation_timestamp: str | None
+) -> datetime | None:
+    """Start of the idle clock and the LRU order: the latest request or demand, else creation."""
+    used = [
+        t
+        for t in (
+            parse_time(annotations.get(L.ANN_LAST_REQUEST)),
+            parse_time(annotations.get(L.ANN_DEMAND)),
+        )
+        if t is not None
+    ]
+    return max(used) if used else parse_time(creation_timestamp)
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentEntry:
+    """A ModelDeployment as the operator's index holds it: the body and its last use (epoch s)."""
+
+    body: Mapping[str, Any]
+    last_used: float
+
+
+def parse_deployment(body: Mapping[str, Any]) -> DeploymentEntry:
+    """The index entry of a ModelDeployment body (cheap: no validation here)."""
+    meta = body.get("metadata") or {}
+    last = compute_last_use_time(meta.get("annotations") or {}, meta.get("creationTimestamp"))
+    kept = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
+    return DeploymentEntry(body=kept, last_used=last.timestamp() if last else 0.0)
+
+
+def parse_service(svc: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a Service the operator keeps in shape: selector and ports."""
+    spec = svc.get("spec") or {}
+    return {
+        "selector": dict(spec.get("selector") or {}),
+        "ports": [
+            {k: p.get(k) for k in ("name", "port", "targetPort", "protocol")}
+            for p in spec.get("ports") or []
+        ],
+    }

@@ -1,0 +1,242 @@
+"""ModelDeployment status from the observed Pods and the plan. Pure.
+
+Conditions follow the Kubernetes convention: Available, Progressing and Degraded, each with one
+CamelCase reason a person can act on. A condition keeps its lastTransitionTime while its status
+stays the same, so recomputing an unchanged state yields an identical status and nothing is
+written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+from modelfleet.api import (
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    Instance,
+    ModelDeployment,
+    ModelDeploymentStatus,
+)
+from modelfleet.controller.builders import selector_string
+from modelfleet.controller.observed import ObservedPod
+from modelfleet.controller.plan import IDLE, Plan
+
+# Container waiting reasons that mean "this replica will not come up by itself".
+_BROKEN = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError"}
+
+
+def compute_measured_footprint_mib(
+    pods: Sequence[ObservedPod], gpu_used_mib: Mapping[str, int]
+) -> int | None:
+    """GPU memory per GPU used by the first ready discovery-run replica, from the pool's stats.
+
+    A discovery run is a replica placed without a known footprint (empty footprint annotation);
+    it had its GPUs to itself, so what the GPU reports in use is what the model needs.
+    """
+    for pod in sorted(pods, key=lambda p: p.instance):
+        if not pod.ready or pod.deleting or pod.footprint_mib is not None or not pod.gpu_ids:
+            continue
+        used = [gpu_used_mib[g] for g in pod.gpu_ids if g in gpu_used_mib]
+        if used and max(used) > 0:
+            return max(used)
+    return None
+
+
+def _instance(pod: ObservedPod, deleting: Mapping[str, str]) -> Instance:
+    if pod.deleting or pod.name in deleting:
+        phase, reason = "Terminating", deleting.get(pod.name, "Deleted")
+    elif pod.failed:
+        phase, reason = "Failed", pod.phase
+    elif pod.ready:
+        phase, reason = "Ready", ""
+    elif pod.phase == "Running":
+        phase, reason = "Starting", pod.waiting_reason or "WaitingForHealth"
+    else:
+        phase, reason = "Pending", pod.waiting_reason or "Bound"
+    return Instance(
+        name=pod.name,
+        node=pod.node,
+        gpus=list(pod.gpu_ids),
+        phase=phase,
+        reason=reason,
+        started_at=pod.ready_since if phase == "Ready" else None,
+    )
+
+
+def _cond(kind: ConditionType, ok: bool, reason: str, message: str) -> Condition:
+    return Condition(
+        type=kind.value,
+        status=ConditionStatus.TRUE if ok else ConditionStatus.FALSE,
+        reason=reason,
+        message=message,
+    )
+
+
+def compute_status(
+    md: ModelDeployment,
+    pods: Sequence[ObservedPod],
+    plan: Plan,
+    now: datetime,
+    measured_footprint_mib: int | None = None,
+) -> ModelDeploymentStatus:
+    """The status to write after `plan` is applied to `pods`."""
+    deleting = {d.name: d.reason for d in plan.to_delete if d.deployment == md.metadata.name}
+    instances = [_instance(p, deleting) for p in sorted(pods, key=lambda p: p.instance)]
+    for create in plan.to_create:
+        instances.append(
+            Instance(
+                name=create.name,
+                node=create.placed.node,
+                gpus=list(create.placed.gpu_ids),
+                phase="Pending",
+                reason="Created",
+            )
+        )
+    instances.sort(key=lambda i: int(i.name.rsplit("-", 1)[-1]))
+    live = [i for i in instances if i.phase not in ("Terminating", "Failed")]
+    ready = sum(1 for i in live if i.phase == "Ready")
+    target = plan.target
+    failures = [d for d in plan.to_delete if d.reason in _FAILURE_REASONS]
+    broken = [i for i in live if i.reason in _BROKEN]
+    blocker = plan.blocker
+
+    # Available: can the model serve requests at all?
+    if target == 0 and not live:
+        why = (
+            f"idle for longer than {md.spec.idle_timeout}; a request scales it back up"
+            if plan.target_reason == IDLE
+            else "spec.replicas is 0"
+        )
+        available = _cond(ConditionType.AVAILABLE, False, "ScaledToZero", why)
+    elif ready > 0:
+        available = _cond(
+            ConditionType.AVAILABLE, True, "ReplicasReady", f"{ready}/{target} replicas ready"
+        )
+    elif blocker is not None:
+        available = _cond(ConditionType.AVAILABLE, False, blocker.reason, blocker.message)
+    else:
+        available = _cond(
+            ConditionType.AVAILABLE, False, "NoReplicaReady", f"0/{target} replicas ready"
+        )
+
+    # Progressing: is the operator still moving towards the spec, or stuck?
+    starting = [i for i in live if i.phase in ("Pending", "Starting")]
+    if blocker is not None and blocker.reason not in ("Evicting",):
+        progressing = _cond(ConditionType.PROGRESSING, False, blocker.reason, blocker.message)
+    elif plan.rolling:
+        progressing = _cond(
+            ConditionType.PROGRESSING, True, "RollingUpdate", "replacing replicas one at a time"
+        )
+    elif failures:
+        progressing = _cond(
+            ConditionType.PROGRESSING,
+            True,
+            "Replacing",
+            "; ".join(f"{d.name}: {d.message}" for d in failures),
+        )
+    elif blocker is not None:
+        progressing = _cond(ConditionType.PROGRESSING, True, blocker.reason, blocker.message)
+    elif plan.to_create or plan.waiting_for or len(live) < target:
+        progressing = _cond(
+            ConditionType.PROGRESSING, True, "ScalingUp", f"{len(live)}/{target} replicas exist"
+        )
+    elif len(live) > target or any(d.reason in ("ScaleDown", IDLE) for d in plan.to_delete):
+        progressing = _cond(
+            ConditionType.PROGRESSING, True, "ScalingDown", f"scaling down to {target}"
+        )
+    elif starting:
+        progressing = _cond(
+            ConditionType.PROGRESSING,
+            True,
+            "Starting",
+            f"{len(starting)} replica(s) starting: " + ", ".join(i.name for i in starting),
+        )
+    else:
+        progressing = _cond(
+            ConditionType.PROGRESSING, False, "Complete", f"{ready}/{target} replicas ready"
+        )
+
+    # Degraded: fewer ready replicas than wanted for a reason someone should look at.
+    if failures:
+        first = failures[0]
+        degraded = _cond(
+            ConditionType.DEGRADED,
+            True,
+            first.reason,
+            "; ".join(f"{d.name}: {d.message}" for d in failures),
+        )
+    elif broken:
+        degraded = _cond(
+            ConditionType.DEGRADED,
+            True,
+            broken[0].reason,
+            ", ".join(f"{i.name} is {i.reason}" for i in broken),
+        )
+    elif blocker is not None and ready < target:
+        degraded = _cond(ConditionType.DEGRADED, True, blocker.reason, blocker.message)
+    else:
+        degraded = _cond(ConditionType.DEGRADED, False, "AsExpected", "")
+
+    conditions = [available, progressing, degraded]
+    if target == 0 and not live:
+        phase, reason = "ScaledToZero", available.reason
+    elif degraded.status == ConditionStatus.TRUE:
+        phase, reason = ("Degraded" if ready else "Pending"), degraded.reason
+    elif ready >= target and len(live) == target and progressing.reason == "Complete":
+        phase, reason = "Ready", ""
+    else:
+        phase, reason = "Progressing", progressing.reason
+
+    footprint = md.status.footprint
+    if footprint is None and measured_footprint_mib is not None:
+        footprint = f"{measured_footprint_mib}Mi"
+
+    return ModelDeploymentStatus(
+        replicas=len(live),
+        ready_replicas=ready,
+        instances=instances,
+        footprint=footprint,
+        conditions=_keep_transition_times(conditions, md.status.conditions, now, md),
+        observed_generation=md.metadata.generation,
+        selector=selector_string(md.metadata.name),
+        phase=phase,
+        reason=reason,
+    )
+
+
+_FAILURE_REASONS = {"NodeLost", "EndpointsDown", "GpuUnhealthy", "ReplicaFailed"}
+
+
+def _keep_transition_times(
+    new: list[Condition], old: Sequence[Condition], now: datetime, md: ModelDeployment
+) -> list[Condition]:
+    previous = {c.type: c for c in old}
+    out = []
+    for cond in new:
+        before = previous.get(cond.type)
+        since = (
+            before.last_transition_time
+            if before is not None and before.status == cond.status and before.last_transition_time
+            else now.replace(microsecond=0)
+        )
+        out.append(
+            cond.model_copy(
+                update={
+                    "last_transition_time": since,
+                    "observed_generation": md.metadata.generation,
+                }
+            )
+        )
+    return out
+
+
+def status_changed(old: ModelDeploymentStatus, new: ModelDeploymentStatus) -> bool:
+    """True when writing `new` would change what the API server holds."""
+    return bool(dump_status(old) != dump_status(new))
+
+
+def dump_status(status: ModelDeploymentStatus) -> dict[str, object]:
+    """The status as the API server stores it (camelCase, no nulls)."""
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -1,0 +1,250 @@
+"""Replica Pod and Service builders: named cases over the spec and the placement."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from controller_helpers import make_md
+
+from modelfleet.api import labels as L
+from modelfleet.controller.builders import (
+    build_engine_args,
+    build_replica_pod,
+    build_service,
+    compute_gpu_memory_utilization,
+    compute_template_hash,
+    selector_labels,
+)
+from modelfleet.controller.decisions import Placed
+
+PLACED = Placed(
+    node="gpu-h100-0",
+    gpu_ids=("gpu-h100-0:2", "gpu-h100-0:3"),
+    gpu_uuids=("GPU-a", "GPU-b"),
+    gpu_memory_mib=81559,
+    footprint_mib=20480,
+    reason="most free GPUs",
+)
+IMAGE = "vllm/vllm-openai:v0.11.0"
+
+
+def build(**spec: Any) -> dict[str, Any]:
+    md = make_md(**spec)
+    return build_replica_pod(md, 2, PLACED, default_image=IMAGE, template_hash="h1")
+
+
+def container(pod: dict[str, Any]) -> dict[str, Any]:
+    c: dict[str, Any] = pod["spec"]["containers"][0]
+    return c
+
+
+def env_of(pod: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container(pod)["env"]}
+
+
+def test_name_owner_labels_and_binding() -> None:
+    pod = build(gpu={"count": 2})
+    meta = pod["metadata"]
+    assert meta["name"] == "gemma-instance-2"
+    assert meta["namespace"] == "ns"
+    owner = meta["ownerReferences"][0]
+    assert owner == {
+        "apiVersion": "modelfleet.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "name": "gemma",
+        "uid": "uid-1",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    assert meta["labels"] == {
+        "app.kubernetes.io/name": "modelfleet",
+        "app.kubernetes.io/component": "replica",
+        "app.kubernetes.io/managed-by": "modelfleet-operator",
+        "modelfleet.io/deployment": "gemma",
+        "modelfleet.io/instance": "2",
+    }
+    assert pod["spec"]["nodeName"] == "gpu-h100-0"
+
+
+def test_annotations_carry_placement() -> None:
+    ann = build(servedModelName="gemma3-4B", priority=5, minReplicas=1, replicas=2)["metadata"][
+        "annotations"
+    ]
+    assert ann[L.ANN_GPUS] == "gpu-h100-0:2,gpu-h100-0:3"
+    assert ann[L.ANN_GPU_UUIDS] == "GPU-a,GPU-b"
+    assert ann[L.ANN_FOOTPRINT_MIB] == "20480"
+    assert ann[L.ANN_PLACEMENT_REASON] == "most free GPUs"
+    assert ann[L.ANN_SERVED_MODEL] == "gemma3-4B"
+    assert ann[L.ANN_PRIORITY] == "5"
+    assert ann[L.ANN_MIN_REPLICAS] == "1"
+    assert ann[L.ANN_TEMPLATE_HASH] == "h1"
+    assert ann[L.ANN_SHARING] == "Exclusive"
+
+
+def test_discovery_run_has_empty_footprint() -> None:
+    md = make_md()
+    placed = Placed("n", ("n:0",), ("GPU-0",), 81559, None, "discovery")
+    pod = build_replica_pod(md, 1, placed, default_image=IMAGE, template_hash="h")
+    assert pod["metadata"]["annotations"][L.ANN_FOOTPRINT_MIB] == ""
+
+
+@pytest.mark.parametrize(
+    ("case", "spec", "expected_args"),
+    [
+        (
+            "exclusive, defaults",
+            {"gpu": {"count": 2}},
+            [
+                "--model",
+                "google/gemma-3-4b-it",
+                "--served-model-name",
+                "gemma",
+                "--tensor-parallel-size",
+                "2",
+                "--port",
+                "8000",
+                "--host",
+                "0.0.0.0",
+            ],
+        ),
+        (
+            "shared sets memory utilization from the footprint",
+            {"gpu": {"count": 2, "memory": "20Gi", "sharing": "Shared"}},
+            [
+                "--model",
+                "google/gemma-3-4b-it",
+                "--served-model-name",
+                "gemma",
+                "--tensor-parallel-size",
+                "2",
+                "--port",
+                "8000",
+                "--host",
+                "0.0.0.0",
+                "--gpu-memory-utilization",
+                "0.26",
+            ],
+        ),
+        (
+            "extra args come last, port and served name from the spec",
+            {
+                "servedModelName": "g3",
+                "engine": {"port": 9000, "args": ["--max-model-len", "8192"]},
+                "gpu": {"count": 2},
+            },
+            [
+                "--model",
+                "google/gemma-3-4b-it",
+                "--served-model-name",
+                "g3",
+                "--tensor-parallel-size",
+                "2",
+                "--port",
+                "9000",
+                "--host",
+                "0.0.0.0",
+                "--max-model-len",
+                "8192",
+            ],
+        ),
+    ],
+)
+def test_engine_args(case: str, spec: dict[str, Any], expected_args: list[str]) -> None:
+    assert build_engine_args(make_md(**spec), PLACED) == expected_args, case
+
+
+def test_exclusive_requests_whole_gpus_without_pin() -> None:
+    pod = build(gpu={"count": 2})
+    res = container(pod)["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == "2"
+    assert res["requests"]["nvidia.com/gpu"] == "2"
+    assert "NVIDIA_VISIBLE_DEVICES" not in env_of(pod)
+
+
+def test_shared_pins_uuids_without_gpu_limit() -> None:
+    pod = build(gpu={"count": 2, "memory": "20Gi", "sharing": "Shared"})
+    assert "nvidia.com/gpu" not in container(pod).get("resources", {}).get("limits", {})
+    assert env_of(pod)["NVIDIA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
+    assert pod["metadata"]["annotations"][L.ANN_SHARING] == "Shared"
+
+
+def test_user_env_resources_and_image() -> None:
+    pod = build(
+        gpu={"count": 2},
+        engine={
+            "image": "registry.local/vllm:custom",
+            "env": [
+                {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"},
+                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}},
+            ],
+            "resources": {"limits": {"memory": "64Gi"}, "requests": {"cpu": 4}},
+        },
+    )
+    c = container(pod)
+    assert c["image"] == "registry.local/vllm:custom"
+    assert env_of(pod)["VLLM_LOGGING_LEVEL"] == "DEBUG"
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}} in c[
+        "env"
+    ]
+    assert c["resources"]["limits"] == {"memory": "64Gi", "nvidia.com/gpu": "2"}
+    assert c["resources"]["requests"] == {"cpu": "4", "nvidia.com/gpu": "2"}
+
+
+def test_default_image() -> None:
+    assert container(build())["image"] == IMAGE
+
+
+def test_probes_on_health_with_long_startup_budget() -> None:
+    c = container(build())
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 30 * 60
+
+
+def test_restrictive_security_context_and_shm() -> None:
+    pod = build()
+    c = container(pod)
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+
+
+def test_tolerations_are_copied() -> None:
+    pod = build(placement={"tolerations": [{"key": "gpu", "operator": "Exists"}]})
+    assert pod["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+
+
+@pytest.mark.parametrize(
+    ("footprint", "total", "expected"),
+    [(20480, 81559, 0.26), (8192, 23034, 0.36), (81559, 81559, 0.95), (1, 81559, 0.01)],
+)
+def test_gpu_memory_utilization(footprint: int, total: int, expected: float) -> None:
+    assert compute_gpu_memory_utilization(footprint, total) == expected
+
+
+def test_template_hash_follows_engine_spec_only() -> None:
+    base = compute_template_hash(make_md(replicas=1), IMAGE)
+    assert compute_template_hash(make_md(replicas=5), IMAGE) == base
+    assert compute_template_hash(make_md(priority=9), IMAGE) == base
+    assert compute_template_hash(make_md(engine={"args": ["--x"]}), IMAGE) != base
+    assert compute_template_hash(make_md(), "other:image") != base
+
+
+def test_service_selects_the_replicas() -> None:
+    svc = build_service(make_md())
+    assert svc["metadata"]["name"] == "gemma"
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["selector"] == selector_labels("gemma")
+    assert svc["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}
+    ]
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    # Every replica Pod carries every selector label.
+    pod_labels = build()["metadata"]["labels"]
+    assert all(pod_labels[k] == v for k, v in svc["spec"]["selector"].items())

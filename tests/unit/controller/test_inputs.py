@@ -1,0 +1,163 @@
+"""The adapter from pool snapshot, Nodes and replica Pods to the real placement engine."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from controller_helpers import FreeGpus, make_md, pod
+
+from modelfleet import placement as P
+from modelfleet.api.gpustats import GpuReport, GpuStats, PodRef
+from modelfleet.controller.decisions import Evict, Placed, PlacementRequest, Unplaceable
+from modelfleet.controller.inputs import build_placer, compute_node_health
+from modelfleet.controller.observed import NodeFacts
+from modelfleet.gpus.health import EndpointState
+from modelfleet.gpus.snapshot import EndpointSample, build_snapshot
+
+T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+H100 = "NVIDIA-H100-80GB-HBM3"
+
+
+def report(
+    node: str, gpus: int, used: dict[int, tuple[int, list[PodRef]]] | None = None
+) -> GpuReport:
+    used = used or {}
+    return GpuReport(
+        node=node,
+        backend="simulated",
+        sampled_at=T0,
+        poll_interval_s=5,
+        gpus=[
+            GpuStats(
+                index=i,
+                gpu_id=f"{node}:{i}",
+                uuid=f"GPU-{node}-{i}",
+                product=H100,
+                memory_total_mib=81559,
+                memory_used_mib=used.get(i, (0, []))[0],
+                memory_free_mib=81559 - used.get(i, (0, []))[0],
+                pods=used.get(i, (0, []))[1],
+            )
+            for i in range(gpus)
+        ],
+    )
+
+
+def snapshot(*reports: GpuReport, down: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+    samples = [
+        EndpointSample(
+            url=f"http://127.0.0.{i + 1}:9400",
+            node=r.node,
+            state=EndpointState.DOWN if r.node in down else EndpointState.HEALTHY,
+            report=r,
+            last_success_at=T0,
+        )
+        for i, r in enumerate(reports)
+    ]
+    return build_snapshot(samples, taken_at=T0)
+
+
+def facts(*names: str, ready: bool = True) -> dict[str, NodeFacts]:
+    return {
+        n: NodeFacts(name=n, ready=ready, labels={"nvidia.com/gpu.product": H100}) for n in names
+    }
+
+
+def request(md_name: str = "gemma", n: int = 1, **spec: object) -> PlacementRequest:
+    md = make_md(name=md_name, **spec)
+    return PlacementRequest("ns", md_name, n, md.spec, 20480)
+
+
+def test_node_health_from_nodes_and_pool() -> None:
+    snap = snapshot(report("a", 2), report("b", 2), down=("b",))
+    health = compute_node_health({**facts("a", "b"), **facts("c", ready=False)}, snap)
+    assert health["a"].agent_known
+    assert health["a"].agent_up
+    assert health["b"].agent_known
+    assert not health["b"].agent_up
+    assert not health["c"].ready
+    assert not health["c"].agent_known
+
+
+def test_two_decisions_of_one_placer_never_share_a_gpu() -> None:
+    placer = build_placer(facts("a"), [], {}, snapshot(report("a", 2)), P.PlacementSettings())
+    first = placer(request(n=1))
+    second = placer(request(n=2))
+    assert isinstance(first, Placed)
+    assert isinstance(second, Placed)
+    assert set(first.gpu_ids).isdisjoint(second.gpu_ids)
+    assert first.gpu_memory_mib == 81559
+    assert first.gpu_uuids == ("GPU-a-0",)
+    assert isinstance(placer(request(n=3)), Unplaceable)
+
+
+def test_existing_replicas_hold_their_gpus() -> None:
+    existing = [pod(1, deployment="other", node="a", gpus=("a:0",))]
+    placer = build_placer(facts("a"), existing, {}, snapshot(report("a", 2)), P.PlacementSettings())
+    decision = placer(request())
+    assert isinstance(decision, Placed)
+    assert decision.gpu_ids == ("a:1",)
+
+
+def test_full_cluster_evicts_the_least_recently_used() -> None:
+    old = replace(pod(1, deployment="old", node="a", gpus=("a:0",)), priority=0)
+    new = replace(pod(1, deployment="new", node="a", gpus=("a:1",)), priority=0)
+    last_used = {("ns", "old"): 1000.0, ("ns", "new"): 9000.0}
+    placer = build_placer(
+        facts("a"), [old, new], last_used, snapshot(report("a", 2)), P.PlacementSettings()
+    )
+    decision = placer(request(md_name="gemma"))
+    assert isinstance(decision, Evict), decision
+    assert [(v.namespace, v.pod, v.deployment) for v in decision.victims] == [
+        ("ns", "old-instance-1", "old")
+    ]
+
+
+def test_terminating_replica_is_the_first_victim() -> None:
+    going = replace(pod(1, deployment="new", node="a", gpus=("a:1",)), deleting=True)
+    keep = pod(1, deployment="old", node="a", gpus=("a:0",))
+    last_used = {("ns", "old"): 1000.0, ("ns", "new"): 9000.0}
+    placer = build_placer(
+        facts("a"), [keep, going], last_used, snapshot(report("a", 2)), P.PlacementSettings()
+    )
+    decision = placer(request())
+    assert isinstance(decision, Evict)
+    assert [v.pod for v in decision.victims] == ["new-instance-1"]
+
+
+def test_no_stats_yet_waits() -> None:
+    placer = build_placer(facts("a"), [], {}, None, P.PlacementSettings())
+    decision = placer(request())
+    assert isinstance(decision, Unplaceable)
+    assert decision.code == "WaitingForStats"
+
+
+def test_measured_pods_are_not_double_counted() -> None:
+    # The agent already reports the replica's memory: the ledger must not add it again.
+    ref = PodRef(namespace="ns", name="other-instance-1", memory_used_mib=40000)
+    snap = snapshot(report("a", 1, {0: (40000, [ref])}))
+    existing = [
+        replace(
+            pod(1, deployment="other", node="a", gpus=("a:0",)),
+            sharing="Shared",
+            footprint_mib=40000,
+        )
+    ]
+    placer = build_placer(facts("a"), existing, {}, snap, P.PlacementSettings())
+    decision = placer(
+        PlacementRequest(
+            "ns",
+            "small",
+            1,
+            make_md(name="small", gpu={"memory": "20Gi", "sharing": "Shared"}).spec,
+            20480,
+        )
+    )
+    assert isinstance(decision, Placed), decision
+    assert decision.gpu_ids == ("a:0",)
+
+
+def test_fake_placer_matches_interface() -> None:
+    # The plan tests' stand-in and the engine adapter answer the same request type.
+    assert isinstance(FreeGpus(["a:0"])(request()), Placed)
