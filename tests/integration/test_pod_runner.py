@@ -236,4 +236,7 @@ async def test_unlabelled_pods_keep_kwok_behaviour_and_run_nothing(
 
     pod = await wait_for(ready, timeout=30, what="plain Ready (kwok marks it at once)")
     assert restarts(pod) == 0
-    assert not list(pod_runner.pid_dir.iterdir())
+    # The runner may be serving pods that other tests left behind in namespaces still being
+    # deleted; what matters is that nothing runs for this pod's address.
+    ip = pod["status"]["podIP"]
+    assert not [p.name for p in pod_runner.pid_dir.iterdir() if p.name.startswith(f"{ip}_")]

@@ -19,11 +19,11 @@
   resources: ["services"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
 # Events about placements, evictions and errors on the ModelDeployments (kopf posts core
-# events; both APIs are granted so either client works). No read access: events may name
-# things the operator has no business reading.
+# events; both APIs are granted so either client works). get: a repeated Event is aggregated by
+# reading it back and bumping its count, as kubectl and the kubelet do.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "get", "patch"]
 # The same events through events.k8s.io/v1.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
