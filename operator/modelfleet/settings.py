@@ -104,6 +104,16 @@ class OperatorSettings(_Settings):
         description="Label selector of the agent pods for discovery.",
     )
     agent_port: int = Field(9400, ge=1, le=65535, description="Port of discovered agents.")
+    agent_missing_grace_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Replicas on a node whose agent pod has been gone from discovery this long are "
+            "replaced (as EndpointsDown); never less than 3 poll intervals, so an agent rollout "
+            "does not replace healthy replicas."
+        ),
+    )
     agent_token_file: str = Field(
         "", description="File with the bearer token sent to agents; empty: no token."
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from modelfleet import placement as P
 from modelfleet.api import ModelDeploymentSpec, SharingMode
@@ -24,11 +25,45 @@ from modelfleet.controller.decisions import (
 from modelfleet.controller.observed import NodeFacts, NodeHealth, ObservedPod, instance_name
 from modelfleet.gpus.snapshot import PoolSnapshot
 
+#: A node's agent pod must be missing for at least this many pool poll intervals before its
+#: replicas are replaced: a DaemonSet rollout deletes the old agent pod before the new one runs.
+MISSING_AGENT_MIN_INTERVALS = 3
+
+
+def compute_missing_agent_grace_s(grace_s: float, poll_interval_s: float) -> float:
+    """The configured grace, never shorter than a few poll intervals."""
+    return max(grace_s, MISSING_AGENT_MIN_INTERVALS * poll_interval_s)
+
+
+def compute_agent_missing_since(
+    previous: Mapping[str, datetime],
+    nodes: Iterable[str],
+    snapshot: PoolSnapshot | None,
+    now: datetime,
+) -> dict[str, datetime]:
+    """Since when each node has had no agent endpoint in the pool (discovery only).
+
+    A node with any endpoint, answering or not, is not missing (a silent agent is the pool's
+    EndpointsDown); a node that is missing keeps the time it was first seen missing. The first
+    call after start counts from `now`, so a restarted operator waits the full grace too.
+    """
+    present = set()
+    if snapshot is not None:
+        present = {ep.node for ep in snapshot.endpoints if ep.node is not None}
+    return {node: previous.get(node, now) for node in nodes if node not in present}
+
 
 def compute_node_health(
-    nodes: Mapping[str, NodeFacts], snapshot: PoolSnapshot | None
+    nodes: Mapping[str, NodeFacts],
+    snapshot: PoolSnapshot | None,
+    missing_since: Mapping[str, datetime] | None = None,
+    now: datetime | None = None,
+    missing_grace_s: float = 0.0,
 ) -> dict[str, NodeHealth]:
-    """Per node: exists and Ready (Node object), agent answering and unhealthy GPUs (pool)."""
+    """Per node: exists and Ready (Node object), agent answering and unhealthy GPUs (pool),
+    and whether its agent pod has been gone for longer than `missing_grace_s`."""
+    missing_since = missing_since or {}
+    grace = timedelta(seconds=missing_grace_s)
     agents: dict[str, tuple[bool, bool]] = {}  # node -> (ever answered, usable now)
     unhealthy: dict[str, set[str]] = {}
     if snapshot is not None:
@@ -49,8 +84,13 @@ def compute_node_health(
             agent_known=known,
             agent_up=up,
             unhealthy_gpus=frozenset(unhealthy.get(name, ())),
+            agent_missing=_missing_longer_than(missing_since.get(name), now, grace),
         )
     return out
+
+
+def _missing_longer_than(since: datetime | None, now: datetime | None, grace: timedelta) -> bool:
+    return since is not None and now is not None and now - since >= grace
 
 
 def compute_gpu_used_mib(snapshot: PoolSnapshot | None) -> dict[str, int]:

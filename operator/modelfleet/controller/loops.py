@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 
 from modelfleet.controller import inputs
 from modelfleet.controller.observed import NodeHealth
@@ -71,9 +72,10 @@ def compute_health_changes(
         if old is None or new is None:
             changed.add(name)
             continue
-        if (old.agent_known, old.agent_up, old.unhealthy_gpus) != (
+        if (old.agent_known, old.agent_up, old.agent_missing, old.unhealthy_gpus) != (
             new.agent_known,
             new.agent_up,
+            new.agent_missing,
             new.unhealthy_gpus,
         ):
             changed.add(name)
@@ -94,7 +96,12 @@ async def watch_pool(rt: Runtime, pool: GpuPool) -> None:
         cluster = rt.cluster
         if cluster is None:
             continue
-        after = inputs.compute_node_health(cluster.node_facts(), snapshot)
+        now = datetime.now(UTC)
+        if rt.agent_discovery:
+            rt.agent_missing_since = inputs.compute_agent_missing_since(
+                rt.agent_missing_since, cluster.node_facts(), snapshot, now
+            )
+        after = rt.node_health(cluster, snapshot, now)
         changed = compute_health_changes(before, after)
         before = after
         keys = pods_on_nodes(cluster.pods, changed) if changed else set()

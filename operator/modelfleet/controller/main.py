@@ -94,6 +94,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         events=EventRecorder(client),
         metrics=metrics,
         snapshot=pool.snapshot,
+        agent_discovery=pool.discovery,
     )
     memo.tasks = [
         asyncio.create_task(recheck_forever(runtime, config.recheck_interval_s), name="recheck"),

@@ -157,12 +157,15 @@ class NodeHealth:
     `exists` and `ready` come from the Node object; `agent_up` and `unhealthy_gpus` from the GPU
     pool. `agent_known` is False until the pool has heard from the node's agent at least once, so
     a freshly started operator does not mistake "not polled yet" for "agent down".
+    `agent_missing` is True once no agent pod has been discovered on the node for longer than
+    the missing-agent grace (the agent pod was deleted, or never came back after a rollout).
     """
 
     exists: bool = True
     ready: bool = True
     agent_known: bool = False
     agent_up: bool = True
+    agent_missing: bool = False
     unhealthy_gpus: frozenset[str] = field(default_factory=frozenset)
 
 

@@ -144,6 +144,9 @@ def compute_failure(
     # would turn a monitoring outage into a serving outage.
     if node.agent_known and not node.agent_up and any_agent_up:
         return ENDPOINTS_DOWN, f"the node-stats agent on {pod.node} is not answering", False
+    if node.agent_missing and any_agent_up:
+        # Same consequence as a silent agent: nothing tells whether the GPUs still work.
+        return ENDPOINTS_DOWN, f"no node-stats agent pod runs on {pod.node} any more", False
     bad = [g for g in pod.gpu_ids if g in node.unhealthy_gpus]
     if bad:
         return GPU_UNHEALTHY, f"GPU {', '.join(bad)} is unhealthy", False

@@ -38,7 +38,13 @@ from modelfleet.controller.execute import (
     ensure_service,
 )
 from modelfleet.controller.metrics import OperatorMetrics
-from modelfleet.controller.observed import DeploymentEntry, NodeFacts, ObservedPod, parse_pod
+from modelfleet.controller.observed import (
+    DeploymentEntry,
+    NodeFacts,
+    NodeHealth,
+    ObservedPod,
+    parse_pod,
+)
 from modelfleet.controller.plan import EventSpec, Plan, PlanSettings, compute_plan
 from modelfleet.controller.status import (
     compute_measured_footprint_mib,
@@ -185,6 +191,20 @@ class Runtime:
     cluster: ClusterState | None = None  # the live indices, once a handler has seen them
     view_epoch: int = 0  # bumped when the cached placement view must be rebuilt
     view_cache: tuple[Any, int, P.ClusterView, Mapping[str, int]] | None = None
+    # Discovery mode only: since when each node has had no agent pod (updated every poll round).
+    agent_discovery: bool = False
+    agent_missing_since: dict[str, datetime] = field(default_factory=dict)
+
+    def node_health(
+        self, cluster: ClusterState, snapshot: PoolSnapshot | None, now: datetime
+    ) -> dict[str, NodeHealth]:
+        """Every node's health as the plan sees it, missing agents included."""
+        grace = inputs.compute_missing_agent_grace_s(
+            self.settings.agent_missing_grace_s, self.settings.poll_interval_s
+        )
+        return inputs.compute_node_health(
+            cluster.node_facts(), snapshot, self.agent_missing_since, now, grace
+        )
 
     @property
     def placement_settings(self) -> P.PlacementSettings:
@@ -338,9 +358,9 @@ async def _reconcile_locked(
     settings = rt.settings
     template_hash = compute_template_hash(md, settings.default_image)
     snapshot = rt.snapshot()
-    health = inputs.compute_node_health(cluster.node_facts(), snapshot)
-    plan_settings = PlanSettings(template_hash)
     now = datetime.now(UTC)
+    health = rt.node_health(cluster, snapshot, now)
+    plan_settings = PlanSettings(template_hash)
     # Most reconciles place nothing (a Pod turned ready, a re-check): plan without the
     # placement lock first, and take it only when a replica has to be placed.
     placer: _LazyPlacer | None = None

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import pytest
 from controller_helpers import FreeGpus, make_md, pod
 
 from modelfleet import placement as P
 from modelfleet.api.gpustats import GpuReport, GpuStats, PodRef
 from modelfleet.controller.decisions import Evict, Placed, PlacementRequest, Unplaceable
-from modelfleet.controller.inputs import build_placer, compute_node_health
+from modelfleet.controller.inputs import (
+    build_placer,
+    compute_agent_missing_since,
+    compute_missing_agent_grace_s,
+    compute_node_health,
+)
 from modelfleet.controller.observed import NodeFacts
 from modelfleet.gpus.health import EndpointState
 from modelfleet.gpus.snapshot import EndpointSample, build_snapshot
@@ -161,3 +167,46 @@ def test_measured_pods_are_not_double_counted() -> None:
 def test_fake_placer_matches_interface() -> None:
     # The plan tests' stand-in and the engine adapter answer the same request type.
     assert isinstance(FreeGpus(["a:0"])(request()), Placed)
+
+
+@pytest.mark.parametrize(
+    ("case", "previous", "endpoints", "expected"),
+    [
+        ("first round: every node without an endpoint counts from now", {}, ("a",), {"b": 0}),
+        ("still missing: keeps the first time", {"b": -30}, ("a",), {"b": -30}),
+        ("came back: forgotten", {"b": -30}, ("a", "b"), {}),
+        ("a silent endpoint is present (EndpointsDown's job)", {}, ("a", "b:down"), {}),
+        ("a node that left the cluster is forgotten", {"c": -5}, ("a", "b"), {}),
+    ],
+)
+def test_agent_missing_since(
+    case: str, previous: dict[str, int], endpoints: tuple[str, ...], expected: dict[str, int]
+) -> None:
+    names = [e.split(":")[0] for e in endpoints]
+    down = tuple(e.split(":")[0] for e in endpoints if e.endswith(":down"))
+    snap = snapshot(*(report(n, 1) for n in names), down=down)
+    before = {n: T0 + timedelta(seconds=s) for n, s in previous.items()}
+    got = compute_agent_missing_since(before, facts("a", "b"), snap, T0)
+    assert got == {n: T0 + timedelta(seconds=s) for n, s in expected.items()}, case
+
+
+@pytest.mark.parametrize(
+    ("case", "missing_for_s", "missing"),
+    [
+        ("within the grace", 29.9, False),
+        ("at the grace", 30.0, True),
+        ("never missing", None, False),
+    ],
+)
+def test_node_health_agent_missing_after_the_grace(
+    case: str, missing_for_s: float | None, missing: bool
+) -> None:
+    since = {} if missing_for_s is None else {"b": T0 - timedelta(seconds=missing_for_s)}
+    health = compute_node_health(facts("a", "b"), snapshot(report("a", 1)), since, T0, 30.0)
+    assert health["b"].agent_missing == missing, case
+    assert not health["a"].agent_missing
+
+
+def test_missing_agent_grace_is_at_least_three_poll_intervals() -> None:
+    assert compute_missing_agent_grace_s(60.0, 5.0) == 60.0
+    assert compute_missing_agent_grace_s(2.0, 5.0) == 15.0

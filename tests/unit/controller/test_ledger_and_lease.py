@@ -97,6 +97,8 @@ def test_health_changes() -> None:
     assert compute_health_changes({"a": up}, {"a": down}) == {"a"}
     assert compute_health_changes({"a": up}, {"a": sick}) == {"a"}
     assert compute_health_changes({"a": up}, {"a": up, "b": up}) == {"b"}
+    # The grace running out on a missing agent pod re-checks that node's deployments.
+    assert compute_health_changes({"a": up}, {"a": replace(up, agent_missing=True)}) == {"a"}
 
 
 def test_promised_pod_before_the_api_answered() -> None:

@@ -72,6 +72,7 @@ def test_scale_to_zero() -> None:
         ("node lost", None, "NodeLost", True),
         ("node NotReady", NodeHealth(ready=False, agent_known=True), "NodeLost", True),
         ("agent down", NodeHealth(agent_known=True, agent_up=False), "EndpointsDown", False),
+        ("agent pod gone", NodeHealth(agent_missing=True), "EndpointsDown", False),
         (
             "GPU unhealthy",
             NodeHealth(agent_known=True, unhealthy_gpus=frozenset({"node-a:0"})),
@@ -348,3 +349,33 @@ def test_last_request_wins_over_a_recent_creation() -> None:
         annotations={L.ANN_LAST_REQUEST: "2026-11-22T10:00:00Z"},
     )
     assert compute_target(md, NOW) == (0, "Idle")
+
+
+@pytest.mark.parametrize(
+    ("case", "node_a", "others_up", "replaced"),
+    [
+        ("gone past the grace", NodeHealth(agent_missing=True), True, True),
+        ("gone within the grace (rollout)", NodeHealth(agent_missing=False), True, False),
+        ("gone, but no agent answers anywhere", NodeHealth(agent_missing=True), False, False),
+        (
+            "gone and the node NotReady: NodeLost wins",
+            NodeHealth(ready=False, agent_missing=True),
+            True,
+            True,
+        ),
+    ],
+)
+def test_missing_agent_pod(case: str, node_a: NodeHealth, others_up: bool, replaced: bool) -> None:
+    other = NodeHealth(agent_known=True, agent_up=others_up)
+    plan = compute_plan(
+        make_md(replicas=1),
+        [pod(1, node="node-a")],
+        {"node-a": node_a, "node-b": other},
+        FreeGpus(["node-b:0"]),
+        NOW,
+        SETTINGS,
+    )
+    assert bool(plan.to_delete) == replaced, case
+    if replaced:
+        expected = "NodeLost" if not node_a.ready else "EndpointsDown"
+        assert plan.to_delete[0].reason == expected, case

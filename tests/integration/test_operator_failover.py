@@ -1,0 +1,243 @@
+"""Failover end to end: a GPU that turns unhealthy, an agent that stops answering, an agent pod
+that is gone. Real control plane, real operator, agents and vLLM stand-ins (pod runner) on
+simulated GPU nodes private to each test; faults go through the simulated agent's /sim/faults."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from clusterkit import Cluster, wait_for
+from operator_kit import (
+    TEST_POOL_LABEL,
+    Operators,
+    RunnerProcess,
+    agent_daemonset,
+    create_test_nodes,
+    delete_test_nodes,
+    start_pod_runner,
+)
+from test_operator import events_of, md, replica_pods, wait_ready
+
+from modelfleet.api import labels as L
+from modelfleet.kube.client import ApiError, KubeClient, list_and_watch
+from modelfleet.kube.paths import md_path, pods_path
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+
+AGENTS = "app.kubernetes.io/component=agent"
+# Short intervals so a failure is seen in seconds: 1 s polls, a breaker that opens after two
+# failures, and a 5 s grace for an agent pod that is gone (3 poll intervals would be the floor).
+FAST = {
+    "MODELFLEET_POLL_INTERVAL_S": "1",
+    "MODELFLEET_BREAKER_FAILURE_THRESHOLD": "2",
+    "MODELFLEET_BACKOFF_BASE_S": "0.5",
+    "MODELFLEET_BACKOFF_CAP_S": "2",
+    "MODELFLEET_AGENT_MISSING_GRACE_S": "5",
+    "MODELFLEET_RECHECK_INTERVAL_S": "10",
+}
+
+
+@pytest.fixture
+def sim_runner(cluster: Cluster, tmp_path: Path) -> Iterator[RunnerProcess]:
+    yield from start_pod_runner(cluster, tmp_path)
+
+
+@pytest.fixture
+async def nodes(
+    kube: KubeClient, namespace: str, sim_runner: RunnerProcess
+) -> AsyncIterator[list[str]]:
+    """Three private GPU nodes with two GPUs each and a ready agent on each."""
+    names = await create_test_nodes(kube, namespace, 3, 2)
+    await kube.create(
+        f"/apis/apps/v1/namespaces/{namespace}/daemonsets", agent_daemonset(namespace)
+    )
+
+    async def agents_ready() -> bool:
+        pods = (await kube.list(pods_path(namespace), labelSelector=AGENTS))["items"]
+        return sum(_ready(p) for p in pods) == len(names)
+
+    await wait_for(agents_ready, timeout=60, what="3 agents ready")
+    try:
+        yield names
+    finally:
+        await delete_test_nodes(kube, namespace)
+        for name in names:  # a node moved out of the test pool by the test
+            with contextlib.suppress(ApiError):
+                await kube.delete(f"/api/v1/nodes/{name}")
+
+
+@pytest.fixture
+def operators(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Operators]:
+    ops = Operators(cluster, namespace, tmp_path)
+    yield ops
+    ops.stop_all()
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
+
+
+async def agent_pod(kube: KubeClient, namespace: str, node: str) -> dict[str, Any]:
+    pods = (await kube.list(pods_path(namespace), labelSelector=AGENTS))["items"]
+    [pod] = [p for p in pods if p["spec"].get("nodeName") == node]
+    return dict(pod)
+
+
+async def set_faults(pod: dict[str, Any], faults: dict[str, Any]) -> None:
+    """POST the simulated agent's fault knobs, on its pod IP (the pod runner's loopback)."""
+    url = f"http://{pod['status']['podIP']}:9400/sim/faults"
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.post(url, json=faults) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+
+
+@contextlib.asynccontextmanager
+async def degraded_reasons(
+    kube: KubeClient, namespace: str, name: str
+) -> AsyncIterator[list[tuple[str, str]]]:
+    """Every Degraded (status, reason) the deployment shows while the block runs (a watch)."""
+    seen: list[tuple[str, str]] = []
+
+    async def follow() -> None:
+        async for kind, obj in list_and_watch(
+            kube, md_path(namespace), fieldSelector=f"metadata.name={name}"
+        ):
+            items = obj.get("items", []) if kind == "SYNC" else [obj]
+            for item in items:
+                for cond in (item.get("status") or {}).get("conditions") or []:
+                    if cond["type"] == "Degraded":
+                        seen.append((cond["status"], cond["reason"]))
+
+    task = asyncio.create_task(follow())
+    try:
+        yield seen
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def wait_replaced(
+    kube: KubeClient, namespace: str, old: dict[str, Any], *, away_from_node: bool, gpu: str = ""
+) -> dict[str, Any]:
+    """The replica with old's name, a new UID, ready, on another node (or another GPU)."""
+    name, uid, node = old["metadata"]["name"], old["metadata"]["uid"], old["spec"]["nodeName"]
+    deployment = old["metadata"]["labels"][L.LABEL_DEPLOYMENT]
+
+    async def replaced() -> dict[str, Any] | None:
+        pods = {p["metadata"]["name"]: p for p in await replica_pods(kube, namespace, deployment)}
+        new = pods.get(name)
+        if new is None or new["metadata"]["uid"] == uid or not _ready(new):
+            return None
+        if away_from_node and new["spec"]["nodeName"] == node:
+            return None
+        if gpu and gpu in new["metadata"]["annotations"][L.ANN_GPUS].split(","):
+            return None
+        return new
+
+    found: dict[str, Any] = await wait_for(
+        replaced, timeout=60, interval=0.2, what=f"{name} replaced"
+    )
+    return found
+
+
+async def test_unhealthy_gpu_replica_replaced_on_a_healthy_gpu(
+    kube: KubeClient, namespace: str, nodes: list[str], operators: Operators
+) -> None:
+    operators.start(**FAST)
+    await kube.create(md_path(namespace), md("m", replicas=2))
+    await wait_ready(kube, namespace, "m", 2)
+    pods = {p["metadata"]["name"]: p for p in await replica_pods(kube, namespace, "m")}
+    victim, bystander = pods["m-instance-1"], pods["m-instance-2"]
+    [bad_gpu] = victim["metadata"]["annotations"][L.ANN_GPUS].split(",")
+    index = bad_gpu.rsplit(":", 1)[1]
+    agent = await agent_pod(kube, namespace, victim["spec"]["nodeName"])
+
+    async with degraded_reasons(kube, namespace, "m") as seen:
+        await set_faults(agent, {"unhealthy": {index: "XID 79: fell off the bus"}})
+        started = asyncio.get_running_loop().time()
+        new = await wait_replaced(kube, namespace, victim, away_from_node=False, gpu=bad_gpu)
+        assert asyncio.get_running_loop().time() - started < 60
+        await wait_for(lambda: ("True", "GpuUnhealthy") in seen, timeout=10, what="Degraded")
+
+    assert bad_gpu not in new["metadata"]["annotations"][L.ANN_GPUS]
+    events = [e for e in await events_of(kube, namespace, "m") if e["reason"] == "GpuUnhealthy"]
+    assert events, "no GpuUnhealthy Event"
+    assert bad_gpu in events[0]["message"]
+    assert events[0]["type"] == "Warning"
+    # Only the replica on the bad GPU moved.
+    now = {p["metadata"]["name"]: p for p in await replica_pods(kube, namespace, "m")}
+    assert now["m-instance-2"]["metadata"]["uid"] == bystander["metadata"]["uid"]
+    obj = await wait_ready(kube, namespace, "m", 2)
+    degraded = {c["type"]: c for c in obj["status"]["conditions"]}["Degraded"]
+    assert (degraded["status"], degraded["reason"]) == ("False", "AsExpected")
+
+
+async def test_agent_not_answering_replicas_replaced_elsewhere(
+    kube: KubeClient, namespace: str, nodes: list[str], operators: Operators
+) -> None:
+    operators.start(**FAST)
+    await kube.create(md_path(namespace), md("m", replicas=2))
+    await wait_ready(kube, namespace, "m", 2)
+    pods = {p["metadata"]["name"]: p for p in await replica_pods(kube, namespace, "m")}
+    victim = pods["m-instance-1"]
+    agent = await agent_pod(kube, namespace, victim["spec"]["nodeName"])
+
+    async with degraded_reasons(kube, namespace, "m") as seen:
+        await set_faults(agent, {"failStatus": 503})
+        started = asyncio.get_running_loop().time()
+        await wait_replaced(kube, namespace, victim, away_from_node=True)
+        assert asyncio.get_running_loop().time() - started < 60
+        await wait_for(lambda: ("True", "EndpointsDown") in seen, timeout=10, what="Degraded")
+
+    events = [e for e in await events_of(kube, namespace, "m") if e["reason"] == "EndpointsDown"]
+    assert events, "no EndpointsDown Event"
+    assert victim["spec"]["nodeName"] in events[0]["message"]
+    await wait_ready(kube, namespace, "m", 2)
+
+
+async def test_agent_pod_gone_replicas_replaced_after_the_grace(
+    kube: KubeClient, namespace: str, nodes: list[str], operators: Operators
+) -> None:
+    operators.start(**FAST)
+    await kube.create(md_path(namespace), md("m", replicas=2))
+    await wait_ready(kube, namespace, "m", 2)
+    pods = {p["metadata"]["name"]: p for p in await replica_pods(kube, namespace, "m")}
+    victim = pods["m-instance-1"]
+    node = victim["spec"]["nodeName"]
+    agent = await agent_pod(kube, namespace, node)
+
+    async with degraded_reasons(kube, namespace, "m") as seen:
+        started = asyncio.get_running_loop().time()
+        # Out of the agent DaemonSet's node selector: its controller deletes the agent pod and
+        # does not bring it back. The node itself stays Ready.
+        await kube.patch(
+            f"/api/v1/nodes/{node}", {"metadata": {"labels": {TEST_POOL_LABEL: "no-agent"}}}
+        )
+
+        async def agent_gone() -> bool:
+            pods = (await kube.list(pods_path(namespace), labelSelector=AGENTS))["items"]
+            return all(p["metadata"]["uid"] != agent["metadata"]["uid"] for p in pods)
+
+        await wait_for(agent_gone, timeout=30, what=f"agent pod on {node} deleted")
+        await wait_replaced(kube, namespace, victim, away_from_node=True)
+        elapsed = asyncio.get_running_loop().time() - started
+        assert elapsed < 60
+        assert elapsed >= 5, f"replaced after {elapsed:.1f}s: the 5 s grace was not kept"
+        await wait_for(lambda: ("True", "EndpointsDown") in seen, timeout=10, what="Degraded")
+
+    events = [e for e in await events_of(kube, namespace, "m") if e["reason"] == "EndpointsDown"]
+    assert events, "no EndpointsDown Event"
+    assert node in events[0]["message"]
+    await wait_ready(kube, namespace, "m", 2)
