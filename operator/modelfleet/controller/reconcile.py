@@ -339,6 +339,20 @@ async def reconcile(
         rt.metrics.reconcile_duration.labels(result).observe(time.perf_counter() - started)
 
 
+def _reserve_evicted_gpus(rt: Runtime, key: Key, decisions: list[Decision]) -> bool:
+    """Hold the GPUs this deployment's evictions free for it; True when any were reserved."""
+    reserved = False
+    for decision in decisions:
+        if isinstance(decision, Evict) and decision.gpu_ids:
+            until = time.monotonic() + RESERVATION_TTL_S
+            held = rt.reservations.get(key)
+            if held is None or held[:2] != (decision.node, decision.gpu_ids):
+                rt.view_epoch += 1
+            rt.reservations[key] = (decision.node, decision.gpu_ids, until)
+            reserved = True
+    return reserved
+
+
 def forget(rt: Runtime, key: Key) -> None:
     """Drop per-deployment state of a deleted ModelDeployment."""
     lock = rt.locks.get(key)
@@ -364,6 +378,7 @@ async def _reconcile_locked(
     # Most reconciles place nothing (a Pod turned ready, a re-check): plan without the
     # placement lock first, and take it only when a replica has to be placed.
     placer: _LazyPlacer | None = None
+    reserved = False
     try:
         pods = rt.ledger.merge(namespace, name, cluster.pods.get(key, ()))
         deleting = frozenset(p.key for p in rt.ledger.merge_all(cluster.pods) if p.deleting)
@@ -396,6 +411,9 @@ async def _reconcile_locked(
             victims = [(v, uids.get((v.namespace, v.pod), "")) for v in plan.victims]
             for victim, uid in victims:
                 rt.ledger.record_deleted(victim.namespace, victim.pod, uid)
+            # Reserve the GPUs an eviction frees before the lock is released: the victims'
+            # own reconciles (woken by their Pods' deletion) must not take them back.
+            reserved = _reserve_evicted_gpus(rt, key, placer.decisions)
         _count_decisions(rt.metrics, placer.decisions)
         await asyncio.gather(*(_create(rt, body) for body in bodies))
         for victim, uid in victims:
@@ -426,15 +444,8 @@ async def _reconcile_locked(
         rt.blocked.add(key)
     else:
         rt.blocked.discard(key)
-        if rt.reservations.pop(key, None) is not None:
+        if not reserved and rt.reservations.pop(key, None) is not None:
             rt.view_epoch += 1
-    for decision in placer.decisions if placer is not None else ():
-        if isinstance(decision, Evict) and decision.gpu_ids:
-            until = time.monotonic() + RESERVATION_TTL_S
-            held = rt.reservations.get(key)
-            if held is None or held[:2] != (decision.node, decision.gpu_ids):
-                rt.view_epoch += 1
-            rt.reservations[key] = (decision.node, decision.gpu_ids, until)
     status = compute_status(md, pods, plan, now, measured)
     rt.metrics.set_pending(key, max(0, plan.target - status.ready_replicas))
     if status_changed(md.status, status):
