@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clusterkit import (
@@ -30,8 +31,18 @@ from clusterkit import (
     PodRunner,
     wait_for,
 )
+from operator_kit import (
+    Operators,
+    RunnerProcess,
+    agent_daemonset,
+    create_test_nodes,
+    delete_test_nodes,
+    pod_ready,
+    start_pod_runner,
+)
 
 from modelfleet.kube.client import ApiError, KubeClient, load_kubeconfig
+from modelfleet.kube.paths import pods_path
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -196,3 +207,42 @@ def pod_runner(cluster: Cluster, tmp_path: Path) -> Iterator[PodRunner]:
         output = runner_log.read_text(errors="replace")
         assert not left, f"programs left running after the pod runner stopped: {left}"
         assert process.returncode == 0, f"pod runner exited {process.returncode}:\n{output}"
+
+
+# --- the operator tier: private GPU nodes with agents, operator processes ----------------------
+
+
+@pytest.fixture
+def sim_runner(cluster: Cluster, tmp_path: Path) -> Iterator[RunnerProcess]:
+    yield from start_pod_runner(cluster, tmp_path)
+
+
+@pytest.fixture
+async def gpus(kube: KubeClient, namespace: str, sim_runner: RunnerProcess) -> AsyncIterator[Any]:
+    """A factory: `await gpus(nodes, gpus_per_node)` makes private GPU nodes with agents."""
+
+    async def make(count: int, per_node: int) -> list[str]:
+        names = await create_test_nodes(kube, namespace, count, per_node)
+        await kube.create(
+            f"/apis/apps/v1/namespaces/{namespace}/daemonsets", agent_daemonset(namespace)
+        )
+
+        async def agents_ready() -> bool:
+            pods = await kube.list(
+                pods_path(namespace), labelSelector="app.kubernetes.io/component=agent"
+            )
+            ready = [p for p in pods["items"] if pod_ready(p)]
+            return len(ready) == count
+
+        await wait_for(agents_ready, timeout=60, what=f"{count} agents ready")
+        return names
+
+    yield make
+    await delete_test_nodes(kube, namespace)
+
+
+@pytest.fixture
+def operators(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Operators]:
+    ops = Operators(cluster, namespace, tmp_path)
+    yield ops
+    ops.stop_all()

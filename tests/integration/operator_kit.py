@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clusterkit import ROOT, Cluster
+from clusterkit import ROOT, Cluster, wait_for
 
+from modelfleet.api import labels as L
 from modelfleet.kube.client import ApiError, KubeClient
+from modelfleet.kube.paths import md_path, pods_path
 
 TEST_POOL_LABEL = "modelfleet.io/test-pool"
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -260,3 +262,116 @@ def start_pod_runner(cluster: Cluster, tmp: Path) -> Iterator[RunnerProcess]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+# --- ModelDeployments and their replicas, as tests check them ---------------------------------
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
+
+
+def md(name: str, **spec: Any) -> dict[str, Any]:
+    annotations = spec.pop("annotations", {})
+    return {
+        "apiVersion": "modelfleet.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"model": f"org/{name}", "gpu": {"count": 1, "memory": "20Gi"}, **spec},
+    }
+
+
+async def replica_pods(kube: KubeClient, namespace: str, deployment: str) -> list[dict[str, Any]]:
+    pods = await kube.list(pods_path(namespace), labelSelector=f"{L.LABEL_DEPLOYMENT}={deployment}")
+    return [p for p in pods["items"] if not p["metadata"].get("deletionTimestamp")]
+
+
+async def wait_ready(
+    kube: KubeClient, namespace: str, deployment: str, count: int, deadline_s: float = 60
+) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        obj = await kube.get(md_path(namespace, deployment))
+        status = obj.get("status") or {}
+        pods = await replica_pods(kube, namespace, deployment)
+        ok = (
+            status.get("readyReplicas") == count
+            and len(pods) == count
+            and sum(pod_ready(p) for p in pods) == count
+        )
+        return obj if ok else None
+
+    found: dict[str, Any] = await wait_for(
+        check, timeout=deadline_s, interval=0.2, what=f"{deployment}: {count} ready replicas"
+    )
+    return found
+
+
+async def events_of(kube: KubeClient, namespace: str, name: str) -> list[dict[str, Any]]:
+    listing = await kube.list(
+        f"/api/v1/namespaces/{namespace}/events",
+        fieldSelector=f"involvedObject.kind=ModelDeployment,involvedObject.name={name}",
+    )
+    return list(listing["items"])
+
+
+def conditions(obj: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in obj["status"]["conditions"]}
+
+
+# --- the gateway as a subprocess -----------------------------------------------------------------
+
+
+@dataclass
+class GatewayProcess:
+    """One `modelfleet gateway` subprocess watching a test namespace, on 127.0.0.1."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    url: str
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+def start_gateway(cluster: Cluster, namespace: str, tmp: Path, **env: str) -> GatewayProcess:
+    """Start the gateway on a free port; the caller waits for /healthz (it is async)."""
+    port = free_port()
+    log = tmp / "gateway.log"
+    settings = {
+        "MODELFLEET_GATEWAY_NAMESPACE": namespace,
+        "MODELFLEET_GATEWAY_LAST_USE_INTERVAL_S": "1",
+        **env,
+    }
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "modelfleet",
+                "gateway",
+                "--kubeconfig",
+                str(cluster.kubeconfig),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **settings},
+            cwd=ROOT,
+        )
+    return GatewayProcess(process, log, f"http://127.0.0.1:{port}")

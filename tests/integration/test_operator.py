@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from clusterkit import Cluster, kubectl, wait_for
 from operator_kit import (
     Operators,
-    RunnerProcess,
-    agent_daemonset,
-    create_test_nodes,
-    delete_test_nodes,
-    start_pod_runner,
+    conditions,
+    events_of,
+    md,
+    pod_ready,
+    replica_pods,
+    wait_ready,
 )
 
 from modelfleet.api import labels as L
@@ -26,96 +25,6 @@ from modelfleet.kube.client import ApiError, KubeClient
 from modelfleet.kube.paths import md_path, pods_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
-
-
-@pytest.fixture
-def sim_runner(cluster: Cluster, tmp_path: Path) -> Iterator[RunnerProcess]:
-    yield from start_pod_runner(cluster, tmp_path)
-
-
-@pytest.fixture
-async def gpus(kube: KubeClient, namespace: str, sim_runner: RunnerProcess) -> AsyncIterator[Any]:
-    """A factory: `await gpus(nodes, gpus_per_node)` makes private GPU nodes with agents."""
-
-    async def make(count: int, per_node: int) -> list[str]:
-        names = await create_test_nodes(kube, namespace, count, per_node)
-        await kube.create(
-            f"/apis/apps/v1/namespaces/{namespace}/daemonsets", agent_daemonset(namespace)
-        )
-
-        async def agents_ready() -> bool:
-            pods = await kube.list(
-                pods_path(namespace), labelSelector="app.kubernetes.io/component=agent"
-            )
-            ready = [p for p in pods["items"] if _ready(p)]
-            return len(ready) == count
-
-        await wait_for(agents_ready, timeout=60, what=f"{count} agents ready")
-        return names
-
-    yield make
-    await delete_test_nodes(kube, namespace)
-
-
-@pytest.fixture
-def operators(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Operators]:
-    ops = Operators(cluster, namespace, tmp_path)
-    yield ops
-    ops.stop_all()
-
-
-def _ready(pod: dict[str, Any]) -> bool:
-    return any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in (pod.get("status") or {}).get("conditions") or []
-    )
-
-
-def md(name: str, **spec: Any) -> dict[str, Any]:
-    annotations = spec.pop("annotations", {})
-    return {
-        "apiVersion": "modelfleet.io/v1alpha1",
-        "kind": "ModelDeployment",
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {"model": f"org/{name}", "gpu": {"count": 1, "memory": "20Gi"}, **spec},
-    }
-
-
-async def replica_pods(kube: KubeClient, namespace: str, deployment: str) -> list[dict[str, Any]]:
-    pods = await kube.list(pods_path(namespace), labelSelector=f"{L.LABEL_DEPLOYMENT}={deployment}")
-    return [p for p in pods["items"] if not p["metadata"].get("deletionTimestamp")]
-
-
-async def wait_ready(
-    kube: KubeClient, namespace: str, deployment: str, count: int, deadline_s: float = 60
-) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
-        obj = await kube.get(md_path(namespace, deployment))
-        status = obj.get("status") or {}
-        pods = await replica_pods(kube, namespace, deployment)
-        ok = (
-            status.get("readyReplicas") == count
-            and len(pods) == count
-            and sum(_ready(p) for p in pods) == count
-        )
-        return obj if ok else None
-
-    found: dict[str, Any] = await wait_for(
-        check, timeout=deadline_s, interval=0.2, what=f"{deployment}: {count} ready replicas"
-    )
-    return found
-
-
-async def events_of(kube: KubeClient, namespace: str, name: str) -> list[dict[str, Any]]:
-    listing = await kube.list(
-        f"/api/v1/namespaces/{namespace}/events",
-        fieldSelector=f"involvedObject.kind=ModelDeployment,involvedObject.name={name}",
-    )
-    return list(listing["items"])
-
-
-def conditions(obj: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    return {c["type"]: (c["status"], c["reason"]) for c in obj["status"]["conditions"]}
 
 
 async def test_apply_places_replicas_on_distinct_nodes(
@@ -217,7 +126,7 @@ async def test_node_lost_replica_replaced_on_another_node(
             new
             and new["metadata"]["uid"] != old_uid
             and new["spec"]["nodeName"] != lost_node
-            and _ready(new)
+            and pod_ready(new)
         )
 
     await wait_for(replaced, timeout=60, what="m-instance-1 replaced on another node")
@@ -348,12 +257,12 @@ async def test_spec_change_rolls_one_replica_at_a_time(
     async def rolled() -> bool:
         nonlocal lowest_ready
         pods = await replica_pods(kube, namespace, "m")
-        lowest_ready = min(lowest_ready, sum(_ready(p) for p in pods))
+        lowest_ready = min(lowest_ready, sum(pod_ready(p) for p in pods))
         new = [
             p
             for p in pods
             if p["metadata"]["annotations"][L.ANN_TEMPLATE_HASH] not in before.values()
-            and _ready(p)
+            and pod_ready(p)
         ]
         return len(new) == 2
 

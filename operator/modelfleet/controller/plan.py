@@ -45,6 +45,11 @@ ROLLING_UPDATE = "RollingUpdate"
 EVICTED = "Evicted"
 EVICTING = "Evicting"
 
+# Container waiting reasons of a replica that is broken rather than starting.
+BROKEN_WAITING = frozenset(
+    {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError"}
+)
+
 
 @dataclass(frozen=True, slots=True)
 class PodToCreate:
@@ -116,12 +121,29 @@ def compute_last_use(md: ModelDeployment) -> datetime | None:
     return compute_last_use_time(md.metadata.annotations, extra.get("creationTimestamp"))
 
 
-def compute_target(md: ModelDeployment, now: datetime) -> tuple[int, str]:
-    """How many replicas should run now: spec.replicas, or minReplicas once idle."""
+def compute_target(
+    md: ModelDeployment, now: datetime, pods: Sequence[ObservedPod] = ()
+) -> tuple[int, str]:
+    """How many replicas should run now: spec.replicas, or minReplicas once idle.
+
+    Idle means no request for idleTimeout while the model could serve: the clock starts at the
+    last request or demand (else creation), but never before the current replicas became ready,
+    and it does not run while the only replicas are still starting. Otherwise a model whose
+    start takes longer than its idleTimeout (a cold start from a request, or its first start)
+    would be scaled away before it ever served, stranding the requests held for it.
+    """
     spec = md.spec
     if spec.idle_timeout is None or spec.replicas == spec.min_replicas:
         return spec.replicas, "Spec"
+    live = [p for p in pods if not p.deleting and not p.failed]
+    ready_since = [p.ready_since for p in live if p.ready and p.ready_since is not None]
+    starting = [p for p in live if not p.ready and p.waiting_reason not in BROKEN_WAITING]
+    if starting and not any(p.ready for p in live):
+        return spec.replicas, "Spec"
     last = compute_last_use(md)
+    if ready_since:
+        serving_since = min(ready_since)
+        last = serving_since if last is None else max(last, serving_since)
     if last is None:
         return spec.replicas, "Spec"
     if now - last >= timedelta(seconds=parse_duration(spec.idle_timeout)):
@@ -189,12 +211,12 @@ def compute_plan(
     """
     namespace = md.metadata.namespace or ""
     name = md.metadata.name
-    target, target_reason = compute_target(md, now)
-    plan = Plan(target=target, target_reason=target_reason)
     any_agent_up = any(n.agent_known and n.agent_up for n in nodes.values())
 
     # Pods of an older object with the same name (being garbage collected) only hold names.
     ours = [p for p in pods if not p.owner_uid or p.owner_uid == md.metadata.uid]
+    target, target_reason = compute_target(md, now, ours)
+    plan = Plan(target=target, target_reason=target_reason)
     taken = {p.instance for p in pods}
     terminating = sorted(p.instance for p in ours if p.deleting and not _stuck(p, now))
     healthy: list[ObservedPod] = []

@@ -21,10 +21,10 @@ from modelfleet.api import (
 )
 from modelfleet.controller.builders import selector_string
 from modelfleet.controller.observed import ObservedPod
-from modelfleet.controller.plan import IDLE, Plan
+from modelfleet.controller.plan import BROKEN_WAITING, IDLE, Plan
 
 # Container waiting reasons that mean "this replica will not come up by itself".
-_BROKEN = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError"}
+_BROKEN = BROKEN_WAITING
 
 
 def compute_measured_footprint_mib(

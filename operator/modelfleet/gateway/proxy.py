@@ -319,7 +319,9 @@ class Proxy:
         content_type = up_headers.get("content-type", _JSON)
         headers = {
             "Content-Type": content_type,
-            INSTANCE_HEADER: up_headers.get(INSTANCE_HEADER) or replica.name,
+            # The replica this gateway chose, by Pod name: authoritative, whatever the replica
+            # itself says (a real vLLM sends no such header).
+            INSTANCE_HEADER: replica.name,
         }
         length = upstream.content_length
         sse = _SSE in content_type

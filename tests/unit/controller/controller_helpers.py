@@ -48,6 +48,7 @@ def pod(
     owner_uid: str = "uid-1",
     footprint_mib: int | None = 20480,
     waiting_reason: str = "",
+    ready_since: datetime | None = None,
 ) -> ObservedPod:
     return ObservedPod(
         name=instance_name(deployment, n),
@@ -58,7 +59,7 @@ def pod(
         node=node,
         phase=phase,
         ready=ready,
-        ready_since=NOW - timedelta(minutes=5) if ready else None,
+        ready_since=(ready_since or NOW - timedelta(minutes=5)) if ready else None,
         deleting=deleting,
         deleting_since=NOW - timedelta(seconds=5) if deleting else None,
         created_at=NOW - timedelta(minutes=10),

@@ -279,7 +279,8 @@ def test_idle_scale_down_to_min_replicas() -> None:
         idleTimeout="30m",
         annotations={L.ANN_LAST_REQUEST: "2026-11-22T11:00:00Z"},
     )
-    plan = compute_plan(md, [pod(1), pod(2), pod(3)], nodes("node-a"), FreeGpus([]), NOW, SETTINGS)
+    serving = [pod(n, ready_since=NOW - timedelta(hours=2)) for n in (1, 2, 3)]
+    plan = compute_plan(md, serving, nodes("node-a"), FreeGpus([]), NOW, SETTINGS)
     assert plan.target == 1
     assert [(d.name, d.reason) for d in plan.to_delete] == [
         ("gemma-instance-3", "Idle"),
@@ -292,6 +293,41 @@ def test_idle_clock_starts_at_creation_without_requests() -> None:
     old = make_md(replicas=2, idleTimeout="30m", created=NOW - timedelta(hours=2))
     assert compute_target(young, NOW) == (2, "Spec")
     assert compute_target(old, NOW) == (0, "Idle")
+
+
+def test_idle_clock_waits_for_a_replica_still_starting() -> None:
+    # Created (or asked for) longer ago than idleTimeout, but its replica has not finished
+    # starting: scaling it away now would strand the requests the gateway holds for it.
+    md = make_md(
+        replicas=1,
+        idleTimeout="5s",
+        created=NOW - timedelta(minutes=10),
+        annotations={L.ANN_DEMAND: "2026-11-22T11:55:00Z"},
+    )
+    starting = [pod(1, ready=False)]
+    assert compute_target(md, NOW, starting) == (1, "Spec")
+    plan = compute_plan(md, starting, nodes("node-a"), FreeGpus([]), NOW, SETTINGS)
+    assert plan.empty
+    # A broken replica does not hold the clock.
+    broken = [pod(1, ready=False, waiting_reason="CrashLoopBackOff")]
+    assert compute_target(md, NOW, broken) == (0, "Idle")
+    assert compute_target(md, NOW) == (0, "Idle")
+
+
+def test_idle_clock_starts_when_the_replicas_became_ready() -> None:
+    md = make_md(
+        replicas=1,
+        idleTimeout="5m",
+        annotations={L.ANN_DEMAND: "2026-11-22T11:50:00Z"},
+    )
+    just_ready = [pod(1, ready_since=NOW - timedelta(minutes=1))]
+    assert compute_target(md, NOW, just_ready) == (1, "Spec")
+    long_ready = [pod(1, ready_since=NOW - timedelta(minutes=6))]
+    assert compute_target(md, NOW, long_ready) == (0, "Idle")
+    # The longest-serving replica counts: one replaced a minute ago does not restart the clock.
+    mixed = [pod(1, ready_since=NOW - timedelta(minutes=6)), pod(2, ready=False)]
+    two = make_md(replicas=2, idleTimeout="5m", annotations={L.ANN_DEMAND: "2026-11-22T11:50:00Z"})
+    assert compute_target(two, NOW, mixed) == (0, "Idle")
 
 
 def test_demand_wakes() -> None:

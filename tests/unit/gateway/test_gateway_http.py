@@ -39,6 +39,16 @@ async def test_instances_sort_naturally(make_fleet: FleetFactory) -> None:
     assert served == [f"gemma3-4b-instance-{n}" for n in (1, 2, 10)]
 
 
+async def test_instance_header_names_the_pod_the_gateway_chose(make_fleet: FleetFactory) -> None:
+    # A real vLLM names no instance, and a replica's own claim is not the gateway's routing
+    # decision: the header is the Pod's name, whatever the replica answers.
+    fleet = await make_fleet()
+    await fleet.add_sim("gemma3-4b-instance-1", instance="127.0.0.1:8000")
+    fleet.add_pod("gemma3-4b-instance-1")
+    status, instance, _ = await fleet.chat()
+    assert (status, instance) == (200, "gemma3-4b-instance-1")
+
+
 async def test_least_outstanding_avoids_the_busy_replica(make_fleet: FleetFactory) -> None:
     fleet = await make_fleet([md_obj("gemma3-4b", balancing="LeastOutstanding")])
     for name in ("a", "b"):
