@@ -97,6 +97,7 @@ def build_app(
     app.router.add_get("/gateway/status", handle_status)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
     return app
 
 
@@ -148,6 +149,19 @@ async def handle_healthz(request: web.Request) -> web.StreamResponse:
     """Liveness: the process serves. `synced` says whether it has seen the fleet yet."""
     registry = request.app[GATEWAY].registry
     return web.json_response({"status": "ok", "synced": registry.is_synced})
+
+
+async def handle_readyz(request: web.Request) -> web.StreamResponse:
+    """Readiness: 200 once the ModelDeployments and replica Pods have been listed.
+
+    Until then the gateway would answer known models with 404 or hold them, so a new gateway
+    Pod stays out of its Service until it has seen the fleet.
+    """
+    registry = request.app[GATEWAY].registry
+    if registry.is_synced:
+        return web.json_response({"status": "ready"})
+    waiting = sorted(name for name, done in registry.synced.items() if not done)
+    return web.json_response({"status": "syncing", "waitingFor": waiting}, status=503)
 
 
 def build_runner(app: web.Application, settings: GatewaySettings) -> web.AppRunner:

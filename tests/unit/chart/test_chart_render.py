@@ -450,7 +450,7 @@ def test_gateway_deployment_service_and_pdb(render: Render) -> None:
     container = pod_spec(deployment)["containers"][0]
     assert container["args"] == ["gateway"]
     assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     service = one(objects, "Service", "-gateway")
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     assert one(objects, "PodDisruptionBudget", "-gateway")["spec"]["minAvailable"] == 1

@@ -14,6 +14,9 @@ import pytest
 from gwharness import FleetFactory, md_obj, pod_obj, wait_until
 
 from modelfleet.api import labels
+from modelfleet.gateway.app import build_app, start_gateway
+from modelfleet.gateway.registry import Registry
+from modelfleet.settings import GatewaySettings
 
 
 async def test_round_robin_alternates_over_instances_in_order(make_fleet: FleetFactory) -> None:
@@ -387,3 +390,29 @@ async def test_openai_client_through_the_gateway(make_fleet: FleetFactory) -> No
             )
     finally:
         await client.close()
+
+
+async def test_readyz_waits_for_the_first_listing() -> None:
+    settings = GatewaySettings(host="127.0.0.1")
+    registry = Registry(settings.balancing)
+    running = await start_gateway(build_app(settings, registry=registry), settings, "127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(running.url + "/readyz") as resp:
+                assert resp.status == 503
+                assert await resp.json() == {
+                    "status": "syncing",
+                    "waitingFor": ["deployments", "pods"],
+                }
+            registry.replace_deployments([md_obj("gemma3-4b")])
+            async with http.get(running.url + "/readyz") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["waitingFor"] == ["pods"]
+            registry.replace_pods([])
+            async with http.get(running.url + "/readyz") as resp:
+                assert resp.status == 200
+                assert await resp.json() == {"status": "ready"}
+            async with http.get(running.url + "/healthz") as resp:
+                assert resp.status == 200
+    finally:
+        await running.stop()
