@@ -71,7 +71,7 @@ def run_engine(
     for model, n in replicas_of(stream):
         request = ReplicaRequest(
             deployment=DeploymentRef("bench", model.name),
-            instance=f"{model.name}-instance-{n}",
+            pod=f"{model.name}-instance-{n}",
             gpu_count=model.gpus,
             memory_mib=model.shared_mib,
             sharing=SharingMode.SHARED if model.shared_mib else SharingMode.EXCLUSIVE,

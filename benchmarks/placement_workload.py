@@ -73,7 +73,7 @@ def random_request(
     shared = rng.random() < shared_share
     return ReplicaRequest(
         deployment=dep,
-        instance=f"model-{d}-instance-{serial}",
+        pod=f"model-{d}-instance-{serial}",
         gpu_count=1 if shared else rng.choice(sizes),
         memory_mib=rng.choice((8192, 16384, 24576)) if shared else None,
         measured_footprint_mib=None,

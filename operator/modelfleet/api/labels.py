@@ -36,3 +36,6 @@ ANN_DEMAND = f"{PREFIX}/demand-time"  # RFC 3339, a request waited for a model s
 ANN_BALANCING = f"{PREFIX}/balancing"  # RoundRobin or LeastOutstanding, read by the gateway
 ANN_EVICTED_AT = f"{PREFIX}/evicted-at"  # RFC 3339, written by the operator on an eviction victim
 ANN_EVICTED_BY = f"{PREFIX}/evicted-by"  # <namespace>/<name> of the deployment that needed room
+# On the deployment that evicted: the GPUs the eviction freed, held for it until it places its
+# replica or the time passes. JSON {"gpus": ["<node>:<i>", ...], "until": RFC 3339}.
+ANN_RESERVATION = f"{PREFIX}/reservation"

@@ -14,7 +14,7 @@ from typing import Any
 from modelfleet.api import API_GROUP, API_VERSION, KIND, ModelDeployment, SharingMode
 from modelfleet.api import labels as L
 from modelfleet.controller.decisions import Placed
-from modelfleet.controller.observed import instance_name
+from modelfleet.controller.observed import ObservedPod, instance_name
 
 # Startup budget: vLLM loads weights before /health answers; a 70B model from a cold cache can
 # take well over 10 minutes. 180 x 10 s = 30 min before the kubelet gives up and restarts it.
@@ -230,6 +230,28 @@ def build_replica_pod(
         },
         "spec": pod_spec,
     }
+
+
+def build_replica_record(
+    md: ModelDeployment, n: int, placed: Placed, *, template_hash: str
+) -> ObservedPod:
+    """What the watch will show of replica `n` once `build_replica_pod` is created: the record
+    the in-flight book keeps until then (built from the same inputs, never parsed back)."""
+    return ObservedPod(
+        name=instance_name(md.metadata.name, n),
+        namespace=md.metadata.namespace or "",
+        deployment=md.metadata.name,
+        ordinal=n,
+        node=placed.node,
+        template_hash=template_hash,
+        gpu_ids=placed.gpu_ids,
+        gpu_uuids=placed.gpu_uuids,
+        footprint_mib=placed.footprint_mib,
+        sharing=str(md.spec.gpu.sharing),
+        priority=md.spec.priority,
+        min_replicas=md.spec.min_replicas,
+        owner_uid=md.metadata.uid or "",
+    )
 
 
 def build_service(md: ModelDeployment) -> dict[str, Any]:

@@ -19,8 +19,8 @@ import uuid
 import aiohttp
 import kopf
 
+from modelfleet.controller.handlers import build_registry
 from modelfleet.controller.leader import LeaderElector
-from modelfleet.controller.main import build_registry
 from modelfleet.controller.metrics import OperatorMetrics
 from modelfleet.controller.server import ServerState, start_http_server
 from modelfleet.kube.client import KubeClient, load_config

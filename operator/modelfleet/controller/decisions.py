@@ -60,7 +60,7 @@ class PlacementRequest:
 
     namespace: str
     deployment: str
-    instance: int
+    ordinal: int  # n of <deployment>-instance-<n>
     spec: ModelDeploymentSpec
     footprint_mib: int | None  # per GPU; None = not known yet (discovery run takes the whole GPU)
     planned: tuple[Placed, ...] = ()  # decided earlier in the same plan, not yet in the cluster

@@ -1,24 +1,41 @@
 """The only module of the controller that writes to the Kubernetes API.
 
+`execute(plan, ...)` applies one reconcile's plan in a fixed order:
+
+1. the eviction: the reservation on the evicting deployment first (so an operator restarted
+   after this point still holds the freed GPUs), then each victim's deployment is marked as
+   evicted (so its own reconcile, woken by the deletion, does not evict back), then the victim
+   Pods are deleted;
+2. the Pods to create, concurrently;
+3. the Pods to delete;
+4. the deployment's annotations;
+5. the Service (when asked: create, resume and the periodic re-check);
+6. the Events;
+7. the status, last, and only when it changed.
+
 Every function is idempotent, so a reconcile that dies half way and runs again converges: a Pod
 that already exists and is ours counts as created, a Pod already gone counts as deleted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from modelfleet.api import API_GROUP, API_VERSION, KIND, ModelDeployment, ModelDeploymentStatus
 from modelfleet.api import labels as L
 from modelfleet.controller.decisions import Victim
+from modelfleet.controller.inflight import InFlight
 from modelfleet.controller.observed import format_time, parse_service
-from modelfleet.controller.plan import EventSpec, PodToDelete
-from modelfleet.controller.status import dump_status
+from modelfleet.controller.plan import EventSpec, Plan, PodToCreate
+from modelfleet.controller.reservations import Reservation, format_reservation
+from modelfleet.controller.status import dump_status, status_changed
 from modelfleet.kube.client import ApiError, KubeClient
 from modelfleet.kube.paths import md_path, pods_path, resource_path
 
@@ -78,11 +95,6 @@ async def delete_pod(
     except ApiError as exc:
         if not (exc.not_found or (uid and exc.conflict)):
             raise
-
-
-async def delete_pods(client: KubeClient, deletions: Iterable[PodToDelete]) -> None:
-    for item in deletions:
-        await delete_pod(client, item.namespace, item.name, force=item.force, uid=item.uid)
 
 
 async def apply_eviction(
@@ -181,9 +193,9 @@ class EventRecorder:
     Event even after a restart; the in-memory count only saves a GET.
     """
 
-    def __init__(self, client: KubeClient, instance: str | None = None) -> None:
+    def __init__(self, client: KubeClient, reporting_instance: str | None = None) -> None:
         self._client = client
-        self._instance = instance or socket.gethostname()
+        self._reporting_instance = reporting_instance or socket.gethostname()
         self._counts: dict[tuple[str, str], int] = {}
 
     async def post(self, event: EventSpec, uid: str | None, now: datetime) -> None:
@@ -230,7 +242,7 @@ class EventRecorder:
             "lastTimestamp": stamp,
             "source": {"component": COMPONENT},
             "reportingComponent": f"{API_GROUP}/operator",
-            "reportingInstance": self._instance,
+            "reportingInstance": self._reporting_instance,
         }
         try:
             await self._client.create(resource_path("events", event.namespace), body)
@@ -245,8 +257,135 @@ class EventRecorder:
         if len(self._counts) > 10_000:  # bound memory; the names are deterministic anyway
             self._counts.clear()
 
-    async def post_all(
-        self, events: Sequence[EventSpec], uids: Mapping[tuple[str, str], str], now: datetime
-    ) -> None:
-        for event in events:
-            await self.post(event, uids.get((event.namespace, event.deployment)), now)
+
+@dataclass
+class Executed:
+    """What one `execute` did."""
+
+    created: list[str] = field(default_factory=list)
+    create_failures: list[str] = field(default_factory=list)  # "<pod>: <why>"
+    deleted: list[str] = field(default_factory=list)
+    evicted: list[str] = field(default_factory=list)  # <namespace>/<pod>
+    status_written: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceWanted:
+    """The Service to keep in shape, and what the index shows of it (None: not indexed)."""
+
+    body: Mapping[str, Any]
+    current: Mapping[str, Any] | None
+    indexed: bool
+
+
+async def execute(
+    client: KubeClient,
+    events: EventRecorder,
+    inflight: InFlight,
+    md: ModelDeployment,
+    plan: Plan,
+    status: ModelDeploymentStatus | None,
+    now: datetime,
+    *,
+    service: ServiceWanted | None = None,
+) -> Executed:
+    """Apply `plan` in the documented order (see the module docstring); report what was done.
+
+    A create that fails is forgotten in the in-flight book (the next pass plans it again) and
+    reported in `create_failures` with a Warning Event; any other failure raises.
+    """
+    done = Executed()
+    key = (md.metadata.namespace or "", md.metadata.name)
+    victim_uids = await _evict(client, inflight, md, plan, now, done)
+    await asyncio.gather(*(_create(client, inflight, c, done) for c in plan.to_create))
+    for gone in plan.to_delete:
+        await delete_pod(client, gone.namespace, gone.name, force=gone.force, uid=gone.uid)
+        inflight.record_deleted(gone.namespace, gone.name, gone.uid)
+        done.deleted.append(gone.name)
+    if plan.annotations:
+        await apply_annotations(client, md, plan.annotations)
+    if service is not None:
+        await _ensure_service(client, events, md, service, now)
+    for event in plan.events:
+        target = (event.namespace, event.deployment)
+        if target == key:
+            await events.post(event, md.metadata.uid, now)
+        elif target in victim_uids:
+            await events.post(event, victim_uids[target], now)
+    for failure in done.create_failures:
+        await events.post(
+            EventSpec(key[0], key[1], "Warning", "CreateFailed", f"could not create {failure}"),
+            md.metadata.uid,
+            now,
+        )
+    if status is not None and status_changed(md.status, status):
+        await apply_status(client, md, status)
+        done.status_written = True
+    return done
+
+
+async def _evict(
+    client: KubeClient,
+    inflight: InFlight,
+    md: ModelDeployment,
+    plan: Plan,
+    now: datetime,
+    done: Executed,
+) -> dict[tuple[str, str], str]:
+    """Step 1; returns the victims' deployments' UIDs, for their Events."""
+    eviction = plan.eviction
+    if eviction is None:
+        return {}
+    namespace, name = md.metadata.namespace or "", md.metadata.name
+    if eviction.gpu_ids:
+        reservation = Reservation(eviction.node, eviction.gpu_ids, eviction.reserved_until)
+        await apply_annotations(client, md, {L.ANN_RESERVATION: format_reservation(reservation)})
+    uids: dict[tuple[str, str], str] = {}
+    for victim in eviction.victims:
+        victim_md = await apply_eviction(
+            client,
+            victim,
+            f"{namespace}/{name}",
+            now,
+            inflight.deleted_uid(victim.namespace, victim.pod),
+        )
+        done.evicted.append(f"{victim.namespace}/{victim.pod}")
+        if victim_md is not None:
+            uids[(victim.namespace, victim.deployment)] = str(
+                (victim_md.get("metadata") or {}).get("uid", "")
+            )
+    return uids
+
+
+async def _create(
+    client: KubeClient, inflight: InFlight, create: PodToCreate, done: Executed
+) -> None:
+    try:
+        created = await create_pod(client, create.body)
+    except (ApiError, PodNameTaken, OSError, TimeoutError) as exc:
+        inflight.forget_created(create.record)
+        log.warning("could not create %s: %s", create.name, exc)
+        done.create_failures.append(f"{create.name}: {exc}")
+        return
+    inflight.confirm_created(create.record, str((created.get("metadata") or {}).get("uid", "")))
+    done.created.append(create.name)
+
+
+async def _ensure_service(
+    client: KubeClient,
+    events: EventRecorder,
+    md: ModelDeployment,
+    service: ServiceWanted,
+    now: datetime,
+) -> None:
+    """Keep the Service; a failure is reported but never holds up replicas or status."""
+    key = (md.metadata.namespace or "", md.metadata.name)
+    try:
+        await ensure_service(client, service.body, service.current, indexed=service.indexed)
+    except ApiError as exc:
+        log.warning("%s/%s: Service not in shape: %s", *key, exc)
+        await events.post(
+            EventSpec(key[0], key[1], "Warning", "ServiceFailed", f"Service {key[1]}: {exc}"),
+            md.metadata.uid,
+            now,
+        )

@@ -18,7 +18,6 @@ from modelfleet.controller.decisions import (
     Evict,
     Placed,
     PlacementRequest,
-    Placer,
     Unplaceable,
     Victim,
 )
@@ -157,7 +156,8 @@ def build_placed_replicas(
     """Placement's replicas from the replica Pods (annotations carry everything needed).
 
     Terminating Pods still hold their GPUs until they are gone, and are the cheapest victims:
-    an eviction already under way is then chosen again instead of a new one.
+    an eviction already under way is then chosen again instead of a new one. They no longer
+    count towards their deployment's floor.
     """
     measured = _measured_pods(snapshot)
     out = []
@@ -168,7 +168,7 @@ def build_placed_replicas(
         out.append(
             P.PlacedReplica(
                 deployment=P.DeploymentRef(pod.namespace, pod.deployment),
-                instance=pod.name,
+                pod=pod.name,
                 node=pod.node,
                 gpu_ids=pod.gpu_ids,
                 sharing=sharing,
@@ -193,7 +193,7 @@ def build_replica_request(
     memory = request.footprint_mib if spec.gpu.memory is not None else None
     return P.ReplicaRequest(
         deployment=P.DeploymentRef(request.namespace, request.deployment),
-        instance=instance_name(request.deployment, request.instance),
+        pod=instance_name(request.deployment, request.ordinal),
         gpu_count=spec.gpu.count,
         memory_mib=memory,
         measured_footprint_mib=footprint_measured,
@@ -212,7 +212,7 @@ def build_replica_request(
     )
 
 
-def convert_decision(decision: P.Decision, may_evict: bool) -> Decision:
+def convert_decision(decision: P.Decision) -> Decision:
     """The engine's decision as the planner's."""
     if isinstance(decision, P.Placed):
         total = 0
@@ -227,8 +227,7 @@ def convert_decision(decision: P.Decision, may_evict: bool) -> Decision:
     if isinstance(decision, P.Evict):
         return Evict(
             victims=tuple(
-                Victim(v.deployment.namespace, v.instance, v.deployment.name)
-                for v in decision.victims
+                Victim(v.deployment.namespace, v.pod, v.deployment.name) for v in decision.victims
             ),
             reason=decision.reason,
             node=decision.node,
@@ -257,47 +256,55 @@ class EnginePlacer:
             request, measured, self.last_used.get((request.namespace, request.deployment), 0.0)
         )
         decision = P.decide(self.view, engine_request)
-        if isinstance(decision, P.Evict) and not request.may_evict:
-            return convert_decision(decision, False)
         if isinstance(decision, P.Placed):
             self.view = self.view.with_placed(decision)
             self.cursor = decision.cursor
-            out = convert_decision(decision, request.may_evict)
+            out = convert_decision(decision)
             assert isinstance(out, Placed)
             total = self.gpu_memory.get(decision.gpu_ids[0], 0) if decision.gpu_ids else 0
             return Placed(
                 out.node, out.gpu_ids, out.gpu_uuids, total, out.footprint_mib, out.reason
             )
-        return convert_decision(decision, request.may_evict)
+        return convert_decision(decision)
 
 
 def build_reservations(
     reservations: Mapping[tuple[str, str], tuple[str, tuple[str, ...]]],
     nodes: Iterable[str],
-    exclude: tuple[str, str],
 ) -> list[P.PlacedReplica]:
-    """GPUs freed by an eviction, held for the deployment that evicted, as placeholder replicas.
+    """GPUs freed by an eviction, held for the deployment that evicted, as Reserved replicas.
 
     Without them the victim (or anyone else) could take the freed GPUs before the evictor does.
-    They are Starting, so never chosen as victims themselves.
+    The evictor's own are taken out of its view with `without_own_reservations`.
     """
     known = set(nodes)
     out = []
-    for (namespace, name), (node, gpu_ids) in reservations.items():
-        if (namespace, name) == exclude or node not in known or not gpu_ids:
+    for (namespace, name), (node, gpu_ids) in sorted(reservations.items()):
+        if node not in known or not gpu_ids:
             continue
         out.append(
             P.PlacedReplica(
                 deployment=P.DeploymentRef(namespace, name),
-                instance=f"{name}-reserved",
+                pod=f"{name} (reservation)",  # unique: not a valid Pod name
                 node=node,
                 gpu_ids=gpu_ids,
                 footprint_mib=None,
                 priority=1000,
-                state=P.ReplicaState.STARTING,
+                state=P.ReplicaState.RESERVED,
             )
         )
     return out
+
+
+def without_own_reservations(view: P.ClusterView, key: tuple[str, str]) -> P.ClusterView:
+    """`view` for deployment `key`: the GPUs reserved for it are its own to take."""
+    ref = P.DeploymentRef(*key)
+    own = [
+        r
+        for r in view.replicas.values()
+        if r.state == P.ReplicaState.RESERVED and r.deployment == ref
+    ]
+    return view.with_removed(own) if own else view
 
 
 def build_placer(
@@ -308,7 +315,7 @@ def build_placer(
     settings: P.PlacementSettings,
     cursor: str | None = None,
     reserved: Iterable[P.PlacedReplica] = (),
-) -> Placer:
+) -> EnginePlacer:
     """A Placer over the current cluster: pool snapshot, Node objects and every replica Pod."""
     infos = build_node_infos(nodes, snapshot)
     replicas = build_placed_replicas(pods, last_used, snapshot) + list(reserved)

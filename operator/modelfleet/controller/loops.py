@@ -18,9 +18,10 @@ import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
-from modelfleet.controller import inputs
+from modelfleet.controller.inflight import Key
 from modelfleet.controller.observed import NodeHealth
-from modelfleet.controller.reconcile import Key, Runtime, pods_on_nodes, reconcile
+from modelfleet.controller.reconcile import reconcile
+from modelfleet.controller.runtime import Runtime, pods_on_nodes
 from modelfleet.gpus.pool import GpuPool
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ async def recheck_forever(rt: Runtime, interval_s: float) -> None:
             # Spread over most of the interval: a steady trickle instead of a burst.
             pace = 0.8 * interval_s / max(1, len(keys))
             await reconcile_keys(rt, keys, ensure_svc=True, pace_s=pace)
-            rt.ledger.prune()
+            rt.inflight.prune()
         await asyncio.sleep(max(1.0, interval_s - (time.monotonic() - started)))
 
 
@@ -97,14 +98,10 @@ async def watch_pool(rt: Runtime, pool: GpuPool) -> None:
         if cluster is None:
             continue
         now = datetime.now(UTC)
-        if rt.agent_discovery:
-            rt.agent_missing_since = inputs.compute_agent_missing_since(
-                rt.agent_missing_since, cluster.node_facts(), snapshot, now
-            )
+        rt.observe_agents(cluster, snapshot, now)
         after = rt.node_health(cluster, snapshot, now)
         changed = compute_health_changes(before, after)
         before = after
         keys = pods_on_nodes(cluster.pods, changed) if changed else set()
-        keys |= set(rt.blocked)
-        if keys:
-            await reconcile_keys(rt, sorted(keys))
+        if keys or rt.blocked:
+            await reconcile_keys(rt, [*sorted(keys), *rt.restore_order(rt.blocked - keys)])

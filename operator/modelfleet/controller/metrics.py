@@ -5,16 +5,17 @@ Names carry the `modelfleet_` prefix and base units; labels have a small fixed s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from modelfleet.controller.plan import FailureKind
+
 RESULTS = ("ok", "error")
 PLACEMENT_RESULTS = ("placed", "evict", "unplaceable")
-REPLACEMENT_REASONS = ("NodeLost", "EndpointsDown", "GpuUnhealthy", "ReplicaFailed")
 
 
 class OperatorMetrics:
@@ -73,8 +74,8 @@ class OperatorMetrics:
             self.reconcile_duration.labels(result)
         for result in PLACEMENT_RESULTS:
             self.placements.labels(result)
-        for reason in REPLACEMENT_REASONS:
-            self.replacements.labels(reason)
+        for kind in FailureKind:
+            self.replacements.labels(kind.value)
         self._pending: dict[tuple[str, str], int] = {}
 
     def api_trace(self) -> aiohttp.TraceConfig:
@@ -98,7 +99,8 @@ class OperatorMetrics:
     def forget(self, key: tuple[str, str]) -> None:
         self.set_pending(key, 0)
 
-    def count_replacements(self, reasons: Mapping[str, int]) -> None:
-        for reason, count in reasons.items():
-            if reason in REPLACEMENT_REASONS and count:
-                self.replacements.labels(reason).inc(count)
+    def count_replacements(self, reasons: Iterable[str]) -> None:
+        """Count replica deletions whose reason is a failure (not scale-down or rollout)."""
+        for reason in reasons:
+            if isinstance(reason, FailureKind):
+                self.replacements.labels(reason.value).inc()

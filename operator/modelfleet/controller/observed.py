@@ -38,7 +38,7 @@ def instance_name(deployment: str, n: int) -> str:
     return f"{deployment}-instance-{n}"
 
 
-def parse_instance_number(deployment: str, pod_name: str) -> int | None:
+def parse_ordinal(deployment: str, pod_name: str) -> int | None:
     """n from `<deployment>-instance-<n>`, None when the name does not belong to `deployment`."""
     match = _INSTANCE_NAME.match(pod_name)
     if not match or match["deployment"] != deployment:
@@ -57,7 +57,7 @@ class ObservedPod:
     name: str
     namespace: str
     deployment: str
-    instance: int
+    ordinal: int  # n of <deployment>-instance-<n>
     uid: str = ""
     node: str | None = None
     phase: str = "Pending"  # the Pod's status.phase
@@ -95,8 +95,8 @@ def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
     if pod_labels.get(L.LABEL_COMPONENT) != L.COMPONENT_REPLICA or not deployment:
         return None
     name = str(meta.get("name", ""))
-    instance = parse_instance_number(deployment, name)
-    if instance is None:
+    ordinal = parse_ordinal(deployment, name)
+    if ordinal is None:
         return None
     status = pod.get("status") or {}
     ready = False
@@ -121,7 +121,7 @@ def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
         name=name,
         namespace=str(meta.get("namespace", "")),
         deployment=deployment,
-        instance=instance,
+        ordinal=ordinal,
         uid=str(meta.get("uid", "")),
         node=(pod.get("spec") or {}).get("nodeName") or None,
         phase=str(status.get("phase") or "Pending"),

@@ -21,7 +21,7 @@ from modelfleet.api import (
 )
 from modelfleet.controller.builders import selector_string
 from modelfleet.controller.observed import ObservedPod
-from modelfleet.controller.plan import BROKEN_WAITING, IDLE, Plan
+from modelfleet.controller.plan import BROKEN_WAITING, FailureKind, Plan, Reason
 
 # Container waiting reasons that mean "this replica will not come up by itself".
 _BROKEN = BROKEN_WAITING
@@ -35,7 +35,7 @@ def compute_measured_footprint_mib(
     A discovery run is a replica placed without a known footprint (empty footprint annotation);
     it had its GPUs to itself, so what the GPU reports in use is what the model needs.
     """
-    for pod in sorted(pods, key=lambda p: p.instance):
+    for pod in sorted(pods, key=lambda p: p.ordinal):
         if not pod.ready or pod.deleting or pod.footprint_mib is not None or not pod.gpu_ids:
             continue
         used = [gpu_used_mib[g] for g in pod.gpu_ids if g in gpu_used_mib]
@@ -83,7 +83,7 @@ def compute_status(
 ) -> ModelDeploymentStatus:
     """The status to write after `plan` is applied to `pods`."""
     deleting = {d.name: d.reason for d in plan.to_delete if d.deployment == md.metadata.name}
-    instances = [_instance(p, deleting) for p in sorted(pods, key=lambda p: p.instance)]
+    instances = [_instance(p, deleting) for p in sorted(pods, key=lambda p: p.ordinal)]
     for create in plan.to_create:
         instances.append(
             Instance(
@@ -98,7 +98,7 @@ def compute_status(
     live = [i for i in instances if i.phase not in ("Terminating", "Failed")]
     ready = sum(1 for i in live if i.phase == "Ready")
     target = plan.target
-    failures = [d for d in plan.to_delete if d.reason in _FAILURE_REASONS]
+    failures = [d for d in plan.to_delete if isinstance(d.reason, FailureKind)]
     broken = [i for i in live if i.reason in _BROKEN]
     blocker = plan.blocker
 
@@ -106,7 +106,7 @@ def compute_status(
     if target == 0 and not live:
         why = (
             f"idle for longer than {md.spec.idle_timeout}; a request scales it back up"
-            if plan.target_reason == IDLE
+            if plan.target_reason == Reason.IDLE
             else "spec.replicas is 0"
         )
         available = _cond(ConditionType.AVAILABLE, False, "ScaledToZero", why)
@@ -123,7 +123,7 @@ def compute_status(
 
     # Progressing: is the operator still moving towards the spec, or stuck?
     starting = [i for i in live if i.phase in ("Pending", "Starting")]
-    if blocker is not None and blocker.reason not in ("Evicting",):
+    if blocker is not None and blocker.reason != Reason.EVICTING:
         progressing = _cond(ConditionType.PROGRESSING, False, blocker.reason, blocker.message)
     elif plan.rolling:
         progressing = _cond(
@@ -142,7 +142,9 @@ def compute_status(
         progressing = _cond(
             ConditionType.PROGRESSING, True, "ScalingUp", f"{len(live)}/{target} replicas exist"
         )
-    elif len(live) > target or any(d.reason in ("ScaleDown", IDLE) for d in plan.to_delete):
+    elif len(live) > target or any(
+        d.reason in (Reason.SCALE_DOWN, Reason.IDLE) for d in plan.to_delete
+    ):
         progressing = _cond(
             ConditionType.PROGRESSING, True, "ScalingDown", f"scaling down to {target}"
         )
@@ -204,9 +206,6 @@ def compute_status(
         phase=phase,
         reason=reason,
     )
-
-
-_FAILURE_REASONS = {"NodeLost", "EndpointsDown", "GpuUnhealthy", "ReplicaFailed"}
 
 
 def _keep_transition_times(

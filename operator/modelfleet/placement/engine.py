@@ -103,7 +103,7 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:
     shared = request.sharing == SharingMode.SHARED and footprint is not None
     if request.sharing == SharingMode.SHARED and footprint is None and existing > 0:
         runs = sorted(
-            f"{r.deployment.namespace}/{r.instance}"
+            f"{r.deployment.namespace}/{r.pod}"
             for r in view.replicas.values()
             if r.deployment == dep
         )
@@ -225,7 +225,7 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:
     reason = f"{chosen.info.name}: {why}; {gpu_why}" + "".join(f"; {n}" for n in notes)
     replica = PlacedReplica(
         deployment=dep,
-        instance=request.instance,
+        pod=request.pod,
         node=chosen.info.name,
         gpu_ids=tuple(g.info.gpu_id for g in gpus),
         sharing=request.sharing,
@@ -292,7 +292,7 @@ def _no_fit(
             return Unplaceable(
                 UnplaceableCode.START_SERIALIZED,
                 f"{busy.info.gpu_id} has {busy.available_mib} MiB available but "
-                f"{starting.deployment.namespace}/{starting.instance} is still starting there; "
+                f"{starting.deployment.namespace}/{starting.pod} is still starting there; "
                 "Shared replicas start one at a time on a GPU",
             )
     plan = plan_eviction(
@@ -309,7 +309,7 @@ def _no_fit(
         margin,
         dep,
         request.priority,
-        view.counts,
+        view.serving,
         view.floors,
     )
     if plan is not None:
@@ -326,7 +326,7 @@ def _no_fit(
             ),
         )
     in_the_way = [r for n, _ in nodes for r in n.replicas]
-    blocked = blocked_reasons(in_the_way, dep, request.priority, view.counts, view.floors)
+    blocked = blocked_reasons(in_the_way, dep, request.priority, view.serving, view.floors)
     if need is not None:
         gpus = [(g.available_mib, g) for n, _ in nodes for g in n.gpus if g.info.healthy]
         most, top_gpu = max(gpus, key=lambda t: t[0])

@@ -1,9 +1,10 @@
 """LRU eviction: the fewest replicas of other deployments whose removal makes a replica fit.
 
 Pure functions over a `ClusterView`. A victim is never of the requesting deployment, never of a
-higher priority than the requester, and never takes its deployment below `minReplicas`. Among
-sets of the same size, lower priority goes first, then the least recently used. A replica that is
-still starting is never a victim.
+higher priority than the requester, and never takes its deployment below `minReplicas` Ready
+replicas. Among sets of the same size, lower priority goes first, then the least recently used. A
+replica that is still starting, or a reservation, is never a victim; a replica already terminating
+is the cheapest victim of all (its eviction is under way) and costs its deployment nothing.
 """
 
 from __future__ import annotations
@@ -14,12 +15,18 @@ from dataclasses import dataclass
 from modelfleet.placement.model import DeploymentRef, PlacedReplica, ReplicaState
 from modelfleet.placement.view import GpuState, NodeState
 
-EvictionKey = tuple[int, float, str, str]
+EvictionKey = tuple[bool, int, float, str, str]
 
 
 def eviction_key(rep: PlacedReplica) -> EvictionKey:
-    """Order of victims: lower priority first, then least recently used, then by name."""
-    return (rep.priority, rep.last_used, rep.deployment.namespace, rep.instance)
+    """Order of victims: terminating first, then lower priority, least recently used, name."""
+    return (
+        rep.state != ReplicaState.TERMINATING,
+        rep.priority,
+        rep.last_used,
+        rep.deployment.namespace,
+        rep.pod,
+    )
 
 
 def _cost(victims: Iterable[PlacedReplica]) -> tuple[int, tuple[EvictionKey, ...]]:
@@ -40,21 +47,25 @@ class EvictionPlan:
 class _Rules:
     deployment: DeploymentRef
     priority: int
-    counts: Mapping[DeploymentRef, int]
+    serving: Mapping[DeploymentRef, int]  # Ready replicas per deployment
     floors: Mapping[DeploymentRef, int]
 
     def allowed(self, rep: PlacedReplica) -> bool:
+        if rep.deployment == self.deployment:
+            return False
+        if rep.state == ReplicaState.TERMINATING:
+            return True  # going anyway: waiting for it costs nothing
         # A starting replica has not served yet: evicting it wastes its start and lets two
-        # deployments of one priority evict each other in turn.
-        return (
-            rep.deployment != self.deployment
-            and rep.priority <= self.priority
-            and rep.state == ReplicaState.READY
-        )
+        # deployments of one priority evict each other in turn. A reservation is a promise.
+        return rep.priority <= self.priority and rep.state == ReplicaState.READY
 
     def room(self, dep: DeploymentRef) -> int:
-        """Replicas of `dep` that may go before it reaches its floor."""
-        return self.counts.get(dep, 0) - self.floors.get(dep, 0)
+        """Ready replicas of `dep` that may go before it reaches its floor."""
+        return self.serving.get(dep, 0) - self.floors.get(dep, 0)
+
+    def costs_floor(self, rep: PlacedReplica) -> bool:
+        """True when evicting `rep` takes one Ready replica from its deployment."""
+        return rep.state == ReplicaState.READY
 
 
 def _within_floors(
@@ -62,8 +73,17 @@ def _within_floors(
 ) -> bool:
     extra: dict[DeploymentRef, int] = {}
     for rep in new:
-        extra[rep.deployment] = extra.get(rep.deployment, 0) + 1
+        if rules.costs_floor(rep):
+            extra[rep.deployment] = extra.get(rep.deployment, 0) + 1
     return all(taken.get(d, 0) + n <= rules.room(d) for d, n in extra.items())
+
+
+def _count_taken(
+    taken: dict[DeploymentRef, int], reps: Iterable[PlacedReplica], rules: _Rules
+) -> None:
+    for rep in reps:
+        if rules.costs_floor(rep):
+            taken[rep.deployment] = taken.get(rep.deployment, 0) + 1
 
 
 def _whole_victims(
@@ -119,25 +139,35 @@ def _shared_victims(
         need += 1
     if total < deficit:
         return None
-    # The set of `need` victims that comes first in eviction order and still covers the deficit.
-    picked: list[PlacedReplica] = []
     counted = dict(taken)
-    for d in (r.deployment for r in must):
-        counted[d] = counted.get(d, 0) + 1
+    _count_taken(counted, must, rules)
+    picked = _cover_deficit(options, need, deficit, counted, rules)
+    return None if picked is None else must + picked
+
+
+def _cover_deficit(
+    options: Sequence[PlacedReplica],
+    need: int,
+    deficit: int,
+    counted: dict[DeploymentRef, int],
+    rules: _Rules,
+) -> list[PlacedReplica] | None:
+    """The `need` victims that come first in eviction order and still cover `deficit` MiB."""
+    picked: list[PlacedReplica] = []
     for i, rep in enumerate(options):
         slots = need - len(picked)
         if slots == 0:
             break
-        if counted.get(rep.deployment, 0) + 1 > rules.room(rep.deployment):
+        if rules.costs_floor(rep) and counted.get(rep.deployment, 0) + 1 > rules.room(
+            rep.deployment
+        ):
             continue
         rest = sorted((r.footprint_mib or 0 for r in options[i + 1 :]), reverse=True)
         if (rep.footprint_mib or 0) + sum(rest[: slots - 1]) >= deficit:
             picked.append(rep)
             deficit -= rep.footprint_mib or 0
-            counted[rep.deployment] = counted.get(rep.deployment, 0) + 1
-    if deficit > 0:
-        return None
-    return must + picked
+            _count_taken(counted, (rep,), rules)
+    return None if deficit > 0 else picked
 
 
 def _plan_node(
@@ -179,9 +209,16 @@ def _plan_node(
         picked_ids.add(best[1].info.index)
         for rep in best[2]:
             chosen[rep.key] = rep
-            taken[rep.deployment] = taken.get(rep.deployment, 0) + 1
+        _count_taken(taken, best[2], rules)
     victims = tuple(sorted(chosen.values(), key=eviction_key))
     return EvictionPlan(node, tuple(sorted(picked, key=lambda g: g.info.index)), victims)
+
+
+def _alone_allowed(rep: PlacedReplica, rules: _Rules) -> bool:
+    """May `rep` be the only victim?"""
+    if not rules.allowed(rep):
+        return False
+    return not rules.costs_floor(rep) or rules.room(rep.deployment) >= 1
 
 
 def _one_victim(
@@ -203,7 +240,7 @@ def _one_victim(
             if need <= 0 or node.max_solo_whole < need:
                 continue
             for gain, rep in node.solo_whole:
-                if gain < need or not rules.allowed(rep) or rules.room(rep.deployment) < 1:
+                if gain < need or not _alone_allowed(rep, rules):
                     continue
                 key = (eviction_key(rep), not spread_ok, node.info.name)
                 if best_key is None or key < best_key:
@@ -213,7 +250,7 @@ def _one_victim(
             if count != 1 or node.max_solo_shared < footprint:
                 continue
             for avail, rep, index in node.solo_shared:
-                if avail < footprint or not rules.allowed(rep) or rules.room(rep.deployment) < 1:
+                if avail < footprint or not _alone_allowed(rep, rules):
                     continue
                 key = (eviction_key(rep), not spread_ok, node.info.name)
                 if best_key is None or key < best_key:
@@ -231,7 +268,7 @@ def plan_eviction(
     margin: int,
     deployment: DeploymentRef,
     priority: int,
-    counts: Mapping[DeploymentRef, int],
+    serving: Mapping[DeploymentRef, int],
     floors: Mapping[DeploymentRef, int],
 ) -> EvictionPlan | None:
     """The cheapest eviction over `candidates` (node, its eligible healthy GPUs, spread ok).
@@ -240,7 +277,7 @@ def plan_eviction(
     across nodes the plan with the fewest victims wins, then the least valuable victims, then a
     node that keeps replicas of one deployment apart, then the node name.
     """
-    rules = _Rules(deployment, priority, counts, floors)
+    rules = _Rules(deployment, priority, serving, floors)
     candidates = list(candidates)
     one = _one_victim(candidates, count, footprint, rules)
     if one is not None:
@@ -262,7 +299,7 @@ def blocked_reasons(
     replicas: Iterable[PlacedReplica],
     deployment: DeploymentRef,
     priority: int,
-    counts: Mapping[DeploymentRef, int],
+    serving: Mapping[DeploymentRef, int],
     floors: Mapping[DeploymentRef, int],
 ) -> str:
     """Why the replicas in the way may not be evicted, in counts a person can act on."""
@@ -274,7 +311,7 @@ def blocked_reasons(
             higher += 1
         elif rep.state != ReplicaState.READY:
             starting += 1
-        elif counts.get(rep.deployment, 0) <= floors.get(rep.deployment, 0):
+        elif serving.get(rep.deployment, 0) <= floors.get(rep.deployment, 0):
             floor += 1
     parts = []
     if higher:

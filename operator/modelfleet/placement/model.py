@@ -45,8 +45,12 @@ class PlacementInputError(ValueError):
 
 
 class ReplicaState(StrEnum):
-    STARTING = "Starting"
-    READY = "Ready"
+    """Where a replica is in its life, as far as placement and eviction care."""
+
+    STARTING = "Starting"  # placed, not serving yet: never a victim
+    READY = "Ready"  # serving: a victim if priority, last use and its deployment's floor allow
+    TERMINATING = "Terminating"  # deleted, still holding its GPUs: the cheapest victim of all
+    RESERVED = "Reserved"  # GPUs an eviction freed, held for the deployment that evicted
 
 
 class DeploymentRef(NamedTuple):
@@ -119,7 +123,7 @@ class PlacedReplica:
     """A replica that already exists, rebuilt by the operator from its Pod and annotations."""
 
     deployment: DeploymentRef
-    instance: str  # Pod name, <deployment>-instance-<n>
+    pod: str  # Pod name, <deployment>-instance-<n>
     node: str
     gpu_ids: tuple[str, ...]
     sharing: SharingMode = SharingMode.EXCLUSIVE
@@ -137,7 +141,7 @@ class PlacedReplica:
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.deployment.namespace, self.instance)
+        return (self.deployment.namespace, self.pod)
 
     def describe(self) -> str:
         used = (
@@ -146,7 +150,7 @@ class PlacedReplica:
             else "last used "
             + datetime.fromtimestamp(self.last_used, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         )
-        return f"{self.deployment.namespace}/{self.instance} (priority {self.priority}, {used})"
+        return f"{self.deployment.namespace}/{self.pod} (priority {self.priority}, {used})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +158,7 @@ class ReplicaRequest:
     """A replica to place, from its ModelDeployment's spec and status."""
 
     deployment: DeploymentRef
-    instance: str
+    pod: str  # Pod name, <deployment>-instance-<n>
     gpu_count: int = 1
     memory_mib: int | None = None  # spec.gpu.memory
     measured_footprint_mib: int | None = None  # status.footprint

@@ -25,7 +25,7 @@ from modelfleet.placement.model import (
     Toleration,
 )
 
-ReplicaKey = tuple[str, str]  # (namespace, instance)
+ReplicaKey = tuple[str, str]  # (namespace, pod name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +35,7 @@ class LedgerEntry:
     gpu_id: str
     promised_mib: int  # Shared footprints not yet in memory_used
     whole: bool  # an unmeasured replica holds the whole GPU
-    instances: tuple[str, ...]  # namespace/instance of every unmeasured replica on it
+    instances: tuple[str, ...]  # namespace/pod of every unmeasured replica on it
 
 
 def compute_ledger(replicas: Iterable[PlacedReplica]) -> dict[str, LedgerEntry]:
@@ -51,7 +51,7 @@ def compute_ledger(replicas: Iterable[PlacedReplica]) -> dict[str, LedgerEntry]:
         if rep.measured:
             continue
         for gpu_id in rep.gpu_ids:
-            names.setdefault(gpu_id, []).append(f"{rep.deployment.namespace}/{rep.instance}")
+            names.setdefault(gpu_id, []).append(f"{rep.deployment.namespace}/{rep.pod}")
             if rep.whole_gpus:
                 whole[gpu_id] = True
             else:
@@ -272,6 +272,8 @@ class ClusterView:
     counts: dict[DeploymentRef, int]  # replicas per deployment
     floors: dict[DeploymentRef, int]  # minReplicas per deployment
     cursor: str | None  # the node round-robin chose last
+    # Ready replicas per deployment (terminating ones excluded): what eviction floors protect.
+    serving: dict[DeploymentRef, int] = field(default_factory=dict)
     # Eligibility depends only on node facts, which placements do not change: views derived
     # from one snapshot share this cache.
     _eligibility: dict[StaticKey, Eligibility] = field(default_factory=dict, repr=False)
@@ -308,8 +310,8 @@ class ClusterView:
         rep = decision.replica
         if rep.key in self.replicas:
             raise PlacementInputError(
-                f"replica {rep.deployment.namespace}/{rep.instance} is already placed; "
-                "use a new instance name or remove the old replica first"
+                f"replica {rep.deployment.namespace}/{rep.pod} is already placed; "
+                "use a new Pod name or remove the old replica first"
             )
         replicas = self.replicas.copy()
         replicas[rep.key] = rep
@@ -336,6 +338,7 @@ class ClusterView:
         """The view after these replicas were deleted (unknown ones are ignored)."""
         replicas = self.replicas.copy()
         counts = self.counts.copy()
+        serving = self.serving.copy()
         touched: set[str] = set()
         for rep in victims:
             if replicas.pop(rep.key, None) is None:
@@ -343,6 +346,8 @@ class ClusterView:
             counts[rep.deployment] -= 1
             if counts[rep.deployment] == 0:
                 del counts[rep.deployment]
+            if rep.state == ReplicaState.READY:
+                serving[rep.deployment] = serving.get(rep.deployment, 1) - 1
             touched.add(rep.node)
         nodes = self.nodes.copy()
         for name in touched:
@@ -355,6 +360,7 @@ class ClusterView:
             nodes=nodes,
             replicas=replicas,
             counts=counts,
+            serving=serving,
         )
 
     def with_evicted(self, decision: Evict) -> ClusterView:
@@ -388,28 +394,31 @@ def build_view(
     by_node: dict[str, list[PlacedReplica]] = {}
     counts: dict[DeploymentRef, int] = {}
     floors: dict[DeploymentRef, int] = {}
+    serving: dict[DeploymentRef, int] = {}
     for rep in replicas:
         if rep.key in by_key:
             raise PlacementInputError(
-                f"replica {rep.deployment.namespace}/{rep.instance} appears twice; "
-                "instance names must be unique in a namespace"
+                f"replica {rep.deployment.namespace}/{rep.pod} appears twice; "
+                "Pod names must be unique in a namespace"
             )
         for gpu_id in rep.gpu_ids:
             node, _, index = gpu_id.rpartition(":")
             if node != rep.node or not index.isdigit():
                 raise PlacementInputError(
-                    f"replica {rep.deployment.namespace}/{rep.instance} on node {rep.node!r} "
+                    f"replica {rep.deployment.namespace}/{rep.pod} on node {rep.node!r} "
                     f"lists GPU {gpu_id!r}; its GPUs must be {rep.node}:<index>"
                 )
         if not rep.whole_gpus and (rep.footprint_mib or 0) <= 0:
             raise PlacementInputError(
-                f"Shared replica {rep.deployment.namespace}/{rep.instance} promises "
+                f"Shared replica {rep.deployment.namespace}/{rep.pod} promises "
                 f"{rep.footprint_mib} MiB; a Shared footprint must be a positive number of MiB"
             )
         by_key[rep.key] = rep
         by_node.setdefault(rep.node, []).append(rep)
         counts[rep.deployment] = counts.get(rep.deployment, 0) + 1
         floors[rep.deployment] = max(floors.get(rep.deployment, 0), rep.min_replicas)
+        if rep.state == ReplicaState.READY:
+            serving[rep.deployment] = serving.get(rep.deployment, 0) + 1
     order = tuple(sorted(infos))
     states = {
         name: build_node_state(infos[name], by_node.get(name, ()), settings.memory_margin_mib)
@@ -422,5 +431,6 @@ def build_view(
         replicas=by_key,
         counts=counts,
         floors=floors,
+        serving=serving,
         cursor=cursor,
     )

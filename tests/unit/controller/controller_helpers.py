@@ -8,11 +8,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from modelfleet.api import ModelDeployment
-from modelfleet.controller.decisions import Decision, Placed, PlacementRequest
+from modelfleet.controller.decisions import Decision, Placed, PlacementRequest, Placer
 from modelfleet.controller.observed import NodeHealth, ObservedPod, instance_name
+from modelfleet.controller.place import compute_eviction_mark, place
+from modelfleet.controller.plan import Plan, compute_plan
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
 HASH = "current-hash"
+IMAGE = "vllm/vllm-openai:v0.11.0"
 
 
 def make_md(name: str = "gemma", uid: str = "uid-1", **spec: Any) -> ModelDeployment:
@@ -55,7 +58,7 @@ def pod(
         namespace="ns",
         uid=f"pod-uid-{deployment}-{n}",
         deployment=deployment,
-        instance=n,
+        ordinal=n,
         node=node,
         phase=phase,
         ready=ready,
@@ -105,3 +108,28 @@ class FreeGpus:
                 )
         assert self.otherwise is not None, "test placer ran out of GPUs"
         return self.otherwise(request)
+
+
+def plan_and_place(
+    md: ModelDeployment,
+    pods: list[ObservedPod],
+    health: dict[str, NodeHealth],
+    placer: Placer,
+    now: datetime,
+    *,
+    template_hash: str = HASH,
+    deleting: frozenset[tuple[str, str]] = frozenset(),
+) -> Plan:
+    """The two pure planning steps as the reconcile runs them: plan, then place."""
+    plan = compute_plan(md, pods, health, now, template_hash)
+    if not plan.to_place:
+        return plan
+    return place(
+        plan,
+        md,
+        placer,
+        default_image=IMAGE,
+        now=now,
+        deleting=deleting,
+        mark=compute_eviction_mark(md),
+    )

@@ -135,7 +135,7 @@ async def test_delete_by_uid_spares_a_replacement(api: tuple[FakeApi, KubeClient
 async def test_events_aggregate_repeats_across_restarts(api: tuple[FakeApi, KubeClient]) -> None:
     fake, client = api
     event = EventSpec("ns", "gemma", "Warning", "NoCapacity", "no node has a free H100")
-    recorder = EventRecorder(client, instance="op-a")
+    recorder = EventRecorder(client, reporting_instance="op-a")
     await recorder.post(event, "uid-1", NOW)
     await recorder.post(event, "uid-1", NOW)
     [stored] = [v for k, v in fake.objects.items() if "/events/" in k]
@@ -143,7 +143,7 @@ async def test_events_aggregate_repeats_across_restarts(api: tuple[FakeApi, Kube
     assert stored["involvedObject"]["uid"] == "uid-1"
     assert stored["involvedObject"]["kind"] == "ModelDeployment"
     # A new process (no memory of the count) finds the same Event by name.
-    await EventRecorder(client, instance="op-b").post(event, "uid-1", NOW)
+    await EventRecorder(client, reporting_instance="op-b").post(event, "uid-1", NOW)
     [stored] = [v for k, v in fake.objects.items() if "/events/" in k]
     assert stored["count"] == 3
     other = EventSpec("ns", "gemma", "Normal", "Placed", "gemma-instance-1 on a")

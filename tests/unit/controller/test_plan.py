@@ -5,14 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from controller_helpers import HASH, NOW, FreeGpus, make_md, nodes, pod
+from controller_helpers import NOW, FreeGpus, make_md, nodes, plan_and_place, pod
 
 from modelfleet.api import labels as L
 from modelfleet.controller.decisions import Evict, PlacementRequest, Unplaceable, Victim
 from modelfleet.controller.observed import NodeHealth
-from modelfleet.controller.plan import PlanSettings, compute_plan, compute_target
-
-SETTINGS = PlanSettings(template_hash=HASH)
+from modelfleet.controller.plan import compute_target
 
 
 def names(items: list[object]) -> list[str]:
@@ -21,7 +19,7 @@ def names(items: list[object]) -> list[str]:
 
 def test_scale_up_from_nothing_places_each_replica_on_distinct_gpus() -> None:
     placer = FreeGpus(["node-a:0", "node-b:0", "node-c:0"])
-    plan = compute_plan(make_md(replicas=2), [], nodes("node-a", "node-b"), placer, NOW, SETTINGS)
+    plan = plan_and_place(make_md(replicas=2), [], nodes("node-a", "node-b"), placer, NOW)
     assert names(plan.to_create) == ["gemma-instance-1", "gemma-instance-2"]
     assert [c.placed.gpu_ids for c in plan.to_create] == [("node-a:0",), ("node-b:0",)]
     # The second request saw the first decision, so the placer never hands out a GPU twice.
@@ -33,21 +31,20 @@ def test_scale_up_from_nothing_places_each_replica_on_distinct_gpus() -> None:
 
 def test_scale_up_fills_lowest_free_instance_numbers() -> None:
     observed = [pod(2, node="node-a"), pod(4, node="node-a")]
-    plan = compute_plan(
+    plan = plan_and_place(
         make_md(replicas=4),
         observed,
         nodes("node-a"),
         FreeGpus(["node-b:0", "node-b:1"]),
         NOW,
-        SETTINGS,
     )
     assert names(plan.to_create) == ["gemma-instance-1", "gemma-instance-3"]
 
 
 def test_steady_state_is_an_empty_plan() -> None:
     observed = [pod(1), pod(2, node="node-b")]
-    plan = compute_plan(
-        make_md(replicas=2), observed, nodes("node-a", "node-b"), FreeGpus([]), NOW, SETTINGS
+    plan = plan_and_place(
+        make_md(replicas=2), observed, nodes("node-a", "node-b"), FreeGpus([]), NOW
     )
     assert plan.empty
     assert not plan.events
@@ -55,14 +52,14 @@ def test_steady_state_is_an_empty_plan() -> None:
 
 def test_scale_down_deletes_unready_first_then_highest_instance() -> None:
     observed = [pod(1), pod(2, ready=False), pod(3), pod(4)]
-    plan = compute_plan(make_md(replicas=2), observed, nodes("node-a"), FreeGpus([]), NOW, SETTINGS)
+    plan = plan_and_place(make_md(replicas=2), observed, nodes("node-a"), FreeGpus([]), NOW)
     assert names(plan.to_delete) == ["gemma-instance-2", "gemma-instance-4"]
     assert {d.reason for d in plan.to_delete} == {"ScaleDown"}
     assert not plan.to_create
 
 
 def test_scale_to_zero() -> None:
-    plan = compute_plan(make_md(replicas=0), [pod(1)], nodes("node-a"), FreeGpus([]), NOW, SETTINGS)
+    plan = plan_and_place(make_md(replicas=0), [pod(1)], nodes("node-a"), FreeGpus([]), NOW)
     assert names(plan.to_delete) == ["gemma-instance-1"]
 
 
@@ -88,7 +85,7 @@ def test_failed_replica_is_replaced_under_the_same_name(
     if node_state is not None:
         state["node-a"] = node_state
     observed = [pod(1, node="node-a"), pod(2, node="node-b")]
-    plan = compute_plan(make_md(replicas=2), observed, state, FreeGpus(["node-b:5"]), NOW, SETTINGS)
+    plan = plan_and_place(make_md(replicas=2), observed, state, FreeGpus(["node-b:5"]), NOW)
     assert [(d.name, d.reason, d.force) for d in plan.to_delete] == [
         ("gemma-instance-1", reason, force)
     ], case
@@ -100,41 +97,39 @@ def test_failed_replica_is_replaced_under_the_same_name(
 
 def test_replacement_after_the_lost_pod_is_gone_takes_its_name() -> None:
     placer = FreeGpus(["node-b:5"])
-    plan = compute_plan(
-        make_md(replicas=2), [pod(2, node="node-b")], nodes("node-b"), placer, NOW, SETTINGS
+    plan = plan_and_place(
+        make_md(replicas=2), [pod(2, node="node-b")], nodes("node-b"), placer, NOW
     )
     assert [(c.name, c.placed.node) for c in plan.to_create] == [("gemma-instance-1", "node-b")]
 
 
 def test_agent_down_everywhere_replaces_nothing() -> None:
     blind = NodeHealth(agent_known=True, agent_up=False)
-    plan = compute_plan(
+    plan = plan_and_place(
         make_md(replicas=1),
         [pod(1)],
         {"node-a": blind, "node-b": blind},
         FreeGpus([]),
         NOW,
-        SETTINGS,
     )
     assert plan.empty
 
 
 def test_agent_not_polled_yet_is_not_down() -> None:
     fresh = NodeHealth(agent_known=False, agent_up=False)
-    plan = compute_plan(
+    plan = plan_and_place(
         make_md(replicas=1),
         [pod(1)],
         {"node-a": fresh, "node-b": NodeHealth(agent_known=True)},
         FreeGpus([]),
         NOW,
-        SETTINGS,
     )
     assert plan.empty
 
 
 def test_terminating_pod_on_lost_node_is_force_deleted_again() -> None:
     observed = [pod(1, node="gone", deleting=True)]
-    plan = compute_plan(make_md(replicas=1), observed, nodes("node-a"), FreeGpus([]), NOW, SETTINGS)
+    plan = plan_and_place(make_md(replicas=1), observed, nodes("node-a"), FreeGpus([]), NOW)
     assert [(d.name, d.force) for d in plan.to_delete] == [("gemma-instance-1", True)]
     assert plan.waiting_for == 1
     assert not plan.to_create
@@ -143,13 +138,12 @@ def test_terminating_pod_on_lost_node_is_force_deleted_again() -> None:
 def test_never_a_duplicate_instance_name() -> None:
     # Terminating instance 1, a foreign pod holding instance 3 (an older object of the same name).
     observed = [pod(1, deleting=True), pod(2), pod(3, owner_uid="old-uid")]
-    plan = compute_plan(
+    plan = plan_and_place(
         make_md(replicas=4),
         observed,
         nodes("node-a"),
         FreeGpus(["node-b:0", "node-b:1", "node-b:2"]),
         NOW,
-        SETTINGS,
     )
     created = names(plan.to_create)
     existing = {p.name for p in observed}
@@ -162,7 +156,7 @@ def test_never_a_duplicate_instance_name() -> None:
 def test_no_gpu_fits_evict_lru() -> None:
     victims = (Victim("other", "old-instance-1", "old"),)
     placer = FreeGpus([], otherwise=lambda r: Evict(victims, "old is least recently used"))
-    plan = compute_plan(make_md(replicas=1), [], nodes("node-a"), placer, NOW, SETTINGS)
+    plan = plan_and_place(make_md(replicas=1), [], nodes("node-a"), placer, NOW)
     assert plan.victims == list(victims)
     assert not plan.to_create
     assert plan.blocker is not None
@@ -177,13 +171,12 @@ def test_no_gpu_fits_evict_lru() -> None:
 def test_eviction_under_way_is_waited_for_not_repeated() -> None:
     victims = (Victim("other", "old-instance-1", "old"),)
     placer = FreeGpus([], otherwise=lambda r: Evict(victims, "lru"))
-    plan = compute_plan(
+    plan = plan_and_place(
         make_md(replicas=1),
         [],
         nodes("node-a"),
         placer,
         NOW,
-        SETTINGS,
         deleting=frozenset({("other", "old-instance-1")}),
     )
     assert not plan.victims
@@ -198,7 +191,7 @@ def test_evicted_deployment_does_not_evict_back() -> None:
         annotations={L.ANN_EVICTED_AT: "2026-11-22T11:59:00Z", L.ANN_EVICTED_BY: "ns/big"},
     )
     placer = FreeGpus([], otherwise=lambda r: Evict((Victim("ns", "big-instance-1", "big"),), "x"))
-    plan = compute_plan(md, [], nodes("node-a"), placer, NOW, SETTINGS)
+    plan = plan_and_place(md, [], nodes("node-a"), placer, NOW)
     assert placer.requests[0].may_evict is False
     assert not plan.victims
     assert plan.blocker is not None
@@ -211,7 +204,7 @@ def test_evicted_deployment_comes_back_when_capacity_frees() -> None:
         replicas=1,
         annotations={L.ANN_EVICTED_AT: "2026-11-22T11:59:00Z", L.ANN_EVICTED_BY: "ns/big"},
     )
-    plan = compute_plan(md, [], nodes("node-a"), FreeGpus(["node-a:1"]), NOW, SETTINGS)
+    plan = plan_and_place(md, [], nodes("node-a"), FreeGpus(["node-a:1"]), NOW)
     assert names(plan.to_create) == ["gemma-instance-1"]
     assert plan.annotations == {L.ANN_EVICTED_AT: None, L.ANN_EVICTED_BY: None}
 
@@ -225,7 +218,7 @@ def test_demand_after_eviction_may_evict_again() -> None:
         },
     )
     placer = FreeGpus([], otherwise=lambda r: Unplaceable("full", "NoCapacity"))
-    compute_plan(md, [], nodes("node-a"), placer, NOW, SETTINGS)
+    plan_and_place(md, [], nodes("node-a"), placer, NOW)
     assert placer.requests[0].may_evict is True
 
 
@@ -233,7 +226,7 @@ def test_no_capacity_is_a_blocker_with_a_warning_event() -> None:
     placer = FreeGpus(
         [], otherwise=lambda r: Unplaceable("no node has 2 free GPUs of NVIDIA-L4", "NoCapacity")
     )
-    plan = compute_plan(make_md(replicas=2), [], nodes("node-a"), placer, NOW, SETTINGS)
+    plan = plan_and_place(make_md(replicas=2), [], nodes("node-a"), placer, NOW)
     assert plan.blocker is not None
     assert plan.blocker.reason == "NoCapacity"
     assert len(placer.requests) == 1  # stops at the first replica that cannot be placed
@@ -242,8 +235,8 @@ def test_no_capacity_is_a_blocker_with_a_warning_event() -> None:
 
 def test_rollout_replaces_one_at_a_time() -> None:
     observed = [pod(1, template_hash="old"), pod(2, template_hash="old", node="node-b")]
-    plan = compute_plan(
-        make_md(replicas=2), observed, nodes("node-a", "node-b"), FreeGpus([]), NOW, SETTINGS
+    plan = plan_and_place(
+        make_md(replicas=2), observed, nodes("node-a", "node-b"), FreeGpus([]), NOW
     )
     assert [(d.name, d.reason) for d in plan.to_delete] == [("gemma-instance-2", "RollingUpdate")]
     assert plan.rolling
@@ -251,8 +244,8 @@ def test_rollout_replaces_one_at_a_time() -> None:
 
 def test_rollout_waits_for_ready() -> None:
     observed = [pod(1, template_hash="old"), pod(2, ready=False, node="node-b")]
-    plan = compute_plan(
-        make_md(replicas=2), observed, nodes("node-a", "node-b"), FreeGpus([]), NOW, SETTINGS
+    plan = plan_and_place(
+        make_md(replicas=2), observed, nodes("node-a", "node-b"), FreeGpus([]), NOW
     )
     assert not plan.to_delete
     assert plan.rolling
@@ -261,14 +254,14 @@ def test_rollout_waits_for_ready() -> None:
 
 def test_rollout_waits_while_a_replacement_is_terminating() -> None:
     observed = [pod(1, template_hash="old"), pod(2, deleting=True)]
-    plan = compute_plan(make_md(replicas=2), observed, nodes("node-a"), FreeGpus([]), NOW, SETTINGS)
+    plan = plan_and_place(make_md(replicas=2), observed, nodes("node-a"), FreeGpus([]), NOW)
     assert not plan.to_delete
     assert plan.waiting_for == 1
 
 
 def test_rollout_replaces_unready_outdated_at_once() -> None:
     observed = [pod(1, template_hash="old", ready=False), pod(2, template_hash="old", ready=False)]
-    plan = compute_plan(make_md(replicas=2), observed, nodes("node-a"), FreeGpus([]), NOW, SETTINGS)
+    plan = plan_and_place(make_md(replicas=2), observed, nodes("node-a"), FreeGpus([]), NOW)
     assert names(plan.to_delete) == ["gemma-instance-1", "gemma-instance-2"]
 
 
@@ -280,7 +273,7 @@ def test_idle_scale_down_to_min_replicas() -> None:
         annotations={L.ANN_LAST_REQUEST: "2026-11-22T11:00:00Z"},
     )
     serving = [pod(n, ready_since=NOW - timedelta(hours=2)) for n in (1, 2, 3)]
-    plan = compute_plan(md, serving, nodes("node-a"), FreeGpus([]), NOW, SETTINGS)
+    plan = plan_and_place(md, serving, nodes("node-a"), FreeGpus([]), NOW)
     assert plan.target == 1
     assert [(d.name, d.reason) for d in plan.to_delete] == [
         ("gemma-instance-3", "Idle"),
@@ -306,7 +299,7 @@ def test_idle_clock_waits_for_a_replica_still_starting() -> None:
     )
     starting = [pod(1, ready=False)]
     assert compute_target(md, NOW, starting) == (1, "Spec")
-    plan = compute_plan(md, starting, nodes("node-a"), FreeGpus([]), NOW, SETTINGS)
+    plan = plan_and_place(md, starting, nodes("node-a"), FreeGpus([]), NOW)
     assert plan.empty
     # A broken replica does not hold the clock.
     broken = [pod(1, ready=False, waiting_reason="CrashLoopBackOff")]
@@ -339,29 +332,29 @@ def test_demand_wakes() -> None:
             L.ANN_DEMAND: "2026-11-22T11:59:50Z",
         },
     )
-    plan = compute_plan(md, [], nodes("node-a"), FreeGpus(["node-a:0", "node-a:1"]), NOW, SETTINGS)
+    plan = plan_and_place(md, [], nodes("node-a"), FreeGpus(["node-a:0", "node-a:1"]), NOW)
     assert plan.target == 2
     assert len(plan.to_create) == 2
 
 
 def test_footprint_passed_to_placement() -> None:
     placer = FreeGpus(["node-a:0"])
-    compute_plan(make_md(gpu={"memory": "20Gi"}), [], nodes("node-a"), placer, NOW, SETTINGS)
+    plan_and_place(make_md(gpu={"memory": "20Gi"}), [], nodes("node-a"), placer, NOW)
     assert placer.requests[0].footprint_mib == 20480
     placer2 = FreeGpus(["node-a:0"])
-    compute_plan(make_md(), [], nodes("node-a"), placer2, NOW, SETTINGS)
+    plan_and_place(make_md(), [], nodes("node-a"), placer2, NOW)
     assert placer2.requests[0].footprint_mib is None  # the discovery run
     placer3 = FreeGpus(["node-a:0"])
     md = make_md(status={"footprint": "16000Mi"})
-    compute_plan(md, [], nodes("node-a"), placer3, NOW, SETTINGS)
+    plan_and_place(md, [], nodes("node-a"), placer3, NOW)
     assert placer3.requests[0].footprint_mib == 16000
 
 
 def test_placement_request_carries_the_spec() -> None:
     placer = FreeGpus(["node-a:0"])
-    compute_plan(make_md(priority=7), [], nodes("node-a"), placer, NOW, SETTINGS)
+    plan_and_place(make_md(priority=7), [], nodes("node-a"), placer, NOW)
     request: PlacementRequest = placer.requests[0]
-    assert (request.namespace, request.deployment, request.instance) == ("ns", "gemma", 1)
+    assert (request.namespace, request.deployment, request.ordinal) == ("ns", "gemma", 1)
     assert request.spec.priority == 7
 
 
@@ -369,9 +362,9 @@ def test_plan_is_idempotent_once_applied() -> None:
     """Applying a plan and planning again yields nothing more to do."""
     md = make_md(replicas=3)
     placer = FreeGpus(["node-a:0", "node-a:1", "node-a:2"])
-    first = compute_plan(md, [], nodes("node-a"), placer, NOW, SETTINGS)
-    applied = [pod(c.instance) for c in first.to_create]
-    second = compute_plan(md, applied, nodes("node-a"), placer, NOW, SETTINGS)
+    first = plan_and_place(md, [], nodes("node-a"), placer, NOW)
+    applied = [pod(c.ordinal) for c in first.to_create]
+    second = plan_and_place(md, applied, nodes("node-a"), placer, NOW)
     assert second.empty
 
 
@@ -403,13 +396,12 @@ def test_last_request_wins_over_a_recent_creation() -> None:
 )
 def test_missing_agent_pod(case: str, node_a: NodeHealth, others_up: bool, replaced: bool) -> None:
     other = NodeHealth(agent_known=True, agent_up=others_up)
-    plan = compute_plan(
+    plan = plan_and_place(
         make_md(replicas=1),
         [pod(1, node="node-a")],
         {"node-a": node_a, "node-b": other},
         FreeGpus(["node-b:0"]),
         NOW,
-        SETTINGS,
     )
     assert bool(plan.to_delete) == replaced, case
     if replaced:

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from controller_helpers import HASH, NOW, FreeGpus, make_md, nodes, pod
+from controller_helpers import NOW, FreeGpus, make_md, nodes, plan_and_place, pod
 
 from modelfleet.api import labels as L
 from modelfleet.controller.decisions import Evict, Unplaceable, Victim
 from modelfleet.controller.observed import NodeHealth
-from modelfleet.controller.plan import PlanSettings, compute_plan
 from modelfleet.controller.status import (
     compute_measured_footprint_mib,
     compute_status,
     status_changed,
 )
-
-SETTINGS = PlanSettings(template_hash=HASH)
 
 
 def conds(status: object) -> dict[str, tuple[str, str]]:
@@ -25,7 +22,7 @@ def conds(status: object) -> dict[str, tuple[str, str]]:
 
 def status_for(md, observed, state=None, placer=None, **kw):  # type: ignore[no-untyped-def]
     state = state if state is not None else nodes("node-a", "node-b")
-    plan = compute_plan(md, observed, state, placer or FreeGpus(["node-b:7"]), NOW, SETTINGS)
+    plan = plan_and_place(md, observed, state, placer or FreeGpus(["node-b:7"]), NOW)
     return compute_status(md, observed, plan, NOW, **kw)
 
 
@@ -133,7 +130,7 @@ def test_transition_time_kept_when_unchanged_and_nothing_to_write() -> None:
     md = make_md(replicas=1)
     first = status_for(md, [pod(1)])
     later = make_md(replicas=1, status=first.model_dump(mode="json", by_alias=True))
-    plan = compute_plan(later, [pod(1)], nodes("node-a"), FreeGpus([]), NOW, SETTINGS)
+    plan = plan_and_place(later, [pod(1)], nodes("node-a"), FreeGpus([]), NOW)
     second = compute_status(later, [pod(1)], plan, NOW + timedelta(minutes=5))
     assert not status_changed(later.status, second)
     assert second.conditions[0].last_transition_time == first.conditions[0].last_transition_time
@@ -143,7 +140,7 @@ def test_transition_time_moves_when_status_flips() -> None:
     md = make_md(replicas=1)
     first = status_for(md, [pod(1, ready=False)])
     later = make_md(replicas=1, status=first.model_dump(mode="json", by_alias=True))
-    plan = compute_plan(later, [pod(1)], nodes("node-a"), FreeGpus([]), NOW, SETTINGS)
+    plan = plan_and_place(later, [pod(1)], nodes("node-a"), FreeGpus([]), NOW)
     second = compute_status(later, [pod(1)], plan, NOW + timedelta(minutes=5))
     assert status_changed(later.status, second)
     assert second.conditions[0].last_transition_time == NOW + timedelta(minutes=5)

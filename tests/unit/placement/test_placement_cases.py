@@ -84,7 +84,7 @@ def rep(
 ) -> PlacedReplica:
     return PlacedReplica(
         deployment=dep(deployment),
-        instance=f"{deployment}-instance-{n}",
+        pod=f"{deployment}-instance-{n}",
         node=node_name,
         gpu_ids=tuple(f"{node_name}:{i}" for i in gpus),
         sharing=sharing,
@@ -98,7 +98,7 @@ def rep(
 
 
 def req(deployment: str = "new", **kw: object) -> ReplicaRequest:
-    return ReplicaRequest(deployment=dep(deployment), instance=f"{deployment}-instance-9", **kw)  # type: ignore[arg-type]
+    return ReplicaRequest(deployment=dep(deployment), pod=f"{deployment}-instance-9", **kw)  # type: ignore[arg-type]
 
 
 def shared_req(deployment: str = "new", memory: int = 20480, **kw: object) -> ReplicaRequest:
@@ -183,7 +183,7 @@ def test_weighted_spreads_in_proportion_to_capacity() -> None:
     for i in range(9):
         r = replace(
             req(f"m{i}", strategy=PlacementStrategy.WEIGHTED, spread=False),
-            instance=f"m{i}-instance-1",
+            pod=f"m{i}-instance-1",
         )
         d = placed(decide(view, r))
         counts[d.node] += 1
@@ -499,14 +499,12 @@ def test_discovery_run_takes_whole_gpus_in_shared_mode() -> None:
     assert placed(decide(view, shared_req("other", memory=1000))).gpu_ids == ("a:0",)
     big = evict(decide(view, shared_req("other", memory=80000)))
     assert big.gpu_ids == ("a:0",)
-    assert big.victims[0].instance == "x-instance-1"
+    assert big.victims[0].pod == "x-instance-1"
     # A second replica of m waits for the measurement.
-    w = unplaceable(
-        decide(view, replace(r, instance="m-instance-2")), UnplaceableCode.WAITING_FOR_STATS
-    )
+    w = unplaceable(decide(view, replace(r, pod="m-instance-2")), UnplaceableCode.WAITING_FOR_STATS)
     assert "discovery run (ml/m-instance-9)" in w.reason
     # With the footprint measured, it places by memory.
-    measured = replace(r, instance="m-instance-2", measured_footprint_mib=5000)
+    measured = replace(r, pod="m-instance-2", measured_footprint_mib=5000)
     assert placed(decide(view, measured)).gpu_ids == ("a:0",)
 
 
@@ -529,13 +527,13 @@ def test_eviction_takes_lower_priority_first_then_lru() -> None:
         SETTINGS,
     )
     d = evict(decide(view, req()))
-    assert [v.instance for v in d.victims] == ["low-instance-1"]
+    assert [v.pod for v in d.victims] == ["low-instance-1"]
     assert (d.node, d.gpu_ids) == ("c", ("c:0",))
     assert "lowest priority, then least recently used" in d.reason
     # Without the low one, the least recently used of equal priority goes.
     view2 = view.with_removed([view.replicas[("ml", "low-instance-1")]])
     view2 = build_view([node("a", 1), node("b", 1)], list(view2.replicas.values()), SETTINGS)
-    assert [v.instance for v in evict(decide(view2, req())).victims] == ["old-instance-1"]
+    assert [v.pod for v in evict(decide(view2, req())).victims] == ["old-instance-1"]
 
 
 def test_eviction_prefers_fewer_victims() -> None:
@@ -550,7 +548,7 @@ def test_eviction_prefers_fewer_victims() -> None:
         SETTINGS,
     )
     d = evict(decide(view, req(gpu_count=2)))
-    assert [v.instance for v in d.victims] == ["big-instance-1"]
+    assert [v.pod for v in d.victims] == ["big-instance-1"]
     assert d.gpu_ids == ("b:0", "b:1")
 
 
@@ -561,7 +559,7 @@ def test_eviction_of_several_replicas_on_one_node() -> None:
         SETTINGS,
     )
     d = evict(decide(view, req(gpu_count=2)))
-    assert [v.instance for v in d.victims] == ["s1-instance-1", "s2-instance-1"]
+    assert [v.pod for v in d.victims] == ["s1-instance-1", "s2-instance-1"]
     after = view.with_evicted(d)
     p = placed(decide(after, req(gpu_count=2)))
     assert (p.node, p.gpu_ids) == (d.node, d.gpu_ids)
@@ -576,7 +574,7 @@ def test_eviction_respects_min_replicas() -> None:
         ],
         SETTINGS,
     )
-    assert [v.instance for v in evict(decide(view, req())).victims] == ["spare-instance-1"]
+    assert [v.pod for v in evict(decide(view, req())).victims] == ["spare-instance-1"]
     only_floor = build_view([node("a", 1)], [rep("floor", 1, "a", (0,), min_replicas=1)], SETTINGS)
     d = unplaceable(decide(only_floor, req()), UnplaceableCode.NO_CAPACITY)
     assert "1 are at their deployment's minReplicas" in d.reason
@@ -585,7 +583,7 @@ def test_eviction_respects_min_replicas() -> None:
 def test_eviction_never_takes_a_higher_priority_and_allows_equal() -> None:
     view = build_view([node("a", 1)], [rep("high", 1, "a", (0,), priority=10)], SETTINGS)
     unplaceable(decide(view, req(priority=5)), UnplaceableCode.NO_CAPACITY)
-    assert evict(decide(view, req(priority=10))).victims[0].instance == "high-instance-1"
+    assert evict(decide(view, req(priority=10))).victims[0].pod == "high-instance-1"
 
 
 def test_eviction_never_takes_the_requesters_own_replicas() -> None:
@@ -604,14 +602,14 @@ def test_shared_eviction_frees_just_enough_memory() -> None:
     # available 81920-70000-1024 = 10896; needs 30000: one 30000 MiB victim is enough, and of
     # the two the least recently used goes.
     d = evict(decide(view, shared_req(memory=30000)))
-    assert [v.instance for v in d.victims] == ["a1-instance-1"]
+    assert [v.pod for v in d.victims] == ["a1-instance-1"]
 
 
 def test_evict_then_place_round_trip_on_shared() -> None:
     reps = [rep("x", 1, "a", (0,)), rep("y", 1, "a", (1,), last_used=9.0)]
     view = build_view([node("a", 2, used={0: 73000, 1: 73000})], reps, SETTINGS)
     d = evict(decide(view, shared_req(memory=20000)))
-    assert [v.instance for v in d.victims] == ["x-instance-1"]
+    assert [v.pod for v in d.victims] == ["x-instance-1"]
     assert d.gpu_ids == ("a:0",)
 
 
@@ -662,4 +660,4 @@ def test_with_placed_refuses_a_duplicate() -> None:
 def test_replicas_on_unknown_nodes_count_for_floors_only() -> None:
     view = build_view([node("a", 1)], [rep("x", 1, "gone", (0,)), rep("x", 2, "a", (0,))], SETTINGS)
     assert view.counts[dep("x")] == 2
-    assert evict(decide(view, req())).victims[0].instance == "x-instance-2"
+    assert evict(decide(view, req())).victims[0].pod == "x-instance-2"

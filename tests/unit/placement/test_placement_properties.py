@@ -69,7 +69,7 @@ def requests(draw: st.DrawFn, serial: int) -> ReplicaRequest:
     shared = draw(st.booleans())
     return ReplicaRequest(
         deployment=draw(st.sampled_from(DEPLOYMENTS)),
-        instance=f"r-{serial}",
+        pod=f"r-{serial}",
         gpu_count=draw(st.integers(1, 3)) if not shared else draw(st.sampled_from([1, 1, 2])),
         memory_mib=draw(st.sampled_from([4000, 10000, 20000, 30000])) if shared else None,
         sharing=SharingMode.SHARED if shared else SharingMode.EXCLUSIVE,

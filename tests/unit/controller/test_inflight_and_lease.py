@@ -1,4 +1,4 @@
-"""The reconcile ledger (Pods created or deleted but not yet indexed) and the Lease rules."""
+"""The in-flight book (Pods created or deleted but not yet indexed) and the Lease rules."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from dataclasses import replace
 
 from controller_helpers import pod
 
+from modelfleet.controller.inflight import InFlight
 from modelfleet.controller.leader import Observation, compute_lease_action
 from modelfleet.controller.loops import compute_health_changes
 from modelfleet.controller.observed import NodeHealth
-from modelfleet.controller.reconcile import Ledger
 
 
 class Clock:
@@ -22,45 +22,45 @@ class Clock:
 
 def test_created_pod_is_seen_until_the_index_has_it() -> None:
     clock = Clock()
-    ledger = Ledger(ttl_s=60, clock=clock)
+    inflight = InFlight(ttl_s=60, clock=clock)
     created = pod(1)
-    ledger.record_created(created)
-    assert ledger.merge("ns", "gemma", []) == [created]
-    assert ledger.merge("ns", "other", []) == []
-    # Once indexed, the ledger entry is dropped and the indexed pod is used.
+    inflight.record_created(created)
+    assert inflight.merge("ns", "gemma", []) == [created]
+    assert inflight.merge("ns", "other", []) == []
+    # Once indexed, the inflight entry is dropped and the indexed pod is used.
     indexed = replace(created, ready=True, phase="Running")
-    assert ledger.merge("ns", "gemma", [indexed]) == [indexed]
-    assert ledger.merge("ns", "gemma", []) == []
+    assert inflight.merge("ns", "gemma", [indexed]) == [indexed]
+    assert inflight.merge("ns", "gemma", []) == []
 
 
 def test_created_pod_replaces_the_old_incarnation_still_indexed() -> None:
-    ledger = Ledger(clock=Clock())
+    inflight = InFlight(clock=Clock())
     old = replace(pod(1), uid="old", deleting=True)
     new = replace(pod(1), uid="new", ready=False)
-    ledger.record_created(new)
-    assert ledger.merge("ns", "gemma", [old]) == [new]
+    inflight.record_created(new)
+    assert inflight.merge("ns", "gemma", [old]) == [new]
 
 
 def test_deleted_pod_counts_as_terminating_only_for_its_uid() -> None:
     clock = Clock()
-    ledger = Ledger(ttl_s=60, clock=clock)
+    inflight = InFlight(ttl_s=60, clock=clock)
     victim = pod(1)
-    ledger.record_deleted("ns", victim.name, victim.uid)
-    [seen] = ledger.merge("ns", "gemma", [victim])
+    inflight.record_deleted("ns", victim.name, victim.uid)
+    [seen] = inflight.merge("ns", "gemma", [victim])
     assert seen.deleting
     newer = replace(victim, uid="someone-else")
-    [seen] = ledger.merge("ns", "gemma", [newer])
+    [seen] = inflight.merge("ns", "gemma", [newer])
     assert not seen.deleting
     clock.now += 61
-    [seen] = ledger.merge("ns", "gemma", [victim])
+    [seen] = inflight.merge("ns", "gemma", [victim])
     assert not seen.deleting
 
 
 def test_merge_all_includes_deployments_not_indexed_yet() -> None:
-    ledger = Ledger(clock=Clock())
+    inflight = InFlight(clock=Clock())
     first = pod(1, deployment="fresh")
-    ledger.record_created(first)
-    everything = ledger.merge_all({("ns", "gemma"): [pod(1)]})
+    inflight.record_created(first)
+    everything = inflight.merge_all({("ns", "gemma"): [pod(1)]})
     assert {p.name for p in everything} == {"gemma-instance-1", "fresh-instance-1"}
 
 
@@ -102,16 +102,16 @@ def test_health_changes() -> None:
 
 
 def test_promised_pod_before_the_api_answered() -> None:
-    ledger = Ledger(clock=Clock())
+    inflight = InFlight(clock=Clock())
     promised = replace(pod(1), uid="", phase="Pending", ready=False)
-    ledger.record_created(promised)
+    inflight.record_created(promised)
     # Placement sees the promise at once.
-    assert ledger.merge("ns", "gemma", []) == [promised]
+    assert inflight.merge("ns", "gemma", []) == [promised]
     # It replaces a terminating predecessor of the same name...
     old = replace(pod(1), uid="old", deleting=True)
-    assert ledger.merge("ns", "gemma", [old]) == [promised]
+    assert inflight.merge("ns", "gemma", [old]) == [promised]
     # ...and gives way to the real Pod once the index shows it.
     real = replace(pod(1), uid="real")
-    assert ledger.merge("ns", "gemma", [real]) == [real]
-    ledger.forget_created("ns", "gemma", "gemma-instance-1")
-    assert ledger.merge("ns", "gemma", []) == []
+    assert inflight.merge("ns", "gemma", [real]) == [real]
+    inflight.forget_created(promised)
+    assert inflight.merge("ns", "gemma", []) == []

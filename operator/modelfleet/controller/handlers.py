@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -31,13 +32,8 @@ from modelfleet.controller.observed import (
     parse_pod,
     parse_service,
 )
-from modelfleet.controller.reconcile import (
-    ClusterState,
-    Runtime,
-    forget,
-    pods_on_nodes,
-    reconcile,
-)
+from modelfleet.controller.reconcile import CreateFailed, reconcile
+from modelfleet.controller.runtime import ClusterState, Runtime, pods_on_nodes
 from modelfleet.controller.server import ServerState
 from modelfleet.gpus.metrics import default_metrics
 from modelfleet.gpus.pool import GpuPool
@@ -203,10 +199,11 @@ async def on_replica_pod(
     if body is not None:
         await _reconcile(memo, body, cluster)
     if type == "DELETED":
-        # Capacity was freed: deployments waiting for room (evicted ones too) try again.
+        # Capacity was freed: deployments waiting for room (evicted ones too) try again, the
+        # highest priority first.
         runtime: Runtime = memo.runtime
-        runtime.view_epoch += 1
-        await reconcile_keys(runtime, sorted(runtime.blocked - {key}))
+        runtime.pods_deleted()
+        await reconcile_keys(runtime, runtime.restore_order(runtime.blocked - {key}))
 
 
 async def on_node(
@@ -224,7 +221,7 @@ async def on_node(
     if type != "DELETED" and parse_node(body).ready:
         return
     runtime: Runtime = memo.runtime
-    runtime.view_epoch += 1
+    runtime.nodes_changed()
     cluster = _cluster(replica_pods, gpu_nodes, deployments, replica_services)
     for key in sorted(pods_on_nodes(replica_pods, {name})):
         found = cluster.body(key)
@@ -234,19 +231,21 @@ async def on_node(
 
 async def on_deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     """Forget per-deployment state; the garbage collector deletes the Pods and the Service."""
-    forget(memo.runtime, (namespace, name))
+    runtime: Runtime = memo.runtime
+    runtime.forget((namespace, name))
 
 
 async def _reconcile(
     memo: kopf.Memo, body: Mapping[str, Any], cluster: ClusterState, *, ensure_svc: bool = False
 ) -> None:
     runtime: Runtime = memo.runtime
-    if runtime.cluster is None:
-        runtime.cluster = cluster  # the indices are live objects: the loops can read them
+    runtime.attach(cluster, datetime.now(UTC))  # the indices are live: the loops read them too
     try:
         await reconcile(runtime, body, cluster, ensure_svc=ensure_svc)
     except ValueError as exc:
         raise kopf.PermanentError(f"invalid ModelDeployment: {exc}") from exc
+    except CreateFailed as exc:
+        raise kopf.TemporaryError(str(exc), delay=5) from exc
 
 
 def _h(fn: Any) -> Any:

@@ -1,0 +1,230 @@
+"""The placement step of a plan: replicas to create become complete Pods, an eviction or a
+blocker. Pure.
+
+`place` asks a `Placer` (the engine over the cluster view, or a test's stand-in) for each ordinal
+`compute_plan` left in `plan.to_place`, lowest first, and stops at the first one that does not
+fit: every created Pod carries its full body and the record the in-flight book keeps, so nothing
+is built twice or parsed back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from modelfleet.api import ModelDeployment
+from modelfleet.api import labels as L
+from modelfleet.controller.builders import (
+    build_replica_pod,
+    build_replica_record,
+    compute_template_hash,
+)
+from modelfleet.controller.decisions import (
+    Evict,
+    Placed,
+    PlacementRequest,
+    Placer,
+    Unplaceable,
+)
+from modelfleet.controller.observed import instance_name, parse_time
+from modelfleet.controller.plan import (
+    RESERVATION_TTL,
+    Blocker,
+    EventSpec,
+    Eviction,
+    Plan,
+    PodToCreate,
+    Reason,
+    compute_footprint_mib,
+    compute_settled_annotations,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionMark:
+    """This deployment lost replicas to another one (`by`, namespace/name) at `at`."""
+
+    at: datetime
+    by: str
+
+
+def compute_eviction_mark(
+    md: ModelDeployment, remembered: EvictionMark | None = None
+) -> EvictionMark | None:
+    """The latest eviction of `md`: its annotations, or what this process decided itself and the
+    watch may not show yet."""
+    ann = md.metadata.annotations
+    at = parse_time(ann.get(L.ANN_EVICTED_AT))
+    written = EvictionMark(at, ann.get(L.ANN_EVICTED_BY, "another model")) if at else None
+    if remembered is None or (written is not None and written.at >= remembered.at):
+        return written
+    return remembered
+
+
+def compute_may_evict(md: ModelDeployment, mark: EvictionMark | None) -> bool:
+    """An eviction victim does not evict back; a request that arrives after it may."""
+    if mark is None:
+        return True
+    demand = parse_time(md.metadata.annotations.get(L.ANN_DEMAND))
+    return demand is not None and demand > mark.at
+
+
+def place(
+    plan: Plan,
+    md: ModelDeployment,
+    placer: Placer,
+    *,
+    default_image: str,
+    now: datetime,
+    deleting: Collection[tuple[str, str]] = frozenset(),
+    mark: EvictionMark | None = None,
+) -> Plan:
+    """`plan` with its `to_place` ordinals placed: Pods to create, or an eviction, or a blocker.
+
+    `deleting` holds (namespace, name) of every replica Pod in the cluster already terminating,
+    so an eviction under way is waited for instead of repeated; `mark` is the deployment's last
+    eviction (it then does not evict back).
+    """
+    out = replace(
+        plan,
+        to_place=[],
+        to_create=list(plan.to_create),
+        events=list(plan.events),
+        details=list(plan.details),
+        annotations=dict(plan.annotations),
+    )
+    template_hash = compute_template_hash(md, default_image)
+    footprint = compute_footprint_mib(md)
+    may_evict = compute_may_evict(md, mark)
+    released = tuple(d.name for d in plan.to_delete)
+    namespace, name = md.metadata.namespace or "", md.metadata.name
+    for n in plan.to_place:
+        pod_name = instance_name(name, n)
+        request = PlacementRequest(
+            namespace=namespace,
+            deployment=name,
+            ordinal=n,
+            spec=md.spec,
+            footprint_mib=footprint,
+            planned=tuple(c.placed for c in out.to_create),
+            released=released,
+            may_evict=may_evict,
+        )
+        decision = placer(request)
+        if isinstance(decision, Placed):
+            _add_create(out, md, n, decision, default_image, template_hash)
+            continue
+        if isinstance(decision, Evict):
+            _blocked_by_eviction(out, md, pod_name, decision, deleting, may_evict, mark, now)
+        else:
+            _blocked(out, md, pod_name, decision)
+        out.details.append(f"blocked at {pod_name}: {out.blocker.reason if out.blocker else ''}")
+        break
+    if out.blocker is None and not out.waiting_for:
+        out.annotations.update(compute_settled_annotations(md))
+    return out
+
+
+def _add_create(
+    plan: Plan,
+    md: ModelDeployment,
+    n: int,
+    decision: Placed,
+    default_image: str,
+    template_hash: str,
+) -> None:
+    namespace, name = md.metadata.namespace or "", md.metadata.name
+    pod_name = instance_name(name, n)
+    body = build_replica_pod(
+        md, n, decision, default_image=default_image, template_hash=template_hash
+    )
+    record = build_replica_record(md, n, decision, template_hash=template_hash)
+    plan.to_create.append(PodToCreate(n, pod_name, decision, body, record))
+    gpus = ",".join(decision.gpu_ids)
+    plan.events.append(
+        EventSpec(
+            namespace,
+            name,
+            "Normal",
+            Reason.PLACED,
+            f"{pod_name} on {decision.node} (GPUs {gpus}): {decision.reason}",
+        )
+    )
+    plan.details.append(f"create {pod_name} on {decision.node} [{gpus}]")
+
+
+def _blocked(plan: Plan, md: ModelDeployment, pod_name: str, decision: Unplaceable) -> None:
+    plan.blocker = Blocker(decision.code, decision.reason)
+    plan.events.append(
+        EventSpec(
+            md.metadata.namespace or "",
+            md.metadata.name,
+            "Warning",
+            decision.code,
+            f"cannot place {pod_name}: {decision.reason}",
+        )
+    )
+
+
+def _blocked_by_eviction(
+    plan: Plan,
+    md: ModelDeployment,
+    pod_name: str,
+    decision: Evict,
+    deleting: Collection[tuple[str, str]],
+    may_evict: bool,
+    mark: EvictionMark | None,
+    now: datetime,
+) -> None:
+    if all((v.namespace, v.pod) in deleting for v in decision.victims):
+        plan.blocker = Blocker(
+            Reason.EVICTING, f"{pod_name} waits for evicted replicas to terminate"
+        )
+    elif may_evict:
+        _plan_eviction(plan, md, pod_name, decision, deleting, now + RESERVATION_TTL)
+    else:
+        by = mark.by if mark is not None else "another model"
+        plan.blocker = Blocker(
+            Reason.EVICTED,
+            f"evicted by {by}; comes back when capacity frees up or a request arrives "
+            f"({decision.reason})",
+        )
+
+
+def _plan_eviction(
+    plan: Plan,
+    md: ModelDeployment,
+    pod_name: str,
+    decision: Evict,
+    deleting: Collection[tuple[str, str]],
+    reserved_until: datetime,
+) -> None:
+    namespace = md.metadata.namespace or ""
+    name = md.metadata.name
+    fresh = tuple(v for v in decision.victims if (v.namespace, v.pod) not in deleting)
+    plan.eviction = Eviction(
+        fresh, pod_name, decision.node, decision.gpu_ids, decision.reason, reserved_until
+    )
+    plan.blocker = Blocker(Reason.EVICTING, f"{pod_name} waits for evictions: {decision.reason}")
+    names = ", ".join(f"{v.namespace}/{v.pod}" for v in fresh)
+    plan.events.append(
+        EventSpec(
+            namespace,
+            name,
+            "Normal",
+            Reason.EVICTING,
+            f"evicting {names} for {pod_name}: {decision.reason}",
+        )
+    )
+    for victim in fresh:
+        plan.events.append(
+            EventSpec(
+                victim.namespace,
+                victim.deployment,
+                "Warning",
+                Reason.EVICTED,
+                f"{victim.pod} evicted to make room for {namespace}/{name}: {decision.reason}",
+            )
+        )
+        plan.details.append(f"evict {victim.namespace}/{victim.pod}")

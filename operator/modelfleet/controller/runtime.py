@@ -1,0 +1,231 @@
+"""The operator process's state between reconciles, each part with its own small interface.
+
+- `ClusterState`: the kopf indices, live (what the watches show).
+- `InFlight` (inflight.py): Pods created or deleted here that the watches do not show yet.
+- `PlacementViews` (views.py): the cached placement view and the round-robin cursor.
+- `Reservations` (reservations.py): GPUs an eviction freed, held for the evictor.
+- eviction marks: deployments this process evicted from, before their annotation shows.
+
+`Runtime` owns them and the shared clients; the reconcile, the handlers and the loops change
+them only through its methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from modelfleet import placement as P
+from modelfleet.controller import inputs
+from modelfleet.controller.execute import EventRecorder
+from modelfleet.controller.inflight import InFlight, Key
+from modelfleet.controller.metrics import OperatorMetrics
+from modelfleet.controller.observed import DeploymentEntry, NodeFacts, NodeHealth, ObservedPod
+from modelfleet.controller.place import EvictionMark
+from modelfleet.controller.plan import Plan
+from modelfleet.controller.reservations import Reservation, Reservations
+from modelfleet.controller.views import LazyPlacer, PlacementViews
+from modelfleet.gpus.snapshot import PoolSnapshot
+from modelfleet.kube.client import KubeClient
+from modelfleet.settings import OperatorSettings
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """The operator's indices, live: a reconcile that waited for its lock reads fresh state.
+
+    Each mapping is shaped like a kopf index: key -> the values indexed under it.
+    """
+
+    pods: Mapping[Key, Iterable[ObservedPod]]  # replica Pods by (namespace, deployment)
+    nodes: Mapping[str, Iterable[NodeFacts]]  # Nodes by name
+    deployments: Mapping[Key, Iterable[DeploymentEntry]]  # ModelDeployments by (ns, name)
+    # Services the operator made, by (namespace, name); None: no index, read them instead.
+    services: Mapping[Key, Iterable[Mapping[str, Any]]] | None = None
+
+    def node_facts(self) -> dict[str, NodeFacts]:
+        return {name: fact for name, facts in self.nodes.items() for fact in facts}
+
+    def last_used(self) -> dict[Key, float]:
+        return {key: e.last_used for key, entries in self.deployments.items() for e in entries}
+
+    def body(self, key: Key) -> Mapping[str, Any] | None:
+        for entry in self.deployments.get(key, ()):
+            return entry.body
+        return None
+
+
+@dataclass
+class Runtime:
+    """Shared clients and state of the operator process (kept in kopf's operator memo)."""
+
+    client: KubeClient
+    settings: OperatorSettings
+    events: EventRecorder
+    metrics: OperatorMetrics
+    snapshot: Callable[[], PoolSnapshot | None]
+    agent_discovery: bool = False
+    inflight: InFlight = field(default_factory=InFlight)
+    views: PlacementViews = field(default_factory=PlacementViews)
+    reservations: Reservations = field(default_factory=Reservations)
+    placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    locks: defaultdict[Key, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    queued: defaultdict[Key, int] = field(default_factory=lambda: defaultdict(int))
+    blocked: set[Key] = field(default_factory=set)  # last plan could not place a replica
+    cluster: ClusterState | None = None  # the live indices, once a handler has seen them
+    _marks: dict[Key, EvictionMark] = field(default_factory=dict)
+    # Discovery mode only: since when each node has had no agent pod (updated every poll round).
+    _agent_missing_since: dict[str, datetime] = field(default_factory=dict)
+
+    def attach(self, cluster: ClusterState, now: datetime) -> None:
+        """The first handler's indices: the loops read them from now on, and reservations
+        written by an earlier operator are taken up."""
+        if self.cluster is not None:
+            return
+        self.cluster = cluster
+        self.reservations.seed(
+            (
+                (key, (entry.body.get("metadata") or {}).get("annotations") or {})
+                for key, entries in cluster.deployments.items()
+                for entry in entries
+            ),
+            now,
+        )
+
+    @property
+    def placement_settings(self) -> P.PlacementSettings:
+        return P.PlacementSettings(
+            default_strategy=self.settings.default_strategy,
+            memory_margin_mib=self.settings.memory_margin_mib,
+        )
+
+    def node_health(
+        self, cluster: ClusterState, snapshot: PoolSnapshot | None, now: datetime
+    ) -> dict[str, NodeHealth]:
+        """Every node's health as the plan sees it, missing agents included."""
+        grace = inputs.compute_missing_agent_grace_s(
+            self.settings.agent_missing_grace_s, self.settings.poll_interval_s
+        )
+        return inputs.compute_node_health(
+            cluster.node_facts(), snapshot, self._agent_missing_since, now, grace
+        )
+
+    def observe_agents(
+        self, cluster: ClusterState, snapshot: PoolSnapshot | None, now: datetime
+    ) -> None:
+        """After a pool round: since when each node has had no agent pod (discovery only)."""
+        if self.agent_discovery:
+            self._agent_missing_since = inputs.compute_agent_missing_since(
+                self._agent_missing_since, cluster.node_facts(), snapshot, now
+            )
+
+    def pods(self, cluster: ClusterState, key: Key) -> list[ObservedPod]:
+        """One deployment's replica Pods: the index, with this process's writes in flight."""
+        return self.inflight.merge(key[0], key[1], cluster.pods.get(key, ()))
+
+    def deleting(self, cluster: ClusterState) -> frozenset[Key]:
+        """(namespace, name) of every replica Pod in the cluster that is terminating."""
+        return frozenset(p.key for p in self.inflight.merge_all(cluster.pods) if p.deleting)
+
+    def eviction_mark(self, key: Key) -> EvictionMark | None:
+        """The eviction of `key` this process decided, if its annotation may not show yet."""
+        return self._marks.get(key)
+
+    def placer(
+        self, cluster: ClusterState, snapshot: PoolSnapshot | None, key: Key, now: datetime
+    ) -> LazyPlacer:
+        """A placer for deployment `key` over the placement view (built on first use)."""
+
+        def build(cursor: str | None) -> inputs.EnginePlacer:
+            facts = cluster.node_facts()
+            held = {k: (r.node, r.gpu_ids) for k, r in self.reservations.active(now).items()}
+            return inputs.build_placer(
+                facts,
+                self.inflight.merge_all(cluster.pods),
+                cluster.last_used(),
+                snapshot,
+                self.placement_settings,
+                cursor,
+                inputs.build_reservations(held, facts),
+            )
+
+        return self.views.placer(snapshot, key, cluster.last_used(), build)
+
+    def promise(self, key: Key, plan: Plan, uids: Mapping[Key, str], now: datetime) -> None:
+        """Under the placement lock: record what `plan` will write before any API call, so the
+        next decision (of any deployment) already sees it."""
+        for create in plan.to_create:
+            self.inflight.record_created(create.record)
+        eviction = plan.eviction
+        if eviction is None:
+            return
+        for victim in eviction.victims:
+            self.inflight.record_deleted(
+                victim.namespace, victim.pod, uids.get((victim.namespace, victim.pod), "")
+            )
+            self._marks[(victim.namespace, victim.deployment)] = EvictionMark(
+                now, f"{key[0]}/{key[1]}"
+            )
+        if eviction.gpu_ids:
+            self.reservations.hold(
+                key, Reservation(eviction.node, eviction.gpu_ids, eviction.reserved_until)
+            )
+        self.views.invalidate()  # the victims are terminating now, the GPUs reserved
+
+    def settle(self, key: Key, plan: Plan) -> None:
+        """After a reconcile: remember whether `key` waits for room, drop what it no longer
+        holds (a reservation it has used, an eviction mark once it is whole again)."""
+        if plan.blocker is not None:
+            self.blocked.add(key)
+            return
+        self.blocked.discard(key)
+        if plan.eviction is None and self.reservations.release(key):
+            self.views.invalidate()
+        if not plan.waiting_for:
+            self._marks.pop(key, None)
+
+    def pods_deleted(self) -> None:
+        """A replica Pod is gone: the view must be rebuilt (its GPUs are free)."""
+        self.views.invalidate()
+
+    def nodes_changed(self) -> None:
+        self.views.invalidate()
+
+    def forget(self, key: Key) -> None:
+        """Drop per-deployment state of a deleted ModelDeployment."""
+        lock = self.locks.get(key)
+        if lock is not None and not lock.locked():
+            del self.locks[key]
+        self.blocked.discard(key)
+        self._marks.pop(key, None)
+        self.reservations.release(key)
+        self.views.invalidate()
+        self.metrics.forget(key)
+
+    def restore_order(self, keys: Iterable[Key]) -> list[Key]:
+        """Deployments waiting for room, in the order they get it back: highest priority first,
+        then the most recently used."""
+        cluster = self.cluster
+        if cluster is None:
+            return sorted(keys)
+        used = cluster.last_used()
+
+        def order(key: Key) -> tuple[int, float, Key]:
+            body = cluster.body(key) or {}
+            spec: Any = body.get("spec") or {}
+            priority = spec.get("priority", 0) if isinstance(spec, dict) else 0
+            return (-int(priority or 0), -used.get(key, 0.0), key)
+
+        return sorted(keys, key=order)
+
+
+def pods_on_nodes(cluster_pods: Mapping[Key, Iterable[ObservedPod]], nodes: set[str]) -> set[Key]:
+    """Deployments with a replica on any of `nodes` (to re-check when a node fails)."""
+    return {key for key, pods in cluster_pods.items() for p in pods if p.node in nodes}
+
+
+__all__ = ["ClusterState", "DeploymentEntry", "Key", "NodeFacts", "Runtime", "pods_on_nodes"]
