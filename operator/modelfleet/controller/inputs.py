@@ -173,16 +173,20 @@ def build_placed_replicas(
                 gpu_ids=pod.gpu_ids,
                 sharing=sharing,
                 footprint_mib=pod.footprint_mib,
-                priority=-1001 if pod.deleting else pod.priority,
-                last_used=0.0
-                if pod.deleting
-                else last_used.get((pod.namespace, pod.deployment), 0.0),
-                min_replicas=0 if pod.deleting else pod.min_replicas,
-                state=P.ReplicaState.READY if pod.ready else P.ReplicaState.STARTING,
+                priority=pod.priority,
+                last_used=last_used.get((pod.namespace, pod.deployment), 0.0),
+                min_replicas=pod.min_replicas,
+                state=_replica_state(pod),
                 measured=(pod.namespace, pod.name) in measured,
             )
         )
     return out
+
+
+def _replica_state(pod: ObservedPod) -> P.ReplicaState:
+    if pod.deleting:
+        return P.ReplicaState.TERMINATING
+    return P.ReplicaState.READY if pod.ready else P.ReplicaState.STARTING
 
 
 def build_replica_request(

@@ -117,6 +117,8 @@ def place(
             continue
         if isinstance(decision, Evict):
             _blocked_by_eviction(out, md, pod_name, decision, deleting, may_evict, mark, now)
+        elif not may_evict and mark is not None:
+            out.blocker = _waits_after_eviction(mark, decision.reason)
         else:
             _blocked(out, md, pod_name, decision)
         out.details.append(f"blocked at {pod_name}: {out.blocker.reason if out.blocker else ''}")
@@ -184,12 +186,16 @@ def _blocked_by_eviction(
     elif may_evict:
         _plan_eviction(plan, md, pod_name, decision, deleting, now + RESERVATION_TTL)
     else:
-        by = mark.by if mark is not None else "another model"
-        plan.blocker = Blocker(
-            Reason.EVICTED,
-            f"evicted by {by}; comes back when capacity frees up or a request arrives "
-            f"({decision.reason})",
-        )
+        plan.blocker = _waits_after_eviction(mark, decision.reason)
+
+
+def _waits_after_eviction(mark: EvictionMark | None, why: str) -> Blocker:
+    """A victim waits for room; it says so instead of repeating the engine's NoCapacity."""
+    by = mark.by if mark is not None else "another model"
+    return Blocker(
+        Reason.EVICTED,
+        f"evicted by {by}; comes back when capacity frees up or a request arrives ({why})",
+    )
 
 
 def _plan_eviction(

@@ -92,7 +92,7 @@ async def _reconcile_locked(
     status = compute_status(md, pods, plan, now, measured)
     service = _service_wanted(md, cluster, key) if ensure_svc else None
     done = await execute(rt.client, rt.events, rt.inflight, md, plan, status, now, service=service)
-    rt.settle(key, plan)
+    rt.settle(key, plan, failed_creates=bool(done.create_failures))
     _record(rt.metrics, key, plan, status.ready_replicas, done)
     if plan.details:
         log.info("%s/%s: %s", *key, "; ".join(plan.details))
@@ -119,8 +119,8 @@ async def _place(
             mark=compute_eviction_mark(md, rt.eviction_mark(key)),
         )
         uids = {p.key: p.uid for p in rt.inflight.merge_all(cluster.pods)} if placed.victims else {}
+        placer.keep()  # before the promise: an eviction makes the kept view stale again
         rt.promise(key, placed, uids, now)
-        placer.keep()
     _count_decisions(rt.metrics, placer.decisions)
     return placed
 

@@ -176,9 +176,11 @@ class Runtime:
             )
         self.views.invalidate()  # the victims are terminating now, the GPUs reserved
 
-    def settle(self, key: Key, plan: Plan) -> None:
+    def settle(self, key: Key, plan: Plan, *, failed_creates: bool = False) -> None:
         """After a reconcile: remember whether `key` waits for room, drop what it no longer
         holds (a reservation it has used, an eviction mark once it is whole again)."""
+        if failed_creates:
+            self.views.invalidate()  # the kept view holds GPUs for Pods that do not exist
         if plan.blocker is not None:
             self.blocked.add(key)
             return

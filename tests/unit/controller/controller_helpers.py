@@ -8,10 +8,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from modelfleet.api import ModelDeployment
+from modelfleet.api.gpustats import GpuReport, GpuStats, PodRef
 from modelfleet.controller.decisions import Decision, Placed, PlacementRequest, Placer
-from modelfleet.controller.observed import NodeHealth, ObservedPod, instance_name
+from modelfleet.controller.observed import NodeFacts, NodeHealth, ObservedPod, instance_name
 from modelfleet.controller.place import compute_eviction_mark, place
 from modelfleet.controller.plan import Plan, compute_plan
+from modelfleet.gpus.health import EndpointState
+from modelfleet.gpus.snapshot import EndpointSample, PoolSnapshot, build_snapshot
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
 HASH = "current-hash"
@@ -133,3 +136,52 @@ def plan_and_place(
         deleting=deleting,
         mark=compute_eviction_mark(md),
     )
+
+
+T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+H100 = "NVIDIA-H100-80GB-HBM3"
+
+
+def report(
+    node: str, gpus: int, used: dict[int, tuple[int, list[PodRef]]] | None = None
+) -> GpuReport:
+    used = used or {}
+    return GpuReport(
+        node=node,
+        backend="simulated",
+        sampled_at=T0,
+        poll_interval_s=5,
+        gpus=[
+            GpuStats(
+                index=i,
+                gpu_id=f"{node}:{i}",
+                uuid=f"GPU-{node}-{i}",
+                product=H100,
+                memory_total_mib=81559,
+                memory_used_mib=used.get(i, (0, []))[0],
+                memory_free_mib=81559 - used.get(i, (0, []))[0],
+                pods=used.get(i, (0, []))[1],
+            )
+            for i in range(gpus)
+        ],
+    )
+
+
+def snapshot(*reports: GpuReport, down: tuple[str, ...] = ()) -> PoolSnapshot:
+    samples = [
+        EndpointSample(
+            url=f"http://127.0.0.{i + 1}:9400",
+            node=r.node,
+            state=EndpointState.DOWN if r.node in down else EndpointState.HEALTHY,
+            report=r,
+            last_success_at=T0,
+        )
+        for i, r in enumerate(reports)
+    ]
+    return build_snapshot(samples, taken_at=T0)
+
+
+def facts(*names: str, ready: bool = True) -> dict[str, NodeFacts]:
+    return {
+        n: NodeFacts(name=n, ready=ready, labels={"nvidia.com/gpu.product": H100}) for n in names
+    }

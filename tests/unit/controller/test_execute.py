@@ -1,20 +1,18 @@
 """execute.py against a small in-memory API server on 127.0.0.1 (real HTTP, real client).
 
-The fake keeps objects by path and implements only what execute.py relies on: create with 409
-on an existing name, get, merge patch, and delete with a UID precondition (409 on mismatch). The
-real API server's behaviour is covered by tests/integration/test_operator.py.
+The fake (fake_api.py) is described there; the real API server's behaviour is covered by
+tests/integration/test_operator.py.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from aiohttp import web
 from controller_helpers import make_md
+from fake_api import FakeApi, serve_fake_api
 
 from modelfleet.controller.builders import build_service
 from modelfleet.controller.execute import (
@@ -26,71 +24,15 @@ from modelfleet.controller.execute import (
 )
 from modelfleet.controller.observed import parse_service
 from modelfleet.controller.plan import EventSpec
-from modelfleet.kube.client import ClusterConfig, KubeClient
+from modelfleet.kube.client import KubeClient
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 
-class FakeApi:
-    def __init__(self) -> None:
-        self.objects: dict[str, dict[str, Any]] = {}
-        self.requests: list[tuple[str, str]] = []
-
-    def _status(self, code: int, reason: str) -> web.Response:
-        return web.json_response(
-            {"kind": "Status", "code": code, "reason": reason, "message": reason}, status=code
-        )
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        path = request.path
-        self.requests.append((request.method, path))
-        body = json.loads(await request.read() or b"null")
-        if request.method == "POST":
-            name = body["metadata"]["name"]
-            key = f"{path}/{name}"
-            if key in self.objects:
-                return self._status(409, "AlreadyExists")
-            body["metadata"].setdefault("uid", f"uid-{name}-{len(self.requests)}")
-            self.objects[key] = body
-            return web.json_response(body, status=201)
-        if path not in self.objects:
-            return self._status(404, "NotFound")
-        if request.method == "GET":
-            return web.json_response(self.objects[path])
-        if request.method == "PATCH":
-            merge(self.objects[path], body)
-            return web.json_response(self.objects[path])
-        if request.method == "DELETE":
-            uid = ((body or {}).get("preconditions") or {}).get("uid")
-            if uid and self.objects[path]["metadata"].get("uid") != uid:
-                return self._status(409, "Conflict")
-            return web.json_response(self.objects.pop(path))
-        return self._status(405, "MethodNotAllowed")
-
-
-def merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
-    for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
-            merge(target[key], value)
-        elif value is None:
-            target.pop(key, None)
-        else:
-            target[key] = value
-
-
 @pytest.fixture
 async def api() -> AsyncIterator[tuple[FakeApi, KubeClient]]:
-    fake = FakeApi()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", fake.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    async with KubeClient(ClusterConfig(server=f"http://127.0.0.1:{port}"), timeout_s=5) as client:
-        yield fake, client
-    await runner.cleanup()
+    async with serve_fake_api() as served:
+        yield served
 
 
 def pod_body(owner_uid: str = "uid-1") -> dict[str, Any]:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
-from controller_helpers import FreeGpus, make_md, pod
+from controller_helpers import T0, FreeGpus, facts, make_md, pod, report, snapshot
 
 from modelfleet import placement as P
-from modelfleet.api.gpustats import GpuReport, GpuStats, PodRef
+from modelfleet.api.gpustats import PodRef
 from modelfleet.controller.decisions import Evict, Placed, PlacementRequest, Unplaceable
 from modelfleet.controller.inputs import (
     build_placer,
@@ -17,57 +17,6 @@ from modelfleet.controller.inputs import (
     compute_missing_agent_grace_s,
     compute_node_health,
 )
-from modelfleet.controller.observed import NodeFacts
-from modelfleet.gpus.health import EndpointState
-from modelfleet.gpus.snapshot import EndpointSample, build_snapshot
-
-T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
-H100 = "NVIDIA-H100-80GB-HBM3"
-
-
-def report(
-    node: str, gpus: int, used: dict[int, tuple[int, list[PodRef]]] | None = None
-) -> GpuReport:
-    used = used or {}
-    return GpuReport(
-        node=node,
-        backend="simulated",
-        sampled_at=T0,
-        poll_interval_s=5,
-        gpus=[
-            GpuStats(
-                index=i,
-                gpu_id=f"{node}:{i}",
-                uuid=f"GPU-{node}-{i}",
-                product=H100,
-                memory_total_mib=81559,
-                memory_used_mib=used.get(i, (0, []))[0],
-                memory_free_mib=81559 - used.get(i, (0, []))[0],
-                pods=used.get(i, (0, []))[1],
-            )
-            for i in range(gpus)
-        ],
-    )
-
-
-def snapshot(*reports: GpuReport, down: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
-    samples = [
-        EndpointSample(
-            url=f"http://127.0.0.{i + 1}:9400",
-            node=r.node,
-            state=EndpointState.DOWN if r.node in down else EndpointState.HEALTHY,
-            report=r,
-            last_success_at=T0,
-        )
-        for i, r in enumerate(reports)
-    ]
-    return build_snapshot(samples, taken_at=T0)
-
-
-def facts(*names: str, ready: bool = True) -> dict[str, NodeFacts]:
-    return {
-        n: NodeFacts(name=n, ready=ready, labels={"nvidia.com/gpu.product": H100}) for n in names
-    }
 
 
 def request(md_name: str = "gemma", n: int = 1, **spec: object) -> PlacementRequest:
