@@ -389,3 +389,28 @@ async def _ensure_service(
             md.metadata.uid,
             now,
         )
+
+
+async def apply_invalid(
+    client: KubeClient,
+    events: EventRecorder,
+    body: Mapping[str, Any],
+    status: Mapping[str, Any],
+    message: str,
+    now: datetime,
+) -> None:
+    """Report a spec the operator cannot run: the status (when it changed) and a Warning Event."""
+    meta = body.get("metadata") or {}
+    namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+    current = body.get("status") or {}
+    if any(current.get(k) != v for k, v in status.items()):
+        try:
+            await client.patch(md_path(namespace, name) + "/status", {"status": dict(status)})
+        except ApiError as exc:
+            if not exc.not_found:
+                raise
+    await events.post(
+        EventSpec(namespace, name, "Warning", str(status.get("reason", "")), message),
+        str(meta.get("uid", "")) or None,
+        now,
+    )

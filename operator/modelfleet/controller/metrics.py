@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from modelfleet.controller.plan import FailureKind
 
-RESULTS = ("ok", "error")
+RESULTS = ("ok", "invalid", "error")
 PLACEMENT_RESULTS = ("placed", "evict", "unplaceable")
 
 

@@ -23,17 +23,24 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from modelfleet.api import ModelDeployment
 from modelfleet.controller import inputs
 from modelfleet.controller.builders import build_service, compute_template_hash
 from modelfleet.controller.decisions import Decision, Evict, Placed
-from modelfleet.controller.execute import Executed, ServiceWanted, execute
+from modelfleet.controller.execute import Executed, ServiceWanted, apply_invalid, execute
 from modelfleet.controller.inflight import Key
 from modelfleet.controller.metrics import OperatorMetrics
 from modelfleet.controller.place import compute_eviction_mark, place
 from modelfleet.controller.plan import Plan, compute_plan
 from modelfleet.controller.runtime import ClusterState, Runtime
-from modelfleet.controller.status import compute_measured_footprint_mib, compute_status
+from modelfleet.controller.status import (
+    compute_invalid_status,
+    compute_measured_footprint_mib,
+    compute_status,
+    describe_invalid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +72,14 @@ async def reconcile(
     try:
         async with rt.locks[key]:
             rt.queued[key] -= 1
-            md = ModelDeployment.model_validate(cluster.body(key) or body)
+            current = cluster.body(key) or body
+            try:
+                md = ModelDeployment.model_validate(current)
+            except ValidationError as exc:
+                await _report_invalid(rt, key, current, describe_invalid(exc.errors()))
+                result = "invalid"
+                return None
+            rt.spec_valid(key)
             plan = await _reconcile_locked(rt, md, cluster, ensure_svc=ensure_svc)
         result = "ok"
         return plan
@@ -73,6 +87,19 @@ async def reconcile(
         if rt.queued[key] <= 0:
             rt.queued.pop(key, None)
         rt.metrics.reconcile_duration.labels(result).observe(time.perf_counter() - started)
+
+
+async def _report_invalid(rt: Runtime, key: Key, body: Mapping[str, Any], message: str) -> None:
+    """A spec the operator cannot run: one log line and one Event per change, and the status
+    says why, instead of a traceback on every re-check."""
+    now = datetime.now(UTC)
+    changed = rt.spec_invalid(key, message)
+    if changed:
+        log.warning("%s/%s: invalid ModelDeployment, not reconciled: %s", *key, message)
+    status = compute_invalid_status(body, message, now)
+    current = body.get("status") or {}
+    if changed or any(current.get(k) != v for k, v in status.items()):
+        await apply_invalid(rt.client, rt.events, body, status, message, now)
 
 
 async def _reconcile_locked(

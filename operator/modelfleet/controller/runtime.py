@@ -13,6 +13,7 @@ them only through its methods.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from modelfleet.controller.views import LazyPlacer, PlacementViews
 from modelfleet.gpus.snapshot import PoolSnapshot
 from modelfleet.kube.client import KubeClient
 from modelfleet.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Runtime:
     blocked: set[Key] = field(default_factory=set)  # last plan could not place a replica
     cluster: ClusterState | None = None  # the live indices, once a handler has seen them
     _marks: dict[Key, EvictionMark] = field(default_factory=dict)
+    _invalid: dict[Key, str] = field(default_factory=dict)  # the last invalid-spec message
     # Discovery mode only: since when each node has had no agent pod (updated every poll round).
     _agent_missing_since: dict[str, datetime] = field(default_factory=dict)
 
@@ -190,6 +194,16 @@ class Runtime:
         if not plan.waiting_for:
             self._marks.pop(key, None)
 
+    def spec_invalid(self, key: Key, message: str) -> bool:
+        """Remember that `key`'s spec cannot be run; True when this is news."""
+        changed = self._invalid.get(key) != message
+        self._invalid[key] = message
+        return changed
+
+    def spec_valid(self, key: Key) -> None:
+        if self._invalid.pop(key, None) is not None:
+            log.info("%s/%s: the spec is valid again", *key)
+
     def pods_deleted(self) -> None:
         """A replica Pod is gone: the view must be rebuilt (its GPUs are free)."""
         self.views.invalidate()
@@ -204,6 +218,7 @@ class Runtime:
             del self.locks[key]
         self.blocked.discard(key)
         self._marks.pop(key, None)
+        self._invalid.pop(key, None)
         self.reservations.release(key)
         self.views.invalidate()
         self.metrics.forget(key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 from modelfleet.api import (
     Condition,
@@ -20,7 +21,7 @@ from modelfleet.api import (
     ModelDeploymentStatus,
 )
 from modelfleet.controller.builders import selector_string
-from modelfleet.controller.observed import ObservedPod
+from modelfleet.controller.observed import ObservedPod, format_time
 from modelfleet.controller.plan import BROKEN_WAITING, FailureKind, Plan, Reason
 
 # Container waiting reasons that mean "this replica will not come up by itself".
@@ -82,105 +83,13 @@ def compute_status(
     measured_footprint_mib: int | None = None,
 ) -> ModelDeploymentStatus:
     """The status to write after `plan` is applied to `pods`."""
-    deleting = {d.name: d.reason for d in plan.to_delete if d.deployment == md.metadata.name}
-    instances = [_instance(p, deleting) for p in sorted(pods, key=lambda p: p.ordinal)]
-    for create in plan.to_create:
-        instances.append(
-            Instance(
-                name=create.name,
-                node=create.placed.node,
-                gpus=list(create.placed.gpu_ids),
-                phase="Pending",
-                reason="Created",
-            )
-        )
-    instances.sort(key=lambda i: int(i.name.rsplit("-", 1)[-1]))
+    instances = _instances(md, pods, plan)
     live = [i for i in instances if i.phase not in ("Terminating", "Failed")]
     ready = sum(1 for i in live if i.phase == "Ready")
     target = plan.target
-    failures = [d for d in plan.to_delete if isinstance(d.reason, FailureKind)]
-    broken = [i for i in live if i.reason in _BROKEN]
-    blocker = plan.blocker
-
-    # Available: can the model serve requests at all?
-    if target == 0 and not live:
-        why = (
-            f"idle for longer than {md.spec.idle_timeout}; a request scales it back up"
-            if plan.target_reason == Reason.IDLE
-            else "spec.replicas is 0"
-        )
-        available = _cond(ConditionType.AVAILABLE, False, "ScaledToZero", why)
-    elif ready > 0:
-        available = _cond(
-            ConditionType.AVAILABLE, True, "ReplicasReady", f"{ready}/{target} replicas ready"
-        )
-    elif blocker is not None:
-        available = _cond(ConditionType.AVAILABLE, False, blocker.reason, blocker.message)
-    else:
-        available = _cond(
-            ConditionType.AVAILABLE, False, "NoReplicaReady", f"0/{target} replicas ready"
-        )
-
-    # Progressing: is the operator still moving towards the spec, or stuck?
-    starting = [i for i in live if i.phase in ("Pending", "Starting")]
-    if blocker is not None and blocker.reason != Reason.EVICTING:
-        progressing = _cond(ConditionType.PROGRESSING, False, blocker.reason, blocker.message)
-    elif plan.rolling:
-        progressing = _cond(
-            ConditionType.PROGRESSING, True, "RollingUpdate", "replacing replicas one at a time"
-        )
-    elif failures:
-        progressing = _cond(
-            ConditionType.PROGRESSING,
-            True,
-            "Replacing",
-            "; ".join(f"{d.name}: {d.message}" for d in failures),
-        )
-    elif blocker is not None:
-        progressing = _cond(ConditionType.PROGRESSING, True, blocker.reason, blocker.message)
-    elif plan.to_create or plan.waiting_for or len(live) < target:
-        progressing = _cond(
-            ConditionType.PROGRESSING, True, "ScalingUp", f"{len(live)}/{target} replicas exist"
-        )
-    elif len(live) > target or any(
-        d.reason in (Reason.SCALE_DOWN, Reason.IDLE) for d in plan.to_delete
-    ):
-        progressing = _cond(
-            ConditionType.PROGRESSING, True, "ScalingDown", f"scaling down to {target}"
-        )
-    elif starting:
-        progressing = _cond(
-            ConditionType.PROGRESSING,
-            True,
-            "Starting",
-            f"{len(starting)} replica(s) starting: " + ", ".join(i.name for i in starting),
-        )
-    else:
-        progressing = _cond(
-            ConditionType.PROGRESSING, False, "Complete", f"{ready}/{target} replicas ready"
-        )
-
-    # Degraded: fewer ready replicas than wanted for a reason someone should look at.
-    if failures:
-        first = failures[0]
-        degraded = _cond(
-            ConditionType.DEGRADED,
-            True,
-            first.reason,
-            "; ".join(f"{d.name}: {d.message}" for d in failures),
-        )
-    elif broken:
-        degraded = _cond(
-            ConditionType.DEGRADED,
-            True,
-            broken[0].reason,
-            ", ".join(f"{i.name} is {i.reason}" for i in broken),
-        )
-    elif blocker is not None and ready < target:
-        degraded = _cond(ConditionType.DEGRADED, True, blocker.reason, blocker.message)
-    else:
-        degraded = _cond(ConditionType.DEGRADED, False, "AsExpected", "")
-
+    available = _available(md, plan, live, ready)
+    progressing = _progressing(plan, live, ready)
+    degraded = _degraded(plan, live, ready)
     conditions = [available, progressing, degraded]
     if target == 0 and not live:
         phase, reason = "ScaledToZero", available.reason
@@ -206,6 +115,85 @@ def compute_status(
         phase=phase,
         reason=reason,
     )
+
+
+def _instances(md: ModelDeployment, pods: Sequence[ObservedPod], plan: Plan) -> list[Instance]:
+    deleting = {d.name: d.reason for d in plan.to_delete if d.deployment == md.metadata.name}
+    instances = [_instance(p, deleting) for p in sorted(pods, key=lambda p: p.ordinal)]
+    for create in plan.to_create:
+        instances.append(
+            Instance(
+                name=create.name,
+                node=create.placed.node,
+                gpus=list(create.placed.gpu_ids),
+                phase="Pending",
+                reason="Created",
+            )
+        )
+    instances.sort(key=lambda i: int(i.name.rsplit("-", 1)[-1]))
+    return instances
+
+
+def _available(md: ModelDeployment, plan: Plan, live: list[Instance], ready: int) -> Condition:
+    """Can the model serve requests at all?"""
+    target, blocker = plan.target, plan.blocker
+    if target == 0 and not live:
+        why = (
+            f"idle for longer than {md.spec.idle_timeout}; a request scales it back up"
+            if plan.target_reason == Reason.IDLE
+            else "spec.replicas is 0"
+        )
+        return _cond(ConditionType.AVAILABLE, False, "ScaledToZero", why)
+    if ready > 0:
+        return _cond(
+            ConditionType.AVAILABLE, True, "ReplicasReady", f"{ready}/{target} replicas ready"
+        )
+    if blocker is not None:
+        return _cond(ConditionType.AVAILABLE, False, blocker.reason, blocker.message)
+    return _cond(ConditionType.AVAILABLE, False, "NoReplicaReady", f"0/{target} replicas ready")
+
+
+def _progressing(plan: Plan, live: list[Instance], ready: int) -> Condition:
+    """Is the operator still moving towards the spec, or stuck?"""
+    target, blocker = plan.target, plan.blocker
+    failures = [d for d in plan.to_delete if isinstance(d.reason, FailureKind)]
+    starting = [i for i in live if i.phase in ("Pending", "Starting")]
+    kind = ConditionType.PROGRESSING
+    if blocker is not None and blocker.reason != Reason.EVICTING:
+        return _cond(kind, False, blocker.reason, blocker.message)
+    if plan.rolling:
+        return _cond(kind, True, "RollingUpdate", "replacing replicas one at a time")
+    if failures:
+        text = "; ".join(f"{d.name}: {d.message}" for d in failures)
+        return _cond(kind, True, "Replacing", text)
+    if blocker is not None:
+        return _cond(kind, True, blocker.reason, blocker.message)
+    if plan.to_create or plan.waiting_for or len(live) < target:
+        return _cond(kind, True, "ScalingUp", f"{len(live)}/{target} replicas exist")
+    scaling_down = any(d.reason in (Reason.SCALE_DOWN, Reason.IDLE) for d in plan.to_delete)
+    if len(live) > target or scaling_down:
+        return _cond(kind, True, "ScalingDown", f"scaling down to {target}")
+    if starting:
+        names = ", ".join(i.name for i in starting)
+        return _cond(kind, True, "Starting", f"{len(starting)} replica(s) starting: {names}")
+    return _cond(kind, False, "Complete", f"{ready}/{target} replicas ready")
+
+
+def _degraded(plan: Plan, live: list[Instance], ready: int) -> Condition:
+    """Fewer ready replicas than wanted, for a reason someone should look at?"""
+    failures = [d for d in plan.to_delete if isinstance(d.reason, FailureKind)]
+    broken = [i for i in live if i.reason in _BROKEN]
+    kind = ConditionType.DEGRADED
+    if failures:
+        text = "; ".join(f"{d.name}: {d.message}" for d in failures)
+        return _cond(kind, True, failures[0].reason, text)
+    if broken:
+        return _cond(
+            kind, True, broken[0].reason, ", ".join(f"{i.name} is {i.reason}" for i in broken)
+        )
+    if plan.blocker is not None and ready < plan.target:
+        return _cond(kind, True, plan.blocker.reason, plan.blocker.message)
+    return _cond(kind, False, "AsExpected", "")
 
 
 def _keep_transition_times(
@@ -239,3 +227,52 @@ def status_changed(old: ModelDeploymentStatus, new: ModelDeploymentStatus) -> bo
 def dump_status(status: ModelDeploymentStatus) -> dict[str, object]:
     """The status as the API server stores it (camelCase, no nulls)."""
     return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def describe_invalid(errors: Sequence[Mapping[str, Any]]) -> str:
+    """pydantic's errors as one line a person can act on: `field.path: what is wrong; ...`."""
+    parts = []
+    for err in errors:
+        where = ".".join(str(p) for p in err.get("loc", ())) or "the object"
+        what = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {what}")
+    return "; ".join(parts)
+
+
+def compute_invalid_status(body: Mapping[str, Any], message: str, now: datetime) -> dict[str, Any]:
+    """The status of a ModelDeployment whose spec the operator cannot run (the API server let it
+    in: created before a stricter CRD, or a rule only the operator checks)."""
+    meta = body.get("metadata") or {}
+    old = {
+        c.get("type"): c
+        for c in ((body.get("status") or {}).get("conditions") or [])
+        if isinstance(c, Mapping)
+    }
+    generation = meta.get("generation")
+    conditions = []
+    for kind, status in (
+        (ConditionType.AVAILABLE, "False"),
+        (ConditionType.PROGRESSING, "False"),
+        (ConditionType.DEGRADED, "True"),
+    ):
+        before = old.get(kind.value) or {}
+        since = before.get("lastTransitionTime") if before.get("status") == status else None
+        conditions.append(
+            {
+                "type": kind.value,
+                "status": status,
+                "reason": INVALID_SPEC,
+                "message": message,
+                "lastTransitionTime": since or format_time(now),
+                **({"observedGeneration": generation} if generation is not None else {}),
+            }
+        )
+    return {
+        "phase": "Invalid",
+        "reason": INVALID_SPEC,
+        "conditions": conditions,
+        **({"observedGeneration": generation} if generation is not None else {}),
+    }
+
+
+INVALID_SPEC = "InvalidSpec"

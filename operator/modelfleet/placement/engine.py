@@ -7,7 +7,7 @@ rule with worked examples; the reasons returned here are what Events and status 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from modelfleet.placement.eviction import blocked_reasons, plan_eviction
 from modelfleet.placement.model import (
@@ -120,6 +120,9 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:
     elig = view.eligibility(_static_key(request))
     if not elig.nodes:
         return _no_eligible_node(view, request, elig)
+    too_large = _larger_than_any_node(request, elig)
+    if too_large is not None:
+        return too_large
 
     need = footprint if shared and footprint is not None else 0
     product = request.product
@@ -177,8 +180,43 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:
             best_score, best_second, chosen = sc, second, node
     if chosen is None:
         return _no_fit(view, request, elig, strategy, footprint, discovery)
-    best_spread, best_soft = best_cls >= 2, best_cls % 2 == 1
+    return _placed(
+        view,
+        request,
+        chosen,
+        _Choice(strategy, best_score, best_second, best_cls, top, fits, discovery, cursor),
+    )
 
+
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    """How `decide` chose its node, for the decision and its reason."""
+
+    strategy: PlacementStrategy
+    score: float
+    second: float
+    cls: int  # 2 * spread ok + no untolerated PreferNoSchedule taint
+    top: int  # nodes of the best class
+    fits: int  # nodes that fit at all
+    discovery: bool
+    cursor: str | None
+
+
+def _placed(
+    view: ClusterView, request: ReplicaRequest, chosen: NodeState, choice: _Choice
+) -> Placed:
+    """The decision for `chosen`, with its reason and the replica record."""
+    count = request.gpu_count
+    dep = request.deployment
+    footprint = request.footprint_mib
+    shared = request.sharing == SharingMode.SHARED and footprint is not None
+    need = footprint if shared and footprint is not None else 0
+    strategy, top, cursor = choice.strategy, choice.top, choice.cursor
+    rr = strategy == PlacementStrategy.ROUND_ROBIN
+    weighted = strategy == PlacementStrategy.WEIGHTED
+    best_spread, best_soft = choice.cls >= 2, choice.cls % 2 == 1
+    spread, fits, discovery = request.spread, choice.fits, choice.discovery
+    best_score, best_second = choice.score, choice.second
     if rr:
         score = 0.0
         why = (
@@ -247,6 +285,21 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:
         discovery=discovery,
         replica=replica,
     )
+
+
+def _larger_than_any_node(request: ReplicaRequest, elig: Eligibility) -> Unplaceable | None:
+    """A replica no eligible node could ever hold, however empty: say so, never place it."""
+    # (More GPUs than any node has is NoCapacity, whose reason already names the largest node.)
+    what = f"{request.product} GPU" if request.product else "GPU"
+    memory = request.memory_mib
+    if memory is not None and memory > elig.largest_gpu_mib:
+        return Unplaceable(
+            UnplaceableCode.FOOTPRINT_TOO_LARGE,
+            f"spec.gpu.memory is {memory} MiB per GPU, more than any eligible {what} has (the "
+            f"largest: {elig.largest_gpu_mib} MiB); lower spec.gpu.memory, or ask for a larger "
+            "GPU with spec.gpu.product",
+        )
+    return None
 
 
 def _no_fit(

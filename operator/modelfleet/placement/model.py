@@ -193,6 +193,7 @@ class UnplaceableCode(StrEnum):
     NO_MATCHING_NODE = "NoMatchingNode"  # selector, product, taints, cordons or health exclude all
     WAITING_FOR_STATS = "WaitingForStats"  # stats missing or stale, or a discovery run unmeasured
     START_SERIALIZED = "StartSerialized"  # room exists, but a Shared replica is starting there
+    FOOTPRINT_TOO_LARGE = "FootprintTooLarge"  # spec.gpu.memory exceeds every eligible GPU
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,36 @@ def _node_product(info: NodeInfo) -> str | None:
     return products.pop() if len(products) == 1 else None
 
 
+def _solo_victims(
+    gpus: Iterable[GpuState], margin_mib: int
+) -> tuple[tuple[tuple[int, PlacedReplica], ...], tuple[tuple[int, PlacedReplica, int], ...]]:
+    """Per replica that alone blocks GPUs: the whole GPUs its eviction frees, and per GPU the
+    memory its eviction would make available (the one-victim eviction reads these)."""
+    solo_gain: dict[tuple[str, str], int] = {}
+    solo_rep: dict[tuple[str, str], PlacedReplica] = {}
+    solo_shared: list[tuple[int, PlacedReplica, int]] = []
+    for st in gpus:
+        if not st.info.healthy:
+            continue
+        blockers = st.holders + st.shared
+        if len(blockers) == 1:
+            only = blockers[0]
+            solo_gain[only.key] = solo_gain.get(only.key, 0) + 1
+            solo_rep[only.key] = only
+        if st.holders:
+            if len(st.holders) == 1 and not st.shared:
+                h = st.holders[0]
+                freed = st.info.memory_total_mib if h.measured else st.info.memory_free_mib
+                solo_shared.append((freed - margin_mib, h, st.info.index))
+            continue
+        starting = [r for r in st.shared if r.state == ReplicaState.STARTING]
+        for r in st.shared:
+            if not starting or starting == [r]:
+                solo_shared.append((st.available_mib + (r.footprint_mib or 0), r, st.info.index))
+    solo_whole = tuple((solo_gain[k], solo_rep[k]) for k in sorted(solo_gain))
+    return solo_whole, tuple(solo_shared)
+
+
 def build_node_state(
     info: NodeInfo, replicas: Iterable[PlacedReplica], margin_mib: int
 ) -> NodeState:
@@ -155,28 +185,7 @@ def build_node_state(
             if g.memory_total_mib > 0:
                 free_equiv += max(available, 0) / g.memory_total_mib
     avail.sort(reverse=True)
-    solo_gain: dict[tuple[str, str], int] = {}
-    solo_rep: dict[tuple[str, str], PlacedReplica] = {}
-    solo_shared: list[tuple[int, PlacedReplica, int]] = []
-    for st in gpus:
-        if not st.info.healthy:
-            continue
-        blockers = st.holders + st.shared
-        if len(blockers) == 1:
-            only = blockers[0]
-            solo_gain[only.key] = solo_gain.get(only.key, 0) + 1
-            solo_rep[only.key] = only
-        if st.holders:
-            if len(st.holders) == 1 and not st.shared:
-                h = st.holders[0]
-                freed = st.info.memory_total_mib if h.measured else st.info.memory_free_mib
-                solo_shared.append((freed - margin_mib, h, st.info.index))
-            continue
-        starting = [r for r in st.shared if r.state == ReplicaState.STARTING]
-        for r in st.shared:
-            if not starting or starting == [r]:
-                solo_shared.append((st.available_mib + (r.footprint_mib or 0), r, st.info.index))
-    solo_whole = tuple((solo_gain[k], solo_rep[k]) for k in sorted(solo_gain))
+    solo_whole, solo_shared = _solo_victims(gpus, margin_mib)
     avail_any.sort(reverse=True)
     return NodeState(
         info=info,
@@ -191,7 +200,7 @@ def build_node_state(
         replicas=reps,
         deployments=frozenset(r.deployment for r in reps),
         solo_whole=solo_whole,
-        solo_shared=tuple(solo_shared),
+        solo_shared=solo_shared,
         max_solo_whole=max((g for g, _ in solo_whole), default=0),
         max_solo_shared=max((a for a, _, _ in solo_shared), default=-1),
     )
@@ -212,6 +221,7 @@ class Eligibility:
 
     nodes: tuple[tuple[str, bool], ...]  # (node, has an untolerated PreferNoSchedule taint)
     excluded: Mapping[str, tuple[str, ...]]  # stage -> "node: why" for each node excluded there
+    largest_gpu_mib: int = 0  # the most memory one GPU (of the product) has on these nodes
 
 
 # The stages a node passes, in the order the reasons are reported.
@@ -259,6 +269,19 @@ def _exclusion(node: NodeState, key: StaticKey) -> tuple[str, str] | None:
     return None
 
 
+def _largest_gpu_mib(nodes: Iterable[NodeState], product: str | None) -> int:
+    """The most memory one GPU of `product` (any, when None) has on `nodes`."""
+    return max(
+        (
+            g.memory_total_mib
+            for node in nodes
+            for g in node.info.gpus
+            if product is None or g.product == product
+        ),
+        default=0,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterView:
     """Everything a decision reads. Build it with `build_view`; never mutate it."""
@@ -295,7 +318,8 @@ class ClusterView:
                     ok.append((name, prefer))
                 else:
                     excluded.setdefault(why[0], []).append(why[1])
-            found = Eligibility(tuple(ok), {k: tuple(v) for k, v in excluded.items()})
+            largest = _largest_gpu_mib((self.nodes[n] for n, _ in ok), key[0])
+            found = Eligibility(tuple(ok), {k: tuple(v) for k, v in excluded.items()}, largest)
             if len(self._eligibility) > 4096:  # bounded: one entry per kind of request
                 self._eligibility.clear()
             self._eligibility[key] = found

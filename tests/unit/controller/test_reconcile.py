@@ -277,3 +277,29 @@ async def test_evictions_decided_in_one_round_respect_the_floor(world: World) ->
     assert second.blocker.reason == "NoCapacity"
     assert "minReplicas" in second.blocker.message
     assert len(world.writes("DELETE")) == 1
+
+
+async def test_an_invalid_spec_is_reported_in_status_once(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The API server let it in (an older CRD); the operator reports it instead of looping.
+    world.add_md("bad", replicas=1, gpu={"memory": "-5Gi"})
+    cluster = world.index()
+    body = cluster.body((NS, "bad"))
+    assert body is not None
+    assert await reconcile(world.rt, body, cluster) is None
+    status = world.fake.objects[md_path(NS, "bad")]["status"]
+    assert status["phase"] == "Invalid"
+    available = next(c for c in status["conditions"] if c["type"] == "Available")
+    assert available["reason"] == "InvalidSpec"
+    assert available["message"].startswith("spec.gpu.memory: '-5Gi' is negative")
+    assert world.writes("POST") == []
+    writes = len(world.fake.requests)
+    cluster = world.index()  # the watch now shows the status
+    body = cluster.body((NS, "bad"))
+    assert body is not None
+    assert await reconcile(world.rt, body, cluster) is None
+    assert len(world.fake.requests) == writes  # nothing new to say: no request at all
+    lines = [r for r in caplog.records if "invalid ModelDeployment" in r.getMessage()]
+    assert len(lines) == 1
+    assert not any(r.exc_info for r in caplog.records)

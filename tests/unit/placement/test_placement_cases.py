@@ -661,3 +661,60 @@ def test_replicas_on_unknown_nodes_count_for_floors_only() -> None:
     view = build_view([node("a", 1)], [rep("x", 1, "gone", (0,)), rep("x", 2, "a", (0,))], SETTINGS)
     assert view.counts[dep("x")] == 2
     assert evict(decide(view, req())).victims[0].pod == "x-instance-2"
+
+
+# --- the promises of eviction and size (issue: eviction within floors, no cascades) -----------
+
+
+def test_the_floor_counts_ready_replicas_only() -> None:
+    # `floor` has two replicas and minReplicas 1, but one is already terminating (an eviction
+    # under way): the other one is its last Ready replica and may not go.
+    view = build_view(
+        [node("a", 2)],
+        [
+            rep("floor", 1, "a", (0,), min_replicas=1, state=ReplicaState.TERMINATING),
+            rep("floor", 2, "a", (1,), min_replicas=1),
+            rep("mine", 1, "a", (0,), state=ReplicaState.RESERVED, priority=1000),
+        ],
+        SETTINGS,
+    )
+    d = unplaceable(decide(view, req(priority=10)), UnplaceableCode.NO_CAPACITY)
+    assert "at their deployment's minReplicas" in d.reason
+
+
+def test_a_terminating_replica_is_the_cheapest_victim_and_costs_no_floor() -> None:
+    view = build_view(
+        [node("a", 2)],
+        [
+            rep("floor", 1, "a", (0,), min_replicas=2, state=ReplicaState.TERMINATING),
+            rep("floor", 2, "a", (1,), min_replicas=2, last_used=0.0),
+        ],
+        SETTINGS,
+    )
+    assert [v.pod for v in evict(decide(view, req())).victims] == ["floor-instance-1"]
+
+
+def test_a_reservation_is_never_a_victim() -> None:
+    view = build_view(
+        [node("a", 1)],
+        [rep("evictor", 1, "a", (0,), state=ReplicaState.RESERVED, priority=0)],
+        SETTINGS,
+    )
+    unplaceable(decide(view, req(priority=100)), UnplaceableCode.NO_CAPACITY)
+
+
+@pytest.mark.parametrize("sharing", [SharingMode.EXCLUSIVE, SharingMode.SHARED])
+def test_a_footprint_larger_than_every_gpu_is_refused(sharing: SharingMode) -> None:
+    view = build_view([node("a", 8), node("b", 2, product=L4, memory=23034)], [], SETTINGS)
+    d = unplaceable(
+        decide(view, req(memory_mib=204800, sharing=sharing)), UnplaceableCode.FOOTPRINT_TOO_LARGE
+    )
+    assert "204800 MiB per GPU" in d.reason
+    assert f"the largest: {MIB} MiB" in d.reason
+    assert "lower spec.gpu.memory" in d.reason
+    # Restricted to L4s, the bar is the L4's memory.
+    d = unplaceable(
+        decide(view, req(memory_mib=40960, product=L4)), UnplaceableCode.FOOTPRINT_TOO_LARGE
+    )
+    assert "NVIDIA-L4 GPU has (the largest: 23034 MiB)" in d.reason
+    placed(decide(view, req(memory_mib=40960)))
