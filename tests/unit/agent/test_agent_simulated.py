@@ -199,7 +199,7 @@ class FakePodsApi:
 
 
 async def test_pod_watch_drives_reported_memory(serve) -> None:  # type: ignore[no-untyped-def]
-    from modelfleet.agent.main import watch_replica_pods
+    from modelfleet.agent.app import watch_replica_pods
 
     api = FakePodsApi()
     api.items = [replica("a", f"{NODE}:0", "20000")]
