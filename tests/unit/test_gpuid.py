@@ -6,13 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from modelfleet.gpuid import (
-    GpuDirectory,
-    GpuIdError,
-    GpuRef,
-    format_gpu_id,
-    parse_gpu_id,
-)
+from modelfleet.gpuid import GpuIdError, format_gpu_id, parse_gpu_id
 
 label = st.from_regex(r"[a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True)
 node_names = st.lists(label, min_size=1, max_size=4).map(".".join).filter(lambda n: len(n) <= 253)
@@ -51,24 +45,3 @@ def test_format_refuses_bad_parts() -> None:
         format_gpu_id("node", -1)
     with pytest.raises(GpuIdError, match="DNS subdomain"):
         format_gpu_id("node:1", 0)
-
-
-def test_directory_maps_every_way() -> None:
-    a = GpuRef("node-a", 0, "GPU-aaaa", "http://10.0.0.1:9400")
-    b = GpuRef("node-b", 0, "GPU-bbbb", "http://10.0.0.2:9400")
-    d = GpuDirectory([a, b])
-    assert d.by_id("node-b:0") is b
-    assert d.by_uuid("GPU-aaaa") is a
-    assert d.by_local("http://10.0.0.2:9400", 0) is b
-    assert len(d) == 2
-    assert "node-a:0" in d
-    with pytest.raises(KeyError, match="no GPU with global ID"):
-        d.by_id("node-c:0")
-
-
-def test_directory_refuses_duplicates() -> None:
-    d = GpuDirectory([GpuRef("node-a", 0, "GPU-x", "http://a:1")])
-    with pytest.raises(GpuIdError, match="duplicate global GPU ID"):
-        d.add(GpuRef("node-a", 0, "GPU-y", "http://a:1"))
-    with pytest.raises(GpuIdError, match="reported as both"):
-        d.add(GpuRef("node-b", 1, "GPU-x", "http://b:1"))

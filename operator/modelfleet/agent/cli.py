@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from modelfleet.agent.main import AgentConfigError, build_agent, resolve_node_name, serve
+from modelfleet.agent.app import AgentConfigError, build_agent, resolve_node_name, serve
 from modelfleet.agent.nvml import NvmlStartError
 from modelfleet.gpuid import GpuIdError
 from modelfleet.settings import AgentSettings

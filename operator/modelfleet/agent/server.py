@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from modelfleet.agent.auth import Authenticator, AuthUnavailable, Decision, parse_bearer
 from modelfleet.agent.simulated import Faults, SimulatedBackend
 from modelfleet.agent.state import AgentState
+from modelfleet.api.times import format_micro_time
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ async def get_readyz(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     if state.latest is None:
         return _json(503, {"status": "waiting for the first sample"})
-    return _json(200, {"status": "ready", "sampledAt": state.latest.report.sampled_at.isoformat()})
+    sampled_at = format_micro_time(state.latest.report.sampled_at)
+    return _json(200, {"status": "ready", "sampledAt": sampled_at})
 
 
 async def get_faults(request: web.Request) -> web.Response:

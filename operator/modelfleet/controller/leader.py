@@ -18,15 +18,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from modelfleet.api.times import format_micro_time
 from modelfleet.kube.client import ApiError, KubeClient
 from modelfleet.kube.paths import resource_path
 
 log = logging.getLogger(__name__)
-
-
-def _micro_time(now: datetime) -> str:
-    """Lease times are MicroTime: RFC 3339 with microseconds."""
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass
@@ -98,11 +94,11 @@ class LeaderElector:
         spec: dict[str, Any] = {
             "holderIdentity": self.identity,
             "leaseDurationSeconds": max(1, round(self.lease_duration_s)),
-            "renewTime": _micro_time(now),
+            "renewTime": format_micro_time(now),
             "leaseTransitions": transitions,
         }
         if acquired:
-            spec["acquireTime"] = _micro_time(now)
+            spec["acquireTime"] = format_micro_time(now)
         return spec
 
     async def try_acquire_or_renew(self) -> bool:

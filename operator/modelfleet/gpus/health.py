@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+from modelfleet.api.times import format_time
 from modelfleet.gpus.breaker import Breaker, BreakerState
 
 STALE_AFTER_INTERVALS = 3
@@ -172,9 +173,10 @@ class HealthRecord:
         if age < limit:
             return ""
         interval = max(poll_interval_s, self.agent_poll_interval_s or 0.0)
+        sampled_at = format_time(self.sampled_at)
         return (
-            f"the agent's sample has not changed for {age:.0f} s (sampledAt "
-            f"{self.sampled_at.isoformat()}; stale after {limit:g} s = {STALE_AFTER_INTERVALS} x "
+            f"the agent's sample has not changed for {age:.0f} s (sampledAt {sampled_at}; "
+            f"stale after {limit:g} s = {STALE_AFTER_INTERVALS} x "
             f"{interval:g} s poll interval): its poll loop may be stuck; check the agent's log "
             "and modelfleet_agent_poll_errors_total"
         )

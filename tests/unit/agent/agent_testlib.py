@@ -57,6 +57,21 @@ class FakeEvent:
     eventData: int
 
 
+# The NVML constants the backend reads, with pynvml's values.
+NVML_CONSTANTS = {
+    "NVML_ERROR_UNINITIALIZED": 1,
+    "NVML_ERROR_NOT_SUPPORTED": 3,
+    "NVML_ERROR_NOT_FOUND": 6,
+    "NVML_DEVICE_MIG_ENABLE": 1,
+    "NVML_ERROR_DRIVER_NOT_LOADED": 9,
+    "NVML_ERROR_TIMEOUT": 10,
+    "NVML_ERROR_GPU_IS_LOST": 15,
+    "NVML_ERROR_UNKNOWN": 999,
+    "NVML_TEMPERATURE_GPU": 0,
+    "nvmlEventTypeXidCriticalError": 0x8,
+}
+
+
 @dataclass
 class FakeNvml:
     gpus: list[FakeGpu] = field(default_factory=list)
@@ -68,90 +83,29 @@ class FakeNvml:
     initialised: int = 0
 
     def module(self) -> types.ModuleType:
+        """A `pynvml` module whose functions read and record this fake's state."""
         mod = types.ModuleType("pynvml")
-        fake = self
         mod.NVMLError = FakeNVMLError  # type: ignore[attr-defined]
-        consts = {
-            "NVML_ERROR_UNINITIALIZED": 1,
-            "NVML_ERROR_NOT_SUPPORTED": 3,
-            "NVML_ERROR_NOT_FOUND": 6,
-            "NVML_DEVICE_MIG_ENABLE": 1,
-            "NVML_ERROR_DRIVER_NOT_LOADED": 9,
-            "NVML_ERROR_TIMEOUT": 10,
-            "NVML_ERROR_GPU_IS_LOST": 15,
-            "NVML_ERROR_UNKNOWN": 999,
-            "NVML_TEMPERATURE_GPU": 0,
-            "nvmlEventTypeXidCriticalError": 0x8,
-        }
-        for key, value in consts.items():
+        for key, value in NVML_CONSTANTS.items():
             setattr(mod, key, value)
+        for name, fn in self._functions().items():
+            setattr(mod, name, fn)
+        return mod
 
-        def gpu(handle: int) -> FakeGpu:
-            g = fake.gpus[handle]
-            if g.fail_with is not None:
-                raise FakeNVMLError(g.fail_with)
-            return g
-
-        def nvmlInit() -> None:
-            fake.calls.append("init")
-            if fake.init_error is not None:
-                raise FakeNVMLError(fake.init_error)
-            fake.initialised += 1
-
-        def nvmlShutdown() -> None:
-            fake.calls.append("shutdown")
-            fake.initialised -= 1
-
-        def nvmlDeviceGetCount() -> int:
-            if fake.count_error is not None:
-                raise FakeNVMLError(fake.count_error)
-            return len(fake.gpus)
-
-        def nvmlDeviceGetTemperature(handle: int, sensor: int) -> int:
-            g = gpu(handle)
-            if g.fail_temperature_with is not None:
-                raise FakeNVMLError(g.fail_temperature_with)
-            return g.temp
-
-        def nvmlEventSetWait_v2(event_set: object, timeout_ms: int) -> FakeEvent:
-            try:
-                return fake.events.get(timeout=timeout_ms / 1000)
-            except queue.Empty:
-                raise FakeNVMLError(10) from None
-
-        def nvmlDeviceGetUUID(handle: Any) -> str:
-            if isinstance(handle, tuple):  # a MIG device handle: (gpu handle, slot)
-                return gpu(handle[0]).mig_uuids[handle[1]]
-            return gpu(handle).uuid
-
-        def nvmlDeviceGetMigMode(handle: int) -> list[int]:
-            fake.calls.append("mig-mode")
-            if not gpu(handle).mig_uuids:
-                raise FakeNVMLError(3)  # as on a GPU without MIG support
-            return [1, 1]
-
-        def nvmlDeviceGetMigDeviceHandleByIndex(handle: int, slot: int) -> tuple[int, int]:
-            if slot >= len(gpu(handle).mig_uuids):
-                raise FakeNVMLError(6)  # an empty slot: NVML_ERROR_NOT_FOUND
-            return (handle, slot)
-
-        def nvmlDeviceGetSupportedEventTypes(handle: int) -> int:
-            if not fake.events_supported:
-                raise FakeNVMLError(3)
-            return 0x8 | 0x1
-
-        functions: dict[str, Callable[..., Any]] = {
-            "nvmlInit": nvmlInit,
-            "nvmlShutdown": nvmlShutdown,
-            "nvmlDeviceGetCount": nvmlDeviceGetCount,
+    def _functions(self) -> dict[str, Callable[..., Any]]:
+        gpu = self._gpu
+        return {
+            "nvmlInit": self._init,
+            "nvmlShutdown": self._shutdown,
+            "nvmlDeviceGetCount": self._count,
             "nvmlDeviceGetHandleByIndex": lambda i: i,
             "nvmlDeviceGetIndex": lambda h: h,
             "nvmlSystemGetDriverVersion": lambda: "550.54.15",
             # nvidia-ml-py returns str; older releases returned bytes: the backend takes both.
-            "nvmlDeviceGetUUID": nvmlDeviceGetUUID,
-            "nvmlDeviceGetMigMode": nvmlDeviceGetMigMode,
+            "nvmlDeviceGetUUID": self._uuid,
+            "nvmlDeviceGetMigMode": self._mig_mode,
             "nvmlDeviceGetMaxMigDeviceCount": lambda h: 7,
-            "nvmlDeviceGetMigDeviceHandleByIndex": nvmlDeviceGetMigDeviceHandleByIndex,
+            "nvmlDeviceGetMigDeviceHandleByIndex": self._mig_device_handle,
             "nvmlDeviceGetName": lambda h: gpu(h).name.encode(),
             "nvmlDeviceGetMemoryInfo": lambda h: types.SimpleNamespace(
                 total=gpu(h).total_mib * MIB,
@@ -161,17 +115,68 @@ class FakeNvml:
             "nvmlDeviceGetUtilizationRates": lambda h: types.SimpleNamespace(
                 gpu=gpu(h).util, memory=0
             ),
-            "nvmlDeviceGetTemperature": nvmlDeviceGetTemperature,
+            "nvmlDeviceGetTemperature": self._temperature,
             "nvmlDeviceGetPowerUsage": lambda h: gpu(h).power_mw,
             "nvmlEventSetCreate": lambda: object(),
-            "nvmlDeviceGetSupportedEventTypes": nvmlDeviceGetSupportedEventTypes,
+            "nvmlDeviceGetSupportedEventTypes": self._supported_event_types,
             "nvmlDeviceRegisterEvents": lambda h, types_, s: None,
-            "nvmlEventSetWait_v2": nvmlEventSetWait_v2,
+            "nvmlEventSetWait_v2": self._event_wait,
             "nvmlEventSetFree": lambda s: None,
         }
-        for name, fn in functions.items():
-            setattr(mod, name, fn)
-        return mod
+
+    def _gpu(self, handle: int) -> FakeGpu:
+        g = self.gpus[handle]
+        if g.fail_with is not None:
+            raise FakeNVMLError(g.fail_with)
+        return g
+
+    def _init(self) -> None:
+        self.calls.append("init")
+        if self.init_error is not None:
+            raise FakeNVMLError(self.init_error)
+        self.initialised += 1
+
+    def _shutdown(self) -> None:
+        self.calls.append("shutdown")
+        self.initialised -= 1
+
+    def _count(self) -> int:
+        if self.count_error is not None:
+            raise FakeNVMLError(self.count_error)
+        return len(self.gpus)
+
+    def _temperature(self, handle: int, sensor: int) -> int:
+        g = self._gpu(handle)
+        if g.fail_temperature_with is not None:
+            raise FakeNVMLError(g.fail_temperature_with)
+        return g.temp
+
+    def _event_wait(self, event_set: object, timeout_ms: int) -> FakeEvent:
+        try:
+            return self.events.get(timeout=timeout_ms / 1000)
+        except queue.Empty:
+            raise FakeNVMLError(10) from None
+
+    def _uuid(self, handle: Any) -> str:
+        if isinstance(handle, tuple):  # a MIG device handle: (gpu handle, slot)
+            return self._gpu(handle[0]).mig_uuids[handle[1]]
+        return self._gpu(handle).uuid
+
+    def _mig_mode(self, handle: int) -> list[int]:
+        self.calls.append("mig-mode")
+        if not self._gpu(handle).mig_uuids:
+            raise FakeNVMLError(3)  # as on a GPU without MIG support
+        return [1, 1]
+
+    def _mig_device_handle(self, handle: int, slot: int) -> tuple[int, int]:
+        if slot >= len(self._gpu(handle).mig_uuids):
+            raise FakeNVMLError(6)  # an empty slot: NVML_ERROR_NOT_FOUND
+        return (handle, slot)
+
+    def _supported_event_types(self, handle: int) -> int:
+        if not self.events_supported:
+            raise FakeNVMLError(3)
+        return 0x8 | 0x1
 
     def xid(self, index: int, code: int) -> None:
         self.events.put(FakeEvent(device=index, eventType=0x8, eventData=code))

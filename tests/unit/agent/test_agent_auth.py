@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from modelfleet.agent.app import build_authenticator
 from modelfleet.agent.auth import Decision, TokenFileAuth, TokenReviewAuth, parse_bearer
-from modelfleet.agent.main import build_authenticator
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.server import build_app
 from modelfleet.agent.simulated import SimulatedBackend, build_sim_gpus
@@ -268,7 +268,7 @@ async def test_build_authenticator_from_settings(  # type: ignore[no-untyped-def
     assert settings.allowed_subjects == [OPERATOR, "system:admin"]
     client = KubeClient(ClusterConfig(server="http://127.0.0.1:1", ssl_context=False), timeout_s=1)
     try:
-        with caplog.at_level(logging.WARNING, logger="modelfleet.agent.main"):
+        with caplog.at_level(logging.WARNING, logger="modelfleet.agent.app"):
             auth = build_authenticator(settings, None, client)
             assert isinstance(auth, TokenReviewAuth)
             assert auth.allowed_subjects == frozenset({OPERATOR, "system:admin"})

@@ -17,7 +17,7 @@ from agent_testlib import FakeNvml, wait_for
 from kubelet_testlib import Assignment, FakeKubelet, wire_list_response
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelfleet.agent.main import build_agent
+from modelfleet.agent.app import build_agent
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.nvml import NvmlBackend
 from modelfleet.agent.podresources import (

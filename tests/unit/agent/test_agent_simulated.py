@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ from modelfleet.agent.simulated import (
 )
 from modelfleet.agent.state import AgentState, poll_once, run_poll_loop
 from modelfleet.api.gpustats import GpuReport
+from modelfleet.api.times import parse_time
 from modelfleet.kube import ClusterConfig, KubeClient
 
 NODE = "sim-node-a"
@@ -199,7 +201,7 @@ class FakePodsApi:
 
 
 async def test_pod_watch_drives_reported_memory(serve) -> None:  # type: ignore[no-untyped-def]
-    from modelfleet.agent.main import watch_replica_pods
+    from modelfleet.agent.app import watch_replica_pods
 
     api = FakePodsApi()
     api.items = [replica("a", f"{NODE}:0", "20000")]
@@ -384,6 +386,10 @@ async def test_readyz_waits_for_first_sample(serve) -> None:  # type: ignore[no-
         assert await poll_once(backend, state)
         async with http.get(f"{base}/readyz") as resp:
             assert resp.status == 200
+            sampled_at = (await resp.json())["sampledAt"]
+    assert state.latest is not None
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", sampled_at)
+    assert parse_time(sampled_at) == state.latest.report.sampled_at
 
 
 async def test_freeze_sample_knob_hangs_the_poll_loop(sim_agent) -> None:  # type: ignore[no-untyped-def]

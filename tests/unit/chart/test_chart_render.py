@@ -35,41 +35,65 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
 
 
+# Volume kinds the restricted Pod Security Standard allows.
+RESTRICTED_VOLUME_KINDS = {
+    "emptyDir",
+    "secret",
+    "projected",
+    "configMap",
+    "downwardAPI",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "csi",
+}
+
+
 def restricted_violations(spec: dict[str, Any]) -> list[str]:
     """What in a pod spec breaks the restricted Pod Security Standard (the checks of 1.36)."""
-    out: list[str] = []
+    out = restricted_pod_violations(spec)
     pod_sc = spec.get("securityContext", {})
+    for c in spec.get("containers", []) + spec.get("initContainers", []):
+        out += restricted_container_violations(c, pod_sc)
+    return out
+
+
+def restricted_pod_violations(spec: dict[str, Any]) -> list[str]:
+    """The pod-level checks: volume kinds and host namespaces."""
+    out: list[str] = []
     for volume in spec.get("volumes", []):
         kinds = set(volume) - {"name"}
-        allowed = {"emptyDir", "secret", "projected", "configMap", "downwardAPI", "ephemeral"}
-        allowed |= {"persistentVolumeClaim", "csi"}
-        if not kinds <= allowed:
-            out.append(f"volume {volume['name']}: {sorted(kinds - allowed)}")
+        if not kinds <= RESTRICTED_VOLUME_KINDS:
+            out.append(f"volume {volume['name']}: {sorted(kinds - RESTRICTED_VOLUME_KINDS)}")
     for field in ("hostNetwork", "hostPID", "hostIPC"):
         if spec.get(field):
             out.append(field)
-    for c in spec.get("containers", []) + spec.get("initContainers", []):
-        sc = c.get("securityContext", {})
-        name = c["name"]
-        if sc.get("privileged"):
-            out.append(f"{name}: privileged")
-        if sc.get("allowPrivilegeEscalation") is not False:
-            out.append(f"{name}: allowPrivilegeEscalation")
-        if "ALL" not in sc.get("capabilities", {}).get("drop", []):
-            out.append(f"{name}: capabilities not dropped")
-        if set(sc.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
-            out.append(f"{name}: capabilities added")
-        non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
-        if non_root is not True:
-            out.append(f"{name}: runAsNonRoot")
-        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
-            out.append(f"{name}: runAsUser 0")
-        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
-        if seccomp not in ("RuntimeDefault", "Localhost"):
-            out.append(f"{name}: seccompProfile")
-        for port in c.get("ports", []):
-            if port.get("hostPort"):
-                out.append(f"{name}: hostPort")
+    return out
+
+
+def restricted_container_violations(c: dict[str, Any], pod_sc: dict[str, Any]) -> list[str]:
+    """The per-container checks; `pod_sc` supplies what the container does not set itself."""
+    out: list[str] = []
+    sc = c.get("securityContext", {})
+    name = c["name"]
+    if sc.get("privileged"):
+        out.append(f"{name}: privileged")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        out.append(f"{name}: allowPrivilegeEscalation")
+    if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+        out.append(f"{name}: capabilities not dropped")
+    if set(sc.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+        out.append(f"{name}: capabilities added")
+    non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+    if non_root is not True:
+        out.append(f"{name}: runAsNonRoot")
+    if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+        out.append(f"{name}: runAsUser 0")
+    seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        out.append(f"{name}: seccompProfile")
+    for port in c.get("ports", []):
+        if port.get("hostPort"):
+            out.append(f"{name}: hostPort")
     return out
 
 

@@ -141,7 +141,7 @@ def test_sample_changes_are_judged_against_the_same_agent_only() -> None:
     r.record_success(130.0, 1.7e9, 0.01)
     assert r.state(130.0, 5.0) == EndpointState.STALE
     assert r.stale_sample_reason(130.0, 5.0) == (
-        "the agent's sample has not changed for 15 s (sampledAt 1999-01-01T00:00:00; stale after "
-        "15 s = 3 x 5 s poll interval): its poll loop may be stuck; check the agent's log and "
-        "modelfleet_agent_poll_errors_total"
+        "the agent's sample has not changed for 15 s (sampledAt 1999-01-01T00:00:00Z; "
+        "stale after 15 s = 3 x 5 s poll interval): its poll loop may be stuck; check the "
+        "agent's log and modelfleet_agent_poll_errors_total"
     )

@@ -21,6 +21,7 @@ from pool_fakes import FakeClock, ScriptedJitter
 from prometheus_client import CollectorRegistry
 
 from modelfleet.api.gpustats import GpuReport
+from modelfleet.api.times import format_time
 from modelfleet.gpus.breaker import BreakerState
 from modelfleet.gpus.client import create_session
 from modelfleet.gpus.health import EndpointState
@@ -227,7 +228,7 @@ async def test_agent_with_a_frozen_sample_goes_stale_and_comes_back(real_agents:
         assert not row.included
         assert row.breaker == BreakerState.CLOSED
         assert row.reason.startswith(
-            f"the agent's sample has not changed for 15 s (sampledAt {frozen_at.isoformat()}"
+            f"the agent's sample has not changed for 15 s (sampledAt {format_time(frozen_at)}"
         )
         assert by_url(snap, steady.url).state == EndpointState.HEALTHY
         assert snap.totals.figures.gpus_total == 8

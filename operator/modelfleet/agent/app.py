@@ -1,4 +1,4 @@
-"""Composition root of the agent: backend, poll loop, pod watch, auth and server, wired once."""
+"""The agent's composition root: backend, poll loop, pod watch, auth and server, wired once."""
 
 from __future__ import annotations
 
