@@ -26,12 +26,12 @@ from operator_kit import (
 )
 
 from modelfleet.api import labels as L
+from modelfleet.api.headers import INSTANCE_HEADER
 from modelfleet.kube.client import KubeClient
 from modelfleet.kube.paths import md_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-INSTANCE_HEADER = "x-modelfleet-instance"
 # How long the gateway holds a request for a model scaled to zero; the cold start below must
 # finish well inside it.
 HOLD_TIMEOUT_S = 60

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from modelfleet.api.headers import INSTANCE_HEADER
 from modelfleet.gateway.balancer import (
     EjectionPolicy,
     Replica,
@@ -39,7 +40,6 @@ from modelfleet.gateway.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 
-INSTANCE_HEADER = "x-modelfleet-instance"
 # Request headers a replica may need; everything else (hop-by-hop, Host, cookies) stays here.
 _FORWARD_HEADERS = frozenset(
     (b"content-type", b"accept", b"authorization", b"x-request-id", b"traceparent")

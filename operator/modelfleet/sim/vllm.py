@@ -32,11 +32,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from modelfleet.aio import install_uvloop
+from modelfleet.api.headers import INSTANCE_HEADER
 from modelfleet.settings import SimSettings, load
 
 log = logging.getLogger(__name__)
 
-INSTANCE_HEADER = "x-modelfleet-instance"
 # vLLM has many more arguments than the stand-in simulates; those are logged and ignored.
 ACCEPTS_UNKNOWN_ARGS = True
 DEFAULT_MAX_TOKENS = 16

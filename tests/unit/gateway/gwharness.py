@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from modelfleet.api import labels
+from modelfleet.api.headers import INSTANCE_HEADER
 from modelfleet.gateway.app import RunningGateway
 from modelfleet.gateway.registry import Registry
 from modelfleet.sim.vllm import RunningSim, SimConfig, start_sim
@@ -128,7 +129,7 @@ class Fleet:
             "/v1/chat/completions",
             {"model": model, "messages": [{"role": "user", "content": text}]},
         )
-        return status, headers.get("x-modelfleet-instance", ""), data
+        return status, headers.get(INSTANCE_HEADER, ""), data
 
 
 FleetFactory = Callable[..., Awaitable[Fleet]]

@@ -14,6 +14,7 @@ import pytest
 from gwharness import FleetFactory, md_obj, pod_obj, wait_until
 
 from modelfleet.api import labels
+from modelfleet.api.headers import INSTANCE_HEADER
 from modelfleet.gateway.app import build_app, start_gateway
 from modelfleet.gateway.registry import Registry
 from modelfleet.settings import GatewaySettings
@@ -59,7 +60,7 @@ async def test_least_outstanding_avoids_the_busy_replica(make_fleet: FleetFactor
         fleet.add_pod(name)
     body = {"model": "gemma3-4b", "prompt": " ".join(["w"] * 10), "stream": True}
     async with fleet.http.post(fleet.url + "/v1/completions", json=body) as stream:
-        busy = stream.headers["x-modelfleet-instance"]
+        busy = stream.headers[INSTANCE_HEADER]
         await stream.content.readline()
         # While the stream is open, every short request goes to the other replica.
         served = {(await fleet.chat())[1] for _ in range(5)}
@@ -375,7 +376,7 @@ async def test_openai_client_through_the_gateway(make_fleet: FleetFactory) -> No
             raw = await client.chat.completions.with_raw_response.create(
                 model="gemma3-4b", messages=[{"role": "user", "content": "hi there"}]
             )
-            instances.add(raw.headers["x-modelfleet-instance"])
+            instances.add(raw.headers[INSTANCE_HEADER])
             assert raw.parse().choices[0].message.content == "hi there"
         assert instances == {"a", "b"}
         stream = await client.completions.create(model="gemma3-4b", prompt="x y z", stream=True)

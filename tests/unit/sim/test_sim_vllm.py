@@ -14,8 +14,8 @@ import aiohttp
 import openai
 import pytest
 
+from modelfleet.api.headers import INSTANCE_HEADER
 from modelfleet.sim.vllm import (
-    INSTANCE_HEADER,
     RunningSim,
     SimConfig,
     compute_output,
