@@ -15,7 +15,8 @@ from modelfleet.api import labels
 from modelfleet.api.headers import INSTANCE_HEADER
 from modelfleet.gateway.app import RunningGateway
 from modelfleet.gateway.registry import Registry
-from modelfleet.sim.vllm import RunningSim, SimConfig, start_sim
+from modelfleet.sim.vllm.config import SimConfig
+from modelfleet.sim.vllm.server import RunningSim, start_sim
 
 
 def md_obj(

@@ -15,14 +15,10 @@ import openai
 import pytest
 
 from modelfleet.api.headers import INSTANCE_HEADER
-from modelfleet.sim.vllm import (
-    RunningSim,
-    SimConfig,
-    compute_output,
-    parse_vllm_args,
-    start_sim,
-    token_pieces,
-)
+from modelfleet.sim.vllm.cli import parse_vllm_args
+from modelfleet.sim.vllm.config import SimConfig
+from modelfleet.sim.vllm.server import RunningSim, start_sim
+from modelfleet.sim.vllm.shapes import compute_output, token_pieces
 
 
 def sim_config(**overrides: object) -> SimConfig:
