@@ -14,7 +14,6 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
@@ -179,10 +178,9 @@ class Proxy:
         """Wait in the model's bounded queue until it has a ready replica."""
         cfg = self.config
         registry = self.registry
-        waiting = registry.waiting.get(model, 0)
-        if waiting == 0:
+        if registry.queued(model) == 0:
             self.usage.demand(model)  # the first request of a burst asks for a scale-up
-        if waiting >= cfg.queue_size:
+        if not registry.hold(model, cfg.queue_size):
             self.metrics.queue_rejections.labels(model, "full").inc()
             return error_response(
                 503,
@@ -191,24 +189,23 @@ class Proxy:
                 "model_queue_full",
                 retry_after_s=cfg.retry_after_s,
             )
-        registry.waiting[model] = waiting + 1
         gauge = self.metrics.queue_depth.labels(model)
         gauge.inc()
         try:
             route = await registry.wait_for_replica(model, cfg.cold_start_timeout_s)
         finally:
-            registry.waiting[model] -= 1
+            registry.release(model)
             gauge.dec()
-        if route is None:
-            self.metrics.queue_rejections.labels(model, "timeout").inc()
-            return error_response(
-                503,
-                f"model {model} has no ready replica yet (it is starting); retry later",
-                "server_error",
-                "model_not_ready",
-                retry_after_s=cfg.retry_after_s,
-            )
-        return route
+        if route is not None:
+            return route
+        self.metrics.queue_rejections.labels(model, "timeout").inc()
+        return error_response(
+            503,
+            f"model {model} has no ready replica yet (it is starting); retry later",
+            "server_error",
+            "model_not_ready",
+            retry_after_s=cfg.retry_after_s,
+        )
 
     def _upstream_headers(self, request: web.Request) -> bytes:
         """The forwarded request headers as wire bytes, built once per request (not per try).
@@ -360,60 +357,3 @@ class Proxy:
             raise
         finally:
             upstream.release()
-
-
-def models_payload(registry: Registry) -> dict[str, Any]:
-    """/v1/models: every served model, including those scaled to zero."""
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": model,
-                "object": "model",
-                "created": 0,
-                "owned_by": "modelfleet",
-                "ready_replicas": len(registry.routes[model].replicas)
-                if model in registry.routes
-                else 0,
-                "desired_replicas": registry.desired_replicas(model),
-            }
-            for model in sorted(registry.models)
-        ],
-    }
-
-
-def status_payload(registry: Registry, now: float) -> dict[str, Any]:
-    """/gateway/status: the original gateway's fields, plus health and queues."""
-    by_model: dict[str, list[dict[str, Any]]] = {}
-    by_name: dict[str, dict[str, Any]] = {}
-    for model, route in sorted(registry.routes.items()):
-        instances = []
-        for replica in route.replicas:
-            item = {
-                "name": replica.name,
-                "namespace": replica.namespace,
-                "model": model,
-                "address": replica.address,
-                "outstanding": replica.outstanding,
-                "requests": replica.requests,
-                "consecutive_failures": replica.consecutive_failures,
-                "ejected": replica.ejected_until > now,
-                "ejected_for_s": round(max(0.0, replica.ejected_until - now), 3),
-            }
-            instances.append(item)
-            by_name[replica.name] = item
-        if instances:
-            by_model[model] = instances
-    return {
-        "healthy": registry.is_synced,
-        "synced": dict(registry.synced),
-        "parallel_model_config": {m: registry.desired_replicas(m) for m in sorted(registry.models)},
-        "active_models_by_id": by_model,
-        "active_containers_by_name": dict(sorted(by_name.items())),
-        "queue_depth": {m: n for m, n in sorted(registry.waiting.items()) if n},
-        "balancing": {m: r.balancing for m, r in sorted(registry.routes.items())},
-        "deployments": {
-            m: [f"{d.namespace}/{d.name}" if d.namespace else d.name for d in infos]
-            for m, infos in sorted(registry.models.items())
-        },
-    }

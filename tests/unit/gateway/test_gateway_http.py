@@ -227,7 +227,7 @@ async def test_cold_start_holds_the_request_until_a_replica_is_ready(
 ) -> None:
     fleet = await make_fleet([md_obj("gemma3-4b", replicas=0)], cold_start_timeout_s=10)
     pending = asyncio.create_task(fleet.chat(text="held"))
-    await wait_until(lambda: fleet.registry.waiting.get("gemma3-4b") == 1)
+    await wait_until(lambda: fleet.registry.queued("gemma3-4b") == 1)
     async with fleet.http.get(fleet.url + "/gateway/status") as resp:
         assert (await resp.json())["queue_depth"] == {"gemma3-4b": 1}
     # Demand is recorded on the ModelDeployment for the operator to scale up.
@@ -249,7 +249,7 @@ async def test_cold_start_timeout_and_full_queue_answer_503(make_fleet: FleetFac
     first = asyncio.create_task(
         fleet.post("/v1/completions", {"model": "gemma3-4b", "prompt": "x"})
     )
-    await wait_until(lambda: fleet.registry.waiting.get("gemma3-4b") == 1)
+    await wait_until(lambda: fleet.registry.queued("gemma3-4b") == 1)
     status, headers, data = await fleet.post(
         "/v1/completions", {"model": "gemma3-4b", "prompt": "x"}
     )
