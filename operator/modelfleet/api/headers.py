@@ -9,3 +9,7 @@ from __future__ import annotations
 # decision (authoritative: a real vLLM sends no such header); the vLLM stand-in sets it to its
 # POD_NAME so tests without a gateway can count too.
 INSTANCE_HEADER = "x-modelfleet-instance"
+
+# On refusals that retrying cannot fix (a model switched off by its spec): the OpenAI SDKs
+# (Python, Node) honour it and skip their automatic retries of 5xx answers.
+SHOULD_RETRY_HEADER = "x-should-retry"

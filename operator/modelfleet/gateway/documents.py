@@ -14,9 +14,21 @@ from typing import Any
 
 from modelfleet.gateway.registry import Registry
 
+# /v1/models `state` of a model.
+STATE_READY = "ready"  # at least one ready replica
+STATE_COLD = "cold"  # no ready replica: a request waits for one (and wakes a model that idled)
+STATE_OFF = "off"  # spec.replicas is 0: requests are refused at once, nothing will start it
+
+
+def compute_model_state(registry: Registry, model: str) -> str:
+    route = registry.routes.get(model)
+    if route is not None and route.replicas:
+        return STATE_READY
+    return STATE_OFF if registry.is_switched_off(model) else STATE_COLD
+
 
 def build_models_document(registry: Registry) -> dict[str, Any]:
-    """/v1/models: every served model, including those scaled to zero."""
+    """/v1/models: every served model, including those at zero replicas and those switched off."""
     data = []
     for model in sorted(registry.models):
         route = registry.routes.get(model)
@@ -28,6 +40,7 @@ def build_models_document(registry: Registry) -> dict[str, Any]:
                 "owned_by": "modelfleet",
                 "ready_replicas": len(route.replicas) if route is not None else 0,
                 "desired_replicas": registry.desired_replicas(model),
+                "state": compute_model_state(registry, model),
             }
         )
     return {"object": "list", "data": data}
@@ -81,6 +94,7 @@ def build_status_document(registry: Registry, now: float) -> dict[str, Any]:
         "active_models_by_id": by_model,
         "active_containers_by_name": dict(sorted(by_name.items())),
         "queue_depth": registry.queue_depths(),
+        "switched_off": [m for m in sorted(registry.models) if registry.is_switched_off(m)],
         "balancing": {m: r.balancing for m, r in sorted(registry.routes.items())},
         "deployments": {
             m: [f"{d.namespace}/{d.name}" if d.namespace else d.name for d in infos]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from modelfleet.api.headers import INSTANCE_HEADER
+from modelfleet.api.headers import INSTANCE_HEADER, SHOULD_RETRY_HEADER
 from modelfleet.gateway.balancer import (
     EjectionPolicy,
     Replica,
@@ -27,7 +27,12 @@ from modelfleet.gateway.balancer import (
     record_success,
 )
 from modelfleet.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
-from modelfleet.gateway.model import BodyError, build_error_body, extract_model
+from modelfleet.gateway.model import (
+    BodyError,
+    build_error_body,
+    build_switched_off_message,
+    extract_model,
+)
 from modelfleet.gateway.registry import Registry
 from modelfleet.gateway.upstream import (
     UpstreamBodyError,
@@ -74,8 +79,10 @@ def error_response(
     *,
     param: str | None = None,
     retry_after_s: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> web.Response:
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    if retry_after_s is not None:
+        headers = {**(headers or {}), "Retry-After": str(retry_after_s)}
     return web.Response(
         status=status,
         body=build_error_body(status, message, kind, code, param),
@@ -144,6 +151,8 @@ class Proxy:
             route = self.registry.routes.get(model)
         if route is None:
             return self._unknown_model(), UNKNOWN_MODEL
+        if not route.replicas and self.registry.is_switched_off(model):
+            return self._switched_off(model), model
         self.usage.touch(model)
         if not route.replicas:
             held = await self._hold(model)
@@ -174,6 +183,22 @@ class Proxy:
             404, message, "invalid_request_error", "model_not_found", param="model"
         )
 
+    def _switched_off(self, model: str) -> web.Response:
+        """At once, without holding: nothing will start a model whose spec says 0 replicas.
+
+        503 like every other "no replica for this model" answer (proxies and routers in front
+        fail over on it), but without Retry-After, since no wait helps, and with
+        `x-should-retry: false` so the OpenAI SDKs do not retry it by themselves.
+        """
+        return error_response(
+            503,
+            build_switched_off_message(model, self.registry.models[model]),
+            "server_error",
+            "model_scaled_to_zero",
+            param="model",
+            headers={SHOULD_RETRY_HEADER: "false"},
+        )
+
     async def _hold(self, model: str) -> Route | web.Response:
         """Wait in the model's bounded queue until it has a ready replica."""
         cfg = self.config
@@ -198,6 +223,10 @@ class Proxy:
             gauge.dec()
         if route is not None:
             return route
+        if registry.is_switched_off(model):  # switched off while this request waited
+            return self._switched_off(model)
+        if model not in registry.models:  # its ModelDeployments were deleted meanwhile
+            return self._unknown_model()
         self.metrics.queue_rejections.labels(model, "timeout").inc()
         return error_response(
             503,

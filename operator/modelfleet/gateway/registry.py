@@ -5,8 +5,8 @@ dict from served model name to Route, so the request path does one lookup and no
 
 The registry also owns each model's waiting queue: a request for a model without a ready replica
 takes a place (`hold`), waits (`wait_for_replica`) and leaves (`release`); a rebuild that gives the
-model a ready replica wakes the waiters. `generation` counts the changes, so documents derived
-from the registry (documents.py) are rebuilt only after one.
+model a ready replica, switches it off or removes it wakes the waiters. `generation` counts the
+changes, so documents derived from the registry (documents.py) are rebuilt only after one.
 """
 
 from __future__ import annotations
@@ -130,6 +130,11 @@ class Registry:
     def desired_replicas(self, model: str) -> int:
         return sum(d.replicas for d in self.models.get(model, ()))
 
+    def is_switched_off(self, model: str) -> bool:
+        """Every ModelDeployment serving `model` declares `spec.replicas: 0`: nothing will start
+        a replica for a request (a model that idled to zero keeps its spec.replicas and wakes)."""
+        return model in self.models and self.desired_replicas(model) == 0
+
     # ---- the waiting queue --------------------------------------------------------------------
 
     def queued(self, model: str) -> int:
@@ -160,13 +165,19 @@ class Registry:
             self._waiting.pop(model, None)
 
     async def wait_for_replica(self, model: str, timeout_s: float) -> Route | None:
-        """Wait until `model` has a ready replica and return its Route; None after `timeout_s`."""
+        """Wait until `model` has a ready replica and return its Route.
+
+        None when nothing will bring one (the model was switched off by its spec or removed)
+        or after `timeout_s`; the caller tells which from the registry.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
             route = self.routes.get(model)
             if route is not None and route.replicas:
                 return route
+            if model not in self.models or self.is_switched_off(model):
+                return None
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
@@ -227,6 +238,7 @@ class Registry:
         if not pods and model not in self.models:
             self.routes.pop(model, None)
             self._pods_by_model.pop(model, None)
+            self._wake(model)  # gone: its waiters answer now rather than at the timeout
             return
         triples = sorted(
             ((p.name, p.address, p.namespace) for p in pods.values()),
@@ -234,5 +246,5 @@ class Registry:
         )
         route = build_route(model, triples, self._balancing(model), self.routes.get(model))
         self.routes[model] = route
-        if route.replicas:
+        if route.replicas or self.is_switched_off(model):
             self._wake(model)

@@ -30,7 +30,13 @@ from modelfleet.gateway.documents import (
     build_status_document,
 )
 from modelfleet.gateway.metrics import GatewayMetrics
-from modelfleet.gateway.model import BodyError, extract_model, parse_deployment, parse_replica_pod
+from modelfleet.gateway.model import (
+    BodyError,
+    build_switched_off_message,
+    extract_model,
+    parse_deployment,
+    parse_replica_pod,
+)
 from modelfleet.gateway.registry import Registry
 from modelfleet.gateway.sources import StaticUpstreamsError, parse_static_upstreams
 from modelfleet.gateway.usage import KubeAnnotationWriter, UsageRecorder, format_rfc3339
@@ -166,7 +172,7 @@ async def test_registry_queue_hold_release_and_limit() -> None:
     assert not registry.hold("g", 0)  # queue_size 0: nothing is ever held
 
 
-async def test_registry_wait_wakes_on_a_ready_replica_and_times_out() -> None:
+async def test_registry_wait_wakes_on_ready_switch_off_and_times_out() -> None:
     registry = Registry()
     registry.replace_deployments([md_obj("g", replicas=1)])
     registry.replace_pods([])
@@ -177,20 +183,61 @@ async def test_registry_wait_wakes_on_a_ready_replica_and_times_out() -> None:
     route = await asyncio.wait_for(waiter, 1)
     assert route is not None
     assert [r.name for r in route.replicas] == ["g-instance-1"]
+    registry.apply_pod("DELETED", pod_obj("g-instance-1", "g", 8001))
+    waiter = asyncio.ensure_future(registry.wait_for_replica("g", 5))
+    await asyncio.sleep(0)
+    assert not registry.is_switched_off("g")
+    registry.apply_deployment("MODIFIED", md_obj("g", replicas=0))
+    assert registry.is_switched_off("g")
+    assert await asyncio.wait_for(waiter, 1) is None  # at once, not after 5 s
 
 
-def test_models_document_and_cache() -> None:
+def test_switched_off_means_every_deployment_of_the_name_declares_zero() -> None:
+    registry = Registry()
+    registry.replace_deployments(
+        [md_obj("a", served="m", replicas=0), md_obj("b", served="m", replicas=0, namespace="x")]
+    )
+    assert registry.is_switched_off("m")
+    registry.apply_deployment("MODIFIED", md_obj("b", served="m", replicas=1, namespace="x"))
+    assert not registry.is_switched_off("m")
+    assert not registry.is_switched_off("unknown")
+
+
+def test_switched_off_message_names_the_model_and_the_command() -> None:
+    registry = Registry()
+    registry.replace_deployments([md_obj("gemma", served="gemma3-4B", replicas=0, namespace="ml")])
+    message = build_switched_off_message("gemma3-4B", registry.models["gemma3-4B"])
+    assert message == (
+        "model gemma3-4B is scaled to zero by its spec (spec.replicas: 0), so nothing will start "
+        "it for this request; start it with `kubectl scale modeldeployment/gemma --replicas=1 "
+        "-n ml`, or set spec.replicas above 0"
+    )
+    registry.replace_deployments(
+        [md_obj("a", served="m", replicas=0), md_obj("b", served="m", replicas=0, namespace="x")]
+    )
+    message = build_switched_off_message("m", registry.models["m"])
+    assert "`kubectl scale modeldeployment/a --replicas=1 -n default`" in message
+    assert message.endswith("or set spec.replicas above 0 on any of its 2 ModelDeployments")
+    registry.set_static({"m": []})
+    assert build_switched_off_message("m", registry.models["m"]) == (
+        "model m has no upstream: --static-upstreams lists none for it; add one as "
+        "m=http://HOST:PORT"
+    )
+
+
+def test_models_document_states_and_cache() -> None:
     registry = Registry()
     registry.replace_deployments(
         [md_obj("off", replicas=0), md_obj("cold", replicas=2), md_obj("up", replicas=1)]
     )
     registry.replace_pods([pod_obj("up-instance-1", "up", 8001)])
     document = build_models_document(registry)
-    assert [(m["id"], m["ready_replicas"], m["desired_replicas"]) for m in document["data"]] == [
-        ("cold", 0, 2),
-        ("off", 0, 0),
-        ("up", 1, 1),
-    ]
+    assert [(m["id"], m["ready_replicas"], m["desired_replicas"], m["state"]) for m in
+            document["data"]] == [
+        ("cold", 0, 2, "cold"),
+        ("off", 0, 0, "off"),
+        ("up", 1, 1, "ready"),
+    ]  # fmt: skip
     models = ModelList(registry)
     first = models.body()
     assert json.loads(first) == document
@@ -198,10 +245,10 @@ def test_models_document_and_cache() -> None:
     registry.apply_pod("ADDED", pod_obj("cold-instance-1", "cold", 8002))
     rebuilt = models.body()
     assert rebuilt is not first
-    assert json.loads(rebuilt)["data"][0]["ready_replicas"] == 1
+    assert json.loads(rebuilt)["data"][0]["state"] == "ready"
 
 
-def test_status_document_reports_queues_and_ejections() -> None:
+def test_status_document_reports_queues_ejections_and_switched_off() -> None:
     registry = Registry()
     registry.replace_deployments([md_obj("g", replicas=1), md_obj("off", replicas=0)])
     registry.replace_pods([pod_obj("g-instance-1", "g", 8001)])
@@ -211,6 +258,7 @@ def test_status_document_reports_queues_and_ejections() -> None:
     instance = status["active_containers_by_name"]["g-instance-1"]
     assert (instance["ejected"], instance["ejected_for_s"]) == (True, 2.5)
     assert status["queue_depth"] == {"off": 1}
+    assert status["switched_off"] == ["off"]
     assert status["parallel_model_config"] == {"g": 1, "off": 0}
     assert status["deployments"] == {"g": ["default/g"], "off": ["default/off"]}
 
