@@ -16,7 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "crd": ("modelfleet.api.cli", "print (or write) the ModelDeployment CRD"),
     "docs": ("modelfleet.docs_cli", "write the generated docs (docs/configuration.md)"),
     "gateway": ("modelfleet.gateway.cli", "run the OpenAI-compatible gateway"),
-    "sim-vllm": ("modelfleet.sim.vllm", "run the vLLM stand-in (an OpenAI-compatible simulator)"),
+    "sim-vllm": (
+        "modelfleet.sim.vllm.cli",
+        "run the vLLM stand-in (an OpenAI-compatible simulator)",
+    ),
     "agent": ("modelfleet.agent.cli", "serve this node's GPU stats (node-stats agent)"),
     "status": ("modelfleet.gpus.cli", "show the GPU pool: endpoints, health, GPUs and memory"),
     "operator": ("modelfleet.controller.cli", "run the operator (reconciles ModelDeployments)"),

@@ -26,12 +26,12 @@ from operator_kit import (
 )
 
 from modelfleet.api import labels as L
+from modelfleet.api.headers import INSTANCE_HEADER
 from modelfleet.kube.client import KubeClient
 from modelfleet.kube.paths import md_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-INSTANCE_HEADER = "x-modelfleet-instance"
 # How long the gateway holds a request for a model scaled to zero; the cold start below must
 # finish well inside it.
 HOLD_TIMEOUT_S = 60
@@ -227,3 +227,62 @@ async def test_scale_from_zero_holds_the_request_until_a_replica_is_ready(
     assert startup_s <= waited < HOLD_TIMEOUT_S  # held through the stand-in's startup
     await wait_ready(kube, namespace, "cold", 1)
     assert await gateway_instances(http, "cold") == ["cold-instance-1"]
+
+
+async def test_a_model_switched_off_by_its_spec_is_refused_at_once_and_serves_once_scaled_up(
+    kube: KubeClient,
+    namespace: str,
+    gpus: Any,
+    operators: Operators,
+    http: httpx.AsyncClient,
+    ai: openai.AsyncOpenAI,
+) -> None:
+    await gpus(1, 1)
+    operators.start()
+    await kube.create(md_path(namespace), md("dormant", replicas=0))
+
+    async def listed_off() -> bool:
+        listed = (await http.get("/v1/models")).json()["data"]
+        return [(m["id"], m["state"]) for m in listed] == [("dormant", "off")]
+
+    await wait_for(listed_off, timeout=15, what="the gateway listing dormant as off")
+
+    async def reported_scaled_to_zero() -> bool:
+        obj = await kube.get(md_path(namespace, "dormant"))
+        if not (obj.get("status") or {}).get("conditions"):
+            return False
+        return conditions(obj)["Available"] == ("False", "ScaledToZero")
+
+    await wait_for(reported_scaled_to_zero, timeout=15, what="dormant reported ScaledToZero")
+
+    # spec.replicas: 0 means off: the answer comes at once (not after the 60 s hold), says why
+    # and how to start the model, and nothing starts.
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as caught:
+        await chat(ai, "dormant", "anyone there")
+    assert time.monotonic() - started < 5
+    assert caught.value.status_code == 503
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert error["code"] == "model_scaled_to_zero"
+    assert "scaled to zero by its spec (spec.replicas: 0)" in error["message"]
+    assert f"kubectl scale modeldeployment/dormant --replicas=1 -n {namespace}" in error["message"]
+    assert (await http.get("/gateway/status")).json()["queue_depth"] == {}
+    obj = await kube.get(md_path(namespace, "dormant"))
+    assert L.ANN_DEMAND not in obj["metadata"].get("annotations", {})
+    assert not await replica_pods(kube, namespace, "dormant")
+
+    # Scaled up as the message says (the scale subresource is what `kubectl scale` patches):
+    # a request is held until the replica is ready, then served.
+    await kube.patch(md_path(namespace, "dormant") + "/scale", {"spec": {"replicas": 1}})
+
+    async def switched_on() -> bool:
+        listed = (await http.get("/v1/models")).json()["data"]
+        return [m["state"] for m in listed] != ["off"]
+
+    await wait_for(switched_on, timeout=15, what="the gateway seeing spec.replicas: 1")
+    instance, text = await asyncio.wait_for(chat(ai, "dormant", "good morning"), HOLD_TIMEOUT_S)
+    assert instance == "dormant-instance-1"
+    assert text.startswith("good morning")
+    await wait_ready(kube, namespace, "dormant", 1)

@@ -15,8 +15,9 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from modelfleet.gateway.balancer import EjectionPolicy
+from modelfleet.gateway.documents import ModelList, build_status_document
 from modelfleet.gateway.metrics import GatewayMetrics
-from modelfleet.gateway.proxy import Proxy, ProxyConfig, models_payload, status_payload
+from modelfleet.gateway.proxy import Proxy, ProxyConfig
 from modelfleet.gateway.registry import Registry
 from modelfleet.gateway.upstream import UpstreamClient
 from modelfleet.gateway.usage import AnnotationWriter, UsageRecorder
@@ -35,6 +36,7 @@ class Gateway:
     registry: Registry
     metrics: GatewayMetrics
     usage: UsageRecorder
+    model_list: ModelList
     source: Source | None = None
     proxy: Proxy | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -82,7 +84,7 @@ def build_app(
     registry = registry or Registry(settings.balancing)
     metrics = metrics or GatewayMetrics()
     usage = UsageRecorder(registry, writer, metrics, interval_s=settings.last_use_interval_s)
-    gateway = Gateway(settings, registry, metrics, usage, source)
+    gateway = Gateway(settings, registry, metrics, usage, ModelList(registry), source)
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[GATEWAY] = gateway
     app.cleanup_ctx.append(_lifecycle)
@@ -123,15 +125,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 async def handle_models(request: web.Request) -> web.StreamResponse:
-    return web.json_response(models_payload(request.app[GATEWAY].registry))
+    body = request.app[GATEWAY].model_list.body()
+    return web.Response(body=body, content_type="application/json")
 
 
 async def handle_status(request: web.Request) -> web.StreamResponse:
-    gateway = request.app[GATEWAY]
-    gauge = gateway.metrics.ready_replicas
-    for model, route in gateway.registry.routes.items():
-        gauge.labels(model).set(len(route.replicas))
-    return web.json_response(status_payload(gateway.registry, time.monotonic()))
+    return web.json_response(build_status_document(request.app[GATEWAY].registry, time.monotonic()))
 
 
 async def handle_metrics(request: web.Request) -> web.StreamResponse:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,3 +172,20 @@ def build_error_body(
         {"error": {"message": message, "type": kind, "param": param, "code": code or str(status)}},
         separators=(",", ":"),
     ).encode()
+
+
+def build_switched_off_message(model: str, deployments: Sequence[DeploymentInfo]) -> str:
+    """Why a model switched off by its spec gets no replica, and the command that starts it."""
+    first = deployments[0]
+    if not first.namespace:  # static upstreams: no ModelDeployment behind the name
+        return (
+            f"model {model} has no upstream: --static-upstreams lists none for it; "
+            f"add one as {model}=http://HOST:PORT"
+        )
+    others = len(deployments) - 1
+    where = f" on any of its {len(deployments)} ModelDeployments" if others else ""
+    return (
+        f"model {model} is scaled to zero by its spec (spec.replicas: 0), so nothing will start "
+        f"it for this request; start it with `kubectl scale modeldeployment/{first.name} "
+        f"--replicas=1 -n {first.namespace}`, or set spec.replicas above 0{where}"
+    )

@@ -14,10 +14,10 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
+from modelfleet.api.headers import INSTANCE_HEADER, SHOULD_RETRY_HEADER
 from modelfleet.gateway.balancer import (
     EjectionPolicy,
     Replica,
@@ -27,7 +27,12 @@ from modelfleet.gateway.balancer import (
     record_success,
 )
 from modelfleet.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
-from modelfleet.gateway.model import BodyError, build_error_body, extract_model
+from modelfleet.gateway.model import (
+    BodyError,
+    build_error_body,
+    build_switched_off_message,
+    extract_model,
+)
 from modelfleet.gateway.registry import Registry
 from modelfleet.gateway.upstream import (
     UpstreamBodyError,
@@ -39,7 +44,6 @@ from modelfleet.gateway.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 
-INSTANCE_HEADER = "x-modelfleet-instance"
 # Request headers a replica may need; everything else (hop-by-hop, Host, cookies) stays here.
 _FORWARD_HEADERS = frozenset(
     (b"content-type", b"accept", b"authorization", b"x-request-id", b"traceparent")
@@ -75,8 +79,10 @@ def error_response(
     *,
     param: str | None = None,
     retry_after_s: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> web.Response:
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    if retry_after_s is not None:
+        headers = {**(headers or {}), "Retry-After": str(retry_after_s)}
     return web.Response(
         status=status,
         body=build_error_body(status, message, kind, code, param),
@@ -145,6 +151,8 @@ class Proxy:
             route = self.registry.routes.get(model)
         if route is None:
             return self._unknown_model(), UNKNOWN_MODEL
+        if not route.replicas and self.registry.is_switched_off(model):
+            return self._switched_off(model), model
         self.usage.touch(model)
         if not route.replicas:
             held = await self._hold(model)
@@ -175,14 +183,29 @@ class Proxy:
             404, message, "invalid_request_error", "model_not_found", param="model"
         )
 
+    def _switched_off(self, model: str) -> web.Response:
+        """At once, without holding: nothing will start a model whose spec says 0 replicas.
+
+        503 like every other "no replica for this model" answer (proxies and routers in front
+        fail over on it), but without Retry-After, since no wait helps, and with
+        `x-should-retry: false` so the OpenAI SDKs do not retry it by themselves.
+        """
+        return error_response(
+            503,
+            build_switched_off_message(model, self.registry.models[model]),
+            "server_error",
+            "model_scaled_to_zero",
+            param="model",
+            headers={SHOULD_RETRY_HEADER: "false"},
+        )
+
     async def _hold(self, model: str) -> Route | web.Response:
         """Wait in the model's bounded queue until it has a ready replica."""
         cfg = self.config
         registry = self.registry
-        waiting = registry.waiting.get(model, 0)
-        if waiting == 0:
+        if registry.queued(model) == 0:
             self.usage.demand(model)  # the first request of a burst asks for a scale-up
-        if waiting >= cfg.queue_size:
+        if not registry.hold(model, cfg.queue_size):
             self.metrics.queue_rejections.labels(model, "full").inc()
             return error_response(
                 503,
@@ -191,24 +214,27 @@ class Proxy:
                 "model_queue_full",
                 retry_after_s=cfg.retry_after_s,
             )
-        registry.waiting[model] = waiting + 1
         gauge = self.metrics.queue_depth.labels(model)
         gauge.inc()
         try:
             route = await registry.wait_for_replica(model, cfg.cold_start_timeout_s)
         finally:
-            registry.waiting[model] -= 1
+            registry.release(model)
             gauge.dec()
-        if route is None:
-            self.metrics.queue_rejections.labels(model, "timeout").inc()
-            return error_response(
-                503,
-                f"model {model} has no ready replica yet (it is starting); retry later",
-                "server_error",
-                "model_not_ready",
-                retry_after_s=cfg.retry_after_s,
-            )
-        return route
+        if route is not None:
+            return route
+        if registry.is_switched_off(model):  # switched off while this request waited
+            return self._switched_off(model)
+        if model not in registry.models:  # its ModelDeployments were deleted meanwhile
+            return self._unknown_model()
+        self.metrics.queue_rejections.labels(model, "timeout").inc()
+        return error_response(
+            503,
+            f"model {model} has no ready replica yet (it is starting); retry later",
+            "server_error",
+            "model_not_ready",
+            retry_after_s=cfg.retry_after_s,
+        )
 
     def _upstream_headers(self, request: web.Request) -> bytes:
         """The forwarded request headers as wire bytes, built once per request (not per try).
@@ -360,60 +386,3 @@ class Proxy:
             raise
         finally:
             upstream.release()
-
-
-def models_payload(registry: Registry) -> dict[str, Any]:
-    """/v1/models: every served model, including those scaled to zero."""
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": model,
-                "object": "model",
-                "created": 0,
-                "owned_by": "modelfleet",
-                "ready_replicas": len(registry.routes[model].replicas)
-                if model in registry.routes
-                else 0,
-                "desired_replicas": registry.desired_replicas(model),
-            }
-            for model in sorted(registry.models)
-        ],
-    }
-
-
-def status_payload(registry: Registry, now: float) -> dict[str, Any]:
-    """/gateway/status: the original gateway's fields, plus health and queues."""
-    by_model: dict[str, list[dict[str, Any]]] = {}
-    by_name: dict[str, dict[str, Any]] = {}
-    for model, route in sorted(registry.routes.items()):
-        instances = []
-        for replica in route.replicas:
-            item = {
-                "name": replica.name,
-                "namespace": replica.namespace,
-                "model": model,
-                "address": replica.address,
-                "outstanding": replica.outstanding,
-                "requests": replica.requests,
-                "consecutive_failures": replica.consecutive_failures,
-                "ejected": replica.ejected_until > now,
-                "ejected_for_s": round(max(0.0, replica.ejected_until - now), 3),
-            }
-            instances.append(item)
-            by_name[replica.name] = item
-        if instances:
-            by_model[model] = instances
-    return {
-        "healthy": registry.is_synced,
-        "synced": dict(registry.synced),
-        "parallel_model_config": {m: registry.desired_replicas(m) for m in sorted(registry.models)},
-        "active_models_by_id": by_model,
-        "active_containers_by_name": dict(sorted(by_name.items())),
-        "queue_depth": {m: n for m, n in sorted(registry.waiting.items()) if n},
-        "balancing": {m: r.balancing for m, r in sorted(registry.routes.items())},
-        "deployments": {
-            m: [f"{d.namespace}/{d.name}" if d.namespace else d.name for d in infos]
-            for m, infos in sorted(registry.models.items())
-        },
-    }

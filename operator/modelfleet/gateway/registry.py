@@ -2,7 +2,11 @@
 
 Sources (the Kubernetes watch, or a static list) feed objects in; the proxy reads `routes`, a plain
 dict from served model name to Route, so the request path does one lookup and no locking.
-Requests for a model without a ready replica wait on `wait_for_replica`.
+
+The registry also owns each model's waiting queue: a request for a model without a ready replica
+takes a place (`hold`), waits (`wait_for_replica`) and leaves (`release`); a rebuild that gives the
+model a ready replica, switches it off or removes it wakes the waiters. `generation` counts the
+changes, so documents derived from the registry (documents.py) are rebuilt only after one.
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ class Registry:
         self.pods: dict[Key, PodEndpoint] = {}
         self.routes: dict[str, Route] = {}
         self.models: dict[str, list[DeploymentInfo]] = {}  # served name -> its deployments
-        self.waiting: dict[str, int] = {}
         self.synced = {"deployments": False, "pods": False}
         self._pods_by_model: dict[str, dict[Key, PodEndpoint]] = {}
         self._pod_model: dict[Key, str] = {}
-        self._ready: dict[str, asyncio.Event] = {}
+        self._waiting: dict[str, int] = {}  # model -> requests held for it
+        self._wakers: dict[str, asyncio.Event] = {}  # model -> set when its waiters should look
         self._synced_event = asyncio.Event()
+        self.generation = 0  # bumped on every change of deployments, pods or routes
 
     # ---- inputs -------------------------------------------------------------------------------
 
@@ -125,20 +130,70 @@ class Registry:
     def desired_replicas(self, model: str) -> int:
         return sum(d.replicas for d in self.models.get(model, ()))
 
+    def is_switched_off(self, model: str) -> bool:
+        """Every ModelDeployment serving `model` declares `spec.replicas: 0`: nothing will start
+        a replica for a request (a model that idled to zero keeps its spec.replicas and wakes)."""
+        return model in self.models and self.desired_replicas(model) == 0
+
+    # ---- the waiting queue --------------------------------------------------------------------
+
+    def queued(self, model: str) -> int:
+        """Requests waiting for `model` to get a ready replica."""
+        return self._waiting.get(model, 0)
+
+    def queue_depths(self) -> dict[str, int]:
+        """Every non-empty queue, by model name."""
+        return {model: n for model, n in sorted(self._waiting.items()) if n}
+
+    def hold(self, model: str, limit: int) -> bool:
+        """Take a place in `model`'s queue; False (and no place) when `limit` already wait.
+
+        Every successful hold is paired with one `release`, whatever the wait's outcome.
+        """
+        waiting = self._waiting.get(model, 0)
+        if waiting >= limit:
+            return False
+        self._waiting[model] = waiting + 1
+        return True
+
+    def release(self, model: str) -> None:
+        """Leave `model`'s queue."""
+        waiting = self._waiting.get(model, 0) - 1
+        if waiting > 0:
+            self._waiting[model] = waiting
+        else:
+            self._waiting.pop(model, None)
+
     async def wait_for_replica(self, model: str, timeout_s: float) -> Route | None:
-        """Wait until `model` has a ready replica; its Route, or None after the timeout."""
-        route = self.routes.get(model)
-        if route and route.replicas:
-            return route
-        event = self._ready.get(model)
-        if event is None:
-            event = self._ready[model] = asyncio.Event()
-        try:
-            await asyncio.wait_for(event.wait(), timeout_s)
-        except TimeoutError:
-            return None
-        route = self.routes.get(model)
-        return route if route and route.replicas else None
+        """Wait until `model` has a ready replica and return its Route.
+
+        None when nothing will bring one (the model was switched off by its spec or removed)
+        or after `timeout_s`; the caller tells which from the registry.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            route = self.routes.get(model)
+            if route is not None and route.replicas:
+                return route
+            if model not in self.models or self.is_switched_off(model):
+                return None
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            event = self._wakers.get(model)
+            if event is None:
+                event = self._wakers[model] = asyncio.Event()
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                return None
+
+    def _wake(self, model: str) -> None:
+        """Let `model`'s waiters look at the registry again."""
+        event = self._wakers.pop(model, None)
+        if event is not None:
+            event.set()
 
     # ---- rebuilding ---------------------------------------------------------------------------
 
@@ -157,6 +212,7 @@ class Registry:
         return model
 
     def _rebuild_all(self) -> None:
+        self.generation += 1
         if self.is_synced:
             self._synced_event.set()
         models: dict[str, list[DeploymentInfo]] = {}
@@ -177,10 +233,12 @@ class Registry:
         return self.default_balancing
 
     def _rebuild_model(self, model: str) -> None:
+        self.generation += 1
         pods = self._pods_by_model.get(model, {})
         if not pods and model not in self.models:
             self.routes.pop(model, None)
             self._pods_by_model.pop(model, None)
+            self._wake(model)  # gone: its waiters answer now rather than at the timeout
             return
         triples = sorted(
             ((p.name, p.address, p.namespace) for p in pods.values()),
@@ -188,7 +246,5 @@ class Registry:
         )
         route = build_route(model, triples, self._balancing(model), self.routes.get(model))
         self.routes[model] = route
-        if route.replicas:
-            event = self._ready.pop(model, None)
-            if event is not None:
-                event.set()
+        if route.replicas or self.is_switched_off(model):
+            self._wake(model)

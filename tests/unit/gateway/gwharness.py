@@ -12,9 +12,11 @@ from typing import Any
 import aiohttp
 
 from modelfleet.api import labels
+from modelfleet.api.headers import INSTANCE_HEADER
 from modelfleet.gateway.app import RunningGateway
 from modelfleet.gateway.registry import Registry
-from modelfleet.sim.vllm import RunningSim, SimConfig, start_sim
+from modelfleet.sim.vllm.config import SimConfig
+from modelfleet.sim.vllm.server import RunningSim, start_sim
 
 
 def md_obj(
@@ -128,7 +130,7 @@ class Fleet:
             "/v1/chat/completions",
             {"model": model, "messages": [{"role": "user", "content": text}]},
         )
-        return status, headers.get("x-modelfleet-instance", ""), data
+        return status, headers.get(INSTANCE_HEADER, ""), data
 
 
 FleetFactory = Callable[..., Awaitable[Fleet]]

@@ -14,6 +14,7 @@ import pytest
 from gwharness import FleetFactory, md_obj, pod_obj, wait_until
 
 from modelfleet.api import labels
+from modelfleet.api.headers import INSTANCE_HEADER
 from modelfleet.gateway.app import build_app, start_gateway
 from modelfleet.gateway.registry import Registry
 from modelfleet.settings import GatewaySettings
@@ -59,7 +60,7 @@ async def test_least_outstanding_avoids_the_busy_replica(make_fleet: FleetFactor
         fleet.add_pod(name)
     body = {"model": "gemma3-4b", "prompt": " ".join(["w"] * 10), "stream": True}
     async with fleet.http.post(fleet.url + "/v1/completions", json=body) as stream:
-        busy = stream.headers["x-modelfleet-instance"]
+        busy = stream.headers[INSTANCE_HEADER]
         await stream.content.readline()
         # While the stream is open, every short request goes to the other replica.
         served = {(await fleet.chat())[1] for _ in range(5)}
@@ -224,9 +225,10 @@ async def test_client_disconnect_cancels_the_upstream_request(make_fleet: FleetF
 async def test_cold_start_holds_the_request_until_a_replica_is_ready(
     make_fleet: FleetFactory,
 ) -> None:
-    fleet = await make_fleet([md_obj("gemma3-4b", replicas=0)], cold_start_timeout_s=10)
+    # At zero by idling: spec.replicas stays above 0 (minReplicas 0), no replica is ready.
+    fleet = await make_fleet([md_obj("gemma3-4b", replicas=1)], cold_start_timeout_s=10)
     pending = asyncio.create_task(fleet.chat(text="held"))
-    await wait_until(lambda: fleet.registry.waiting.get("gemma3-4b") == 1)
+    await wait_until(lambda: fleet.registry.queued("gemma3-4b") == 1)
     async with fleet.http.get(fleet.url + "/gateway/status") as resp:
         assert (await resp.json())["queue_depth"] == {"gemma3-4b": 1}
     # Demand is recorded on the ModelDeployment for the operator to scale up.
@@ -243,12 +245,12 @@ async def test_cold_start_holds_the_request_until_a_replica_is_ready(
 
 async def test_cold_start_timeout_and_full_queue_answer_503(make_fleet: FleetFactory) -> None:
     fleet = await make_fleet(
-        [md_obj("gemma3-4b", replicas=0)], cold_start_timeout_s=0.5, queue_size=1
+        [md_obj("gemma3-4b", replicas=1)], cold_start_timeout_s=0.5, queue_size=1
     )
     first = asyncio.create_task(
         fleet.post("/v1/completions", {"model": "gemma3-4b", "prompt": "x"})
     )
-    await wait_until(lambda: fleet.registry.waiting.get("gemma3-4b") == 1)
+    await wait_until(lambda: fleet.registry.queued("gemma3-4b") == 1)
     status, headers, data = await fleet.post(
         "/v1/completions", {"model": "gemma3-4b", "prompt": "x"}
     )
@@ -264,6 +266,106 @@ async def test_cold_start_timeout_and_full_queue_answer_503(make_fleet: FleetFac
     # Demand was recorded once for the burst, not per request.
     demand = [w for w in fleet.writer.writes if labels.ANN_DEMAND in w[2]]
     assert len(demand) == 1
+
+
+async def test_model_switched_off_by_its_spec_is_refused_at_once_then_served_once_scaled_up(
+    make_fleet: FleetFactory,
+) -> None:
+    # spec.replicas: 0 means off: nothing will start a replica, so the gateway does not hold.
+    fleet = await make_fleet(
+        [md_obj("gemma3-4b", replicas=0, namespace="ml")], cold_start_timeout_s=30
+    )
+    started = time.monotonic()
+    status, headers, data = await asyncio.wait_for(
+        fleet.post("/v1/completions", {"model": "gemma3-4b", "prompt": "x"}), 5
+    )
+    assert time.monotonic() - started < 2  # at once, not after the 30 s cold-start timeout
+    assert status == 503
+    error = data["error"]
+    assert error["code"] == "model_scaled_to_zero"
+    assert error["param"] == "model"
+    message = error["message"]
+    assert "model gemma3-4b is scaled to zero by its spec (spec.replicas: 0)" in message
+    assert "kubectl scale modeldeployment/gemma3-4b --replicas=1 -n ml" in message
+    assert "Retry-After" not in headers  # no wait helps
+    assert headers["x-should-retry"] == "false"  # the OpenAI SDKs do not retry it
+    assert fleet.registry.queued("gemma3-4b") == 0
+    assert fleet.writer.writes == []  # no demand, no last use: nothing was served
+    async with fleet.http.get(fleet.url + "/v1/models") as resp:
+        listed = (await resp.json())["data"]
+    assert [(m["id"], m["desired_replicas"], m["state"]) for m in listed] == [
+        ("gemma3-4b", 0, "off")
+    ]
+    async with fleet.http.get(fleet.url + "/gateway/status") as resp:
+        assert (await resp.json())["switched_off"] == ["gemma3-4b"]
+
+    # Scaled up (kubectl scale --replicas=1): requests are held until a replica is ready.
+    fleet.registry.apply_deployment("MODIFIED", md_obj("gemma3-4b", replicas=1, namespace="ml"))
+    pending = asyncio.create_task(fleet.chat(text="now on"))
+    await wait_until(lambda: fleet.registry.queued("gemma3-4b") == 1)
+    await fleet.add_sim("gemma3-4b-instance-1")
+    fleet.add_pod("gemma3-4b-instance-1", namespace="ml")
+    status, instance, data = await asyncio.wait_for(pending, 5)
+    assert (status, instance) == (200, "gemma3-4b-instance-1")
+    assert data["choices"][0]["message"]["content"] == "now on"
+    async with fleet.http.get(fleet.url + "/v1/models") as resp:
+        assert [m["state"] for m in (await resp.json())["data"]] == ["ready"]
+
+
+async def test_a_switched_off_model_with_a_replica_still_ready_is_served(
+    make_fleet: FleetFactory,
+) -> None:
+    # Scaled to 0 a moment ago: the last replica is still Ready until the operator deletes it.
+    fleet = await make_fleet([md_obj("gemma3-4b", replicas=0)])
+    await fleet.add_sim("gemma3-4b-instance-1")
+    fleet.add_pod("gemma3-4b-instance-1")
+    assert (await fleet.chat())[:2] == (200, "gemma3-4b-instance-1")
+
+
+async def test_held_requests_get_the_clear_error_when_the_model_is_switched_off(
+    make_fleet: FleetFactory,
+) -> None:
+    fleet = await make_fleet([md_obj("gemma3-4b", replicas=1)], cold_start_timeout_s=30)
+    pending = asyncio.create_task(
+        fleet.post("/v1/completions", {"model": "gemma3-4b", "prompt": "x"})
+    )
+    await wait_until(lambda: fleet.registry.queued("gemma3-4b") == 1)
+    fleet.registry.apply_deployment("MODIFIED", md_obj("gemma3-4b", replicas=0))
+    status, _, data = await asyncio.wait_for(pending, 5)
+    assert status == 503
+    assert data["error"]["code"] == "model_scaled_to_zero"
+    assert fleet.registry.queued("gemma3-4b") == 0
+
+
+async def test_held_requests_get_404_when_the_model_is_deleted(make_fleet: FleetFactory) -> None:
+    fleet = await make_fleet([md_obj("gemma3-4b", replicas=1)], cold_start_timeout_s=30)
+    pending = asyncio.create_task(
+        fleet.post("/v1/completions", {"model": "gemma3-4b", "prompt": "x"})
+    )
+    await wait_until(lambda: fleet.registry.queued("gemma3-4b") == 1)
+    fleet.registry.apply_deployment("DELETED", md_obj("gemma3-4b"))
+    status, _, data = await asyncio.wait_for(pending, 5)
+    assert status == 404
+    assert data["error"]["code"] == "model_not_found"
+
+
+async def test_openai_client_does_not_retry_a_switched_off_model(
+    make_fleet: FleetFactory,
+) -> None:
+    fleet = await make_fleet([md_obj("gemma3-4b", replicas=0)])
+    # The SDK's default: 2 retries of every 5xx, unless the answer says x-should-retry: false.
+    async with openai.AsyncOpenAI(
+        base_url=fleet.url + "/v1", api_key="unused", max_retries=2
+    ) as client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.completions.create(model="gemma3-4b", prompt="x")
+    assert caught.value.status_code == 503
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert body["code"] == "model_scaled_to_zero"
+    async with fleet.http.get(fleet.url + "/metrics") as resp:
+        text = await resp.text()
+    assert 'modelfleet_gateway_requests_total{code="503",model="gemma3-4b"} 1.0' in text
 
 
 async def test_unknown_model_404_lists_known_models_without_echoing(
@@ -375,7 +477,7 @@ async def test_openai_client_through_the_gateway(make_fleet: FleetFactory) -> No
             raw = await client.chat.completions.with_raw_response.create(
                 model="gemma3-4b", messages=[{"role": "user", "content": "hi there"}]
             )
-            instances.add(raw.headers["x-modelfleet-instance"])
+            instances.add(raw.headers[INSTANCE_HEADER])
             assert raw.parse().choices[0].message.content == "hi there"
         assert instances == {"a", "b"}
         stream = await client.completions.create(model="gemma3-4b", prompt="x y z", stream=True)

@@ -3,6 +3,7 @@ the last-use rate limit and the annotation patch."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,8 +24,19 @@ from modelfleet.gateway.balancer import (
     record_failure,
     record_success,
 )
+from modelfleet.gateway.documents import (
+    ModelList,
+    build_models_document,
+    build_status_document,
+)
 from modelfleet.gateway.metrics import GatewayMetrics
-from modelfleet.gateway.model import BodyError, extract_model, parse_deployment, parse_replica_pod
+from modelfleet.gateway.model import (
+    BodyError,
+    build_switched_off_message,
+    extract_model,
+    parse_deployment,
+    parse_replica_pod,
+)
 from modelfleet.gateway.registry import Registry
 from modelfleet.gateway.sources import StaticUpstreamsError, parse_static_upstreams
 from modelfleet.gateway.usage import KubeAnnotationWriter, UsageRecorder, format_rfc3339
@@ -142,6 +154,113 @@ def test_registry_routes_pods_by_served_name_and_resyncs() -> None:
     assert [(r.name, r.outstanding) for r in route.replicas] == [("g-instance-1", 3)]
     registry.replace_deployments([])
     assert registry.routes == {}
+
+
+async def test_registry_queue_hold_release_and_limit() -> None:
+    registry = Registry()
+    registry.replace_deployments([md_obj("g")])
+    registry.replace_pods([])
+    assert registry.hold("g", 2)
+    assert registry.hold("g", 2)
+    assert not registry.hold("g", 2)  # full: no place taken
+    assert registry.queued("g") == 2
+    assert registry.queue_depths() == {"g": 2}
+    registry.release("g")
+    registry.release("g")
+    assert registry.queued("g") == 0
+    assert registry.queue_depths() == {}
+    assert not registry.hold("g", 0)  # queue_size 0: nothing is ever held
+
+
+async def test_registry_wait_wakes_on_ready_switch_off_and_times_out() -> None:
+    registry = Registry()
+    registry.replace_deployments([md_obj("g", replicas=1)])
+    registry.replace_pods([])
+    assert await registry.wait_for_replica("g", 0.05) is None  # timed out
+    waiter = asyncio.ensure_future(registry.wait_for_replica("g", 5))
+    await asyncio.sleep(0)
+    registry.apply_pod("ADDED", pod_obj("g-instance-1", "g", 8001))
+    route = await asyncio.wait_for(waiter, 1)
+    assert route is not None
+    assert [r.name for r in route.replicas] == ["g-instance-1"]
+    registry.apply_pod("DELETED", pod_obj("g-instance-1", "g", 8001))
+    waiter = asyncio.ensure_future(registry.wait_for_replica("g", 5))
+    await asyncio.sleep(0)
+    assert not registry.is_switched_off("g")
+    registry.apply_deployment("MODIFIED", md_obj("g", replicas=0))
+    assert registry.is_switched_off("g")
+    assert await asyncio.wait_for(waiter, 1) is None  # at once, not after 5 s
+
+
+def test_switched_off_means_every_deployment_of_the_name_declares_zero() -> None:
+    registry = Registry()
+    registry.replace_deployments(
+        [md_obj("a", served="m", replicas=0), md_obj("b", served="m", replicas=0, namespace="x")]
+    )
+    assert registry.is_switched_off("m")
+    registry.apply_deployment("MODIFIED", md_obj("b", served="m", replicas=1, namespace="x"))
+    assert not registry.is_switched_off("m")
+    assert not registry.is_switched_off("unknown")
+
+
+def test_switched_off_message_names_the_model_and_the_command() -> None:
+    registry = Registry()
+    registry.replace_deployments([md_obj("gemma", served="gemma3-4B", replicas=0, namespace="ml")])
+    message = build_switched_off_message("gemma3-4B", registry.models["gemma3-4B"])
+    assert message == (
+        "model gemma3-4B is scaled to zero by its spec (spec.replicas: 0), so nothing will start "
+        "it for this request; start it with `kubectl scale modeldeployment/gemma --replicas=1 "
+        "-n ml`, or set spec.replicas above 0"
+    )
+    registry.replace_deployments(
+        [md_obj("a", served="m", replicas=0), md_obj("b", served="m", replicas=0, namespace="x")]
+    )
+    message = build_switched_off_message("m", registry.models["m"])
+    assert "`kubectl scale modeldeployment/a --replicas=1 -n default`" in message
+    assert message.endswith("or set spec.replicas above 0 on any of its 2 ModelDeployments")
+    registry.set_static({"m": []})
+    assert build_switched_off_message("m", registry.models["m"]) == (
+        "model m has no upstream: --static-upstreams lists none for it; add one as "
+        "m=http://HOST:PORT"
+    )
+
+
+def test_models_document_states_and_cache() -> None:
+    registry = Registry()
+    registry.replace_deployments(
+        [md_obj("off", replicas=0), md_obj("cold", replicas=2), md_obj("up", replicas=1)]
+    )
+    registry.replace_pods([pod_obj("up-instance-1", "up", 8001)])
+    document = build_models_document(registry)
+    assert [(m["id"], m["ready_replicas"], m["desired_replicas"], m["state"]) for m in
+            document["data"]] == [
+        ("cold", 0, 2, "cold"),
+        ("off", 0, 0, "off"),
+        ("up", 1, 1, "ready"),
+    ]  # fmt: skip
+    models = ModelList(registry)
+    first = models.body()
+    assert json.loads(first) == document
+    assert models.body() is first  # unchanged registry: not rebuilt
+    registry.apply_pod("ADDED", pod_obj("cold-instance-1", "cold", 8002))
+    rebuilt = models.body()
+    assert rebuilt is not first
+    assert json.loads(rebuilt)["data"][0]["state"] == "ready"
+
+
+def test_status_document_reports_queues_ejections_and_switched_off() -> None:
+    registry = Registry()
+    registry.replace_deployments([md_obj("g", replicas=1), md_obj("off", replicas=0)])
+    registry.replace_pods([pod_obj("g-instance-1", "g", 8001)])
+    registry.routes["g"].replicas[0].ejected_until = 12.5
+    assert registry.hold("off", 5)
+    status = build_status_document(registry, now=10.0)
+    instance = status["active_containers_by_name"]["g-instance-1"]
+    assert (instance["ejected"], instance["ejected_for_s"]) == (True, 2.5)
+    assert status["queue_depth"] == {"off": 1}
+    assert status["switched_off"] == ["off"]
+    assert status["parallel_model_config"] == {"g": 1, "off": 0}
+    assert status["deployments"] == {"g": ["default/g"], "off": ["default/off"]}
 
 
 # ---- balancing ---------------------------------------------------------------------------------

@@ -14,15 +14,11 @@ import aiohttp
 import openai
 import pytest
 
-from modelfleet.sim.vllm import (
-    INSTANCE_HEADER,
-    RunningSim,
-    SimConfig,
-    compute_output,
-    parse_vllm_args,
-    start_sim,
-    token_pieces,
-)
+from modelfleet.api.headers import INSTANCE_HEADER
+from modelfleet.sim.vllm.cli import parse_vllm_args
+from modelfleet.sim.vllm.config import SimConfig
+from modelfleet.sim.vllm.server import RunningSim, start_sim
+from modelfleet.sim.vllm.shapes import compute_output, token_pieces
 
 
 def sim_config(**overrides: object) -> SimConfig:

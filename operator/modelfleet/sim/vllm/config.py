@@ -1,0 +1,26 @@
+"""What one vLLM stand-in runs with: vLLM's arguments plus the simulation knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SimConfig:
+    """Everything one stand-in instance needs: vLLM's arguments plus the simulation knobs."""
+
+    model: str
+    served_names: tuple[str, ...]
+    instance: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int = 8192
+    startup_delay_s: float = 0.0
+    token_latency_s: float = 0.002
+    request_latency_s: float = 0.0
+    fail_rate: float = 0.0
+    fail_status: int = 503
+    fail_body: bool = False
+    embedding_dim: int = 32
