@@ -30,9 +30,10 @@ from typing import Any
 
 from modelfleet.api import API_GROUP, API_VERSION, KIND, ModelDeployment, ModelDeploymentStatus
 from modelfleet.api import labels as L
+from modelfleet.api.times import format_time
 from modelfleet.controller.decisions import Victim
 from modelfleet.controller.inflight import InFlight
-from modelfleet.controller.observed import format_time, parse_service
+from modelfleet.controller.observed import parse_service
 from modelfleet.controller.plan import EventSpec, Plan, PodToCreate
 from modelfleet.controller.reservations import Reservation, format_reservation
 from modelfleet.controller.status import dump_status, status_changed

@@ -9,28 +9,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from modelfleet.api import labels as L
+from modelfleet.api.times import parse_time
 
 _INSTANCE_NAME = re.compile(r"^(?P<deployment>.+)-instance-(?P<n>[1-9][0-9]*)$")
-
-
-def parse_time(text: str | None) -> datetime | None:
-    """An RFC 3339 time as Kubernetes writes it, or None when absent or malformed."""
-    if not text:
-        return None
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def format_time(value: datetime) -> str:
-    """RFC 3339 in UTC with a Z, second precision, as Kubernetes writes times."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def instance_name(deployment: str, n: int) -> str:

@@ -15,6 +15,7 @@ from datetime import datetime
 
 from modelfleet.api import ModelDeployment
 from modelfleet.api import labels as L
+from modelfleet.api.times import parse_time
 from modelfleet.controller.builders import (
     build_replica_pod,
     build_replica_record,
@@ -27,7 +28,7 @@ from modelfleet.controller.decisions import (
     Placer,
     Unplaceable,
 )
-from modelfleet.controller.observed import instance_name, parse_time
+from modelfleet.controller.observed import instance_name
 from modelfleet.controller.plan import (
     RESERVATION_TTL,
     Blocker,

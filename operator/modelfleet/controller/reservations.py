@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from modelfleet.api import labels as L
-from modelfleet.controller.observed import format_time, parse_time
+from modelfleet.api.times import format_time, parse_time
 
 Key = tuple[str, str]
 

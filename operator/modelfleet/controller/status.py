@@ -20,8 +20,9 @@ from modelfleet.api import (
     ModelDeployment,
     ModelDeploymentStatus,
 )
+from modelfleet.api.times import format_time
 from modelfleet.controller.builders import selector_string
-from modelfleet.controller.observed import ObservedPod, format_time
+from modelfleet.controller.observed import ObservedPod
 from modelfleet.controller.plan import BROKEN_WAITING, FailureKind, Plan, Reason
 
 # Container waiting reasons that mean "this replica will not come up by itself".

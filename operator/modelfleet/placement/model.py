@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import NamedTuple
 
+from modelfleet.api.times import format_time
 from modelfleet.api.v1alpha1 import PlacementStrategy, SharingMode
 
 __all__ = [
@@ -144,12 +144,7 @@ class PlacedReplica:
         return (self.deployment.namespace, self.pod)
 
     def describe(self) -> str:
-        used = (
-            "never used"
-            if self.last_used <= 0
-            else "last used "
-            + datetime.fromtimestamp(self.last_used, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        )
+        used = "never used" if self.last_used <= 0 else "last used " + format_time(self.last_used)
         return f"{self.deployment.namespace}/{self.pod} (priority {self.priority}, {used})"
 
 

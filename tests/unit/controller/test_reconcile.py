@@ -21,10 +21,11 @@ from prometheus_client import CollectorRegistry
 
 from modelfleet.api import API_GROUP, API_VERSION, KIND
 from modelfleet.api import labels as L
+from modelfleet.api.times import format_time
 from modelfleet.controller.builders import compute_template_hash
 from modelfleet.controller.execute import EventRecorder
 from modelfleet.controller.metrics import OperatorMetrics
-from modelfleet.controller.observed import format_time, parse_deployment, parse_pod
+from modelfleet.controller.observed import parse_deployment, parse_pod
 from modelfleet.controller.plan import Plan
 from modelfleet.controller.reconcile import CreateFailed, reconcile
 from modelfleet.controller.runtime import ClusterState, Runtime
