@@ -10,7 +10,10 @@ from typing import Any
 import pytest
 import yaml
 from clusterkit import CLUSTER_SH, ROOT, Cluster, kubectl, wait_for
+from pydantic import ValidationError
 
+from api_documents import INVALID, VALID, Invalid, error_paths, pydantic_blames
+from modelfleet.api import ModelDeployment
 from modelfleet.kube.client import ApiError, KubeClient
 from modelfleet.kube.paths import md_path, pods_path
 
@@ -90,6 +93,49 @@ async def test_invalid_modeldeployment_is_refused_naming_the_field(
     assert refused.value.status in (400, 422)
     assert field in refused.value.message
     assert (await kube.list(md_path(namespace)))["items"] == []
+
+
+@pytest.mark.parametrize("case", INVALID)
+async def test_api_server_and_models_refuse_the_same_documents(
+    kube: KubeClient, namespace: str, case: Invalid
+) -> None:
+    with pytest.raises(ValidationError) as by_models:
+        ModelDeployment.model_validate(case.doc)
+    assert pydantic_blames(by_models.value, case.field), error_paths(by_models.value)
+    with pytest.raises(ApiError) as by_server:
+        await kube.create(md_path(namespace), case.doc, fieldValidation="Strict")
+    assert by_server.value.status in (400, 422), by_server.value.message
+    # The API server writes "<field path>: <what is wrong>"; CEL messages name the field again.
+    assert case.field in by_server.value.message, by_server.value.message
+    assert (await kube.list(md_path(namespace)))["items"] == []
+
+
+@pytest.mark.parametrize("doc", VALID)
+async def test_api_server_and_models_accept_the_same_documents(
+    kube: KubeClient, namespace: str, doc: dict[str, Any]
+) -> None:
+    parsed = ModelDeployment.model_validate(doc)
+    created = await kube.create(md_path(namespace), doc, fieldValidation="Strict")
+    # What the API server stored (with its defaults) is what the operator will parse.
+    stored = ModelDeployment.model_validate(created)
+    assert stored.spec == parsed.spec
+
+
+async def test_cel_messages_say_how_to_fix(kube: KubeClient, namespace: str) -> None:
+    bad = [
+        ("metadata.name", {"metadata": {"name": "gemma.3-4b"}}, "e.g. gemma3-4b"),
+        ("spec.gpu.memory", {"spec": {"gpu": {"memory": "-5Gi"}}}, "such as 20Gi"),
+        ("spec.idleTimeout", {"spec": {"idleTimeout": "soon"}}, "such as 90s, 30m or 1h30m"),
+    ]
+    for field, change, advice in bad:
+        doc = md("advice")
+        doc["metadata"].update(change.get("metadata", {}))
+        doc["spec"].update(change.get("spec", {}))
+        with pytest.raises(ApiError) as refused:
+            await kube.create(md_path(namespace), doc)
+        assert f"{field}:" in refused.value.message
+        assert f"{field} must be" in refused.value.message
+        assert advice in refused.value.message
 
 
 async def test_kubectl_get_shows_the_printer_columns(cluster: Cluster, namespace: str) -> None:

@@ -9,9 +9,36 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from api_documents import INVALID, VALID, Invalid, error_paths, pydantic_blames
 from modelfleet.api import ModelDeployment, ModelDeploymentSpec, parse_duration, quantity_to_mib
+from modelfleet.api.crd import build_crd, render_crd_yaml
+from modelfleet.api.v1alpha1 import (
+    INSTANCE_INFIX,
+    MAX_NAME_LENGTH,
+    MAX_REPLICAS,
+    EnvVar,
+    GpuSpec,
+    Toleration,
+)
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+
+def walk_crd() -> list[tuple[str, dict[str, Any]]]:
+    """Every schema node of the generated CRD with its path."""
+    out: list[tuple[str, dict[str, Any]]] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            out.append((path, node))
+            for key, value in node.items():
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+
+    walk(build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"], "")
+    return out
 
 
 def spec(**fields: Any) -> dict[str, Any]:
@@ -137,3 +164,45 @@ def test_quantity_to_mib(quantity: int | str, mib: int) -> None:
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("case", INVALID)
+def test_shared_invalid_documents_are_refused_naming_the_field(case: Invalid) -> None:
+    # The integration tier feeds the same documents to the API server with the generated CRD.
+    with pytest.raises(ValidationError) as caught:
+        ModelDeployment.model_validate(case.doc)
+    assert pydantic_blames(caught.value, case.field), (error_paths(caught.value), caught.value)
+
+
+@pytest.mark.parametrize("doc", VALID)
+def test_shared_valid_documents_are_accepted(doc: dict[str, Any]) -> None:
+    ModelDeployment.model_validate(doc)
+
+
+def test_name_limit_keeps_every_replica_pod_name_within_a_dns_label() -> None:
+    longest = "a" * MAX_NAME_LENGTH + INSTANCE_INFIX + str(MAX_REPLICAS)
+    assert len(longest) == 63
+    ModelDeployment.model_validate({"metadata": {"name": "a" * MAX_NAME_LENGTH}, "spec": spec()})
+
+
+@pytest.mark.parametrize(
+    ("memory", "words"),
+    [("-5Gi", "is negative"), ("0", "is zero"), (0, "is zero"), ("24Gi\n", "not a Kubernetes")],
+)
+def test_gpu_memory_must_be_more_than_zero(memory: int | str, words: str) -> None:
+    with pytest.raises(ValidationError, match=words) as caught:
+        ModelDeploymentSpec.model_validate(spec(gpu={"memory": memory}))
+    assert error_paths(caught.value) == ["gpu.memory"]
+
+
+def test_every_model_invariant_is_a_cel_rule_in_the_crd() -> None:
+    crd = render_crd_yaml()
+    models = [GpuSpec, ModelDeploymentSpec, ModelDeployment, Toleration, EnvVar]
+    invariants = [inv for model in models for inv in model.invariants]
+    assert len(invariants) >= 6
+    for inv in invariants:
+        rules = [
+            r["rule"] for _, node in walk_crd() for r in node.get("x-kubernetes-validations", [])
+        ]
+        assert inv.cel in rules, inv.cel
+    assert "{field}" not in crd

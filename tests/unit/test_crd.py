@@ -73,3 +73,59 @@ def test_crd_yaml_is_one_document() -> None:
     docs = list(yaml.safe_load_all(CRD_FILE.read_text()))
     assert len(docs) == 1
     assert docs[0]["metadata"]["name"] == "modeldeployments.modelfleet.io"
+
+
+def schema_nodes(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every schema node with its field path (list items and map values [*])."""
+    out = [(path, node)]
+    for name, sub in node.get("properties", {}).items():
+        out += schema_nodes(sub, f"{path}.{name}" if path else name)
+    if isinstance(node.get("items"), dict):
+        out += schema_nodes(node["items"], f"{path}[*]")
+    if isinstance(node.get("additionalProperties"), dict):
+        out += schema_nodes(node["additionalProperties"], f"{path}[*]")
+    return out
+
+
+def openapi_schema() -> dict[str, Any]:
+    return dict(build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
+def test_every_cel_message_names_its_field() -> None:
+    rules = 0
+    for path, node in schema_nodes(openapi_schema()):
+        for rule in node.get("x-kubernetes-validations", []):
+            rules += 1
+            field = (path + rule.get("fieldPath", "")).lstrip(".").split("[")[0]
+            assert field in rule["message"], (path, rule)
+            assert list(rule)[:2] == ["rule", "message"], rule
+    assert rules >= 10
+
+
+def test_strings_that_cel_rules_read_are_bounded() -> None:
+    # Without maxLength the API server estimates a rule's cost for a string as long as a whole
+    # request; bounds keep the estimate far below its budget.
+    for path, node in schema_nodes(openapi_schema()):
+        reads_self = any(
+            "self.matches" in rule["rule"] for rule in node.get("x-kubernetes-validations", [])
+        )
+        if reads_self:
+            assert node.get("maxLength"), path
+    metadata = openapi_schema()["properties"]["metadata"]["properties"]
+    assert metadata["name"]["maxLength"] == 253
+
+
+def test_name_rule_sits_at_the_root_and_blames_metadata_name() -> None:
+    (rule,) = openapi_schema()["x-kubernetes-validations"]
+    assert rule["fieldPath"] == ".metadata.name"
+    assert "self.metadata.name.size() <= 50" in rule["rule"]
+    assert "metadata.name must be a DNS label" in rule["message"]
+
+
+def test_quantities_refuse_a_sign_through_cel_not_a_signed_pattern() -> None:
+    spec = openapi_schema()["properties"]["spec"]
+    memory = spec["properties"]["gpu"]["properties"]["memory"]
+    assert "pattern" not in memory
+    (rule,) = memory["x-kubernetes-validations"]
+    assert rule["rule"].startswith("type(self) == int ? self > 0 :")
+    assert "(\\+|-)?" not in rule["rule"].split("[eE]")[0]

@@ -2,7 +2,8 @@
 
 The result is a structural schema as the API server wants it: every $ref inlined, no titles, no
 `anyOf: [X, null]` for optional fields (an absent field is simply not required), quantities as
-int-or-string, and the cross-field rules as CEL with messages that name the field.
+int-or-string, and the models' invariants as CEL rules (x-kubernetes-validations) whose messages
+name the field.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from modelfleet.api.rules import validations
 from modelfleet.api.v1alpha1 import (
     API_GROUP,
     API_VERSION,
@@ -19,33 +21,14 @@ from modelfleet.api.v1alpha1 import (
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
+    ModelDeployment,
     ModelDeploymentSpec,
     ModelDeploymentStatus,
 )
 
-# CEL rules that span fields. Each message names the field so `kubectl apply` says what to fix.
-# Every field a rule reads is guarded by has(): the API server also checks the rules against the
-# schema's `default: {}` values, where the nested defaults are not filled in yet.
-_SPEC_RULES = [
-    {
-        "rule": (
-            "!has(self.minReplicas) || !has(self.replicas) || self.minReplicas <= self.replicas"
-        ),
-        "message": "spec.minReplicas must not exceed spec.replicas",
-        "fieldPath": ".minReplicas",
-        "reason": "FieldValueInvalid",
-    },
-]
-_GPU_RULES = [
-    {
-        "rule": "!has(self.sharing) || self.sharing != 'Shared' || has(self.memory)",
-        "message": "spec.gpu.memory is required when spec.gpu.sharing is Shared",
-        "fieldPath": ".memory",
-        "reason": "FieldValueRequired",
-    },
-]
-
-_DROP_KEYS = {"title"}
+_DROP_KEYS = {"title", "$defs"}
+# The order of the keys of an x-kubernetes-validations entry in the YAML, as people write them.
+_RULE_KEYS = ("rule", "messageExpression", "message", "fieldPath", "reason")
 
 
 def _inline(node: Any, defs: dict[str, Any]) -> Any:
@@ -55,34 +38,48 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
     if not isinstance(node, dict):
         return node
     if "$ref" in node:
-        target = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
-        extra = {k: v for k, v in node.items() if k != "$ref"}
-        target.update(extra)
-        return _inline(target, defs)
+        return _inline(_resolve_ref(node, defs), defs)
     any_of = node.get("anyOf")
     if isinstance(any_of, list) and any(option.get("type") == "null" for option in any_of):
-        # Optional[X]: the field is optional through `required`; the schema is X's.
-        rest = [option for option in any_of if option.get("type") != "null"]
-        merged = {k: v for k, v in node.items() if k != "anyOf"}
-        if len(rest) == 1:
-            merged.update(rest[0])
-        else:
-            merged["anyOf"] = rest
-        if merged.get("default", 0) is None:
-            del merged["default"]
-        return _inline(merged, defs)
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if key in _DROP_KEYS or key == "$defs":
-            continue
-        if key == "properties":
-            out[key] = {name: _inline(sub, defs) for name, sub in value.items()}
-        else:
-            out[key] = _inline(value, defs)
-    if out.get("additionalProperties") is False:
+        return _inline(_without_null(node, any_of), defs)
+    out = {key: _inline_value(key, value, defs) for key, value in node.items()}
+    return _make_structural({k: v for k, v in out.items() if k not in _DROP_KEYS})
+
+
+def _inline_value(key: str, value: Any, defs: dict[str, Any]) -> Any:
+    if key == "properties":
+        # Field names, not keywords: a field may be called "title" or "enum".
+        return {name: _inline(sub, defs) for name, sub in value.items()}
+    return _inline(value, defs)
+
+
+def _resolve_ref(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """The definition a $ref points at, with the keywords written beside the $ref on top."""
+    target: dict[str, Any] = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
+    target.update({k: v for k, v in node.items() if k != "$ref"})
+    return target
+
+
+def _without_null(node: dict[str, Any], any_of: list[Any]) -> dict[str, Any]:
+    """Optional[X]: the field is optional through `required`; the schema is X's."""
+    rest = [option for option in any_of if option.get("type") != "null"]
+    merged = {k: v for k, v in node.items() if k != "anyOf"}
+    if len(rest) == 1:
+        merged.update(rest[0])
+    else:
+        merged["anyOf"] = rest
+    if merged.get("default", 0) is None:
+        del merged["default"]
+    return merged
+
+
+def _make_structural(out: dict[str, Any]) -> dict[str, Any]:
+    """Fix the keywords of one (already inlined) node that structural schemas do not take."""
+    additional = out.get("additionalProperties")
+    if additional is False:
         # Structural schemas prune unknown fields; `false` is not allowed there.
         del out["additionalProperties"]
-    if out.get("additionalProperties") is True:
+    elif additional is True:
         # A free-form object is said with x-kubernetes-preserve-unknown-fields instead.
         del out["additionalProperties"]
         out["x-kubernetes-preserve-unknown-fields"] = True
@@ -97,6 +94,25 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
+def _name_fields(node: Any, path: str) -> None:
+    """Put each node's path into its rules' messages ("{field}") and order the rule keys.
+
+    List items and map values are written [*], as the API server writes them: env[0], limits[cpu].
+    """
+    if not isinstance(node, dict):
+        return
+    rules = node.get("x-kubernetes-validations")
+    if rules:
+        node["x-kubernetes-validations"] = [
+            {key: rule[key].replace("{field}", path) for key in _RULE_KEYS if key in rule}
+            for rule in rules
+        ]
+    for name, sub in node.get("properties", {}).items():
+        _name_fields(sub, f"{path}.{name}" if path else name)
+    _name_fields(node.get("items"), f"{path}[*]")
+    _name_fields(node.get("additionalProperties"), f"{path}[*]")
+
+
 def _schema_of(model: type[Any]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="serialization")
     return dict(_inline(raw, raw.get("$defs", {})))
@@ -105,16 +121,17 @@ def _schema_of(model: type[Any]) -> dict[str, Any]:
 def build_openapi_schema() -> dict[str, Any]:
     """The openAPIV3Schema of the v1alpha1 version."""
     spec = _schema_of(ModelDeploymentSpec)
-    spec["x-kubernetes-validations"] = _SPEC_RULES
-    spec["properties"]["gpu"]["x-kubernetes-validations"] = _GPU_RULES
     # Defaults of nested objects: with `default: {}` the API server fills in their own defaults.
-    for name in ("gpu", "placement", "engine"):
-        spec["properties"][name]["default"] = {}
+    for field in ("gpu", "placement", "engine"):
+        spec["properties"][field]["default"] = {}
     spec["properties"]["engine"]["properties"]["resources"]["default"] = {}
     status = _schema_of(ModelDeploymentStatus)
     for prop in status["properties"].values():
         prop.pop("default", None)
-    return {
+    # Only name and generateName may be described under metadata. Their bound is ObjectMeta's own
+    # (253); stated here, it keeps the cost the API server estimates for the name rule small.
+    object_name: dict[str, Any] = {"type": "string", "maxLength": 253}
+    schema: dict[str, Any] = {
         "type": "object",
         "description": (
             "ModelDeployment runs replicas of one LLM (vLLM servers) on GPU nodes, placed by "
@@ -123,12 +140,18 @@ def build_openapi_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            "metadata": {
+                "type": "object",
+                "properties": {"name": object_name, "generateName": dict(object_name)},
+            },
             "spec": spec,
             "status": status,
         },
         "required": ["spec"],
+        **validations(*ModelDeployment.invariants),
     }
+    _name_fields(schema, "")
+    return schema
 
 
 def build_crd() -> dict[str, Any]:

@@ -24,6 +24,11 @@ QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
+# The same without a minus sign: a quantity of zero or more.
+UNSIGNED_QUANTITY_PATTERN = QUANTITY_PATTERN.replace(r"^(\+|-)?", r"^\+?", 1)
+# A quantity whose number has a digit other than 0: together with the pattern above, more than
+# zero. The number ends where the suffix or exponent begins, so the digit is in the number.
+NONZERO_QUANTITY_PATTERN = r"^\+?[0-9.]*[1-9]"
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 _NUMBER_SUFFIX_RE = re.compile(r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(.*)$")
 
@@ -47,8 +52,9 @@ def parse_quantity(value: int | str) -> Decimal:
         raise ValueError(f"expected a Kubernetes quantity such as 24Gi, got {value!r}")
     if isinstance(value, int):
         return Decimal(value)
-    text = str(value).strip()
-    if not _QUANTITY_RE.match(text):
+    # Whole-string match, no trimming: the API server's pattern (RE2) refuses "24Gi " and "24Gi\n".
+    text = str(value)
+    if not _QUANTITY_RE.fullmatch(text):
         raise ValueError(
             f"{value!r} is not a Kubernetes quantity; use a number with an optional suffix "
             "such as 24Gi, 16000Mi or 20G"
@@ -76,8 +82,8 @@ def quantity_to_mib(value: int | str) -> int:
 
 def parse_duration(value: str) -> float:
     """Return a Go-style duration ("90s", "30m", "1h30m") in seconds."""
-    text = value.strip()
-    if not _DURATION_RE.match(text):
+    text = value
+    if not _DURATION_RE.fullmatch(text):
         raise ValueError(
             f"{value!r} is not a duration; use a number with a unit, such as 90s, 30m or 1h30m"
         )

@@ -1,8 +1,9 @@
 """ModelDeployment, version v1alpha1: the single source of truth for the CRD and the operator.
 
-Every field has a description (it becomes `kubectl explain` text). Cross-field rules are written
-twice on purpose: as pydantic validators here, for the operator and the CLI, and as CEL rules in
-the generated CRD (see `crd.py`), so the API server refuses the same documents.
+Every field has a description (it becomes `kubectl explain` text). The API server refuses what
+these models refuse: field constraints become OpenAPI keywords of the generated CRD (`crd.py`),
+and every other rule is an `Invariant` (`rules.py`) that pairs the Python check with its CEL rule,
+declared here beside the model it guards.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -18,14 +19,17 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    StringConstraints,
     WithJsonSchema,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
+from modelfleet.api.rules import Invariant, check_all, validations
 from modelfleet.api.units import (
     DURATION_PATTERN,
-    QUANTITY_PATTERN,
+    NONZERO_QUANTITY_PATTERN,
+    UNSIGNED_QUANTITY_PATTERN,
     parse_duration,
     parse_quantity,
 )
@@ -37,37 +41,120 @@ PLURAL = "modeldeployments"
 SINGULAR = "modeldeployment"
 SHORT_NAMES = ["mdeploy"]
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Object names. The operator names the model's Service <name>, a DNS-1035 label (at most 63
+# characters, starting with a letter: the API server refuses any other Service name), labels its
+# Pods modelfleet.io/deployment=<name> (label values: at most 63 characters) and names replica n
+# <name>-instance-<n>; a Pod's hostname is its name cut at 63 characters, so a longer name would
+# give replicas the same hostname. 63 - len("-instance-999") = 50.
+MAX_REPLICAS = 999
+INSTANCE_INFIX = "-instance-"
+MAX_NAME_LENGTH = 63 - len(INSTANCE_INFIX) - len(str(MAX_REPLICAS))
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+# Label values (node labels such as nvidia.com/gpu.product, toleration values) and label keys
+# (qualified names: an optional DNS-subdomain prefix and "/", then at most 63 characters).
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=LABEL_VALUE_PATTERN)]
+LabelKey = Annotated[str, StringConstraints(max_length=253 + 1 + 63, pattern=LABEL_KEY_PATTERN)]
+
+# Strings a CEL rule reads are bounded, so the API server's cost estimate of the rule stays small
+# (without maxLength it assumes a string as long as a whole request).
+QUANTITY_MAX_LENGTH = 64
+MAX_RESOURCES = 32  # resource names in engine.resources.limits or .requests
+MAX_TOLERATIONS = 64  # entries in placement.tolerations
+DURATION_MAX_LENGTH = 64
 
 
-def _check_quantity(value: int | str) -> int | str:
+def _short(value: int | str, limit: int) -> None:
+    # The CRD's maxLength, checked here too so that both refuse the same strings.
+    if isinstance(value, str) and len(value) > limit:
+        raise ValueError(f"{value[:20]!r}... is {len(value)} characters long; at most {limit}")
+
+
+def _quantity_at_least_zero(value: int | str) -> bool:
+    _short(value, QUANTITY_MAX_LENGTH)
     if parse_quantity(value) < 0:
         raise ValueError(f"{value!r} is negative; a quantity here must be zero or more")
-    return value
+    return True
 
 
-def _check_duration(value: str) -> str:
+def _quantity_above_zero(value: int | str) -> bool:
+    _short(value, QUANTITY_MAX_LENGTH)
+    amount = parse_quantity(value)
+    if amount <= 0:
+        sign = "negative" if amount < 0 else "zero"
+        raise ValueError(f"{value!r} is {sign}; a quantity here must be more than zero, e.g. 20Gi")
+    return True
+
+
+def _is_duration(value: str) -> bool:
+    _short(value, DURATION_MAX_LENGTH)
     parse_duration(value)
-    return value
+    return True
 
 
-# A Kubernetes quantity: an integer or a string such as "24Gi". In the CRD it is int-or-string
-# with the upstream quantity pattern, as in core/v1 ResourceRequirements.
+# int-or-string is a dynamic type in CEL: every rule on a quantity tests which one it got. The
+# string patterns are the API server's own quantity pattern without a minus sign.
+_STRING_QUANTITY = f"self.matches(r'{UNSIGNED_QUANTITY_PATTERN}')"
+QUANTITY_AT_LEAST_ZERO = Invariant(
+    holds=_quantity_at_least_zero,
+    cel=f"type(self) == int ? self >= 0 : {_STRING_QUANTITY}",
+    message=(
+        "{field} must be a Kubernetes quantity of zero or more: a number with an optional "
+        "suffix, such as 24Gi, 16000Mi, 500m or 2"
+    ),
+)
+QUANTITY_ABOVE_ZERO = Invariant(
+    holds=_quantity_above_zero,
+    cel=(
+        f"type(self) == int ? self > 0 : "
+        f"{_STRING_QUANTITY} && self.matches(r'{NONZERO_QUANTITY_PATTERN}')"
+    ),
+    message=(
+        "{field} must be a Kubernetes quantity of more than zero: a number with an optional "
+        "suffix, such as 20Gi or 16000Mi"
+    ),
+)
+IS_DURATION = Invariant(
+    holds=_is_duration,
+    cel=f"self.matches(r'{DURATION_PATTERN}')",
+    message="{field} must be a duration: a number with a unit, such as 90s, 30m or 1h30m",
+)
+
+
+def _int_or_string(rule: Invariant) -> dict[str, Any]:
+    return {
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "x-kubernetes-int-or-string": True,
+        "maxLength": QUANTITY_MAX_LENGTH,
+        **validations(rule),
+    }
+
+
+# A Kubernetes quantity: an integer or a string such as "24Gi" (int-or-string in the CRD, as in
+# core/v1 ResourceRequirements), zero or more.
 Quantity = Annotated[
     int | str,
-    AfterValidator(_check_quantity),
-    WithJsonSchema(
-        {
-            "anyOf": [{"type": "integer"}, {"type": "string"}],
-            "pattern": QUANTITY_PATTERN,
-            "x-kubernetes-int-or-string": True,
-        }
-    ),
+    AfterValidator(QUANTITY_AT_LEAST_ZERO.check),
+    WithJsonSchema(_int_or_string(QUANTITY_AT_LEAST_ZERO)),
+]
+# The same, more than zero: GPU memory a replica uses.
+PositiveQuantity = Annotated[
+    int | str,
+    AfterValidator(QUANTITY_ABOVE_ZERO.check),
+    WithJsonSchema(_int_or_string(QUANTITY_ABOVE_ZERO)),
 ]
 Duration = Annotated[
     str,
-    AfterValidator(_check_duration),
-    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN}),
+    AfterValidator(IS_DURATION.check),
+    WithJsonSchema(
+        {"type": "string", "maxLength": DURATION_MAX_LENGTH, **validations(IS_DURATION)}
+    ),
 ]
 # Times travel as RFC 3339 strings, the form Kubernetes uses.
 Timestamp = Annotated[
@@ -77,8 +164,18 @@ Timestamp = Annotated[
 ]
 
 
+def _invariants_to_schema(schema: dict[str, Any], cls: type[Any]) -> None:
+    invariants: tuple[Invariant, ...] = getattr(cls, "invariants", ())
+    if invariants:
+        schema.update(validations(*invariants))
+
+
 class _Model(BaseModel):
-    """Base for every API model: camelCase on the wire, unknown fields refused."""
+    """Base for every API model: camelCase on the wire, unknown fields refused.
+
+    `invariants` are the model's rules across fields: pydantic checks them after the fields, and
+    the CRD carries their CEL rules on the model's schema node.
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -86,7 +183,14 @@ class _Model(BaseModel):
         extra="forbid",
         use_enum_values=True,
         validate_default=True,
+        json_schema_extra=_invariants_to_schema,
     )
+    invariants: ClassVar[tuple[Invariant, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_invariants(self) -> Any:
+        check_all(self, type(self).invariants)
+        return self
 
 
 class SharingMode(StrEnum):
@@ -109,16 +213,15 @@ class GpuSpec(_Model):
         le=64,
         description="GPUs per replica; vLLM's tensor-parallel size is set to this number.",
     )
-    memory: Quantity | None = Field(
+    memory: PositiveQuantity | None = Field(
         None,
         description=(
             "GPU memory one replica uses (its footprint), e.g. 24Gi. Required when sharing is "
             "Shared. When absent in Exclusive mode, the first replica measures it."
         ),
     )
-    product: str | None = Field(
+    product: LabelValue | None = Field(
         None,
-        max_length=253,
         description=(
             "Only GPUs of this product, the value of the node label nvidia.com/gpu.product "
             "(e.g. NVIDIA-H100-80GB-HBM3)."
@@ -131,29 +234,76 @@ class GpuSpec(_Model):
         ),
     )
 
-    @model_validator(mode="after")
-    def _shared_needs_memory(self) -> GpuSpec:
-        if self.sharing == SharingMode.SHARED and self.memory is None:
-            raise ValueError(
+    # Every field a CEL rule reads is guarded by has(): the API server also checks the rules
+    # against the schema's `default: {}` values, where the nested defaults are not filled in yet.
+    invariants = (
+        Invariant(
+            holds=lambda gpu: gpu.sharing != SharingMode.SHARED or gpu.memory is not None,
+            cel="!has(self.sharing) || self.sharing != 'Shared' || has(self.memory)",
+            message=(
                 "spec.gpu.memory is required when spec.gpu.sharing is Shared: "
                 "set the memory each replica uses, e.g. memory: 20Gi"
-            )
-        return self
+            ),
+            field_path=".memory",
+            reason="FieldValueRequired",
+        ),
+    )
 
 
 class Toleration(_Model):
     """A toleration, as in a Pod spec, for tainted GPU nodes."""
 
-    key: str | None = Field(None, description="Taint key the toleration applies to.")
+    key: LabelKey | None = Field(
+        None, description="Taint key the toleration applies to; empty (with Exists) matches all."
+    )
     operator: Literal["Exists", "Equal"] | None = Field(
         None, description="Exists or Equal (default Equal)."
     )
-    value: str | None = Field(None, description="Taint value to match when operator is Equal.")
+    value: LabelValue | None = Field(
+        None, description="Taint value to match when operator is Equal."
+    )
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to match; empty matches all effects."
     )
     toleration_seconds: int | None = Field(
         None, description="How long a NoExecute taint is tolerated, in seconds."
+    )
+
+    # The Pod API's rules for tolerations: the replica Pods carry these tolerations.
+    invariants = (
+        Invariant(
+            holds=lambda t: bool(t.key) or t.operator == "Exists",
+            cel=(
+                "(has(self.key) && size(self.key) > 0) || "
+                "(has(self.operator) && self.operator == 'Exists')"
+            ),
+            message=(
+                "spec.placement.tolerations: a toleration without a key must have "
+                "operator: Exists (it then tolerates every taint); set key, or operator: Exists"
+            ),
+            field_path=".operator",
+        ),
+        Invariant(
+            holds=lambda t: t.operator != "Exists" or not t.value,
+            cel=(
+                "!has(self.operator) || self.operator != 'Exists' || "
+                "!has(self.value) || size(self.value) == 0"
+            ),
+            message=(
+                "spec.placement.tolerations: value must be empty when operator is Exists; "
+                "remove value, or use operator: Equal"
+            ),
+            field_path=".value",
+        ),
+        Invariant(
+            holds=lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+            cel="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            message=(
+                "spec.placement.tolerations: tolerationSeconds applies only to effect: "
+                "NoExecute; set effect: NoExecute or remove tolerationSeconds"
+            ),
+            field_path=".effect",
+        ),
     )
 
 
@@ -167,11 +317,15 @@ class PlacementSpec(_Model):
             "Empty means the operator's default."
         ),
     )
-    node_selector: dict[str, str] = Field(
+    node_selector: dict[str, LabelValue] = Field(
         default_factory=dict, description="Node labels every replica's node must carry."
     )
+    # Bounded for the same reason as engine.resources: the API server multiplies the cost of
+    # each toleration's rules by the longest list the schema allows.
     tolerations: list[Toleration] = Field(
-        default_factory=list, description="Taints the replicas tolerate."
+        default_factory=list,
+        max_length=MAX_TOLERATIONS,
+        description="Taints the replicas tolerate.",
     )
     spread: bool = Field(
         True, description="Prefer distinct nodes for the replicas of this deployment."
@@ -189,12 +343,27 @@ class EnvVar(_Model):
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
 
+    invariants = (
+        Invariant(
+            holds=lambda var: not (var.value and var.value_from is not None),
+            cel="!has(self.valueFrom) || !has(self.value) || size(self.value) == 0",
+            message="spec.engine.env: set either value or valueFrom, not both",
+            field_path=".valueFrom",
+        ),
+    )
+
 
 class ResourceRequirements(_Model):
     """CPU and memory for the engine container (GPUs come from spec.gpu)."""
 
-    limits: dict[str, Quantity] = Field(default_factory=dict, description="Resource limits.")
-    requests: dict[str, Quantity] = Field(default_factory=dict, description="Resource requests.")
+    # At most MAX_RESOURCES names each: the API server multiplies the cost of the rule on each
+    # quantity by the largest number of entries a map may have.
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict, max_length=MAX_RESOURCES, description="Resource limits."
+    )
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict, max_length=MAX_RESOURCES, description="Resource requests."
+    )
 
 
 class EngineSpec(_Model):
@@ -227,11 +396,11 @@ class ModelDeploymentSpec(_Model):
         max_length=256,
         description="Name clients ask for; defaults to the ModelDeployment's name.",
     )
-    replicas: int = Field(1, ge=0, le=1000, description="Parallel instances to run.")
+    replicas: int = Field(1, ge=0, le=MAX_REPLICAS, description="Parallel instances to run.")
     min_replicas: int = Field(
         0,
         ge=0,
-        le=1000,
+        le=MAX_REPLICAS,
         description="Floor for idle scale-down and eviction; at most replicas.",
     )
     gpu: GpuSpec = Field(default_factory=GpuSpec, description="GPUs per replica.")
@@ -250,14 +419,28 @@ class ModelDeploymentSpec(_Model):
     )
     engine: EngineSpec = Field(default_factory=EngineSpec, description="The vLLM container.")
 
-    @model_validator(mode="after")
-    def _min_not_above_replicas(self) -> ModelDeploymentSpec:
-        if self.min_replicas > self.replicas:
-            raise ValueError(
-                f"spec.minReplicas ({self.min_replicas}) must not exceed spec.replicas "
-                f"({self.replicas}): lower minReplicas or raise replicas"
-            )
-        return self
+    invariants = (
+        Invariant(
+            holds=lambda spec: _min_not_above_replicas(spec.min_replicas, spec.replicas),
+            cel=(
+                "!has(self.minReplicas) || !has(self.replicas) || self.minReplicas <= self.replicas"
+            ),
+            message=(
+                "spec.minReplicas must not exceed spec.replicas: "
+                "lower minReplicas or raise replicas"
+            ),
+            field_path=".minReplicas",
+        ),
+    )
+
+
+def _min_not_above_replicas(min_replicas: int, replicas: int) -> bool:
+    if min_replicas > replicas:
+        raise ValueError(
+            f"spec.minReplicas ({min_replicas}) must not exceed spec.replicas ({replicas}): "
+            "lower minReplicas or raise replicas"
+        )
+    return True
 
 
 class ConditionType(StrEnum):
@@ -342,18 +525,42 @@ class ModelDeployment(BaseModel):
     spec: ModelDeploymentSpec
     status: ModelDeploymentStatus = Field(default_factory=ModelDeploymentStatus)
 
+    # Rules on the whole object; the CRD carries them at the root of its schema, the only place a
+    # CEL rule may read metadata.name.
+    invariants: ClassVar[tuple[Invariant, ...]] = (
+        Invariant(
+            holds=lambda md: _name_is_valid(md.metadata.name),
+            cel=(
+                f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && "
+                f"self.metadata.name.matches(r'{NAME_PATTERN}')"
+            ),
+            message=(
+                f"metadata.name must be a DNS label (RFC 1035) of at most {MAX_NAME_LENGTH} "
+                "characters: lowercase letters, digits and '-', starting with a letter and ending "
+                "with a letter or digit, e.g. gemma3-4b (the model's Service is named <name> and "
+                "its replica Pods <name>-instance-<n>)"
+            ),
+            field_path=".metadata.name",
+        ),
+    )
+
     @model_validator(mode="after")
-    def _name_is_dns_label(self) -> ModelDeployment:
-        # Replica pods are named <name>-instance-<n> and the Service <name>: both need a DNS label.
-        if not _DNS_LABEL.match(self.metadata.name) or len(self.metadata.name) > 50:
-            raise ValueError(
-                f"metadata.name {self.metadata.name!r} must be a DNS label of at most 50 "
-                "characters (lowercase letters, digits and '-'), because replica Pods are "
-                "named <name>-instance-<n>"
-            )
+    def _check_invariants(self) -> ModelDeployment:
+        check_all(self, type(self).invariants)
         return self
 
     @property
     def served_name(self) -> str:
         """The model name clients send: spec.servedModelName, else the object's name."""
         return self.spec.served_model_name or self.metadata.name
+
+
+def _name_is_valid(name: str) -> bool:
+    if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"metadata.name {name!r} must be a DNS label (RFC 1035) of at most {MAX_NAME_LENGTH} "
+            "characters: lowercase letters, digits and '-', starting with a letter and ending "
+            "with a letter or digit, e.g. gemma3-4b (the model's Service is named <name> and its "
+            "replica Pods <name>-instance-<n>)"
+        )
+    return True
