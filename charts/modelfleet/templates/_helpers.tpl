@@ -104,6 +104,10 @@ Pods are named <name>-instance-<n>). "gemma3-4B" -> "gemma3-4b", "Qwen/Qwen2.5 7
 */}}
 {{- define "modelfleet.modelObjectName" -}}
 {{- $n := regexReplaceAll "[^a-z0-9]+" (lower .) "-" | trimAll "-" | trunc 50 | trimSuffix "-" -}}
+{{- /* The object name is also the Service's: a DNS-1035 label, so it starts with a letter. */ -}}
+{{- if regexMatch "^[0-9]" $n -}}
+{{- $n = printf "m-%s" $n | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
 {{- if not $n -}}
 {{- fail (printf "parallelModels: %q has no letter or digit to build an object name from; add `name: <dns-label>` to its entry" .) -}}
 {{- end -}}

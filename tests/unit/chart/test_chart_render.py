@@ -627,6 +627,15 @@ def test_parallel_models_render_from_one_template(render: Render) -> None:
     assert image == "vllm/vllm-openai:v0.11.1"
 
 
+def test_a_model_name_starting_with_a_digit_gets_a_letter_first(render: Render) -> None:
+    # The object name is also the Service's, a DNS-1035 label: the CRD refuses a leading digit.
+    values = {"parallelModels": {"3B-chat": 1}}
+    [model] = find(render(values, "--api-versions", MD_API), "ModelDeployment")
+    assert model["metadata"]["name"] == "m-3b-chat"
+    assert model["spec"]["servedModelName"] == "3B-chat"
+    ModelDeployment.model_validate(model)
+
+
 def test_parallel_models_are_a_post_install_hook_until_the_crd_exists(render: Render) -> None:
     values = {"parallelModels": {"gemma3-4B": 2}}
     (first,) = find(render(values), "ModelDeployment")
