@@ -35,6 +35,7 @@ from typing import IO, Any
 
 import aiohttp
 
+from modelfleet.api.times import format_time
 from modelfleet.kube.client import ApiError, KubeClient, list_and_watch, load_kubeconfig
 
 log = logging.getLogger("pod-runner")
@@ -207,7 +208,7 @@ def restart_count(pod: Mapping[str, Any]) -> int:
 
 
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_time(datetime.now(UTC))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from modelfleet.api.v1alpha1 import PlacementStrategy
+from modelfleet.api.v1alpha1 import Balancing, PlacementStrategy
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +287,8 @@ class GatewaySettings(_Settings):
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8080, ge=1, le=65535, description="Port to listen on.")
     namespace: str = Field("", description="Only route to ModelDeployments here; empty: all.")
-    balancing: Literal["RoundRobin", "LeastOutstanding"] = Field(
-        "RoundRobin",
+    balancing: Balancing = Field(
+        Balancing.ROUND_ROBIN,
         description=(
             "Default balancing across a model's replicas: RoundRobin or LeastOutstanding; a "
             "ModelDeployment may override it with the annotation modelfleet.io/balancing."

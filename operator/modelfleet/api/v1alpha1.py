@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from modelfleet.api.rules import Invariant, check_all, validations
+from modelfleet.api.times import format_time
 from modelfleet.api.units import (
     DURATION_PATTERN,
     NONZERO_QUANTITY_PATTERN,
@@ -159,7 +160,7 @@ Duration = Annotated[
 # Times travel as RFC 3339 strings, the form Kubernetes uses.
 Timestamp = Annotated[
     datetime,
-    PlainSerializer(lambda t: t.isoformat().replace("+00:00", "Z"), return_type=str),
+    PlainSerializer(format_time, return_type=str),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
 
@@ -202,6 +203,14 @@ class PlacementStrategy(StrEnum):
     AVAILABILITY = "Availability"
     ROUND_ROBIN = "RoundRobin"
     WEIGHTED = "Weighted"
+
+
+class Balancing(StrEnum):
+    """How the gateway spreads a model's requests over its ready replicas (the gateway's
+    setting, or the annotation modelfleet.io/balancing on a ModelDeployment)."""
+
+    ROUND_ROBIN = "RoundRobin"
+    LEAST_OUTSTANDING = "LeastOutstanding"
 
 
 class GpuSpec(_Model):

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ROUND_ROBIN = "RoundRobin"
-LEAST_OUTSTANDING = "LeastOutstanding"
+from modelfleet.api.v1alpha1 import Balancing
 
 
 @dataclass(eq=False)
@@ -47,7 +46,7 @@ class Route:
 
     model: str
     replicas: list[Replica]
-    balancing: str = ROUND_ROBIN
+    balancing: Balancing = Balancing.ROUND_ROBIN
     counter: int = 0
 
 
@@ -63,7 +62,7 @@ def pick_replica(route: Route, now: float, exclude: tuple[Replica, ...] = ()) ->
         return None
     start = route.counter
     route.counter = start + 1
-    if route.balancing == LEAST_OUTSTANDING:
+    if route.balancing == Balancing.LEAST_OUTSTANDING:
         best: Replica | None = None
         for i in range(count):
             candidate = replicas[(start + i) % count]
@@ -110,7 +109,7 @@ def record_failure(replica: Replica, now: float, policy: EjectionPolicy) -> bool
 def build_route(
     model: str,
     addresses: list[tuple[str, str, str]],
-    balancing: str,
+    balancing: Balancing,
     previous: Route | None,
 ) -> Route:
     """A Route over (name, address, namespace) triples, in that order, reusing old Replicas."""

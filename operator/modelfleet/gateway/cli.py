@@ -9,6 +9,7 @@ import signal
 from functools import partial
 
 from modelfleet.aio import install_uvloop
+from modelfleet.api.v1alpha1 import Balancing
 from modelfleet.gateway.app import build_app, start_gateway
 from modelfleet.gateway.registry import Registry
 from modelfleet.gateway.sources import (
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kubeconfig", default=None, help="kubeconfig file")
     parser.add_argument(
         "--balancing",
-        choices=["RoundRobin", "LeastOutstanding"],
+        choices=[b.value for b in Balancing],
         default=None,
         help="default balancing (default: settings, RoundRobin)",
     )

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelfleet.api import labels
+from modelfleet.api.v1alpha1 import Balancing
 
-BALANCING_MODES = ("RoundRobin", "LeastOutstanding")
+_BALANCING = frozenset(b.value for b in Balancing)
+
 DEFAULT_ENGINE_PORT = 8000
 
 
@@ -25,7 +27,7 @@ class DeploymentInfo:
     name: str
     served_name: str
     replicas: int
-    balancing: str | None  # the annotation's value when valid, else None (the global default)
+    balancing: Balancing | None  # the annotation's value when valid, else None (the global default)
     port: int
 
     @property
@@ -68,7 +70,7 @@ def parse_deployment(obj: dict[str, Any]) -> DeploymentInfo | None:
         name=name,
         served_name=spec.get("servedModelName") or name,
         replicas=replicas if isinstance(replicas, int) else 1,
-        balancing=balancing if balancing in BALANCING_MODES else None,
+        balancing=Balancing(balancing) if balancing in _BALANCING else None,
         port=port if isinstance(port, int) else DEFAULT_ENGINE_PORT,
     )
 

@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from modelfleet.api.v1alpha1 import Balancing
 from modelfleet.gateway.balancer import Route, build_route
 from modelfleet.gateway.model import (
     DeploymentInfo,
@@ -35,7 +36,7 @@ def _natural(text: str) -> list[Any]:
 class Registry:
     """Deployments and ready Pods in, one Route per served model out."""
 
-    def __init__(self, default_balancing: str = "RoundRobin") -> None:
+    def __init__(self, default_balancing: Balancing = Balancing.ROUND_ROBIN) -> None:
         self.default_balancing = default_balancing
         self.deployments: dict[Key, DeploymentInfo] = {}
         self.pods: dict[Key, PodEndpoint] = {}
@@ -226,7 +227,7 @@ class Registry:
         for model in set(self.routes) | set(self._pods_by_model) | set(models):
             self._rebuild_model(model)
 
-    def _balancing(self, model: str) -> str:
+    def _balancing(self, model: str) -> Balancing:
         for info in self.models.get(model, ()):
             if info.balancing:
                 return info.balancing

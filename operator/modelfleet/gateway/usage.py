@@ -12,12 +12,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Protocol
 
 import aiohttp
 
 from modelfleet.api import labels
+from modelfleet.api.times import format_time_ms
 from modelfleet.gateway.metrics import GatewayMetrics
 from modelfleet.gateway.registry import Registry
 from modelfleet.kube.client import ApiError, KubeClient
@@ -38,12 +38,6 @@ class KubeAnnotationWriter:
 
     async def annotate(self, namespace: str, name: str, values: dict[str, str]) -> None:
         await self.kube.patch(md_path(namespace, name), {"metadata": {"annotations": values}})
-
-
-def format_rfc3339(timestamp: float) -> str:
-    """RFC 3339 in UTC with millisecond precision, e.g. 2026-01-02T03:04:05.678Z."""
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class UsageRecorder:
@@ -90,7 +84,7 @@ class UsageRecorder:
         now = self.clock()
         for model in sorted(self._demand):
             self._demand.discard(model)
-            ok = await self._write(model, {labels.ANN_DEMAND: format_rfc3339(now)}, "demand")
+            ok = await self._write(model, {labels.ANN_DEMAND: format_time_ms(now)}, "demand")
             if not ok:
                 self._demand.add(model)  # try again on the next tick
         for model, last in list(self.last_request.items()):
@@ -98,7 +92,7 @@ class UsageRecorder:
                 continue
             if now - self._written_at.get(model, float("-inf")) < self.interval_s:
                 continue
-            if await self._write(model, {labels.ANN_LAST_REQUEST: format_rfc3339(last)}, "last"):
+            if await self._write(model, {labels.ANN_LAST_REQUEST: format_time_ms(last)}, "last"):
                 self._written[model] = last
                 self._written_at[model] = now
 

@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from modelfleet.api import labels
+from modelfleet.api.times import format_time_ms
+from modelfleet.api.v1alpha1 import Balancing
 from modelfleet.gateway.balancer import (
-    LEAST_OUTSTANDING,
     EjectionPolicy,
     Replica,
     Route,
@@ -39,7 +40,7 @@ from modelfleet.gateway.model import (
 )
 from modelfleet.gateway.registry import Registry
 from modelfleet.gateway.sources import StaticUpstreamsError, parse_static_upstreams
-from modelfleet.gateway.usage import KubeAnnotationWriter, UsageRecorder, format_rfc3339
+from modelfleet.gateway.usage import KubeAnnotationWriter, UsageRecorder
 from modelfleet.kube.client import ClusterConfig, KubeClient
 
 # ---- the model field ---------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def test_round_robin_and_skipping_ejected() -> None:
 
 
 def test_least_outstanding_and_exclusion() -> None:
-    route = _route(3, LEAST_OUTSTANDING)
+    route = _route(3, Balancing.LEAST_OUTSTANDING)
     route.replicas[0].outstanding = 2
     route.replicas[1].outstanding = 1
     route.replicas[2].outstanding = 5
@@ -363,14 +364,14 @@ async def test_last_use_is_rate_limited_per_model() -> None:
     clock.now += 25
     await usage.flush()
     assert len(writer.writes) == 3
-    assert writer.writes[-1][2] == {labels.ANN_LAST_REQUEST: format_rfc3339(clock.now - 25)}
+    assert writer.writes[-1][2] == {labels.ANN_LAST_REQUEST: format_time_ms(clock.now - 25)}
     clock.now += 60
     await usage.flush()
     assert len(writer.writes) == 3  # nothing new to say
 
 
 def test_rfc3339() -> None:
-    assert format_rfc3339(0.5) == "1970-01-01T00:00:00.500Z"
+    assert format_time_ms(0.5) == "1970-01-01T00:00:00.500Z"
 
 
 @pytest.fixture
