@@ -142,7 +142,10 @@ def _available(md: ModelDeployment, plan: Plan, live: list[Instance], ready: int
         why = (
             f"idle for longer than {md.spec.idle_timeout}; a request scales it back up"
             if plan.target_reason == Reason.IDLE
-            else "spec.replicas is 0"
+            else (
+                "switched off by spec.replicas: 0; the gateway refuses its requests until it is "
+                f"scaled up (kubectl scale modeldeployment/{md.metadata.name} --replicas=1)"
+            )
         )
         return _cond(ConditionType.AVAILABLE, False, "ScaledToZero", why)
     if ready > 0:

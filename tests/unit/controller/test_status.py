@@ -154,3 +154,12 @@ def test_measured_footprint_from_the_discovery_run() -> None:
     assert compute_measured_footprint_mib([starting], {"node-a:0": 17000}) is None
     st = status_for(make_md(replicas=1), [discovery], measured_footprint_mib=17000)
     assert st.footprint == "17000Mi"
+
+
+def test_switched_off_by_spec_says_how_to_start_it() -> None:
+    md = make_md(replicas=0)
+    plan = plan_and_place(md, [], nodes("node-a"), FreeGpus([]), NOW)
+    status = compute_status(md, [], plan, NOW)
+    available = next(c for c in status.conditions if c.type == "Available")
+    assert available.reason == "ScaledToZero"
+    assert "kubectl scale modeldeployment/gemma --replicas=1" in available.message
