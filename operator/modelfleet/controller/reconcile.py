@@ -121,8 +121,8 @@ async def _reconcile_locked(
     done = await execute(rt.client, rt.events, rt.inflight, md, plan, status, now, service=service)
     rt.settle(key, plan, failed_creates=bool(done.create_failures))
     _record(rt.metrics, key, plan, status.ready_replicas, done)
-    if plan.details:
-        log.info("%s/%s: %s", *key, "; ".join(plan.details))
+    if rt.details_changed(key, plan.details):  # one line per change, not per re-check
+        log.info("%s/%s: %s", *key, "; ".join(plan.details) or "in shape")
     if done.create_failures:
         raise CreateFailed("; ".join(done.create_failures))
     return plan

@@ -82,6 +82,7 @@ class Runtime:
     cluster: ClusterState | None = None  # the live indices, once a handler has seen them
     _marks: dict[Key, EvictionMark] = field(default_factory=dict)
     _invalid: dict[Key, str] = field(default_factory=dict)  # the last invalid-spec message
+    _details: dict[Key, tuple[str, ...]] = field(default_factory=dict)  # the last plan logged
     # Discovery mode only: since when each node has had no agent pod (updated every poll round).
     _agent_missing_since: dict[str, datetime] = field(default_factory=dict)
 
@@ -200,6 +201,16 @@ class Runtime:
         self._invalid[key] = message
         return changed
 
+    def details_changed(self, key: Key, details: Iterable[str]) -> bool:
+        """True when a plan's details differ from the last ones logged for `key` (a deployment
+        that waits for room would otherwise log the same line after every pool round)."""
+        now = tuple(details)
+        before = self._details.get(key, ())
+        if now == before:
+            return False
+        self._details[key] = now
+        return True
+
     def spec_valid(self, key: Key) -> None:
         if self._invalid.pop(key, None) is not None:
             log.info("%s/%s: the spec is valid again", *key)
@@ -219,6 +230,7 @@ class Runtime:
         self.blocked.discard(key)
         self._marks.pop(key, None)
         self._invalid.pop(key, None)
+        self._details.pop(key, None)
         self.reservations.release(key)
         self.views.invalidate()
         self.metrics.forget(key)

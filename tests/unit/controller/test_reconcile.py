@@ -304,3 +304,15 @@ async def test_an_invalid_spec_is_reported_in_status_once(
     lines = [r for r in caplog.records if "invalid ModelDeployment" in r.getMessage()]
     assert len(lines) == 1
     assert not any(r.exc_info for r in caplog.records)
+
+
+async def test_a_deployment_that_waits_logs_once_not_per_re_check(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.add_md("big", replicas=1, gpu={"count": 4})  # node a has 2 GPUs
+    caplog.set_level("INFO", logger="modelfleet.controller.reconcile")
+    for _ in range(3):
+        plan = await world.reconcile("big")
+        assert plan.blocker is not None
+    lines = [r for r in caplog.records if "blocked at big-instance-1" in r.getMessage()]
+    assert len(lines) == 1
