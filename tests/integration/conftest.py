@@ -116,7 +116,9 @@ async def kube(cluster: Cluster) -> AsyncIterator[KubeClient]:
 async def namespace(kube: KubeClient, request: pytest.FixtureRequest) -> AsyncIterator[str]:
     """A fresh namespace for one test, deleted afterwards."""
     base = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
-    name = f"t-{base}-{uuid.uuid4().hex[:6]}"
+    # 12 hex digits: parametrized tests share the 40-character base, and a 6-digit suffix was
+    # seen to repeat a name whose namespace was still being deleted.
+    name = f"t-{base}-{uuid.uuid4().hex[:12]}"
     await kube.create("/api/v1/namespaces", {"metadata": {"name": name}})
     # The service account controller creates `default` shortly after; pods need it.
     await wait_for(
