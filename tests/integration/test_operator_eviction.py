@@ -36,6 +36,7 @@ class PodLog:
     deleted: dict[str, str] = field(default_factory=dict)  # uid -> pod name
     below_floor: list[str] = field(default_factory=list)
     gpus_by_uid: dict[str, str] = field(default_factory=dict)
+    samples: int = 0  # how many listings were taken so far
 
     def deleted_of(self, deployment: str) -> list[str]:
         return sorted(n for uid, n in self.deleted.items() if self.seen[uid][1] == deployment)
@@ -73,6 +74,7 @@ async def pod_log(
                     armed.add(dep)
                 elif dep in armed:
                     log.below_floor.append(f"{dep}: {ready.get(dep, 0)} ready < {floor}")
+            log.samples += 1
             await asyncio.sleep(0.1)
 
     task = asyncio.create_task(sample())
@@ -114,7 +116,13 @@ async def _assert_outcome(kube: KubeClient, namespace: str, log: PodLog) -> None
         return conditions(obj).get("Available", ("", ""))[1] == "Evicted"
 
     await wait_for(low_old_waits, timeout=30, what="low-old reports Evicted")
-    await asyncio.sleep(1.0)  # a last look: nothing else is deleted after the newcomer is up
+    # A last look: ten more listings, and nothing else may be deleted after the newcomer is up.
+    seen = log.samples
+
+    async def ten_more() -> bool:
+        return log.samples >= seen + 10
+
+    await wait_for(ten_more, timeout=30, interval=0.05, what="ten more Pod listings")
     assert log.deleted_of("low-old") == ["low-old-instance-1", "low-old-instance-2"]
     assert sorted(log.deleted.values()) == ["low-old-instance-1", "low-old-instance-2"]
     assert log.below_floor == []

@@ -34,7 +34,7 @@ from modelfleet.api.times import format_time
 from modelfleet.controller.decisions import Victim
 from modelfleet.controller.inflight import InFlight
 from modelfleet.controller.observed import parse_service
-from modelfleet.controller.plan import EventSpec, Plan, PodToCreate
+from modelfleet.controller.plan import EventSpec, Plan, PodToCreate, Reason
 from modelfleet.controller.reservations import Reservation, format_reservation
 from modelfleet.controller.status import dump_status, status_changed
 from modelfleet.kube.client import ApiError, KubeClient
@@ -315,7 +315,9 @@ async def execute(
             await events.post(event, victim_uids[target], now)
     for failure in done.create_failures:
         await events.post(
-            EventSpec(key[0], key[1], "Warning", "CreateFailed", f"could not create {failure}"),
+            EventSpec(
+                key[0], key[1], "Warning", Reason.CREATE_FAILED, f"could not create {failure}"
+            ),
             md.metadata.uid,
             now,
         )
@@ -386,7 +388,7 @@ async def _ensure_service(
     except ApiError as exc:
         log.warning("%s/%s: Service not in shape: %s", *key, exc)
         await events.post(
-            EventSpec(key[0], key[1], "Warning", "ServiceFailed", f"Service {key[1]}: {exc}"),
+            EventSpec(key[0], key[1], "Warning", Reason.SERVICE_FAILED, f"Service {key[1]}: {exc}"),
             md.metadata.uid,
             now,
         )
@@ -396,22 +398,18 @@ async def apply_invalid(
     client: KubeClient,
     events: EventRecorder,
     body: Mapping[str, Any],
-    status: Mapping[str, Any],
-    message: str,
+    status: Mapping[str, Any] | None,
+    event: EventSpec | None,
     now: datetime,
 ) -> None:
-    """Report a spec the operator cannot run: the status (when it changed) and a Warning Event."""
+    """Report a spec the operator cannot run: the status (None: unchanged) and an Event."""
     meta = body.get("metadata") or {}
-    namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
-    current = body.get("status") or {}
-    if any(current.get(k) != v for k, v in status.items()):
+    if status is not None:
+        path = md_path(str(meta.get("namespace", "")), str(meta.get("name", ""))) + "/status"
         try:
-            await client.patch(md_path(namespace, name) + "/status", {"status": dict(status)})
+            await client.patch(path, {"status": dict(status)})
         except ApiError as exc:
             if not exc.not_found:
                 raise
-    await events.post(
-        EventSpec(namespace, name, "Warning", str(status.get("reason", "")), message),
-        str(meta.get("uid", "")) or None,
-        now,
-    )
+    if event is not None:
+        await events.post(event, str(meta.get("uid", "")) or None, now)

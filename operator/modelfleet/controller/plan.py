@@ -50,6 +50,9 @@ class Reason(StrEnum):
     PLACED = "Placed"
     EVICTING = "Evicting"  # this deployment waits for replicas it evicted to go
     EVICTED = "Evicted"  # this deployment lost replicas to another and waits for room
+    INVALID_SPEC = "InvalidSpec"  # the operator cannot run the spec the API server let in
+    CREATE_FAILED = "CreateFailed"  # the API refused a replica Pod; the next pass tries again
+    SERVICE_FAILED = "ServiceFailed"  # the model's Service could not be put in shape
 
 
 # Container waiting reasons of a replica that is broken rather than starting.

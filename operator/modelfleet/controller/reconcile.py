@@ -33,7 +33,7 @@ from modelfleet.controller.execute import Executed, ServiceWanted, apply_invalid
 from modelfleet.controller.inflight import Key
 from modelfleet.controller.metrics import OperatorMetrics
 from modelfleet.controller.place import compute_eviction_mark, place
-from modelfleet.controller.plan import Plan, compute_plan
+from modelfleet.controller.plan import EventSpec, Plan, Reason, compute_plan
 from modelfleet.controller.runtime import ClusterState, Runtime
 from modelfleet.controller.status import (
     compute_invalid_status,
@@ -93,13 +93,16 @@ async def _report_invalid(rt: Runtime, key: Key, body: Mapping[str, Any], messag
     """A spec the operator cannot run: one log line and one Event per change, and the status
     says why, instead of a traceback on every re-check."""
     now = datetime.now(UTC)
-    changed = rt.spec_invalid(key, message)
-    if changed:
+    event = None
+    if rt.spec_invalid(key, message):
         log.warning("%s/%s: invalid ModelDeployment, not reconciled: %s", *key, message)
-    status = compute_invalid_status(body, message, now)
+        event = EventSpec(key[0], key[1], "Warning", Reason.INVALID_SPEC, message)
+    status: dict[str, Any] | None = compute_invalid_status(body, message, now)
     current = body.get("status") or {}
-    if changed or any(current.get(k) != v for k, v in status.items()):
-        await apply_invalid(rt.client, rt.events, body, status, message, now)
+    if status is not None and all(current.get(k) == v for k, v in status.items()):
+        status = None  # the API server holds it already
+    if status is not None or event is not None:
+        await apply_invalid(rt.client, rt.events, body, status, event, now)
 
 
 async def _reconcile_locked(
@@ -135,19 +138,19 @@ async def _place(
     async with rt.placement_lock:
         now = datetime.now(UTC)
         snapshot = rt.snapshot()
-        placer = rt.placer(cluster, snapshot, key, now)
+        everything = rt.all_pods(cluster)
+        placer = rt.placer(cluster, snapshot, key, everything, now)
         placed = place(
             plan,
             md,
             placer,
             default_image=rt.settings.default_image,
             now=now,
-            deleting=rt.deleting(cluster),
+            deleting=frozenset(p.key for p in everything if p.deleting),
             mark=compute_eviction_mark(md, rt.eviction_mark(key)),
         )
-        uids = {p.key: p.uid for p in rt.inflight.merge_all(cluster.pods)} if placed.victims else {}
-        placer.keep()  # before the promise: an eviction makes the kept view stale again
-        rt.promise(key, placed, uids, now)
+        rt.promise(key, placed, everything, now)
+        placer.keep()
     _count_decisions(rt.metrics, placer.decisions)
     return placed
 

@@ -58,19 +58,13 @@ class Reservations:
 
     def __init__(self) -> None:
         self._held: dict[Key, Reservation] = {}
-        self.changes = 0  # bumped on every change: the placement view depends on it
 
     def hold(self, key: Key, reservation: Reservation) -> None:
-        if self._held.get(key) != reservation:
-            self.changes += 1
         self._held[key] = reservation
 
     def release(self, key: Key) -> bool:
         """Drop `key`'s reservation; True when it had one."""
-        if self._held.pop(key, None) is None:
-            return False
-        self.changes += 1
-        return True
+        return self._held.pop(key, None) is not None
 
     def active(self, now: datetime) -> dict[Key, Reservation]:
         """The reservations that have not expired."""

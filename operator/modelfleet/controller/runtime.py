@@ -132,35 +132,42 @@ class Runtime:
         """One deployment's replica Pods: the index, with this process's writes in flight."""
         return self.inflight.merge(key[0], key[1], cluster.pods.get(key, ()))
 
-    def deleting(self, cluster: ClusterState) -> frozenset[Key]:
-        """(namespace, name) of every replica Pod in the cluster that is terminating."""
-        return frozenset(p.key for p in self.inflight.merge_all(cluster.pods) if p.deleting)
+    def all_pods(self, cluster: ClusterState) -> list[ObservedPod]:
+        """Every replica Pod in the cluster, with this process's writes in flight."""
+        return self.inflight.merge_all(cluster.pods)
 
     def eviction_mark(self, key: Key) -> EvictionMark | None:
         """The eviction of `key` this process decided, if its annotation may not show yet."""
         return self._marks.get(key)
 
     def placer(
-        self, cluster: ClusterState, snapshot: PoolSnapshot | None, key: Key, now: datetime
+        self,
+        cluster: ClusterState,
+        snapshot: PoolSnapshot | None,
+        key: Key,
+        pods: list[ObservedPod],
+        now: datetime,
     ) -> LazyPlacer:
-        """A placer for deployment `key` over the placement view (built on first use)."""
+        """A placer for deployment `key` over the placement view (built on first use from
+        `pods`, every replica Pod as `all_pods` gave them)."""
+        last_used = cluster.last_used()
 
         def build(cursor: str | None) -> inputs.EnginePlacer:
             facts = cluster.node_facts()
             held = {k: (r.node, r.gpu_ids) for k, r in self.reservations.active(now).items()}
             return inputs.build_placer(
                 facts,
-                self.inflight.merge_all(cluster.pods),
-                cluster.last_used(),
+                pods,
+                last_used,
                 snapshot,
                 self.placement_settings,
                 cursor,
                 inputs.build_reservations(held, facts),
             )
 
-        return self.views.placer(snapshot, key, cluster.last_used(), build)
+        return self.views.placer(snapshot, key, last_used, build)
 
-    def promise(self, key: Key, plan: Plan, uids: Mapping[Key, str], now: datetime) -> None:
+    def promise(self, key: Key, plan: Plan, pods: Iterable[ObservedPod], now: datetime) -> None:
         """Under the placement lock: record what `plan` will write before any API call, so the
         next decision (of any deployment) already sees it."""
         for create in plan.to_create:
@@ -168,6 +175,7 @@ class Runtime:
         eviction = plan.eviction
         if eviction is None:
             return
+        uids = {p.key: p.uid for p in pods}  # delete only the incarnations that were seen
         for victim in eviction.victims:
             self.inflight.record_deleted(
                 victim.namespace, victim.pod, uids.get((victim.namespace, victim.pod), "")

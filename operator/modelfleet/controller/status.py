@@ -265,7 +265,7 @@ def compute_invalid_status(body: Mapping[str, Any], message: str, now: datetime)
             {
                 "type": kind.value,
                 "status": status,
-                "reason": INVALID_SPEC,
+                "reason": Reason.INVALID_SPEC.value,
                 "message": message,
                 "lastTransitionTime": since or format_time(now),
                 **({"observedGeneration": generation} if generation is not None else {}),
@@ -273,10 +273,7 @@ def compute_invalid_status(body: Mapping[str, Any], message: str, now: datetime)
         )
     return {
         "phase": "Invalid",
-        "reason": INVALID_SPEC,
+        "reason": Reason.INVALID_SPEC.value,
         "conditions": conditions,
         **({"observedGeneration": generation} if generation is not None else {}),
     }
-
-
-INVALID_SPEC = "InvalidSpec"

@@ -36,7 +36,8 @@ class PlacementViews:
         self.cursor: str | None = None
 
     def invalidate(self) -> None:
-        """The next placer rebuilds the view from the cluster."""
+        """The next placer rebuilds the view from the cluster, and a view taken before now is
+        never kept."""
         self._generation += 1
         self._kept = None
 
@@ -55,17 +56,22 @@ class PlacementViews:
         snapshot: PoolSnapshot | None,
         last_used: Mapping[tuple[str, str], float],
         build: Callable[[str | None], inputs.EnginePlacer],
-    ) -> inputs.EnginePlacer:
+    ) -> tuple[inputs.EnginePlacer, int]:
+        """A placer over the kept view (or a new one), and the generation it belongs to."""
         kept = self._kept
         if kept is not None and kept.snapshot is snapshot and kept.generation == self._generation:
-            return inputs.EnginePlacer(
+            placer = inputs.EnginePlacer(
                 view=kept.view, last_used=last_used, gpu_memory=kept.gpu_memory, cursor=self.cursor
             )
-        return build(self.cursor)
+            return placer, self._generation
+        return build(self.cursor), self._generation
 
-    def _keep(self, snapshot: PoolSnapshot | None, placer: inputs.EnginePlacer) -> None:
+    def _keep(
+        self, snapshot: PoolSnapshot | None, placer: inputs.EnginePlacer, generation: int
+    ) -> None:
         self.cursor = placer.cursor
-        self._kept = _Kept(snapshot, self._generation, placer.view, placer.gpu_memory)
+        if generation == self._generation:  # else something invalidated it since it was taken
+            self._kept = _Kept(snapshot, generation, placer.view, placer.gpu_memory)
 
 
 class LazyPlacer:
@@ -89,12 +95,15 @@ class LazyPlacer:
         self._last_used = last_used
         self._build = build
         self._inner: inputs.EnginePlacer | None = None
+        self._generation = 0  # of the view taken
         self._shared = True  # the view is the same every deployment sees
         self.decisions: list[Decision] = []
 
     def __call__(self, request: PlacementRequest) -> Decision:
         if self._inner is None:
-            self._inner = self._views._take(self._snapshot, self._last_used, self._build)
+            self._inner, self._generation = self._views._take(
+                self._snapshot, self._last_used, self._build
+            )
             full = self._inner.view
             self._inner.view = inputs.without_own_reservations(full, self._key)
             self._shared = self._inner.view is full
@@ -107,7 +116,7 @@ class LazyPlacer:
         if self._inner is None:
             return
         if self._shared:
-            self._views._keep(self._snapshot, self._inner)
+            self._views._keep(self._snapshot, self._inner, self._generation)
         else:
             self._views.cursor = self._inner.cursor
             self._views.invalidate()
