@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the upstream binaries of the local test control plane from the Go module proxy:
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, kwokctl and helm.
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, kwokctl and helm, and
+# the kubelet of the test cluster's real nodes (hack/realnodes.sh).
 # They land in a per-user cache keyed by their versions; a second run finds them and does nothing.
 # The last line printed on stdout is the directory that holds the binaries.
 #
@@ -17,7 +18,8 @@ HELM_VERSION="${HELM_VERSION:-3.22.0}"
 GO_MIN="1.26"
 CACHE="${MODELFLEET_CP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/modelfleet/control-plane}"
 BIN="$CACHE/bin-k8s$K8S_VERSION-etcd$ETCD_VERSION-kwok$KWOK_VERSION-helm$HELM_VERSION"
-TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwokctl helm)
+TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kwok kwokctl helm)
+KUBE_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet)
 
 log() { printf '[build-control-plane] %s\n' "$*" >&2; }
 die() { printf '[build-control-plane] error: %s\n' "$*" >&2; exit 1; }
@@ -41,8 +43,11 @@ if ! probe=$(cd "$(mktemp -d)" && timeout 60 go list -m "k8s.io/kubernetes@v$K8S
   die "the Go module proxy ($(go env GOPROXY)) does not serve k8s.io/kubernetes@v$K8S_VERSION; check GOPROXY, the network and K8S_VERSION: ${probe##*$'\n'}"
 fi
 
-mkdir -p "$BIN.partial" "$CACHE/k8s-mod" "$CACHE/etcd-mod"
+mkdir -p "$CACHE/k8s-mod" "$CACHE/etcd-mod"
 OUT="$BIN.partial"
+# A cache from before a tool was added: start from what it has and build only what is missing.
+if [[ -d $BIN && ! -d $OUT ]]; then cp -a "$BIN" "$OUT"; fi
+mkdir -p "$OUT"
 start=$(date +%s)
 step() { log "[$(( $(date +%s) - start ))s] $*"; }
 # Runs a long command and says every 30 s that it is still going (CI logs stay alive, people wait).
@@ -66,7 +71,9 @@ wait_for_exit() {  # pid seconds: 0 once the process has exited, 1 if it still r
 }
 
 # --- Kubernetes: a helper module that requires k8s.io/kubernetes and replaces every staging module ---
-if [[ ! -x $OUT/kube-apiserver || ! -x $OUT/kube-controller-manager || ! -x $OUT/kube-scheduler || ! -x $OUT/kubectl ]]; then
+missing=()
+for c in "${KUBE_CMDS[@]}"; do [[ -x $OUT/$c ]] || missing+=("$c"); done
+if (( ${#missing[@]} )); then
   step "resolving k8s.io/kubernetes v$K8S_VERSION and its staging modules"
   cd "$CACHE/k8s-mod"
   rm -f go.mod go.sum
@@ -80,8 +87,7 @@ if [[ ! -x $OUT/kube-apiserver || ! -x $OUT/kube-controller-manager || ! -x $OUT
   staging="v0.${K8S_VERSION#1.}"
   for m in $mods; do go mod edit -replace="$m=$m@$staging"; done
   step "replaced $(echo $mods | wc -w) staging modules with $staging"
-  pkgs="k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
-        k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl"
+  pkgs=$(printf 'k8s.io/kubernetes/cmd/%s ' "${missing[@]}")
   go get $(for p in $pkgs; do printf '%s@v%s ' "$p" "$K8S_VERSION"; done) >&2
   minor=$(cut -d. -f2 <<<"$K8S_VERSION")
   ld="-s -w"
@@ -89,8 +95,8 @@ if [[ ! -x $OUT/kube-apiserver || ! -x $OUT/kube-controller-manager || ! -x $OUT
             "buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"; do
     ld="$ld -X k8s.io/component-base/version.$kv -X k8s.io/client-go/pkg/version.$kv"
   done
-  step "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (the long step)"
-  with_heartbeat "building the Kubernetes binaries" go build -trimpath -ldflags "$ld" -o "$OUT/" $pkgs
+  step "building ${missing[*]} (the long step)"
+  with_heartbeat "building ${missing[*]}" go build -trimpath -ldflags "$ld" -o "$OUT/" $pkgs
 fi
 
 # --- etcd: its own helper module (its go.mod replaces are ignored when it is a dependency) ---

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The local Kubernetes control plane for tests and development: real etcd, kube-apiserver,
 # kube-controller-manager and kube-scheduler, with kwok playing the kubelets of simulated GPU nodes,
-# started by `kwokctl --runtime binary` with every component on 127.0.0.1.
+# started by `kwokctl --runtime binary` with every component on 127.0.0.1, and beside them real
+# kubelet nodes with containerd and a fake NVIDIA driver (hack/realnodes.py, hack/real-nodes.yaml).
 #
 #   hack/cluster.sh up [--nodes FILE]   start it (a no-op when it is already up and unchanged)
 #   hack/cluster.sh down                stop it and remove its files; no process is left behind
 #   hack/cluster.sh status              say whether it is up; exit 0 only when it is healthy
+#
+# REAL_NODES=0 starts the simulated nodes only (fast; no root needed) and stops real nodes that
+# run; REAL_NODES_FILE names another real-nodes file.
 #
 # Everything lives in .cluster/ of this checkout (kubeconfig at .cluster/kubeconfig). The cluster
 # name and its loopback pod range (127.<octet>.0.0/16) derive from the checkout path, so several
@@ -19,6 +23,8 @@ KUBECONFIG_FILE="$DIR/kubeconfig"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 NODES="${NODES:-$ROOT/hack/nodes.yaml}"
 WAIT_S="${CLUSTER_WAIT_S:-120}"
+REAL_NODES="${REAL_NODES:-1}"
+REAL_NODES_FILE="${REAL_NODES_FILE:-$ROOT/hack/real-nodes.yaml}"
 
 hash=$(printf '%s' "$ROOT" | sha256sum | cut -c1-8)
 NAME="mf-$hash"
@@ -66,6 +72,7 @@ healthy() {
 }
 
 stop_cluster() {
+  if [[ -d $DIR/real ]]; then realnodes down || log "the real nodes did not stop cleanly"; fi
   if [[ -d $CDIR && -n $BIN ]]; then
     "$BIN/kwokctl" --v=WARN --name "$NAME" delete cluster >&2 2>&1 || log "kwokctl delete failed; stopping the processes directly"
   fi
@@ -106,6 +113,21 @@ componentsPatches:
   # One ClusterIP Service per ModelDeployment: the default /24 holds only 254 of them.
   - key: service-cluster-ip-range
     value: 10.0.0.0/16
+  # Real nodes (hack/realnodes.py): reach their kubelets by InternalIP (their names resolve
+  # nowhere), and as the cluster CA's admin, the only client those kubelets accept.
+  - key: kubelet-preferred-address-types
+    value: InternalIP,Hostname
+  - key: kubelet-client-certificate
+    value: $CDIR/pki/admin.crt
+  - key: kubelet-client-key
+    value: $CDIR/pki/admin.key
+- name: kwok-controller
+  extraArgs:
+  # kwok plays the kubelet of the simulated nodes only; real nodes have their own.
+  - key: manage-all-nodes
+    value: "false"
+  - key: manage-nodes-with-annotation-selector
+    value: kwok.x-k8s.io/node=fake
 ---
 apiVersion: config.kwok.x-k8s.io/v1alpha1
 kind: KwokConfiguration
@@ -141,6 +163,25 @@ apply_content() {
     --octet "$OCTET" --timeout 60
 }
 
+realnodes() { "$PYTHON" "$ROOT/hack/realnodes.py" "$1" --root "$DIR/real" --cluster "$NAME" --octet "$OCTET" "${@:2}"; }
+
+# The real nodes: their Debian packages, the images their pods run, then the nodes themselves
+# (a no-op when they are up). REAL_NODES=0 stops any that run instead.
+real_nodes_up() {
+  if [[ $REAL_NODES == 0 ]]; then
+    [[ ! -d $DIR/real ]] || realnodes down
+    return 0
+  fi
+  "$ROOT/hack/install-node-deps.sh"
+  local images pause="" pause_ref="" modelfleet="" vllm_sim=""
+  images=$("$PYTHON" "$ROOT/hack/images.py" build) || die "building the node images failed"
+  eval "$images"
+  realnodes up --nodes "$REAL_NODES_FILE" --bin-dir "$BIN" --kubeconfig "$KUBECONFIG_FILE" \
+    --pki "$CDIR/pki" --pause-image "$pause_ref" \
+    --image "$pause" --image "$modelfleet" ${vllm_sim:+--image "$vllm_sim"} \
+    || die "real nodes did not start (REAL_NODES=0 starts the simulated nodes only)"
+}
+
 preflight() {
   [[ -x $PYTHON ]] || die "no Python environment at $PYTHON: run \`make install\` first (or set PYTHON)"
   [[ -f $NODES ]] || die "nodes file $NODES does not exist"
@@ -157,11 +198,13 @@ cmd_up() {
   if [[ -f $DIR/state ]]; then read -r state_cluster state_content <"$DIR/state" || true; fi
   if healthy && [[ $state_cluster == "$(cluster_fingerprint)" ]]; then
     if [[ $state_content == "$(content_fingerprint)" ]]; then
+      real_nodes_up
       log "cluster $NAME is already up (KUBECONFIG=${KUBECONFIG_FILE#"$ROOT"/})"
       return 0
     fi
     apply_content
     echo "$(cluster_fingerprint) $(content_fingerprint)" >"$DIR/state"
+    real_nodes_up
     log "cluster $NAME updated"
     return 0
   fi
@@ -182,6 +225,7 @@ cmd_up() {
   fi
   apply_content
   echo "$(cluster_fingerprint) $(content_fingerprint)" >"$DIR/state"
+  real_nodes_up
   log "cluster $NAME is up in $(( ($(date +%s%N) - start) / 1000000 ))ms; export KUBECONFIG=${KUBECONFIG_FILE#"$ROOT"/}"
 }
 
@@ -200,6 +244,7 @@ cmd_status() {
   if [[ -n $BIN ]] && healthy; then
     log "cluster $NAME is up (KUBECONFIG=${KUBECONFIG_FILE#"$ROOT"/})"
     kubectl_ get nodes -L nvidia.com/gpu.product,nvidia.com/gpu.count >&2
+    if [[ -d $DIR/real ]]; then realnodes status || return 1; fi
     return 0
   fi
   if [[ -d $CDIR ]]; then log "cluster $NAME is not healthy (run \`make cluster-up\` to replace it)"; else log "cluster $NAME is down"; fi

@@ -26,6 +26,8 @@ WAIT_S="${DEV_WAIT_S:-180}"
 log() { printf '[dev] %s\n' "$*" >&2; }
 die() { printf '[dev] error: %s\n' "$*" >&2; exit 1; }
 
+# The simulated fleet only, unless asked: real nodes need root and cost memory (hack/cluster.sh).
+export REAL_NODES="${REAL_NODES:-0}"
 BIN="$(hack/build-control-plane.sh | tail -1)"
 export PATH="$BIN:$PATH" KUBECONFIG="$ROOT/.cluster/kubeconfig"
 mkdir -p "$LOGS"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import shlex
 import subprocess
 import time
@@ -19,6 +20,13 @@ KUBECONFIG = ROOT / ".cluster" / "kubeconfig"
 FAKE_MODELFLEET = Path(__file__).resolve().parent / "fake_modelfleet.py"
 
 T = TypeVar("T")
+# The project image as hack/images.py builds it and hack/realnodes.py imports it into each real
+# node's containerd.
+LOCAL_IMAGE = {
+    "repository": "docker.io/modelfleet/modelfleet",
+    "tag": "local",
+    "pullPolicy": "Never",
+}
 
 
 @dataclass(frozen=True)
@@ -84,3 +92,30 @@ class PodRunner:
     process: subprocess.Popen[bytes]
     log_dir: Path
     pid_dir: Path
+
+
+async def helm(
+    cluster: Cluster, *args: str, values: dict[str, Any] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run the control plane's helm against the cluster without blocking the loop.
+
+    The chart's pods get the locally built image unless `values` names another: real nodes have
+    no registry, and test traffic never leaves the machine (hack/images.py, LOCAL_IMAGE).
+    """
+    argv = [str(cluster.bin_dir / "helm"), "--kubeconfig", str(cluster.kubeconfig), *args]
+    if values is not None and "image" not in values:
+        values = {**values, "image": LOCAL_IMAGE}
+    if values is not None:
+        argv += ["--values", "-"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    data = json.dumps(values).encode() if values is not None else b""
+    out, err = await asyncio.wait_for(proc.communicate(data), 240)
+    done = subprocess.CompletedProcess(argv, proc.returncode or 0, out.decode(), err.decode())
+    if check and done.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{done.stderr}")
+    return done

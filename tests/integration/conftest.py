@@ -49,6 +49,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "kwok: needs the kwok control plane of hack/cluster.sh (loopback pod IPs)"
     )
+    config.addinivalue_line(
+        "markers", "realnodes: needs the real kubelet nodes of hack/cluster.sh (hack/realnodes.py)"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -84,7 +87,7 @@ def cluster() -> Iterator[Cluster]:
     status = subprocess.run([CLUSTER_SH, "status"], capture_output=True, text=True)
     started = status.returncode != 0
     if started:
-        up = subprocess.run([CLUSTER_SH, "up"], capture_output=True, text=True, timeout=280)
+        up = subprocess.run([CLUSTER_SH, "up"], capture_output=True, text=True, timeout=1500)
         if up.returncode != 0:
             pytest.fail(
                 f"the local control plane did not start (hack/cluster.sh up):\n{_tail(up.stderr)}",

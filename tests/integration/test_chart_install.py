@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from clusterkit import ROOT, Cluster, kubectl, wait_for
+from clusterkit import ROOT, Cluster, helm, kubectl, wait_for
 
 from modelfleet.kube.client import ApiError, KubeClient
 
@@ -34,27 +34,6 @@ MD_PATH = "/apis/modelfleet.io/v1alpha1/namespaces/{ns}/modeldeployments"
 MD_API = "modelfleet.io/v1alpha1/ModelDeployment"
 sys.path.insert(0, str(ROOT / "tests" / "unit" / "chart"))
 from chart_helpers import VALUE_SETS  # noqa: E402
-
-
-async def helm(
-    cluster: Cluster, *args: str, values: dict[str, Any] | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    """Run the control plane's helm against the cluster without blocking the loop."""
-    argv = [str(cluster.bin_dir / "helm"), "--kubeconfig", str(cluster.kubeconfig), *args]
-    if values is not None:
-        argv += ["--values", "-"]
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    data = json.dumps(values).encode() if values is not None else b""
-    out, err = await asyncio.wait_for(proc.communicate(data), 240)
-    done = subprocess.CompletedProcess(argv, proc.returncode or 0, out.decode(), err.decode())
-    if check and done.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} failed:\n{done.stderr}")
-    return done
 
 
 def release_name() -> str:

@@ -1,0 +1,158 @@
+"""Helpers for tests on the real kubelet nodes of the local cluster (hack/realnodes.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clusterkit import ROOT, Cluster
+
+from modelfleet.agent.podresources import PodResourcesClient
+from modelfleet.api.gpustats import PodRef
+
+REAL_ROOT = ROOT / ".cluster" / "real"
+REALNODES_PY = ROOT / "hack" / "realnodes.py"
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+REAL_NODE_SELECTOR = {"modelfleet.io/test-node": "real"}
+
+
+@dataclass(frozen=True)
+class RealNodes:
+    """The real nodes `hack/cluster.sh up` started, as `hack/realnodes.py up` recorded them."""
+
+    root: Path
+    context: dict[str, Any]
+
+    @property
+    def modelfleet_image(self) -> str:
+        return "docker.io/modelfleet/modelfleet:local"
+
+    @property
+    def vllm_sim_image(self) -> str:
+        return "docker.io/modelfleet/vllm-sim:local"
+
+    def node_dir(self, node: str) -> Path:
+        return self.root / node
+
+    def pod_resources(self, node: str) -> dict[str, list[PodRef]]:
+        """What the node's kubelet reports through its pod-resources socket: device -> pods."""
+        client = PodResourcesClient(str(self.node_dir(node) / "kubelet/pod-resources/kubelet.sock"))
+        try:
+            return client.list_blocking()
+        finally:
+            client.close()
+
+    def devices_of(self, node: str, namespace: str, pod: str) -> set[str]:
+        return {
+            device
+            for device, refs in self.pod_resources(node).items()
+            if any(r.namespace == namespace and r.name == pod for r in refs)
+        }
+
+    def inventory(self, node: str) -> list[dict[str, Any]]:
+        import yaml
+
+        doc = yaml.safe_load((self.node_dir(node) / "gpu" / "gpus.yaml").read_text())
+        return list(doc["gpus"] if isinstance(doc, dict) else doc)
+
+    async def realnodes(self, *args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(REALNODES_PY),
+            *args[:1],
+            "--root",
+            str(self.root),
+            *args[1:],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 120)
+        text = out.decode(errors="replace")
+        assert proc.returncode == 0, f"realnodes.py {' '.join(args)} failed:\n{text}"
+        return text
+
+    async def restart_kubelet(self, node: str) -> None:
+        await self.realnodes("restart-kubelet", node)
+
+    async def set_gpu_health(self, node: str, gpu: int, unhealthy: str | None) -> None:
+        health = ["--unhealthy", unhealthy] if unhealthy else ["--healthy"]
+        cli = str(Path(sys.executable).with_name("modelfleet"))
+        gpu_dir = str(self.node_dir(node) / "gpu")
+        cmd = [cli, "sim-gpu-driver", "set-health", "--dir", gpu_dir, "--gpu", str(gpu), *health]
+        done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+
+def load_real_nodes(cluster: Cluster) -> RealNodes:
+    """The real nodes of the local cluster; skips only where they are turned off on purpose."""
+    if os.environ.get("MODELFLEET_TEST_KUBECONFIG"):
+        pytest.skip("real-node tests need the local cluster's real nodes, not an external cluster")
+    if os.environ.get("REAL_NODES") == "0":
+        pytest.skip("real nodes are turned off (REAL_NODES=0)")
+    context = REAL_ROOT / "context.json"
+    if not context.exists():
+        pytest.fail(
+            f"no real nodes in {REAL_ROOT}: `hack/cluster.sh up` starts them (it needs root); "
+            "REAL_NODES=0 turns these tests off",
+            pytrace=False,
+        )
+    return RealNodes(root=REAL_ROOT, context=json.loads(context.read_text()))
+
+
+def gpu_pod(
+    name: str,
+    image: str,
+    *,
+    gpus: int,
+    node: str | None = None,
+    bind_to: str | None = None,
+    args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    probe_path: str = "/health",
+    liveness: bool = False,
+) -> dict[str, Any]:
+    """A vLLM stand-in pod asking for `gpus` whole GPUs: scheduled onto `node`, or bound to
+    `bind_to` with spec.nodeName as the operator binds its replicas (no scheduler)."""
+    container: dict[str, Any] = {
+        "name": "engine",
+        "image": image,
+        "imagePullPolicy": "Never",
+        "args": args
+        if args is not None
+        else ["--model", "m", "--served-model-name", name, "--host", "0.0.0.0", "--port", "8000"],
+        "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
+        "ports": [{"name": "http", "containerPort": 8000}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": 8000}, "periodSeconds": 1},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+        },
+    }
+    if gpus:
+        container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+    if liveness:
+        container["livenessProbe"] = {
+            "httpGet": {"path": probe_path, "port": 8000},
+            "periodSeconds": 1,
+            "failureThreshold": 2,
+        }
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "tolerations": [GPU_TOLERATION],
+        "terminationGracePeriodSeconds": 2,
+        "automountServiceAccountToken": False,
+    }
+    if bind_to:
+        spec["nodeName"] = bind_to
+    else:
+        spec["nodeSelector"] = {**REAL_NODE_SELECTOR, "kubernetes.io/hostname": node or ""}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}

@@ -1,0 +1,358 @@
+"""On the real nodes: what the kubelet, its device manager and our device plugin really do.
+
+These nodes run an upstream kubelet with containerd and runc, so admission, device assignment,
+probes and restarts are the kubelet's own; only NVML is faked (a per-node GPU inventory behind
+the project's device plugin, the agent's fake NVML and the fake NVIDIA runtime hook).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from clusterkit import Cluster, helm, wait_for
+from realnodes_kit import REAL_NODE_SELECTOR, RealNodes, gpu_pod, load_real_nodes
+
+from modelfleet.kube.client import ApiError, KubeClient
+
+pytestmark = pytest.mark.realnodes
+
+CHART = "charts/modelfleet"
+
+
+@pytest.fixture(scope="session")
+def real_nodes(cluster: Cluster) -> RealNodes:
+    return load_real_nodes(cluster)
+
+
+async def create_pod(kube: KubeClient, namespace: str, pod: dict[str, Any]) -> str:
+    await kube.create(f"/api/v1/namespaces/{namespace}/pods", pod)
+    return str(pod["metadata"]["name"])
+
+
+async def get_pod(kube: KubeClient, namespace: str, name: str) -> dict[str, Any]:
+    return await kube.get(f"/api/v1/namespaces/{namespace}/pods/{name}")
+
+
+def ready(pod: dict[str, Any]) -> bool:
+    conds = pod.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+
+def engine_status(pod: dict[str, Any]) -> dict[str, Any]:
+    statuses = pod.get("status", {}).get("containerStatuses") or [{}]
+    return dict(statuses[0])
+
+
+async def wait_pod_ready(kube: KubeClient, namespace: str, name: str) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        pod = await get_pod(kube, namespace, name)
+        return pod if ready(pod) else None
+
+    return await wait_for(check, 60, interval=0.3, what=f"pod {name} Ready")
+
+
+async def allocatable_gpus(kube: KubeClient, node: str) -> int:
+    obj = await kube.get(f"/api/v1/nodes/{node}")
+    return int(obj["status"]["allocatable"].get("nvidia.com/gpu", "0"))
+
+
+@pytest.fixture
+async def agents(
+    cluster: Cluster, kube: KubeClient, namespace: str, real_nodes: RealNodes
+) -> AsyncIterator[dict[str, str]]:
+    """The chart's agent DaemonSet on the real nodes, from the image a user deploys: node ->
+    agent base URL."""
+    release = f"a{uuid.uuid4().hex[:6]}"
+    repository, tag = real_nodes.modelfleet_image.rsplit(":", 1)
+    values = {
+        "crds": {"enabled": False},
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+        "operator": {"replicas": 0},
+        "gateway": {"enabled": False},
+        "parallelModels": {},
+        "agent": {
+            "auth": {"mode": "none"},
+            "nodeSelector": REAL_NODE_SELECTOR,
+            "pollIntervalSeconds": 1,
+        },
+    }
+    await helm(cluster, "install", release, CHART, "-n", namespace, values=values)
+    try:
+
+        async def agent_urls() -> dict[str, str] | None:
+            pods = await kube.get(
+                f"/api/v1/namespaces/{namespace}/pods",
+                labelSelector="app.kubernetes.io/component=agent",
+            )
+            urls = {
+                p["spec"]["nodeName"]: f"http://{p['status']['podIP']}:9400"
+                for p in pods["items"]
+                if ready(p)
+            }
+            return urls if len(urls) == 2 else None
+
+        yield await wait_for(agent_urls, 90, interval=0.5, what="an agent Ready on each real node")
+    finally:
+        await helm(cluster, "uninstall", release, "-n", namespace, check=False)
+
+
+async def agent_gpus(url: str) -> list[dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+        http.get(f"{url}/v1/gpus") as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        body = json.loads(await resp.text())
+    return list(body["gpus"])
+
+
+async def test_gpu_pod_gets_devices_from_the_device_manager_and_the_agent_sees_them(
+    kube: KubeClient, namespace: str, real_nodes: RealNodes, agents: dict[str, str]
+) -> None:
+    name = await create_pod(
+        kube, namespace, gpu_pod("two-gpus", real_nodes.vllm_sim_image, gpus=2, node="real-0")
+    )
+    pod = await wait_pod_ready(kube, namespace, name)
+    assert pod["spec"]["nodeName"] == "real-0"
+
+    # The kubelet's device manager chose two devices of real-0's inventory ...
+    devices = real_nodes.devices_of("real-0", namespace, name)
+    uuids = {g["uuid"]: g["index"] for g in real_nodes.inventory("real-0")}
+    assert len(devices) == 2
+    assert devices <= set(uuids)
+
+    # ... and the agent (the chart's DaemonSet, NVML faked over the same inventory) reports that
+    # pod on exactly those GPUs, with the memory the stand-in uses there and nowhere else.
+    async def pod_on_gpus() -> list[dict[str, Any]] | None:
+        gpus = await agent_gpus(agents["real-0"])
+        held = [g for g in gpus if any(p["name"] == name for p in g.get("pods") or [])]
+        return gpus if {g["uuid"] for g in held} == devices else None
+
+    gpus = await wait_for(pod_on_gpus, 30, interval=0.5, what="the agent to attribute the pod")
+    for gpu in gpus:
+        if gpu["uuid"] in devices:
+            assert gpu["memoryUsedMiB"] > 0, gpu
+        else:
+            assert gpu["memoryUsedMiB"] == 0, gpu
+
+
+async def test_bound_pod_without_free_gpus_fails_admission(
+    kube: KubeClient, namespace: str, real_nodes: RealNodes
+) -> None:
+    # real-1 has 2 GPUs: a pod bound to it by spec.nodeName (as the operator binds replicas)
+    # asking for 4 is rejected by the kubelet's device manager, not by any scheduler.
+    pod = gpu_pod("too-many", real_nodes.vllm_sim_image, gpus=4, bind_to="real-1")
+    name = await create_pod(kube, namespace, pod)
+
+    async def failed() -> dict[str, Any] | None:
+        obj = await get_pod(kube, namespace, name)
+        return obj if obj.get("status", {}).get("phase") == "Failed" else None
+
+    obj = await wait_for(failed, 30, interval=0.3, what="the kubelet to reject the pod")
+    status = obj["status"]
+    assert status["reason"] == "UnexpectedAdmissionError", status
+    assert "requested number of devices unavailable for nvidia.com/gpu" in status["message"]
+    assert "Requested: 4, Available: 2" in status["message"], status["message"]
+
+
+async def test_kubelet_restart_keeps_running_replicas_and_their_devices(
+    kube: KubeClient, namespace: str, real_nodes: RealNodes
+) -> None:
+    name = await create_pod(
+        kube, namespace, gpu_pod("survivor", real_nodes.vllm_sim_image, gpus=1, node="real-1")
+    )
+    before = await wait_pod_ready(kube, namespace, name)
+    devices = real_nodes.devices_of("real-1", namespace, name)
+    container_id = engine_status(before)["containerID"]
+    assert len(devices) == 1
+
+    await real_nodes.restart_kubelet("real-1")
+
+    async def back() -> bool:
+        node = await kube.get("/api/v1/nodes/real-1")
+        lease_ok = any(
+            c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"]
+        )
+        return lease_ok and await allocatable_gpus(kube, "real-1") == 2
+
+    await wait_for(back, 60, interval=0.5, what="real-1 Ready again with its GPUs")
+    after = await wait_pod_ready(kube, namespace, name)
+    assert engine_status(after)["containerID"] == container_id
+    assert engine_status(after)["restartCount"] == 0
+    assert real_nodes.devices_of("real-1", namespace, name) == devices
+
+
+async def test_unhealthy_device_leaves_allocatable(
+    kube: KubeClient, namespace: str, real_nodes: RealNodes
+) -> None:
+    assert await allocatable_gpus(kube, "real-1") == 2
+    await real_nodes.set_gpu_health("real-1", 1, "XID 79: GPU has fallen off the bus")
+    try:
+
+        async def one_left() -> bool:
+            return await allocatable_gpus(kube, "real-1") == 1
+
+        await wait_for(one_left, 30, interval=0.5, what="allocatable nvidia.com/gpu to drop to 1")
+        # The device manager hands out only the healthy device now.
+        pod = gpu_pod("wants-two", real_nodes.vllm_sim_image, gpus=2, bind_to="real-1")
+        name = await create_pod(kube, namespace, pod)
+
+        async def rejected() -> dict[str, Any] | None:
+            obj = await get_pod(kube, namespace, name)
+            return obj if obj.get("status", {}).get("phase") == "Failed" else None
+
+        obj = await wait_for(rejected, 30, interval=0.3, what="admission to fail on 1 healthy GPU")
+        assert obj["status"]["reason"] == "UnexpectedAdmissionError"
+    finally:
+        await real_nodes.set_gpu_health("real-1", 1, None)
+
+    async def two_again() -> bool:
+        return await allocatable_gpus(kube, "real-1") == 2
+
+    await wait_for(two_again, 30, interval=0.5, what="the GPU to come back to allocatable")
+
+
+async def test_failing_liveness_probe_restarts_the_stand_in(
+    kube: KubeClient, namespace: str, real_nodes: RealNodes
+) -> None:
+    pod = gpu_pod(
+        "unhealthy",
+        real_nodes.vllm_sim_image,
+        gpus=0,
+        node="real-0",
+        env={"MODELFLEET_SIM_HEALTH_FAIL_AFTER_S": "2"},
+        liveness=True,
+    )
+    name = await create_pod(kube, namespace, pod)
+
+    async def restarted() -> dict[str, Any] | None:
+        obj = await get_pod(kube, namespace, name)
+        return obj if engine_status(obj).get("restartCount", 0) >= 1 else None
+
+    obj = await wait_for(restarted, 60, interval=0.5, what="the kubelet to restart the container")
+    events = await kube.get(
+        f"/api/v1/namespaces/{namespace}/events", fieldSelector=f"involvedObject.name={name}"
+    )
+    messages = " ".join(e.get("message", "") for e in events["items"])
+    assert "Liveness probe failed" in messages, messages
+    assert obj["status"]["phase"] == "Running"
+
+
+async def test_crash_looping_stand_in_shows_crash_loop_back_off(
+    kube: KubeClient, namespace: str, real_nodes: RealNodes
+) -> None:
+    # An argument vLLM would refuse makes the stand-in exit 2 at start, every time.
+    pod = gpu_pod(
+        "crasher", real_nodes.vllm_sim_image, gpus=0, node="real-0", args=["--port", "eighty"]
+    )
+    name = await create_pod(kube, namespace, pod)
+
+    async def backing_off() -> dict[str, Any] | None:
+        obj = await get_pod(kube, namespace, name)
+        waiting = engine_status(obj).get("state", {}).get("waiting", {})
+        return obj if waiting.get("reason") == "CrashLoopBackOff" else None
+
+    obj = await wait_for(backing_off, 60, interval=0.5, what="CrashLoopBackOff")
+    last = engine_status(obj)["lastState"]["terminated"]
+    assert last["exitCode"] == 2, last
+
+
+async def test_unknown_gpu_in_nvidia_visible_devices_fails_the_container(
+    kube: KubeClient, namespace: str, real_nodes: RealNodes
+) -> None:
+    # Shared mode names GPUs by UUID without a GPU request; a UUID the node does not have is
+    # refused by the (fake) NVIDIA runtime, as nvidia-container-cli refuses it.
+    pod = gpu_pod(
+        "wrong-gpu",
+        real_nodes.vllm_sim_image,
+        gpus=0,
+        node="real-0",
+        env={"NVIDIA_VISIBLE_DEVICES": "GPU-00000000-0000-0000-0000-000000000000"},
+    )
+    name = await create_pod(kube, namespace, pod)
+
+    async def refused() -> dict[str, Any] | None:
+        obj = await get_pod(kube, namespace, name)
+        status = engine_status(obj)
+        text = json.dumps(status.get("state", {})) + json.dumps(status.get("lastState", {}))
+        return obj if "unknown device" in text else None
+
+    await wait_for(refused, 60, interval=0.5, what="the runtime to refuse the unknown GPU")
+
+
+async def test_real_nodes_down_leaves_nothing_behind(
+    kube: KubeClient, namespace: str, real_nodes: RealNodes, tmp_path: Path
+) -> None:
+    """A node set of its own (one node, its own namespaces and range) with a running pod, then
+    `down`: no process, mount, cgroup, network namespace, link or file of it is left."""
+    suffix = uuid.uuid4().hex[:6]
+    node, cluster_name = f"leak-{suffix}", f"mf-leak-{suffix}"
+    root = tmp_path / "real"
+    nodes_file = tmp_path / "nodes.yaml"
+    nodes_file.write_text(f"nodes:\n  - name: {node}\n    gpus: 1\n")
+    ctx = real_nodes.context
+    # 10.240-254 are outside the range hack/cluster.sh derives from checkout paths.
+    octet = 240 + int(suffix, 16) % 15
+    kit = RealNodes(root=root, context={})
+    await kit.realnodes(
+        "up", "--cluster", cluster_name, "--octet", str(octet), "--nodes", str(nodes_file),
+        "--bin-dir", ctx["bin_dir"], "--kubeconfig", ctx["kubeconfig"], "--pki", ctx["pki"],
+        "--pause-image", ctx["pause_image"], "--image", ctx["image"][0],
+    )  # fmt: skip
+    try:
+        pod = gpu_pod("pause", ctx["pause_image"], gpus=1, bind_to=node, args=[])
+        pod["spec"]["containers"][0].pop("readinessProbe")
+        pod["spec"]["containers"][0]["securityContext"] = {}
+        await create_pod(kube, namespace, pod)
+
+        async def running() -> bool:
+            obj = await get_pod(kube, namespace, "pause")
+            return obj.get("status", {}).get("phase") == "Running"
+
+        await wait_for(running, 60, interval=0.3, what="a pod running on the node")
+        assert root.exists()
+        assert realnodes_leaks(root, cluster_name), "the check must see a running node set"
+    finally:
+        await kit.realnodes("down")
+    assert realnodes_leaks(root, cluster_name) == []
+    assert not await _exists(kube, f"/api/v1/nodes/{node}")
+
+
+def realnodes_leaks(root: Path, cluster_name: str) -> list[str]:
+    """Everything of a node set still on the machine, looked up independently of its script."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if str(root) in cmdline and "pytest" not in cmdline:
+                found.append(f"process {proc.name}: {cmdline[:120]}")
+    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    found += [f"mount {line.split()[4]}" for line in mounts if str(root) in line]
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        found += [f"cgroup {p}" for p in hierarchy.glob(f"modelfleet-{cluster_name}-*")]
+    if Path(f"/run/netns/{cluster_name}").exists():
+        found.append(f"network namespace {cluster_name}")
+    if Path(f"/sys/class/net/{cluster_name[:15]}").exists():
+        found.append(f"link {cluster_name[:15]}")
+    if root.exists():
+        found.append(f"directory {root}")
+    return found
+
+
+async def _exists(kube: KubeClient, path: str) -> bool:
+    try:
+        await kube.get(path)
+    except ApiError as exc:
+        if exc.not_found:
+            return False
+        raise
+    return True
