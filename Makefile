@@ -49,6 +49,14 @@ $(HADOLINT): | $(STAMP)
 lint-dockerfile: $(HADOLINT) ## Lint the Dockerfile with hadolint (installed into .tools/)
 	$(HADOLINT) Dockerfile
 
+.PHONY: image
+image: ## Build the modelfleet image as an OCI archive in dist/, no Docker (root: debootstrap, chroot)
+	$(PYTHON) hack/images.py build --image modelfleet --copy-to dist
+	@printf '%s\n' 'Load or push it (the reference is modelfleet_ref above) with:' \
+		'  ctr -n k8s.io images import --platform linux/amd64 dist/modelfleet-image.oci.tar' \
+		'  skopeo copy oci-archive:dist/modelfleet-image.oci.tar docker://REGISTRY/modelfleet:TAG' \
+		'  docker load -i dist/modelfleet-image.oci.tar'
+
 .PHONY: chart-snapshots
 chart-snapshots: $(STAMP) ## Re-render the Helm chart's snapshots (tests/unit/chart/snapshots/) after a chart change
 	MODELFLEET_UPDATE_SNAPSHOTS=1 $(BIN)/pytest -q tests/unit/chart/test_chart_snapshots.py
@@ -57,7 +65,7 @@ chart-snapshots: $(STAMP) ## Re-render the Helm chart's snapshots (tests/unit/ch
 lint: $(STAMP) | $(HADOLINT) ## ruff, mypy --strict, the import-linter layer contracts, hadolint
 	$(BIN)/ruff check operator tests benchmarks hack
 	$(BIN)/ruff format --check operator tests benchmarks hack
-	$(BIN)/mypy operator/modelfleet hack/pod_runner.py hack/simnodes.py
+	$(BIN)/mypy operator/modelfleet hack/pod_runner.py hack/simnodes.py hack/oci.py hack/images.py
 	$(BIN)/lint-imports
 	$(HADOLINT) Dockerfile
 
