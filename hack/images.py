@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -51,7 +52,10 @@ WRITER = Path(oci.__file__).read_bytes()
 
 PAUSE_REFERENCE = "registry.k8s.io/pause:3.10-modelfleet"
 MODELFLEET_REFERENCE = "docker.io/modelfleet/modelfleet:local"
-IMAGES = ("pause", "modelfleet")
+# The same layers as the modelfleet image, started as `modelfleet sim-vllm`: the vLLM stand-in in
+# place of the vllm-openai image, whose entrypoint takes vLLM's arguments the same way.
+VLLM_SIM_REFERENCE = "docker.io/modelfleet/vllm-sim:local"
+IMAGES = ("pause", "modelfleet", "vllm-sim")
 
 SUITE = "bookworm"  # the Dockerfile's base is python:<version>-slim-bookworm
 PYTHON_VERSION = "3.11"  # bookworm's python3; the Dockerfile's ARG PYTHON_VERSION
@@ -143,6 +147,18 @@ def modelfleet_config() -> oci.ImageConfig:
             "org.opencontainers.image.licenses": "Apache-2.0",
             "org.opencontainers.image.source": "https://github.com/modelfleet/modelfleet",
         },
+    )
+
+
+def vllm_sim_config() -> oci.ImageConfig:
+    """The vLLM stand-in: the modelfleet image with vLLM's arguments after `sim-vllm`."""
+    base = modelfleet_config()
+    return dataclasses.replace(
+        base,
+        entrypoint=("modelfleet", "sim-vllm"),
+        cmd=(),
+        exposed_ports=("8000/tcp",),
+        labels={**base.labels, "org.opencontainers.image.title": "modelfleet-vllm-sim"},
     )
 
 
@@ -701,6 +717,44 @@ def _root_needed(what: str) -> None:
         )
 
 
+def modelfleet_stages() -> list[Stage]:
+    """The modelfleet image's layers: Debian and Python, the pinned dependencies, the package."""
+    mirrors = find_mirrors()
+    base_key = compute_key(
+        SUITE,
+        mirrors.main,
+        mirrors.security,
+        BASE_PACKAGES,
+        SLIM_GLOBS,
+        SLIM_KEEP,
+        ETC_HOSTS,
+        RECOMPILE_PYC,
+        DPKG_EXCLUDES,
+        WRITER,
+        build_base,
+        slim_rootfs,
+    )
+    deps_key = compute_key(
+        base_key,
+        (ROOT / "constraints.txt").read_bytes(),
+        project_dependencies(ROOT / "pyproject.toml"),
+        build_deps,
+        _finish_venv_layer,
+    )
+    src_key = compute_key(
+        deps_key,
+        build_package,
+        check_runs,
+        *(p.read_bytes() for p in source_files(ROOT)),
+        *(str(p.relative_to(ROOT)) for p in source_files(ROOT)),
+    )
+    return [
+        Stage("base", base_key, partial(build_base, mirrors=mirrors)),
+        Stage("deps", deps_key, build_deps),
+        Stage("src", src_key, build_package),
+    ]
+
+
 def build_images(
     names: Sequence[str],
     *,
@@ -724,42 +778,12 @@ def build_images(
             config, reference = pause_config(), PAUSE_REFERENCE
         else:
             if not cached_only:
-                _root_needed("building the modelfleet image")
-            mirrors = find_mirrors()
-            base_key = compute_key(
-                SUITE,
-                mirrors.main,
-                mirrors.security,
-                BASE_PACKAGES,
-                SLIM_GLOBS,
-                SLIM_KEEP,
-                ETC_HOSTS,
-                RECOMPILE_PYC,
-                DPKG_EXCLUDES,
-                WRITER,
-                build_base,
-                slim_rootfs,
-            )
-            deps_key = compute_key(
-                base_key,
-                (ROOT / "constraints.txt").read_bytes(),
-                project_dependencies(ROOT / "pyproject.toml"),
-                build_deps,
-                _finish_venv_layer,
-            )
-            src_key = compute_key(
-                deps_key,
-                build_package,
-                check_runs,
-                *(p.read_bytes() for p in source_files(ROOT)),
-                *(str(p.relative_to(ROOT)) for p in source_files(ROOT)),
-            )
-            stages = [
-                Stage("base", base_key, partial(build_base, mirrors=mirrors)),
-                Stage("deps", deps_key, build_deps),
-                Stage("src", src_key, build_package),
-            ]
-            config, reference = modelfleet_config(), MODELFLEET_REFERENCE
+                _root_needed(f"building the {name} image")
+            stages = modelfleet_stages()
+            if name == "vllm-sim":
+                config, reference = vllm_sim_config(), VLLM_SIM_REFERENCE
+            else:
+                config, reference = modelfleet_config(), MODELFLEET_REFERENCE
         layers: list[oci.Layer] = []
         for stage in stages:
             force = stage.name in rebuild or "all" in rebuild
@@ -795,7 +819,8 @@ def format_results(results: Mapping[str, tuple[Path, str]]) -> list[str]:
     """`name=<archive>` and `name_ref=<reference>` lines, shell-quoted so `eval` can read them."""
     lines = []
     for name, (path, reference) in results.items():
-        lines += [f"{name}={shlex.quote(str(path))}", f"{name}_ref={shlex.quote(reference)}"]
+        var = name.replace("-", "_")  # a shell variable name
+        lines += [f"{var}={shlex.quote(str(path))}", f"{var}_ref={shlex.quote(reference)}"]
     return lines
 
 
@@ -837,7 +862,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _exit_on_signal)
     if args.command == "refs":
-        print(f"pause_ref={PAUSE_REFERENCE}\nmodelfleet_ref={MODELFLEET_REFERENCE}")
+        print(
+            f"pause_ref={PAUSE_REFERENCE}\nmodelfleet_ref={MODELFLEET_REFERENCE}\n"
+            f"vllm_sim_ref={VLLM_SIM_REFERENCE}"
+        )
         return 0
     names = args.image or list(IMAGES)
     root = cache_dir()

@@ -54,11 +54,18 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# Fixtures that only the kwok cluster can serve: the pod runner starts programs on loopback pod
+# IPs of kwok-managed nodes (test nodes included).
+KWOK_FIXTURES = frozenset({"pod_runner", "sim_runner", "gpus"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).resolve().parent
     for item in items:
         if here in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.integration)
+            if KWOK_FIXTURES & set(getattr(item, "fixturenames", ())):
+                item.add_marker(pytest.mark.kwok)
 
 
 def _tail(text: str, lines: int = 30) -> str:
