@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -19,6 +19,8 @@ from pydantic.alias_generators import to_camel
 from modelfleet.gpuid import format_gpu_id
 
 _UUID_NAMESPACE = uuid.UUID("6f1c1d8e-8d4e-4a53-9a57-0b7a3c2e9f10")
+IDLE_POWER_W = 70.0
+IDLE_TEMPERATURE_C = 32.0
 
 
 class GpuFileError(ValueError):
@@ -99,7 +101,25 @@ def load_gpu_file(path: str, node: str) -> list[SimGpu]:
     return parse_gpu_file(text, node, source=path)
 
 
-def render_gpu_file(gpus: Iterable[SimGpu]) -> str:
-    """The YAML text of a GPU file that `parse_gpu_file` reads back as `gpus`."""
-    doc = [gpu.model_dump(by_alias=True) for gpu in gpus]
-    return yaml.safe_dump(doc, sort_keys=False)
+@dataclass(frozen=True, slots=True)
+class SimReadings:
+    """What a simulated GPU's sensors read at a given memory use."""
+
+    utilization_percent: float
+    temperature_c: float
+    power_w: float
+
+
+def compute_sim_readings(gpu: SimGpu, used_mib: int) -> SimReadings:
+    """Utilization, temperature and power of a simulated GPU, derived from its memory use.
+
+    A loaded vLLM server keeps the GPU busy; these curves only need to be plausible, and the same
+    use always gives the same numbers.
+    """
+    fraction = min(max(used_mib, 0), gpu.memory_mib) / gpu.memory_mib
+    utilization = round(min(100.0, 95.0 * fraction), 1)
+    return SimReadings(
+        utilization_percent=utilization,
+        temperature_c=round(IDLE_TEMPERATURE_C + 0.45 * utilization, 1),
+        power_w=round(IDLE_POWER_W + (gpu.max_power_w - IDLE_POWER_W) * utilization / 100, 1),
+    )

@@ -21,11 +21,13 @@ from pydantic.alias_generators import to_camel
 
 from modelfleet.api import labels
 from modelfleet.api.gpustats import GpuHealth, GpuStats, PodRef
+
 # The GPU file format lives in modelfleet.gpufile (the fake GPU driver shares it); these names
 # stay importable from here.
 from modelfleet.gpufile import GpuFileError as GpuFileError
 from modelfleet.gpufile import SimGpu as SimGpu
 from modelfleet.gpufile import build_sim_gpus as build_sim_gpus
+from modelfleet.gpufile import compute_sim_readings
 from modelfleet.gpufile import load_gpu_file as load_gpu_file
 from modelfleet.gpufile import parse_gpu_file as parse_gpu_file
 from modelfleet.gpufile import simulated_uuid as simulated_uuid
@@ -34,8 +36,6 @@ from modelfleet.gpuid import GpuIdError, format_gpu_id, parse_gpu_id
 log = logging.getLogger(__name__)
 
 VLLM_DEFAULT_UTILIZATION = 0.9  # vLLM's --gpu-memory-utilization default
-IDLE_POWER_W = 70.0
-IDLE_TEMPERATURE_C = 32.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,9 +144,7 @@ def compute_sim_stats(
                 )
             )
         used = min(used, gpu.memory_mib)
-        fraction = used / gpu.memory_mib
-        # A loaded vLLM server keeps the GPU busy; these curves only need to be plausible.
-        utilization = round(min(100.0, 95.0 * fraction), 1)
+        readings = compute_sim_readings(gpu, used)
         reasons = []
         if gpu.index in faults.unhealthy:
             reasons.append(faults.unhealthy[gpu.index] or "marked unhealthy by a fault knob")
@@ -162,11 +160,9 @@ def compute_sim_stats(
                 memory_total_mib=gpu.memory_mib,
                 memory_used_mib=used,
                 memory_free_mib=gpu.memory_mib - used,
-                utilization_percent=utilization,
-                temperature_c=round(IDLE_TEMPERATURE_C + 0.45 * utilization, 1),
-                power_w=round(
-                    IDLE_POWER_W + (gpu.max_power_w - IDLE_POWER_W) * utilization / 100, 1
-                ),
+                utilization_percent=readings.utilization_percent,
+                temperature_c=readings.temperature_c,
+                power_w=readings.power_w,
                 health=GpuHealth(
                     healthy=not reasons,
                     reason="; ".join(reasons),
