@@ -10,10 +10,11 @@ the answers come from the driver directory instead of the NVIDIA driver:
 - memory used is the sum of the live memory records on the GPU (what the containers the kubelet
   gave it to hold); utilization, temperature and power follow from it with the simulated
   backend's curves;
-- an unhealthy GPU answers every reading with `NVML_ERROR_GPU_IS_LOST`, the error a GPU that fell
-  off the bus gives, with the reason from `health/<uuid>` in the message, and answers again once
-  it is marked healthy. Its identity (handle, UUID, name) stays readable so the agent can name
-  it. XID events and MIG are "not supported", as on a GPU without them.
+- an unhealthy GPU answers every sensor reading with `NVML_ERROR_GPU_IS_LOST`, the error a GPU
+  that fell off the bus gives, with the reason from `health/<uuid>` in the message, and answers
+  again once it is marked healthy. Its identity (handle, UUID, name) and memory size stay
+  readable so the agent can name and size it. XID events and MIG are "not supported", as on a
+  GPU without them.
 
 Only the functions and constants `NvmlBackend` uses are here, with pynvml's names and values.
 """
@@ -162,7 +163,9 @@ class FakeNvml:
         return min(self.dir.used_mib(gpu.uuid), gpu.memory_mib)
 
     def nvmlDeviceGetMemoryInfo(self, handle: Any) -> Memory:
-        gpu = self._reachable(handle)
+        # Answers on a lost GPU too, so one lost before the agent started still has its size
+        # (the agent then counts all of it used); the sensors below are what fail.
+        gpu = self._gpu(handle)
         used = self._used_mib(gpu)
         return Memory(
             total=gpu.memory_mib * MIB, used=used * MIB, free=(gpu.memory_mib - used) * MIB

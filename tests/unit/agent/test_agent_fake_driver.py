@@ -139,6 +139,18 @@ async def test_unhealthy_gpu_is_reported_with_the_reason_and_recovers(
         await backend.close()
 
 
+async def test_a_gpu_unhealthy_before_the_agent_starts_is_named_and_full(
+    driver: DriverDir, kubelet: FakeKubelet
+) -> None:
+    driver.set_health(UUIDS[3], "lost before start")
+    backend, state = await sample(driver, kubelet)
+    await backend.close()
+    lost = report(state).gpus[3]
+    assert not lost.health.healthy
+    assert "lost before start" in lost.health.reason
+    assert (lost.uuid, lost.memory_total_mib, lost.memory_free_mib) == (UUIDS[3], TOTAL, 0)
+
+
 async def test_a_stopped_holders_memory_comes_free_when_its_record_expires(
     driver: DriverDir, kubelet: FakeKubelet
 ) -> None:
