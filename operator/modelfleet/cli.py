@@ -20,6 +20,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "modelfleet.sim.vllm.cli",
         "run the vLLM stand-in (an OpenAI-compatible simulator)",
     ),
+    "sim-gpu-driver": (
+        "modelfleet.fakegpu.drivercli",
+        "write a node's fake GPU driver inventory, mark its GPUs (un)healthy",
+    ),
+    "sim-gpu-plugin": (
+        "modelfleet.fakegpu.plugincli",
+        "run the fake GPU driver's kubelet device plugin (nvidia.com/gpu)",
+    ),
     "agent": ("modelfleet.agent.cli", "serve this node's GPU stats (node-stats agent)"),
     "status": ("modelfleet.gpus.cli", "show the GPU pool: endpoints, health, GPUs and memory"),
     "operator": ("modelfleet.controller.cli", "run the operator (reconciles ModelDeployments)"),

@@ -94,7 +94,8 @@ def test_bad_number_names_variable_and_meaning(monkeypatch: pytest.MonkeyPatch) 
 def test_agent_backend_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODELFLEET_AGENT_BACKEND", "rocm")
     with pytest.raises(
-        SettingsError, match=r"MODELFLEET_AGENT_BACKEND='rocm'.*'nvml' or 'simulated'"
+        SettingsError,
+        match=r"MODELFLEET_AGENT_BACKEND='rocm'.*'nvml', 'simulated' or 'fake-driver'",
     ):
         load(AgentSettings)
 

@@ -25,6 +25,7 @@ from modelfleet.agent.simulated import (
 )
 from modelfleet.agent.state import AgentState, Backend, run_poll_loop
 from modelfleet.api import labels
+from modelfleet.fakegpu.fakenvml import build_fake_pynvml
 from modelfleet.gpuid import validate_node_name
 from modelfleet.kube import (
     ClusterConfig,
@@ -191,6 +192,16 @@ def build_backend(
         sim = SimulatedBackend(node, gpus)
         return sim, sim
     pods_by_device = attribution.refresh_blocking if attribution is not None else None
+    if settings.backend == "fake-driver":
+        # The NVML code path of a GPU node, answered from the fake driver directory.
+        backend = NvmlBackend(
+            node,
+            nvml=build_fake_pynvml(settings.fake_gpu_dir),
+            on_gpu_error=metrics.gpu_errors.inc,
+            pods_by_device=pods_by_device,
+            name="fake-driver",
+        )
+        return backend, None
     backend = NvmlBackend(node, on_gpu_error=metrics.gpu_errors.inc, pods_by_device=pods_by_device)
     return backend, None
 
@@ -200,7 +211,7 @@ def build_attribution(settings: AgentSettings, metrics: AgentMetrics) -> PodAttr
 
     A configured socket that is absent is not an error: attribution stays off until it appears.
     """
-    if settings.backend != "nvml" or not settings.pod_resources_socket:
+    if settings.backend not in ("nvml", "fake-driver") or not settings.pod_resources_socket:
         return None
     return PodAttribution(
         PodResourcesClient(

@@ -26,6 +26,7 @@ FLAGS: dict[str, str] = {
     "--gpu-memory-mib": "gpu_memory_mib",
     "--product": "product",
     "--gpu-file": "gpu_file",
+    "--fake-gpu-dir": "fake_gpu_dir",
     "--kubeconfig": "kubeconfig",
     "--auth": "auth",
     "--token-file": "token_file",
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             name, dest=field, default=None, help=f"{info.description} [{env}]", **kwargs
         )
 
-    flag("--backend", choices=["nvml", "simulated"])
+    flag("--backend", choices=["nvml", "simulated", "fake-driver"])
     flag("--node", metavar="NAME")
     flag("--host", metavar="ADDR")
     flag("--port", type=int, metavar="PORT")
@@ -54,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--gpu-memory-mib", type=int, metavar="MIB")
     flag("--product", metavar="NAME")
     flag("--gpu-file", metavar="FILE")
+    flag("--fake-gpu-dir", metavar="DIR")
     flag("--kubeconfig", metavar="PATH")
     flag("--auth", choices=["none", "token", "tokenreview"])
     flag("--token-file", metavar="FILE")

@@ -87,8 +87,6 @@ class _Known:
 class NvmlBackend:
     """Samples every GPU on the node through NVML."""
 
-    name = "nvml"
-
     def __init__(
         self,
         node: str,
@@ -96,9 +94,12 @@ class NvmlBackend:
         nvml: ModuleType | None = None,
         on_gpu_error: Callable[[], None] | None = None,
         pods_by_device: Callable[[], Mapping[str, list[PodRef]]] | None = None,
+        name: str = "nvml",
     ) -> None:
         """`pods_by_device`: device ID (GPU UUID, MIG UUID or index, as the NVIDIA device plugin
-        reports it) -> pods; called once per poll in the poll thread, so it may block briefly."""
+        reports it) -> pods; called once per poll in the poll thread, so it may block briefly.
+        `name`: the backend name the agent reports (`fake-driver` over the fake NVML module)."""
+        self.name = name
         self.node = node
         self._nvml = nvml
         self._on_gpu_error = on_gpu_error or (lambda: None)

@@ -11,91 +11,31 @@ slow, failing or garbled.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from modelfleet.api import labels
 from modelfleet.api.gpustats import GpuHealth, GpuStats, PodRef
+
+# The GPU file format lives in modelfleet.gpufile (the fake GPU driver shares it); these names
+# stay importable from here.
+from modelfleet.gpufile import GpuFileError as GpuFileError
+from modelfleet.gpufile import SimGpu as SimGpu
+from modelfleet.gpufile import build_sim_gpus as build_sim_gpus
+from modelfleet.gpufile import compute_sim_readings
+from modelfleet.gpufile import load_gpu_file as load_gpu_file
+from modelfleet.gpufile import parse_gpu_file as parse_gpu_file
+from modelfleet.gpufile import simulated_uuid as simulated_uuid
 from modelfleet.gpuid import GpuIdError, format_gpu_id, parse_gpu_id
 
 log = logging.getLogger(__name__)
 
 VLLM_DEFAULT_UTILIZATION = 0.9  # vLLM's --gpu-memory-utilization default
-IDLE_POWER_W = 70.0
-IDLE_TEMPERATURE_C = 32.0
-_UUID_NAMESPACE = uuid.UUID("6f1c1d8e-8d4e-4a53-9a57-0b7a3c2e9f10")
-
-
-class GpuFileError(ValueError):
-    """The GPU description file cannot be used; the message says where and why."""
-
-
-class SimGpu(BaseModel):
-    """One simulated GPU."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
-
-    index: int = Field(..., ge=0, le=1023)
-    uuid: str = Field(..., min_length=1)
-    product: str = Field(..., min_length=1)
-    memory_mib: int = Field(..., ge=1)
-    max_power_w: float = Field(700.0, gt=0)
-
-
-def simulated_uuid(node: str, index: int) -> str:
-    """A stable UUID per (node, index), shaped like NVML's GPU-xxxxxxxx-... UUIDs."""
-    return f"GPU-{uuid.uuid5(_UUID_NAMESPACE, format_gpu_id(node, index))}"
-
-
-def build_sim_gpus(node: str, count: int, memory_mib: int, product: str) -> list[SimGpu]:
-    """`count` identical GPUs."""
-    return [
-        SimGpu(index=i, uuid=simulated_uuid(node, i), product=product, memory_mib=memory_mib)
-        for i in range(count)
-    ]
-
-
-def parse_gpu_file(text: str, node: str, *, source: str = "GPU file") -> list[SimGpu]:
-    """A YAML or JSON list of GPUs: each `{memoryMib, product?, index?, uuid?, maxPowerW?}`."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise GpuFileError(f"{source}: not valid YAML or JSON: {exc}") from None
-    if isinstance(doc, dict) and "gpus" in doc:
-        doc = doc["gpus"]
-    if not isinstance(doc, list) or not doc:
-        raise GpuFileError(
-            f"{source}: expected a non-empty list of GPUs, e.g. "
-            "[{memoryMib: 81559, product: NVIDIA-H100-80GB-HBM3}]"
-        )
-    gpus: list[SimGpu] = []
-    for position, item in enumerate(doc):
-        if not isinstance(item, dict):
-            raise GpuFileError(f"{source}: GPU #{position} must be a mapping, got {item!r}")
-        index = item.get("index", position)
-        fields = {
-            "index": index,
-            "uuid": item.get("uuid") or simulated_uuid(node, int(index)),
-            "product": item.get("product", "NVIDIA-H100-80GB-HBM3"),
-            **{k: v for k, v in item.items() if k not in ("index", "uuid", "product")},
-        }
-        try:
-            gpus.append(SimGpu.model_validate(fields))
-        except (ValidationError, ValueError) as exc:
-            raise GpuFileError(f"{source}: GPU #{position}: {exc}") from None
-    seen = [g.index for g in gpus]
-    if len(set(seen)) != len(seen):
-        raise GpuFileError(f"{source}: GPU indexes repeat: {seen}")
-    return gpus
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,9 +144,7 @@ def compute_sim_stats(
                 )
             )
         used = min(used, gpu.memory_mib)
-        fraction = used / gpu.memory_mib
-        # A loaded vLLM server keeps the GPU busy; these curves only need to be plausible.
-        utilization = round(min(100.0, 95.0 * fraction), 1)
+        readings = compute_sim_readings(gpu, used)
         reasons = []
         if gpu.index in faults.unhealthy:
             reasons.append(faults.unhealthy[gpu.index] or "marked unhealthy by a fault knob")
@@ -222,11 +160,9 @@ def compute_sim_stats(
                 memory_total_mib=gpu.memory_mib,
                 memory_used_mib=used,
                 memory_free_mib=gpu.memory_mib - used,
-                utilization_percent=utilization,
-                temperature_c=round(IDLE_TEMPERATURE_C + 0.45 * utilization, 1),
-                power_w=round(
-                    IDLE_POWER_W + (gpu.max_power_w - IDLE_POWER_W) * utilization / 100, 1
-                ),
+                utilization_percent=readings.utilization_percent,
+                temperature_c=readings.temperature_c,
+                power_w=readings.power_w,
                 health=GpuHealth(
                     healthy=not reasons,
                     reason="; ".join(reasons),
@@ -282,18 +218,3 @@ class SimulatedBackend:
         # answering with the last sample it published (its sampledAt no longer advances).
         await self._thawed.wait()
         return compute_sim_stats(self.node, self.gpus, self.pods.values(), self.faults), None
-
-
-def load_gpu_file(path: str, node: str) -> list[SimGpu]:
-    """Read and parse --gpu-file (called once at start, before the event loop serves)."""
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise GpuFileError(f"cannot read GPU file {path}: {exc.strerror}") from None
-    if file.suffix == ".json":
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GpuFileError(f"{path}: not valid JSON: {exc}") from None
-    return parse_gpu_file(text, node, source=path)

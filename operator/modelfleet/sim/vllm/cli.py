@@ -12,6 +12,12 @@ from collections.abc import Sequence
 from modelfleet.aio import install_uvloop
 from modelfleet.settings import SimSettings, load
 from modelfleet.sim.vllm.config import SimConfig
+from modelfleet.sim.vllm.gpumemory import (
+    GpuMemoryError,
+    GpuMemoryHold,
+    build_memory_hold,
+    hold_gpu_memory,
+)
 from modelfleet.sim.vllm.server import start_sim
 
 log = logging.getLogger(__name__)
@@ -71,8 +77,13 @@ def parse_vllm_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]
     return args, unknown
 
 
-async def serve(config: SimConfig) -> None:
-    """Serve until cancelled."""
+async def serve(config: SimConfig, hold: GpuMemoryHold | None = None) -> None:
+    """Serve until cancelled, holding `hold`'s GPU memory meanwhile (vLLM takes it at start)."""
+    async with hold_gpu_memory(hold):
+        await _serve(config)
+
+
+async def _serve(config: SimConfig) -> None:
     sim = await start_sim(config)
     log.info(
         "vLLM stand-in %s serving %s (%s) on %s:%d; healthy in %.1fs",
@@ -98,10 +109,16 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for arg in getattr(args, "_unknown", []):
         log.info("ignoring vLLM argument the stand-in does not simulate: %s", arg)
-    config = build_config(args, load(SimSettings), dict(os.environ))
+    env = dict(os.environ)
+    config = build_config(args, load(SimSettings), env)
+    try:
+        hold = build_memory_hold(config, env)
+    except GpuMemoryError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     install_uvloop()
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, hold))
     except KeyboardInterrupt:
         return 0
     return 0
