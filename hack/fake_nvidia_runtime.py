@@ -5,7 +5,8 @@ spec and, before runc creates the container, injects the driver (libraries, devi
 those GPUs; an ID the node does not have makes the create fail. This hook does the same with the
 node's fake driver (`modelfleet sim-gpu-driver`): for `runc create`, when the container's
 environment names GPUs (UUIDs, indexes or `all`), it checks each against the node's inventory,
-bind-mounts the driver directory at /run/modelfleet/fake-gpu and sets MODELFLEET_FAKE_GPU_DIR,
+bind-mounts the driver directory at /run/modelfleet/fake-gpu and sets MODELFLEET_FAKE_GPU_DIR
+(and MODELFLEET_AGENT_FAKE_GPU_DIR, so the agent's NVML reads it),
 then runs runc with the same arguments. Containers without the variable (or with `void`/`none`)
 pass through untouched, as they do with the NVIDIA runtime.
 
@@ -76,7 +77,9 @@ def inject(spec: dict[str, Any], driver_dir: Path) -> bool:
             "options": ["rbind", "rw", "nosuid", "nodev"],
         }
     )
+    # For the vLLM stand-in (memory records) and the agent's NVML (`--fake-gpu-dir`).
     env.append(f"MODELFLEET_FAKE_GPU_DIR={CONTAINER_DRIVER_DIR}")
+    env.append(f"MODELFLEET_AGENT_FAKE_GPU_DIR={CONTAINER_DRIVER_DIR}")
     return True
 
 

@@ -210,12 +210,8 @@ class AgentSettings(_Settings):
     model_config = SettingsConfigDict(env_prefix="MODELFLEET_AGENT_")
     doc_title: ClassVar[str] = "Node-stats agent (`modelfleet agent`)"
 
-    backend: Literal["nvml", "simulated", "fake-driver"] = Field(
-        "nvml",
-        description=(
-            "Where GPU stats come from: nvml (real GPUs), simulated, or fake-driver (NVML "
-            "answered from a fake GPU driver directory, on test nodes with a real kubelet)."
-        ),
+    backend: Literal["nvml", "simulated"] = Field(
+        "nvml", description="Where GPU stats come from: nvml (real GPUs) or simulated."
     )
     node: str = Field(
         "", description="Node name; empty: NODE_NAME from the downward API, else the host name."
@@ -236,10 +232,11 @@ class AgentSettings(_Settings):
         "", description="Simulated backend: a YAML or JSON file describing the GPUs."
     )
     fake_gpu_dir: str = Field(
-        "/run/modelfleet/fake-gpu",
+        "",
         description=(
-            "fake-driver backend: the fake GPU driver directory (inventory, health, memory "
-            "records) that `modelfleet sim-gpu-driver init` wrote for this node."
+            "nvml backend: answer NVML from this fake GPU driver directory instead of the NVIDIA "
+            "driver (the test cluster's real nodes, whose fake NVIDIA runtime sets it); empty: "
+            "the real driver."
         ),
     )
     kubeconfig: str = Field(
@@ -275,7 +272,7 @@ class AgentSettings(_Settings):
     pod_resources_socket: str = Field(
         "/var/lib/kubelet/pod-resources/kubelet.sock",
         description=(
-            "nvml and fake-driver backends: kubelet pod-resources socket for pod attribution; "
+            "nvml backend: kubelet pod-resources socket for pod attribution; "
             "off while the "
             "socket is absent; empty: off."
         ),

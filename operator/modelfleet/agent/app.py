@@ -192,7 +192,7 @@ def build_backend(
         sim = SimulatedBackend(node, gpus)
         return sim, sim
     pods_by_device = attribution.refresh_blocking if attribution is not None else None
-    if settings.backend == "fake-driver":
+    if settings.fake_gpu_dir:
         # The NVML code path of a GPU node, answered from the fake driver directory.
         backend = NvmlBackend(
             node,
@@ -211,7 +211,7 @@ def build_attribution(settings: AgentSettings, metrics: AgentMetrics) -> PodAttr
 
     A configured socket that is absent is not an error: attribution stays off until it appears.
     """
-    if settings.backend not in ("nvml", "fake-driver") or not settings.pod_resources_socket:
+    if settings.backend != "nvml" or not settings.pod_resources_socket:
         return None
     return PodAttribution(
         PodResourcesClient(

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             name, dest=field, default=None, help=f"{info.description} [{env}]", **kwargs
         )
 
-    flag("--backend", choices=["nvml", "simulated", "fake-driver"])
+    flag("--backend", choices=["nvml", "simulated"])
     flag("--node", metavar="NAME")
     flag("--host", metavar="ADDR")
     flag("--port", type=int, metavar="PORT")

@@ -4,7 +4,7 @@ Three programs share one directory per node (the "driver directory", `driverdir`
 plugin (`modelfleet sim-gpu-plugin`, `plugin`) advertises its GPUs to the kubelet and hands them
 out; the vLLM stand-in, running in a container the kubelet gave GPUs to, records the memory it
 holds on them; the agent reads memory and health back through a pynvml-compatible module
-(`fakenvml`, `--backend fake-driver`). So memory, pod attribution and health follow what the
+(`fakenvml`, the agent's `--fake-gpu-dir`). So memory, pod attribution and health follow what the
 kubelet's device manager really did.
 
 `driverdir` and `fakenvml` are plain file I/O (the agent and the stand-in import them); only

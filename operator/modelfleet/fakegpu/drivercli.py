@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "set-health",
         help="mark one GPU unhealthy (with a reason) or healthy again",
         description="Mark one GPU unhealthy with a reason, or healthy again. The device plugin "
-        "re-advertises it and the agent's fake-driver backend reports it at their next poll.",
+        "re-advertises it and the agent's fake NVML reports it at their next poll.",
     )
     health.add_argument("--dir", required=True, help="the node's fake GPU driver directory")
     health.add_argument("--gpu", required=True, metavar="INDEX_OR_UUID", help="which GPU")

@@ -1,6 +1,6 @@
 """A pynvml-compatible module over the fake driver directory: the one place NVML is mocked.
 
-The agent's `--backend fake-driver` runs the real `NvmlBackend` against the module that
+The agent's NVML backend with `--fake-gpu-dir` runs the real `NvmlBackend` against the module that
 `build_fake_pynvml(dir)` returns, so the NVML code path (start, per-GPU reads, error handling,
 pod attribution through the kubelet's pod-resources socket) is the one real GPU nodes run; only
 the answers come from the driver directory instead of the NVIDIA driver:

@@ -8,10 +8,11 @@ kubelet's device manager, admission and pod-resources API work on it unchanged:
 - ListAndWatch streams every GPU of the inventory by UUID, Healthy or Unhealthy as the driver
   directory's `health/` says, and again on every change;
 - GetPreferredAllocation: the devices that must be included, then the lowest indexes;
-- Allocate: per container `NVIDIA_VISIBLE_DEVICES=<uuid,uuid>` (the IDs in request order),
-  `MODELFLEET_FAKE_GPU_DIR` and the driver directory mounted read-write there, so the container can
-  record the memory it holds; an unknown or unhealthy device is a gRPC error (the kubelet turns it
-  into UnexpectedAdmissionError);
+- Allocate: per container `NVIDIA_VISIBLE_DEVICES=<uuid,uuid>` (the IDs in request order) and
+  nothing else: as with the NVIDIA plugin, the container runtime injects the driver for those
+  GPUs (on the test cluster's real nodes, hack/fake_nvidia_runtime.py mounts the driver
+  directory); an unknown or unhealthy device is a gRPC error (the kubelet turns it into
+  UnexpectedAdmissionError);
 - a kubelet restart deletes the plugin sockets and recreates kubelet.sock: the plugin notices
   either, serves its socket again and registers again, as real plugins do.
 
@@ -33,7 +34,7 @@ from typing import Any
 import grpc
 
 from modelfleet.fakegpu import deviceplugin as api
-from modelfleet.fakegpu.driverdir import CONTAINER_DIR, DIR_ENV, DriverDir, DriverDirError
+from modelfleet.fakegpu.driverdir import DriverDir, DriverDirError
 from modelfleet.gpufile import SimGpu
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def check_allocation(
 
 
 def build_container_envs(device_ids: Sequence[str]) -> dict[str, str]:
-    return {VISIBLE_DEVICES_ENV: ",".join(device_ids), DIR_ENV: CONTAINER_DIR}
+    return {VISIBLE_DEVICES_ENV: ",".join(device_ids)}
 
 
 def socket_name_for(resource: str) -> str:
@@ -150,7 +151,6 @@ class GpuDevicePlugin:
         plugin_dir: str,
         *,
         resource: str = DEFAULT_RESOURCE,
-        host_dir: str = "",
         poll_s: float = POLL_S,
     ) -> None:
         self.driver = driver
@@ -159,9 +159,6 @@ class GpuDevicePlugin:
         self.socket_name = socket_name_for(resource)
         self.socket_path = os.path.join(self.plugin_dir, self.socket_name)
         self.kubelet_socket = os.path.join(self.plugin_dir, api.KUBELET_SOCKET)
-        # The driver directory as the kubelet's host sees it (differs when the plugin itself runs
-        # in a container with the directory mounted elsewhere).
-        self.host_dir = os.path.abspath(host_dir or str(driver.path))
         self.poll_s = poll_s
         self.registrations = 0
         self._messages = api.messages()
@@ -284,9 +281,6 @@ class GpuDevicePlugin:
             answer = response.container_responses.add()  # type: ignore[attr-defined]
             for name, value in build_container_envs(ids).items():
                 answer.envs[name] = value
-            answer.mounts.add(
-                container_path=CONTAINER_DIR, host_path=self.host_dir, read_only=False
-            )
             log.info(
                 "Allocate: container %d gets %s (GPU %s)",
                 number,

@@ -30,12 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"extended resource to advertise (default {DEFAULT_RESOURCE})",
     )
     parser.add_argument(
-        "--host-dir",
-        default="",
-        help="the driver directory as the kubelet's host sees it, mounted into containers; "
-        "default: --dir (set it when this plugin runs in a container)",
-    )
-    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
 
@@ -44,9 +38,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    plugin = GpuDevicePlugin(
-        DriverDir(args.dir), args.plugin_dir, resource=args.resource, host_dir=args.host_dir
-    )
+    plugin = GpuDevicePlugin(DriverDir(args.dir), args.plugin_dir, resource=args.resource)
     try:
         plugin.refresh_blocking()
     except DriverDirError as exc:

@@ -47,7 +47,7 @@ def kubelet() -> Iterator[FakeKubelet]:
 
 def settings_for(driver: DriverDir, kubelet: FakeKubelet) -> AgentSettings:
     return AgentSettings(
-        backend="fake-driver",
+        backend="nvml",
         fake_gpu_dir=str(driver.path),
         pod_resources_socket=kubelet.socket_path,
     )
@@ -169,7 +169,7 @@ async def test_a_stopped_holders_memory_comes_free_when_its_record_expires(
 async def test_without_an_inventory_the_agent_does_not_start(
     tmp_path: Path, kubelet: FakeKubelet
 ) -> None:
-    settings = AgentSettings(backend="fake-driver", fake_gpu_dir=str(tmp_path / "nothing"))
+    settings = AgentSettings(backend="nvml", fake_gpu_dir=str(tmp_path / "nothing"))
     backend, _ = build_backend(settings, NODE, AgentMetrics())
     assert isinstance(backend, NvmlBackend)
     with pytest.raises(NvmlStartError, match="sim-gpu-driver init"):

@@ -114,21 +114,16 @@ def test_compute_preferred(
     assert compute_preferred(available, must, size, {"a": 0, "b": 1, "c": 2}) == expected
 
 
-def test_allocate_gives_visible_devices_and_the_driver_dir(
+def test_allocate_gives_only_the_visible_devices(
     plugin: GpuDevicePlugin, kubelet: FakeDeviceManager, driver: DriverDir
 ) -> None:
     kubelet.wait_list(HEALTHY)
     response = kubelet.allocate([UUIDS[2], UUIDS[0]], [UUIDS[1]])
     first, second = response.container_responses
-    assert dict(first.envs) == {
-        "NVIDIA_VISIBLE_DEVICES": f"{UUIDS[2]},{UUIDS[0]}",
-        "MODELFLEET_FAKE_GPU_DIR": "/run/modelfleet/fake-gpu",
-    }
-    assert dict(second.envs)["NVIDIA_VISIBLE_DEVICES"] == UUIDS[1]
-    (mount,) = first.mounts
-    assert mount.container_path == "/run/modelfleet/fake-gpu"
-    assert mount.host_path == str(driver.path)
-    assert mount.read_only is False
+    # The NVIDIA plugin's envvar strategy: the runtime injects the driver, not the plugin.
+    assert dict(first.envs) == {"NVIDIA_VISIBLE_DEVICES": f"{UUIDS[2]},{UUIDS[0]}"}
+    assert dict(second.envs) == {"NVIDIA_VISIBLE_DEVICES": UUIDS[1]}
+    assert not first.mounts
     assert not first.devices  # no device nodes: there is no /dev/nvidia* to give
 
 
