@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLONE_NEWNET = 0x40000000
 KUBERNETES_SERVICE_IP = "10.0.0.1"  # the first address of the cluster's service range
 FAKE_DRIVER_PATH = "/var/lib/modelfleet/fake-gpu"  # inside a node's mount namespace
+CONTAINERD_SOCKET = "/run/containerd/containerd.sock"  # inside a node's mount namespace
 NODE_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 REAL_NODE_LABEL = "modelfleet.io/test-node"
 CNI_BRIDGE = "mfbr0"
@@ -239,6 +240,21 @@ def processes_mentioning(text: str) -> list[int]:
             continue
         if text in cmdline and pid_alive(int(entry.name)):
             found.append(int(entry.name))
+    return found
+
+
+def processes_in_mount_ns_of(pid: int) -> list[int]:
+    """Processes that share `pid`'s mount namespace (a node's: its holder, daemons and shims)."""
+    try:
+        target = os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return []
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if os.readlink(entry / "ns" / "mnt") == target:
+                    found.append(int(entry.name))
     return found
 
 
@@ -592,11 +608,12 @@ def write_containerd_config(d: Path, pause_image: str) -> Path:
     text = f"""# Written by hack/realnodes.py for this node only.
 version = 2
 root = "{d}/containerd/root"
-state = "{d}/containerd/state"
+# The node's own /run (a tmpfs of its mount namespace): short socket paths, gone with the node.
+state = "/run/containerd/state"
 [grpc]
-  address = "{d}/containerd/containerd.sock"
+  address = "{CONTAINERD_SOCKET}"
 [ttrpc]
-  address = "{d}/containerd/containerd.sock.ttrpc"
+  address = "{CONTAINERD_SOCKET}.ttrpc"
 [metrics]
   address = ""
 [{cri}]
@@ -613,7 +630,7 @@ state = "{d}/containerd/state"
       runtime_type = "io.containerd.runc.v2"
       [{cri}.containerd.runtimes.runc.options]
         SystemdCgroup = false
-        Root = "{d}/runc"
+        Root = "/run/containerd/runc"
         # runc behind the fake NVIDIA runtime hook (hack/fake_nvidia_runtime.py).
         BinaryName = "{d}/nvidia-runtime"
   [{cri}.cni]
@@ -680,7 +697,7 @@ exec "{runc}" "$@"
 
 def write_kubelet_config(d: Path, layout: Layout, i: int, node: NodeSpec, pki: Path) -> Path:
     ip = layout.node_ip(i)
-    sock = f"unix://{d}/containerd/containerd.sock"
+    sock = f"unix://{CONTAINERD_SOCKET}"
     config = {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
@@ -764,6 +781,7 @@ class Context:
             "--request-timeout=10s",
             *args,
             check=check,
+            quiet=not check,
         )
 
 
@@ -846,7 +864,7 @@ def start_node(ctx: Context, i: int, node: NodeSpec, server: str) -> None:
         10,
         log_file=logs / "holder.log",
     )
-    sock = d / "containerd" / "containerd.sock"
+    sock = node_path(d, CONTAINERD_SOCKET)
     spawn(
         in_node(d, "containerd", "--config", str(d / "containerd" / "config.toml")),
         logs / "containerd.log",
@@ -880,8 +898,16 @@ def start_node(ctx: Context, i: int, node: NodeSpec, server: str) -> None:
     )
 
 
+def node_path(d: Path, path: str) -> Path:
+    """`path` inside the node's mount namespace, as this process can open it (sockets too)."""
+    holder_pid = read_pid(d / "pids" / "holder.pid")
+    if holder_pid is None:
+        raise RealNodeError(f"node {d.name}: its namespace holder is not running")
+    return Path(f"/proc/{holder_pid}/root{path}")
+
+
 def import_images(ctx: Context, d: Path) -> None:
-    sock = d / "containerd" / "containerd.sock"
+    sock = node_path(d, CONTAINERD_SOCKET)
     for image in ctx.images:
         run(
             "ctr",
@@ -968,8 +994,10 @@ def cmd_up(ctx: Context) -> None:
     try:
         for i, node in enumerate(ctx.nodes):
             start_node(ctx, i, node, f"https://127.0.0.1:{port}")
-    except Exception:
-        log("a real node did not start; its logs are under " + str(layout.root))
+    except BaseException:
+        # Nothing half-started stays behind; the error above carries the log's tail.
+        log("a real node did not start; stopping what did")
+        cmd_down(ctx, quiet=True)
         raise
     log(f"{len(ctx.nodes)} real nodes up in {time.monotonic() - started:.1f}s")
 
@@ -994,12 +1022,16 @@ def stop_node(layout: Layout, name: str) -> list[str]:
         pid = read_pid(pids / f"{proc}.pid")
         if pid is not None:
             stop_pids([pid])
-    # containerd's shims and anything else started from this node's directory.
-    stop_pids(processes_mentioning(str(d) + "/"), timeout=5)
+    # containerd's shims (they outlive containerd) and anything else of the node: every process
+    # in its mount namespace, and any started from its directory.
+    holder_pid = read_pid(pids / "holder.pid")
+    rest = processes_mentioning(str(d) + "/")
+    if holder_pid is not None:
+        rest += [p for p in processes_in_mount_ns_of(holder_pid) if p != holder_pid]
+    stop_pids(sorted(set(rest)), timeout=5)
     left = remove_cgroup_root(layout.cgroup_root(name))
-    pid = read_pid(pids / "holder.pid")
-    if pid is not None:
-        stop_pids([pid])
+    if holder_pid is not None:
+        stop_pids([holder_pid])
     return left
 
 
@@ -1013,12 +1045,17 @@ def cmd_down(ctx: Context, *, quiet: bool = False) -> None:
     left: list[str] = []
     for name in sorted(names):
         left += stop_node(layout, name)
+    # Cgroups of nodes whose directory is gone already (a run killed half-way).
+    prefix = layout.cgroup_root("")
+    for mount, _ in cgroup_mounts():
+        for path in mount.glob(prefix.lstrip("/") + "*"):
+            left += remove_cgroup_root("/" + path.name)
     pid = read_pid(layout.root / "forwarder.pid")
     if pid is not None:
         stop_pids([pid])
     stop_pids(processes_mentioning(str(layout.root) + "/"), timeout=5)
     delete_netns(layout)
-    if ctx.kubeconfig.exists() and names:
+    if ctx.kubeconfig.is_file() and (ctx.bin_dir / "kubectl").is_file() and names:
         ctx.kubectl(
             "delete", "node", "--ignore-not-found", "--wait=false", *sorted(names), check=False
         )
@@ -1143,9 +1180,11 @@ def build_context(args: argparse.Namespace) -> Context:
         k: getattr(args, k) if getattr(args, k) is not None else saved.get(k)
         for k in CONTEXT_FIELDS
     }
-    missing = [k for k in ("cluster", "octet", "nodes") if values[k] is None]
+    missing = [k for k in ("cluster", "octet") if values[k] is None]
     if args.command == "up":
-        missing += [k for k in ("bin_dir", "kubeconfig", "pki", "pause_image") if values[k] is None]
+        missing += [
+            k for k in ("nodes", "bin_dir", "kubeconfig", "pki", "pause_image") if values[k] is None
+        ]
     if missing:
         flags = ", ".join("--" + k.replace("_", "-") for k in missing)
         raise RealNodeError(f"{root} records no real nodes: pass {flags}")
@@ -1153,7 +1192,7 @@ def build_context(args: argparse.Namespace) -> Context:
     record["image"] = [str(i) for i in values["image"] or []]
     return Context(
         layout=Layout(root=root, cluster=str(values["cluster"]), octet=int(values["octet"])),
-        nodes=load_nodes(Path(values["nodes"])),
+        nodes=load_nodes(Path(values["nodes"])) if values["nodes"] else [],
         bin_dir=Path(values["bin_dir"] or ""),
         kubeconfig=Path(values["kubeconfig"] or ""),
         pki=Path(values["pki"] or ""),

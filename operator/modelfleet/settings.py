@@ -371,6 +371,15 @@ class SimSettings(_Settings):
         le=3600,
         description="Seconds before /health answers 200 (503 until then: vLLM loading weights).",
     )
+    health_fail_after_s: float = Field(
+        0.0,
+        ge=0,
+        le=86400,
+        description=(
+            "Seconds after start when /health turns to 503 for good, as a hung engine does "
+            "(liveness probes restart it); 0: never."
+        ),
+    )
     token_latency_s: float = Field(
         0.002, ge=0, le=10, description="Delay between two streamed tokens, in seconds."
     )

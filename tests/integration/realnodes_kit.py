@@ -41,9 +41,15 @@ class RealNodes:
     def node_dir(self, node: str) -> Path:
         return self.root / node
 
+    def in_node(self, node: str, path: str) -> Path:
+        """`path` inside the node's own mount namespace (its /run, /var/lib/kubelet, ...)."""
+        holder = int((self.node_dir(node) / "pids" / "holder.pid").read_text())
+        return Path(f"/proc/{holder}/root{path}")
+
     def pod_resources(self, node: str) -> dict[str, list[PodRef]]:
         """What the node's kubelet reports through its pod-resources socket: device -> pods."""
-        client = PodResourcesClient(str(self.node_dir(node) / "kubelet/pod-resources/kubelet.sock"))
+        sock = self.in_node(node, "/var/lib/kubelet/pod-resources/kubelet.sock")
+        client = PodResourcesClient(str(sock))
         try:
             return client.list_blocking()
         finally:
@@ -106,6 +112,14 @@ def load_real_nodes(cluster: Cluster) -> RealNodes:
     return RealNodes(root=REAL_ROOT, context=json.loads(context.read_text()))
 
 
+def stand_in_args(name: str, gpus: int) -> list[str]:
+    """vLLM's arguments for the stand-in: like vLLM, it uses `--tensor-parallel-size` GPUs."""
+    return [
+        "--model", "m", "--served-model-name", name, "--host", "0.0.0.0", "--port", "8000",
+        "--tensor-parallel-size", str(max(gpus, 1)),
+    ]  # fmt: skip
+
+
 def gpu_pod(
     name: str,
     image: str,
@@ -124,9 +138,7 @@ def gpu_pod(
         "name": "engine",
         "image": image,
         "imagePullPolicy": "Never",
-        "args": args
-        if args is not None
-        else ["--model", "m", "--served-model-name", name, "--host", "0.0.0.0", "--port", "8000"],
+        "args": args if args is not None else stand_in_args(name, gpus),
         "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
         "ports": [{"name": "http", "containerPort": 8000}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": 8000}, "periodSeconds": 1},

@@ -7,17 +7,22 @@ the project's device plugin, the agent's fake NVML and the fake NVIDIA runtime h
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 from clusterkit import Cluster, helm, wait_for
 from realnodes_kit import REAL_NODE_SELECTOR, RealNodes, gpu_pod, load_real_nodes
 
+from modelfleet.api.times import parse_time
 from modelfleet.kube.client import ApiError, KubeClient
 
 pytestmark = pytest.mark.realnodes
@@ -73,7 +78,7 @@ async def agents(
     values = {
         "crds": {"enabled": False},
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
-        "operator": {"replicas": 0},
+        "operator": {"replicas": 1},
         "gateway": {"enabled": False},
         "parallelModels": {},
         "agent": {
@@ -129,17 +134,17 @@ async def test_gpu_pod_gets_devices_from_the_device_manager_and_the_agent_sees_t
 
     # ... and the agent (the chart's DaemonSet, NVML faked over the same inventory) reports that
     # pod on exactly those GPUs, with the memory the stand-in uses there and nowhere else.
+    # (pod-resources names the pod from admission on, its memory follows once it runs).
     async def pod_on_gpus() -> list[dict[str, Any]] | None:
         gpus = await agent_gpus(agents["real-0"])
-        held = [g for g in gpus if any(p["name"] == name for p in g.get("pods") or [])]
-        return gpus if {g["uuid"] for g in held} == devices else None
+        held = {g["uuid"] for g in gpus if any(p["name"] == name for p in g.get("pods") or [])}
+        used = {g["uuid"] for g in gpus if g["memoryUsedMib"] > 0}
+        return gpus if held == devices == used else None
 
     gpus = await wait_for(pod_on_gpus, 30, interval=0.5, what="the agent to attribute the pod")
     for gpu in gpus:
-        if gpu["uuid"] in devices:
-            assert gpu["memoryUsedMiB"] > 0, gpu
-        else:
-            assert gpu["memoryUsedMiB"] == 0, gpu
+        expected = int(0.9 * gpu["memoryTotalMib"]) if gpu["uuid"] in devices else 0
+        assert gpu["memoryUsedMib"] == expected, gpu
 
 
 async def test_bound_pod_without_free_gpus_fails_admission(
@@ -172,26 +177,40 @@ async def test_kubelet_restart_keeps_running_replicas_and_their_devices(
     container_id = engine_status(before)["containerID"]
     assert len(devices) == 1
 
+    restarted = datetime.now(UTC).replace(microsecond=0)
     await real_nodes.restart_kubelet("real-1")
 
     async def back() -> bool:
+        # Status written by the new kubelet (not the old one's), Ready, with both GPUs again.
         node = await kube.get("/api/v1/nodes/real-1")
-        lease_ok = any(
-            c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"]
-        )
-        return lease_ok and await allocatable_gpus(kube, "real-1") == 2
+        ready = [c for c in node["status"]["conditions"] if c["type"] == "Ready"]
+        beat = parse_time(ready[0]["lastHeartbeatTime"]) if ready else None
+        fresh = beat is not None and beat > restarted
+        ok = fresh and ready[0]["status"] == "True"
+        return bool(ok) and await allocatable_gpus(kube, "real-1") == 2
 
     await wait_for(back, 60, interval=0.5, what="real-1 Ready again with its GPUs")
     after = await wait_pod_ready(kube, namespace, name)
     assert engine_status(after)["containerID"] == container_id
     assert engine_status(after)["restartCount"] == 0
-    assert real_nodes.devices_of("real-1", namespace, name) == devices
+
+    def same_devices() -> bool:
+        # The restarted kubelet serves pod-resources again from its checkpoint.
+        try:
+            return real_nodes.devices_of("real-1", namespace, name) == devices
+        except grpc.RpcError:
+            return False
+
+    await wait_for(same_devices, 30, interval=0.5, what="pod-resources to report the same device")
 
 
 async def test_unhealthy_device_leaves_allocatable(
     kube: KubeClient, namespace: str, real_nodes: RealNodes
 ) -> None:
-    assert await allocatable_gpus(kube, "real-1") == 2
+    async def two_gpus() -> bool:
+        return await allocatable_gpus(kube, "real-1") == 2
+
+    await wait_for(two_gpus, 30, interval=0.5, what="real-1 with both GPUs allocatable")
     await real_nodes.set_gpu_health("real-1", 1, "XID 79: GPU has fallen off the bus")
     try:
 
@@ -212,10 +231,7 @@ async def test_unhealthy_device_leaves_allocatable(
     finally:
         await real_nodes.set_gpu_health("real-1", 1, None)
 
-    async def two_again() -> bool:
-        return await allocatable_gpus(kube, "real-1") == 2
-
-    await wait_for(two_again, 30, interval=0.5, what="the GPU to come back to allocatable")
+    await wait_for(two_gpus, 30, interval=0.5, what="the GPU to come back to allocatable")
 
 
 async def test_failing_liveness_probe_restarts_the_stand_in(
@@ -318,10 +334,33 @@ async def test_real_nodes_down_leaves_nothing_behind(
         await wait_for(running, 60, interval=0.3, what="a pod running on the node")
         assert root.exists()
         assert realnodes_leaks(root, cluster_name), "the check must see a running node set"
+        # Everything in the node's mount namespace: its daemons and containerd's shims.
+        node_processes = same_mount_namespace((root / node / "pids" / "holder.pid").read_text())
+        assert len(node_processes) >= 4, node_processes
     finally:
         await kit.realnodes("down")
     assert realnodes_leaks(root, cluster_name) == []
+    assert [p for p in node_processes if alive(p)] == []
     assert not await _exists(kube, f"/api/v1/nodes/{node}")
+
+
+def same_mount_namespace(pid: str) -> list[int]:
+    target = os.readlink(f"/proc/{pid.strip()}/ns/mnt")
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(proc / "ns" / "mnt") == target:
+                    found.append(int(proc.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie is gone; only its parent can reap it
 
 
 def realnodes_leaks(root: Path, cluster_name: str) -> list[str]:

@@ -197,6 +197,27 @@ async def test_health_is_503_until_the_startup_delay_passes(
         await running.stop()
 
 
+async def test_health_turns_503_for_good_after_health_fail_after(
+    http: aiohttp.ClientSession,
+) -> None:
+    running = await start_sim(sim_config(health_fail_after_s=0.3))
+    try:
+        async with http.get(running.url + "/health") as resp:
+            assert resp.status == 200
+        deadline = time.monotonic() + 5
+        status = 200
+        while status == 200 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            async with http.get(running.url + "/health") as resp:
+                status = resp.status
+        assert status == 503
+        await asyncio.sleep(0.2)
+        async with http.get(running.url + "/health") as resp:
+            assert resp.status == 503  # a hung engine does not come back by itself
+    finally:
+        await running.stop()
+
+
 async def test_failures_with_and_without_body(sim: RunningSim, http: aiohttp.ClientSession) -> None:
     body = {"model": "gemma", "prompt": "a"}
     sim.state.config.fail_rate = 1.0

@@ -18,6 +18,7 @@ class SimConfig:
     gpu_memory_utilization: float = 0.9
     max_model_len: int = 8192
     startup_delay_s: float = 0.0
+    health_fail_after_s: float = 0.0  # 0: never
     token_latency_s: float = 0.002
     request_latency_s: float = 0.0
     fail_rate: float = 0.0

@@ -224,7 +224,7 @@ async def handle_models(request: web.Request) -> web.StreamResponse:
 
 async def handle_health(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    return web.Response(status=200 if state.ready else 503, headers=state.headers)
+    return web.Response(status=200 if state.healthy else 503, headers=state.headers)
 
 
 async def handle_metrics(request: web.Request) -> web.StreamResponse:

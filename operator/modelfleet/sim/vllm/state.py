@@ -35,6 +35,12 @@ class SimState:
     def ready(self) -> bool:
         return time.monotonic() - self.started >= self.config.startup_delay_s
 
+    @property
+    def healthy(self) -> bool:
+        """/health answers 200: started, and not yet hung (health_fail_after_s)."""
+        after = self.config.health_fail_after_s
+        return self.ready and not (after and time.monotonic() - self.started >= after)
+
     def begin(self) -> None:
         self.running += 1
         self._set_running()
