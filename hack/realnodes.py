@@ -1176,7 +1176,7 @@ def build_context(args: argparse.Namespace) -> Context:
     saved: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         saved = json.loads((root / "context.json").read_text())
-    values = {
+    values: dict[str, Any] = {
         k: getattr(args, k) if getattr(args, k) is not None else saved.get(k)
         for k in CONTEXT_FIELDS
     }

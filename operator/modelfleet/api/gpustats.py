@@ -66,7 +66,10 @@ class GpuReport(_Wire):
 
     schema_version: str = Field(SCHEMA_VERSION, description="Version of this reply format.")
     node: str = Field(..., description="Node name the agent runs on.")
-    backend: str = Field(..., description="nvml, fake-driver (NVML over a fake GPU driver, on test nodes) or simulated.")
+    backend: str = Field(
+        ...,
+        description="nvml, fake-driver (NVML over a fake GPU driver, on test nodes) or simulated.",
+    )
     sampled_at: datetime = Field(..., description="When the GPUs were sampled (UTC).")
     poll_interval_s: float = Field(..., gt=0, description="Seconds between samples.")
     driver_version: str | None = Field(None, description="NVIDIA driver version, where known.")

@@ -5,7 +5,8 @@ does (`NVIDIA_VISIBLE_DEVICES=<uuid,...>`) and mounts the node's fake driver dir
 `MODELFLEET_FAKE_GPU_DIR`. With both set, the stand-in does what vLLM does to the GPUs it is
 given: it takes `--gpu-memory-utilization` of each GPU's memory on the first
 `--tensor-parallel-size` visible GPUs (CUDA's device order is the variable's order) while it runs,
-and gives it back when it stops. The agent's fake NVML (`--fake-gpu-dir`) reads that back as memory used.
+and gives it back when it stops. The agent's fake NVML (`--fake-gpu-dir`) reads that back as
+memory used.
 The records carry an expiry that a heartbeat pushes forward, so a killed container's memory
 comes free on its own. Without the two variables nothing is recorded.
 """
