@@ -162,7 +162,9 @@ async def test_kubectl_scale_goes_through_the_scale_subresource(
 
 @pytest.mark.kwok
 async def test_simulated_nodes_look_like_gpu_nodes(kube: KubeClient) -> None:
-    nodes = (await kube.list("/api/v1/nodes", labelSelector="nvidia.com/gpu.present=true"))["items"]
+    # The real nodes (hack/realnodes.py) carry the same GPU labels; they are not simulated.
+    selector = "nvidia.com/gpu.present=true,!modelfleet.io/test-node"
+    nodes = (await kube.list("/api/v1/nodes", labelSelector=selector))["items"]
     assert nodes, "no simulated GPU nodes"
     for node in nodes:
         labels = node["metadata"]["labels"]
