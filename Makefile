@@ -135,6 +135,10 @@ bench-operator: $(STAMP) control-plane ## Operator: change-to-bound p50/p99, RSS
 	@hack/cluster.sh status >/dev/null 2>&1 || hack/cluster.sh up
 	$(BIN)/python benchmarks/bench_operator.py
 
+.PHONY: bench-cluster
+bench-cluster: $(STAMP) control-plane ## Test cluster: cluster-up time and memory, simulated only vs with real nodes (stops the cluster)
+	$(BIN)/python benchmarks/bench_cluster.py
+
 .PHONY: bench-pool
 bench-pool: $(STAMP) ## GPU pool: one poll round over 1,000 agent endpoints (real HTTP on loopback)
 	$(BIN)/python benchmarks/bench_pool.py --endpoints 1000 --rounds 30

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -992,8 +993,14 @@ def cmd_up(ctx: Context) -> None:
         layout.root / "forwarder.pid",
     )
     try:
-        for i, node in enumerate(ctx.nodes):
-            start_node(ctx, i, node, f"https://127.0.0.1:{port}")
+        # The nodes start side by side: most of a start is waiting (image import, registration).
+        with ThreadPoolExecutor(max_workers=max(len(ctx.nodes), 1)) as pool:
+            starts = [
+                pool.submit(start_node, ctx, i, node, f"https://127.0.0.1:{port}")
+                for i, node in enumerate(ctx.nodes)
+            ]
+            for start in starts:
+                start.result()
     except BaseException:
         # Nothing half-started stays behind; the error above carries the log's tail.
         log("a real node did not start; stopping what did")
