@@ -1002,8 +1002,13 @@ def cmd_up(ctx: Context) -> None:
             for start in starts:
                 start.result()
     except BaseException:
-        # Nothing half-started stays behind; the error above carries the log's tail.
-        log("a real node did not start; stopping what did")
+        # Nothing half-started stays behind but the logs, kept beside the node directory.
+        kept = layout.root.with_name(layout.root.name + "-failed-logs")
+        shutil.rmtree(kept, ignore_errors=True)
+        for node in ctx.nodes:
+            with contextlib.suppress(OSError):
+                shutil.copytree(layout.node_dir(node.name) / "logs", kept / node.name)
+        log(f"a real node did not start; stopping what did (logs kept in {kept})")
         cmd_down(ctx, quiet=True)
         raise
     log(f"{len(ctx.nodes)} real nodes up in {time.monotonic() - started:.1f}s")
