@@ -35,6 +35,10 @@ class RealNodes:
         return "docker.io/modelfleet/modelfleet:local"
 
     @property
+    def pause_image(self) -> str:
+        return "registry.k8s.io/pause:3.10-modelfleet"
+
+    @property
     def vllm_sim_image(self) -> str:
         return "docker.io/modelfleet/vllm-sim:local"
 

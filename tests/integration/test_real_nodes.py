@@ -7,9 +7,11 @@ the project's device plugin, the agent's fake NVML and the fake NVIDIA runtime h
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -20,10 +22,19 @@ import aiohttp
 import grpc
 import pytest
 from clusterkit import Cluster, helm, wait_for
-from realnodes_kit import REAL_NODE_SELECTOR, RealNodes, gpu_pod, load_real_nodes
+from operator_kit import Operators, events_of, md, replica_pods, wait_ready
+from realnodes_kit import (
+    GPU_TOLERATION,
+    REAL_NODE_SELECTOR,
+    RealNodes,
+    gpu_pod,
+    load_real_nodes,
+)
 
+from modelfleet.api.labels import LABEL_DEPLOYMENT as DEPLOYMENT_LABEL
 from modelfleet.api.times import parse_time
-from modelfleet.kube.client import ApiError, KubeClient
+from modelfleet.kube.client import ApiError, KubeClient, list_and_watch
+from modelfleet.kube.paths import md_path
 
 pytestmark = pytest.mark.realnodes
 
@@ -300,6 +311,72 @@ async def test_unknown_gpu_in_nvidia_visible_devices_fails_the_container(
         return obj if "unknown device" in text else None
 
     await wait_for(refused, 60, interval=0.5, what="the runtime to refuse the unknown GPU")
+
+
+async def test_rejected_replica_backs_off_and_goes_to_another_node(
+    kube: KubeClient,
+    namespace: str,
+    real_nodes: RealNodes,
+    agents: dict[str, str],
+    operators: Operators,
+) -> None:
+    """The operator binds replicas with spec.nodeName, so the kubelet's admission is the first
+    check of its belief. A pod it does not count (a plain GPU pod holding both of real-1's GPUs
+    and no memory) makes real-1 look free: the replica placed there is rejected, the node backs
+    off, and the replacement goes to real-0 instead of looping on real-1."""
+    foreign = gpu_pod("foreign", real_nodes.pause_image, gpus=2, node="real-1", args=[])
+    foreign["spec"]["containers"][0].pop("readinessProbe")
+    foreign["spec"]["containers"][0]["securityContext"] = {}
+    await create_pod(kube, namespace, foreign)
+    await wait_for(
+        lambda: phase_is(kube, namespace, "foreign", "Running"), 60, what="the foreign GPU pod"
+    )
+    operators.start()
+    placement = {"nodeSelector": REAL_NODE_SELECTOR, "tolerations": [GPU_TOLERATION]}
+    engine = {"image": real_nodes.vllm_sim_image}
+    filler = md("filler", gpu={"count": 2}, placement=placement, engine=engine)
+    await kube.create(md_path(namespace), filler)
+    await wait_ready(kube, namespace, "filler", 1, deadline_s=90)
+    (filler_pod,) = await replica_pods(kube, namespace, "filler")
+    assert filler_pod["spec"]["nodeName"] == "real-0"  # 4 free GPUs beat 2
+
+    creates_on_real_1: set[str] = set()
+
+    async def watch() -> None:
+        async for kind, obj in list_and_watch(
+            kube, f"/api/v1/namespaces/{namespace}/pods", labelSelector=DEPLOYMENT_LABEL + "=probe"
+        ):
+            items = obj.get("items", []) if kind == "SYNC" else [obj]
+            for pod in items:
+                if (pod.get("spec") or {}).get("nodeName") == "real-1":
+                    creates_on_real_1.add(pod["metadata"]["uid"])
+
+    watcher = asyncio.create_task(watch())
+    try:
+        started = time.monotonic()
+        probe = md("probe", gpu={"count": 1}, placement=placement, engine=engine)
+        await kube.create(md_path(namespace), probe)
+        await wait_ready(kube, namespace, "probe", 1, deadline_s=90)
+        (pod,) = await replica_pods(kube, namespace, "probe")
+        assert pod["spec"]["nodeName"] == "real-0"
+        assert len(creates_on_real_1) >= 1, "the replica never went to real-1: nothing was tested"
+        events = await events_of(kube, namespace, "probe")
+        rejected = [e for e in events if e["reason"] == "AdmissionRejected"]
+        assert rejected, [e["reason"] for e in events]
+        assert "node real-1 rejected" in rejected[0]["message"]
+        assert "UnexpectedAdmissionError" in rejected[0]["message"]
+        # No loop: within a minute of the first try, at most 3 creates on the rejecting node.
+        await asyncio.sleep(max(0.0, 60 - (time.monotonic() - started)))
+        assert len(creates_on_real_1) <= 3, creates_on_real_1
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+async def phase_is(kube: KubeClient, namespace: str, name: str, phase: str) -> bool:
+    obj = await get_pod(kube, namespace, name)
+    return bool(obj.get("status", {}).get("phase") == phase)
 
 
 async def test_real_nodes_down_leaves_nothing_behind(

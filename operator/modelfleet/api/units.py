@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 
 # The suffixes Kubernetes accepts in a resource.Quantity (k8s.io/apimachinery/pkg/api/resource).
@@ -88,3 +89,16 @@ def parse_duration(value: str) -> float:
             f"{value!r} is not a duration; use a number with a unit, such as 90s, 30m or 1h30m"
         )
     return sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART_RE.findall(text))
+
+
+def format_duration(value: timedelta | float) -> str:
+    """A duration the way `parse_duration` reads it, to whole seconds: 45s, 2m30s, 1h5m."""
+    seconds = round(value.total_seconds() if isinstance(value, timedelta) else value)
+    hours, rest = divmod(max(seconds, 0), 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [
+        f"{hours}h" if hours else "",
+        f"{minutes}m" if minutes else "",
+        f"{secs}s" if secs else "",
+    ]
+    return "".join(parts) or "0s"

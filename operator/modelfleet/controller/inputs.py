@@ -100,9 +100,13 @@ def compute_gpu_used_mib(snapshot: PoolSnapshot | None) -> dict[str, int]:
 
 
 def build_node_infos(
-    nodes: Mapping[str, NodeFacts], snapshot: PoolSnapshot | None
+    nodes: Mapping[str, NodeFacts],
+    snapshot: PoolSnapshot | None,
+    rejected: Mapping[str, str] | None = None,
 ) -> list[P.NodeInfo]:
-    """Placement's nodes: every node the pool can see, with its Node object's facts."""
+    """Placement's nodes: every node the pool can see, with its Node object's facts and, for
+    nodes in admission backoff, why (`rejected`, see controller/admission.py)."""
+    rejected = rejected or {}
     if snapshot is None:
         return []
     out = []
@@ -136,6 +140,7 @@ def build_node_infos(
                 healthy=healthy,
                 stale=pnode.state == "stale",
                 reason=reason,
+                rejected=rejected.get(pnode.name, ""),
             )
         )
     return out
@@ -319,9 +324,10 @@ def build_placer(
     settings: P.PlacementSettings,
     cursor: str | None = None,
     reserved: Iterable[P.PlacedReplica] = (),
+    rejected: Mapping[str, str] | None = None,
 ) -> EnginePlacer:
     """A Placer over the current cluster: pool snapshot, Node objects and every replica Pod."""
-    infos = build_node_infos(nodes, snapshot)
+    infos = build_node_infos(nodes, snapshot, rejected)
     replicas = build_placed_replicas(pods, last_used, snapshot) + list(reserved)
     view = P.build_view(infos, replicas, settings, cursor)
     memory = {g.gpu_id: g.memory_total_mib for info in infos for g in info.gpus}

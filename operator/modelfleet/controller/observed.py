@@ -35,6 +35,26 @@ def _split(text: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
+# The reasons a kubelet gives a Pod bound to its node that it will not admit: the device
+# manager's `UnexpectedAdmissionError` (e.g. "Allocate failed due to requested number of devices
+# unavailable for nvidia.com/gpu"), `OutOf<resource>` (cpu, memory, pods, an extended resource),
+# and the scheduling predicates it re-checks (node affinity, taints, OS).
+ADMISSION_REASONS = frozenset(
+    {
+        "UnexpectedAdmissionError",
+        "NodeAffinity",
+        "TaintToleration",
+        "PodOSNotSupported",
+        "PodOSSelectorNodeLabelDoesNotMatch",
+        "InvalidNodeInfo",
+    }
+)
+
+
+def is_admission_reason(reason: str) -> bool:
+    return reason in ADMISSION_REASONS or reason.startswith("OutOf")
+
+
 @dataclass(frozen=True, slots=True)
 class ObservedPod:
     """One replica Pod, as far as planning and status care."""
@@ -61,10 +81,17 @@ class ObservedPod:
     waiting_reason: str = ""  # e.g. CrashLoopBackOff, ImagePullBackOff
     restarts: int = 0
     owner_uid: str = ""
+    reason: str = ""  # the Pod's status.reason, e.g. UnexpectedAdmissionError
+    message: str = ""  # the Pod's status.message
 
     @property
     def failed(self) -> bool:
         return self.phase in ("Failed", "Succeeded")
+
+    @property
+    def rejected_at_admission(self) -> bool:
+        """The node's kubelet refused to run it (phase Failed before any container started)."""
+        return self.phase == "Failed" and is_admission_reason(self.reason)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -125,6 +152,8 @@ def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
         waiting_reason=waiting,
         restarts=restarts,
         owner_uid=owner_uid,
+        reason=str(status.get("reason") or ""),
+        message=str(status.get("message") or ""),
     )
 
 

@@ -53,6 +53,7 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"  # the operator cannot run the spec the API server let in
     CREATE_FAILED = "CreateFailed"  # the API refused a replica Pod; the next pass tries again
     SERVICE_FAILED = "ServiceFailed"  # the model's Service could not be put in shape
+    ADMISSION_REJECTED = "AdmissionRejected"  # a node's kubelet refused a replica; it backs off
 
 
 # Container waiting reasons of a replica that is broken rather than starting.

@@ -22,6 +22,7 @@ from typing import Any
 
 from modelfleet import placement as P
 from modelfleet.controller import inputs
+from modelfleet.controller.admission import AdmissionBackoff
 from modelfleet.controller.execute import EventRecorder
 from modelfleet.controller.inflight import InFlight, Key
 from modelfleet.controller.metrics import OperatorMetrics
@@ -75,6 +76,7 @@ class Runtime:
     inflight: InFlight = field(default_factory=InFlight)
     views: PlacementViews = field(default_factory=PlacementViews)
     reservations: Reservations = field(default_factory=Reservations)
+    admission: AdmissionBackoff = field(default_factory=AdmissionBackoff)
     placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     locks: defaultdict[Key, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     queued: defaultdict[Key, int] = field(default_factory=lambda: defaultdict(int))
@@ -85,6 +87,7 @@ class Runtime:
     _details: dict[Key, tuple[str, ...]] = field(default_factory=dict)  # the last plan logged
     # Discovery mode only: since when each node has had no agent pod (updated every poll round).
     _agent_missing_since: dict[str, datetime] = field(default_factory=dict)
+    _backoff_nodes: frozenset[str] = frozenset()  # nodes in admission backoff the view knows
 
     def attach(self, cluster: ClusterState, now: datetime) -> None:
         """The first handler's indices: the loops read them from now on, and reservations
@@ -151,6 +154,11 @@ class Runtime:
         """A placer for deployment `key` over the placement view (built on first use from
         `pods`, every replica Pod as `all_pods` gave them)."""
         last_used = cluster.last_used()
+        rejected = self.admission.blocked(now)
+        if frozenset(rejected) != self._backoff_nodes:
+            # A node entered or left admission backoff: the kept view still has it the old way.
+            self._backoff_nodes = frozenset(rejected)
+            self.views.invalidate()
 
         def build(cursor: str | None) -> inputs.EnginePlacer:
             facts = cluster.node_facts()
@@ -163,6 +171,7 @@ class Runtime:
                 self.placement_settings,
                 cursor,
                 inputs.build_reservations(held, facts),
+                rejected,
             )
 
         return self.views.placer(snapshot, key, last_used, build)

@@ -26,6 +26,7 @@ from modelfleet.placement.model import (
 from modelfleet.placement.view import (
     STAGE_CORDONED,
     STAGE_PRODUCT,
+    STAGE_REJECTED,
     STAGE_SELECTOR,
     STAGE_STALE,
     STAGE_TAINTS,
@@ -429,13 +430,16 @@ def _no_eligible_node(view: ClusterView, request: ReplicaRequest, elig: Eligibil
             parts.append(f"{k} {nodes} carry taints not tolerated ({_examples(items)})")
         elif stage == STAGE_CORDONED:
             parts.append(f"{k} {nodes} cordoned ({_examples(items)})")
+        elif stage == STAGE_REJECTED:
+            parts.append(f"{k} {nodes} rejected a replica at admission ({_examples(items)})")
         elif stage == STAGE_STALE:
             parts.append(f"{k} {nodes} with stale GPU stats ({_examples(items)})")
         elif stage == STAGE_UNHEALTHY:
             parts.append(f"{k} {nodes} unhealthy ({_examples(items)})")
-    code = (
-        UnplaceableCode.WAITING_FOR_STATS
-        if ex.get(STAGE_STALE)
-        else UnplaceableCode.NO_MATCHING_NODE
-    )
+    if ex.get(STAGE_STALE):
+        code = UnplaceableCode.WAITING_FOR_STATS
+    elif ex.get(STAGE_REJECTED):
+        code = UnplaceableCode.ADMISSION_BACKOFF
+    else:
+        code = UnplaceableCode.NO_MATCHING_NODE
     return Unplaceable(code, "no node may run it: " + "; ".join(parts))

@@ -116,6 +116,8 @@ class NodeInfo:
     healthy: bool = True  # the agent answers and the node is Ready
     stale: bool = False  # the last sample is too old to trust
     reason: str = ""  # why it is unhealthy or stale
+    # Why no replica may go there for now: its kubelet rejected one at admission (backoff).
+    rejected: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +191,8 @@ class UnplaceableCode(StrEnum):
     WAITING_FOR_STATS = "WaitingForStats"  # stats missing or stale, or a discovery run unmeasured
     START_SERIALIZED = "StartSerialized"  # room exists, but a Shared replica is starting there
     FOOTPRINT_TOO_LARGE = "FootprintTooLarge"  # spec.gpu.memory exceeds every eligible GPU
+    # The nodes that match rejected a replica at admission lately; placement retries after a while.
+    ADMISSION_BACKOFF = "AdmissionBackoff"
 
 
 @dataclass(frozen=True, slots=True)

@@ -229,6 +229,7 @@ STAGE_SELECTOR = "selector"
 STAGE_PRODUCT = "product"
 STAGE_TAINTS = "taints"
 STAGE_CORDONED = "cordoned"
+STAGE_REJECTED = "rejected"
 STAGE_STALE = "stale"
 STAGE_UNHEALTHY = "unhealthy"
 STAGES = (
@@ -236,6 +237,7 @@ STAGES = (
     STAGE_PRODUCT,
     STAGE_TAINTS,
     STAGE_CORDONED,
+    STAGE_REJECTED,
     STAGE_STALE,
     STAGE_UNHEALTHY,
 )
@@ -260,6 +262,8 @@ def _exclusion(node: NodeState, key: StaticKey) -> tuple[str, str] | None:
         return STAGE_TAINTS, f"{info.name}: taint {text}"
     if not info.schedulable:
         return STAGE_CORDONED, f"{info.name}: cordoned"
+    if info.rejected:
+        return STAGE_REJECTED, f"{info.name}: {info.rejected}"
     if info.stale:
         return STAGE_STALE, f"{info.name}: {info.reason or 'stats are stale'}"
     if not info.healthy:

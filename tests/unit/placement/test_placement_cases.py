@@ -279,6 +279,15 @@ def test_cordoned_node_is_excluded() -> None:
     assert "cordoned" in d.reason
 
 
+def test_node_in_admission_backoff_is_excluded_and_named() -> None:
+    why = "rejected a replica at admission (UnexpectedAdmissionError: ...); no replica goes there"
+    view = build_view([node("a", rejected=why), node("b", gpus=2)], [], SETTINGS)
+    assert placed(decide(view, req())).node == "b"  # a has more free GPUs, but is backing off
+    view = build_view([node("a", rejected=why)], [], SETTINGS)
+    d = unplaceable(decide(view, req()), UnplaceableCode.ADMISSION_BACKOFF)
+    assert "1 node rejected a replica at admission (a: rejected a replica" in d.reason
+
+
 def test_node_selector() -> None:
     view = build_view(
         [node("a", labels={"gpu": "h100"}), node("b", labels={"gpu": "a100"})], [], SETTINGS
