@@ -321,15 +321,17 @@ async def test_rejected_replica_backs_off_and_goes_to_another_node(
     operators: Operators,
 ) -> None:
     """The operator binds replicas with spec.nodeName, so the kubelet's admission is the first
-    check of its belief. A pod it does not count (a plain GPU pod holding both of real-1's GPUs
-    and no memory) makes real-1 look free: the replica placed there is rejected, the node backs
-    off, and the replacement goes to real-0 instead of looping on real-1."""
-    foreign = gpu_pod("foreign", real_nodes.pause_image, gpus=2, node="real-1", args=[])
-    foreign["spec"]["containers"][0].pop("readinessProbe")
-    foreign["spec"]["containers"][0]["securityContext"] = {}
+    check of its belief. It does not count CPU yet: with another team's pod holding most of
+    real-1's CPU, the replica placed there is rejected (OutOfcpu), the node backs off, and the
+    replacement goes to real-0 instead of looping on real-1."""
+    foreign = gpu_pod("foreign", real_nodes.pause_image, gpus=0, node="real-1", args=[])
+    container = foreign["spec"]["containers"][0]
+    container.pop("readinessProbe")
+    container["securityContext"] = {}
+    container["resources"] = {"requests": {"cpu": "1500m"}}
     await create_pod(kube, namespace, foreign)
     await wait_for(
-        lambda: phase_is(kube, namespace, "foreign", "Running"), 60, what="the foreign GPU pod"
+        lambda: phase_is(kube, namespace, "foreign", "Running"), 60, what="the foreign pod"
     )
     operators.start()
     placement = {"nodeSelector": REAL_NODE_SELECTOR, "tolerations": [GPU_TOLERATION]}
@@ -354,7 +356,8 @@ async def test_rejected_replica_backs_off_and_goes_to_another_node(
     watcher = asyncio.create_task(watch())
     try:
         started = time.monotonic()
-        probe = md("probe", gpu={"count": 1}, placement=placement, engine=engine)
+        probe_engine = {**engine, "resources": {"requests": {"cpu": "1"}}}
+        probe = md("probe", gpu={"count": 1}, placement=placement, engine=probe_engine)
         await kube.create(md_path(namespace), probe)
         await wait_ready(kube, namespace, "probe", 1, deadline_s=90)
         (pod,) = await replica_pods(kube, namespace, "probe")
@@ -364,7 +367,7 @@ async def test_rejected_replica_backs_off_and_goes_to_another_node(
         rejected = [e for e in events if e["reason"] == "AdmissionRejected"]
         assert rejected, [e["reason"] for e in events]
         assert "node real-1 rejected" in rejected[0]["message"]
-        assert "UnexpectedAdmissionError" in rejected[0]["message"]
+        assert "OutOfcpu" in rejected[0]["message"]
         # No loop: within a minute of the first try, at most 3 creates on the rejecting node.
         await asyncio.sleep(max(0.0, 60 - (time.monotonic() - started)))
         assert len(creates_on_real_1) <= 3, creates_on_real_1
@@ -372,6 +375,46 @@ async def test_rejected_replica_backs_off_and_goes_to_another_node(
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+
+
+async def test_gpus_a_foreign_pod_holds_are_not_placed_on(
+    kube: KubeClient,
+    namespace: str,
+    real_nodes: RealNodes,
+    agents: dict[str, str],
+    operators: Operators,
+) -> None:
+    """Another team's pod holds 2 of real-0's 4 GPUs (the device plugin gave them to it, the
+    agent reads that from pod-resources): a replica needing 3 does not go there, and says why."""
+    foreign = gpu_pod("foreign", real_nodes.pause_image, gpus=2, node="real-0", args=[])
+    foreign["spec"]["containers"][0].pop("readinessProbe")
+    foreign["spec"]["containers"][0]["securityContext"] = {}
+    await create_pod(kube, namespace, foreign)
+    await wait_for(
+        lambda: phase_is(kube, namespace, "foreign", "Running"), 60, what="the foreign GPU pod"
+    )
+    operators.start()
+    placement = {"nodeSelector": REAL_NODE_SELECTOR, "tolerations": [GPU_TOLERATION]}
+    big = md(
+        "big", gpu={"count": 3}, placement=placement, engine={"image": real_nodes.vllm_sim_image}
+    )
+    await kube.create(md_path(namespace), big)
+
+    async def pending_with_reason() -> str | None:
+        obj = await kube.get(md_path(namespace, "big"))
+        for cond in (obj.get("status") or {}).get("conditions") or []:
+            if "in use outside modelfleet" in cond.get("message", ""):
+                return str(cond["message"])
+        return None
+
+    message = await wait_for(pending_with_reason, 60, interval=0.5, what="the reason in status")
+    assert f"real-0:0 held by {namespace}/foreign" in message, message
+    assert await replica_pods(kube, namespace, "big") == []
+    # Once the foreign pod is gone (and the agent has measured again), it fits on real-0.
+    await kube.delete(f"/api/v1/namespaces/{namespace}/pods/foreign")
+    await wait_ready(kube, namespace, "big", 1, deadline_s=90)
+    (pod,) = await replica_pods(kube, namespace, "big")
+    assert pod["spec"]["nodeName"] == "real-0"
 
 
 async def phase_is(kube: KubeClient, namespace: str, name: str, phase: str) -> bool:

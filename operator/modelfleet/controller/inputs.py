@@ -8,6 +8,7 @@ engine's decision becomes the planner's Placed, Evict or Unplaceable.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -103,9 +104,14 @@ def build_node_infos(
     nodes: Mapping[str, NodeFacts],
     snapshot: PoolSnapshot | None,
     rejected: Mapping[str, str] | None = None,
+    replicas: AbstractSet[tuple[str, str]] = frozenset(),
 ) -> list[P.NodeInfo]:
     """Placement's nodes: every node the pool can see, with its Node object's facts and, for
-    nodes in admission backoff, why (`rejected`, see controller/admission.py)."""
+    nodes in admission backoff, why (`rejected`, see controller/admission.py).
+
+    A pod the agent attributes to a GPU that is not one of `replicas` (namespace, name) is
+    foreign: another team's workload, or a replica of another operator. The GPU is its.
+    """
     rejected = rejected or {}
     if snapshot is None:
         return []
@@ -125,6 +131,11 @@ def build_node_infos(
                 memory_free_mib=g.memory_free_mib,
                 healthy=g.healthy,
                 reason=g.reason,
+                foreign_pods=tuple(
+                    f"{p.namespace}/{p.name}"
+                    for p in g.pods
+                    if (p.namespace, p.name) not in replicas
+                ),
             )
             for g in pnode.gpus
         )
@@ -327,7 +338,8 @@ def build_placer(
     rejected: Mapping[str, str] | None = None,
 ) -> EnginePlacer:
     """A Placer over the current cluster: pool snapshot, Node objects and every replica Pod."""
-    infos = build_node_infos(nodes, snapshot, rejected)
+    pods = list(pods)
+    infos = build_node_infos(nodes, snapshot, rejected, {(p.namespace, p.name) for p in pods})
     replicas = build_placed_replicas(pods, last_used, snapshot) + list(reserved)
     view = P.build_view(infos, replicas, settings, cursor)
     memory = {g.gpu_id: g.memory_total_mib for info in infos for g in info.gpus}

@@ -398,9 +398,17 @@ def _no_fit(
         )
     else:
         best = max(nodes, key=lambda n: n[0].whole_free)[0]
+        elsewhere = [
+            f"{g.info.gpu_id} {g.used_elsewhere}"
+            for n, _ in nodes
+            for g in n.gpus
+            if g.info.healthy and g.used_elsewhere
+        ]
+        used = f"; {len(elsewhere)} in use outside modelfleet ({_examples(elsewhere)})"
         text = (
             f"needs {count} free {what}{'s' if count > 1 else ''} on one node; the largest free "
-            f"block is {best.whole_free}, on {best.info.name}; {blocked}"
+            f"block is {best.whole_free}, on {best.info.name}{used if elsewhere else ''}; "
+            f"{blocked}"
         )
     return Unplaceable(UnplaceableCode.NO_CAPACITY, text)
 

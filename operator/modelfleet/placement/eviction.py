@@ -179,11 +179,13 @@ def _plan_node(
     rules: _Rules,
 ) -> EvictionPlan | None:
     allowed = rules.allowed
+    # What the node says something else uses, no eviction of ours frees.
+    gpus = [g for g in gpus if not g.used_elsewhere]
     if footprint is None:
         # Only GPUs that could be freed at all, ignoring floors: a cheap first cut.
         gpus = [g for g in gpus if all(allowed(r) for r in g.replicas())]
-        if len(gpus) < count:
-            return None
+    if len(gpus) < count:
+        return None
     chosen: dict[tuple[str, str], PlacedReplica] = {}
     taken: dict[DeploymentRef, int] = {}
     picked: list[GpuState] = []
@@ -244,7 +246,11 @@ def _one_victim(
                     continue
                 key = (eviction_key(rep), not spread_ok, node.info.name)
                 if best_key is None or key < best_key:
-                    freed = [g for g in gpus if g.free_whole or g.replicas() == (rep,)]
+                    freed = [
+                        g
+                        for g in gpus
+                        if g.free_whole or (g.replicas() == (rep,) and not g.used_elsewhere)
+                    ]
                     best_key, best = key, (key, rep, node, tuple(freed[:count]))
         else:
             if count != 1 or node.max_solo_shared < footprint:

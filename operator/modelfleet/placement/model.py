@@ -102,6 +102,8 @@ class GpuInfo:
     memory_free_mib: int
     healthy: bool = True
     reason: str = ""  # why it is unhealthy
+    # Pods the node says hold this GPU that are not modelfleet replicas (namespace/name).
+    foreign_pods: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,11 +71,17 @@ class GpuState:
     shared: tuple[PlacedReplica, ...]  # Shared replicas with a footprint on it
     ledger_mib: int  # footprints of the Shared replicas not measured yet
     available_mib: int  # memory_free - ledger - margin; -1 when held whole
+    # Why something outside modelfleet's replicas uses it, as the node reports: a pod holds it,
+    # or memory is in use with no replica on it. Empty when nothing does.
+    used_elsewhere: str = ""
 
     @property
     def free_whole(self) -> bool:
-        """Free for a whole-GPU replica: healthy, and no replica and no promise on it."""
-        return self.info.healthy and not self.holders and not self.shared
+        """Free for a whole-GPU replica: healthy, no replica and no promise on it, and nothing
+        else using it."""
+        return (
+            self.info.healthy and not self.holders and not self.shared and not self.used_elsewhere
+        )
 
     @property
     def starting(self) -> tuple[PlacedReplica, ...]:
@@ -127,8 +133,8 @@ def _solo_victims(
     solo_rep: dict[tuple[str, str], PlacedReplica] = {}
     solo_shared: list[tuple[int, PlacedReplica, int]] = []
     for st in gpus:
-        if not st.info.healthy:
-            continue
+        if not st.info.healthy or st.info.foreign_pods:
+            continue  # evicting a replica never frees a GPU a foreign pod holds
         blockers = st.holders + st.shared
         if len(blockers) == 1:
             only = blockers[0]
@@ -146,6 +152,22 @@ def _solo_victims(
                 solo_shared.append((st.available_mib + (r.footprint_mib or 0), r, st.info.index))
     solo_whole = tuple((solo_gain[k], solo_rep[k]) for k in sorted(solo_gain))
     return solo_whole, tuple(solo_shared)
+
+
+# An idle GPU still shows some memory in use (the driver's context, persistence mode): up to this
+# much, with no pod on it, it counts as free. The pool's "free GPU" figure uses the same bound.
+IDLE_MEMORY_MIB = 512
+
+
+def compute_used_elsewhere(gpu: GpuInfo, has_replicas: bool) -> str:
+    """Why the node says something other than modelfleet's replicas uses `gpu`, or ""."""
+    if gpu.foreign_pods:
+        shown = ", ".join(gpu.foreign_pods[:2])
+        more = f" and {len(gpu.foreign_pods) - 2} more" if len(gpu.foreign_pods) > 2 else ""
+        return f"held by {shown}{more}"
+    if not has_replicas and gpu.memory_used_mib > IDLE_MEMORY_MIB:
+        return f"{gpu.memory_used_mib} MiB in use with no replica on it"
+    return ""
 
 
 def build_node_state(
@@ -169,16 +191,18 @@ def build_node_state(
         held = tuple(holders.get(g.gpu_id, ()))
         sh = tuple(shared.get(g.gpu_id, ()))
         ledger = sum(r.footprint_mib or 0 for r in sh if not r.measured)
-        available = -1 if held else g.memory_free_mib - ledger - margin_mib
-        state = GpuState(g, held, sh, ledger, available)
+        elsewhere = compute_used_elsewhere(g, bool(held or sh))
+        # A pod the device plugin gave this GPU has it whole: no Shared replica joins it.
+        available = -1 if held or g.foreign_pods else g.memory_free_mib - ledger - margin_mib
+        state = GpuState(g, held, sh, ledger, available, elsewhere)
         gpus.append(state)
         if not g.healthy:
             continue
         healthy += 1
         capacity += g.memory_total_mib
-        if not held and not sh:
+        if not held and not sh and not elsewhere:
             free_whole += 1
-        if not held:
+        if not held and not g.foreign_pods:
             avail_any.append(available)
             if not any(r.state == ReplicaState.STARTING for r in sh):
                 avail.append(available)

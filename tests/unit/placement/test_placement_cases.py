@@ -288,6 +288,29 @@ def test_node_in_admission_backoff_is_excluded_and_named() -> None:
     assert "1 node rejected a replica at admission (a: rejected a replica" in d.reason
 
 
+def test_gpus_a_foreign_pod_holds_are_not_free() -> None:
+    # The agent says another team's pod holds a:0 and a:1 (pod-resources): they are its.
+    a = node("a", 4)
+    held = tuple(replace(g, foreign_pods=("other/train",)) if g.index < 2 else g for g in a.gpus)
+    view = build_view([replace(a, gpus=held), node("b", 2)], [], SETTINGS)
+    # a is the only node with 3 GPUs, but 2 of them are taken.
+    d = unplaceable(decide(view, req(gpu_count=3)), UnplaceableCode.NO_CAPACITY)
+    assert "2 in use outside modelfleet (a:0 held by other/train, a:1 held by other/train)" in (
+        d.reason
+    )
+    # Two fit on b (2 of 2 free) rather than on a's other two (2 of 4 free).
+    assert placed(decide(view, req(gpu_count=2))).gpu_ids == ("b:0", "b:1")
+
+
+def test_memory_in_use_with_no_replica_keeps_an_exclusive_replica_away() -> None:
+    # 70,000 MiB used on a:0 by something modelfleet does not run: not a free GPU.
+    view = build_view([node("a", 2, used={0: 70000})], [], SETTINGS)
+    assert placed(decide(view, req())).gpu_ids == ("a:1",)
+    assert "1 of 2 GPUs free" in placed(decide(view, req())).reason
+    view = build_view([node("a", 1, used={0: 400})], [], SETTINGS)  # an idle GPU's driver use
+    assert placed(decide(view, req())).gpu_ids == ("a:0",)
+
+
 def test_node_selector() -> None:
     view = build_view(
         [node("a", labels={"gpu": "h100"}), node("b", labels={"gpu": "a100"})], [], SETTINGS

@@ -23,6 +23,7 @@ from modelfleet.placement import (
     build_view,
     decide,
 )
+from modelfleet.placement.view import IDLE_MEMORY_MIB
 
 MARGIN = 512
 SETTINGS = PlacementSettings(memory_margin_mib=MARGIN)
@@ -104,6 +105,23 @@ def check_no_overcommit(view: ClusterView) -> None:
                 assert len(gpu.starting) <= 1, f"{gpu.info.gpu_id} starts two replicas at once"
 
 
+def forget_memory_of(nodes: list[NodeInfo], decision: Evict) -> list[NodeInfo]:
+    """The nodes as the agents measure them once the victims of `decision` have gone."""
+    gone = {g for v in decision.victims for g in v.gpu_ids}
+    return [
+        replace(
+            info,
+            gpus=tuple(
+                replace(g, memory_used_mib=0, memory_free_mib=g.memory_total_mib)
+                if g.gpu_id in gone
+                else g
+                for g in info.gpus
+            ),
+        )
+        for info in nodes
+    ]
+
+
 def run_stream(
     nodes: list[NodeInfo], reqs: list[ReplicaRequest], seed_replicas: list[PlacedReplica]
 ) -> ClusterView:
@@ -111,9 +129,10 @@ def run_stream(
     for r in reqs:
         decision = decide(view, r)
         if isinstance(decision, Evict):
-            # The victims are gone, but their memory counts as used until the agent measures
-            # again: a Shared replica may still have to wait. Whole GPUs are free at once.
-            view = view.with_evicted(decision)
+            # The victims are gone, and once the agent measures again their memory is free:
+            # then a whole-GPU replica fits (a Shared one may still wait for its memory).
+            nodes = forget_memory_of(nodes, decision)
+            view = build_view(nodes, list(view.with_evicted(decision).replicas.values()), SETTINGS)
             decision = decide(view, r)
             if r.sharing == SharingMode.EXCLUSIVE:
                 assert isinstance(decision, Placed), decision
@@ -244,11 +263,13 @@ def test_eviction_never_breaks_a_floor_or_a_priority(
         assert view.counts[d] - n >= view.floors[d], f"{d} taken below minReplicas"
     # After the victims are gone and the agents measured again, it fits on the target node.
     # (For Shared, the memory a victim frees is estimated by its footprint; the test cluster's
-    # memory is exactly the footprints plus foreign use, which a whole-GPU victim does not free.)
+    # memory is exactly the footprints plus foreign use, which a victim does not free. For
+    # Exclusive, foreign use beyond an idle GPU's keeps the GPU taken once the victim is gone.)
     nodes3, reps3 = measured(nodes, view.with_evicted(decision))
     after = decide(build_view(nodes3, reps3, SETTINGS), probe)
-    if probe.sharing == SharingMode.EXCLUSIVE or not any(
-        g.memory_used_mib for n in nodes for g in n.gpus
-    ):
+    foreign = [g.memory_used_mib for n in nodes for g in n.gpus]
+    if (
+        probe.sharing == SharingMode.EXCLUSIVE and max(foreign, default=0) <= IDLE_MEMORY_MIB
+    ) or not any(foreign):
         assert isinstance(after, Placed), after
         assert after.node == decision.node
