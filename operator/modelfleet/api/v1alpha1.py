@@ -483,7 +483,15 @@ class Instance(_Model):
     name: str = Field(..., description="Pod name, <deployment>-instance-<n>.")
     node: str | None = Field(None, description="Node the replica is bound to.")
     gpus: list[str] = Field(
-        default_factory=list, description="Global GPU IDs (<node>:<index>) it uses."
+        default_factory=list,
+        description=(
+            "Global GPU IDs (<node>:<index>) it uses: the ones the node assigned (the kubelet's "
+            "device manager, as the agent reports them) once known, else the ones planned."
+        ),
+    )
+    planned_gpus: list[str] = Field(
+        default_factory=list,
+        description="The GPUs placement planned, only when the node assigned others.",
     )
     phase: str = Field("Pending", description="Pending, Starting, Ready, Terminating or Failed.")
     reason: str = Field("", description="Why it is in this phase.")

@@ -119,3 +119,16 @@ def build_rejection_event(deployment: tuple[str, str], rejection: Rejection) -> 
         f"no replica goes there for {format_duration(r.delay)}: the replacement goes to another "
         "node or waits",
     )
+
+
+def build_assignment_event(deployment: tuple[str, str], pod: ObservedPod) -> EventSpec:
+    """The node's device manager chose other GPUs than placement planned: the node's word wins
+    (status, the ledger and health replacement follow it), which is news, not an error."""
+    return EventSpec(
+        deployment[0],
+        deployment[1],
+        "Normal",
+        Reason.GPUS_ASSIGNED,
+        f"node {pod.node} gave {pod.name} GPUs {', '.join(pod.assigned_gpus)} (placement planned "
+        f"{', '.join(pod.gpu_ids)}); status, placement and health checks follow the node",
+    )

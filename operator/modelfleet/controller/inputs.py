@@ -157,6 +157,19 @@ def build_node_infos(
     return out
 
 
+def compute_assigned_gpus(snapshot: PoolSnapshot | None) -> dict[tuple[str, str], tuple[str, ...]]:
+    """(namespace, pod) -> the global IDs of the GPUs the nodes say it holds, in index order."""
+    if snapshot is None:
+        return {}
+    out: dict[tuple[str, str], list[str]] = {}
+    for gpu_id in sorted(
+        snapshot.gpus, key=lambda g: (snapshot.gpus[g].node, snapshot.gpus[g].index)
+    ):
+        for pod in snapshot.gpus[gpu_id].pods:
+            out.setdefault((pod.namespace, pod.name), []).append(gpu_id)
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def _measured_pods(snapshot: PoolSnapshot | None) -> set[tuple[str, str]]:
     """Pods the agents already attribute memory to."""
     if snapshot is None:
@@ -178,7 +191,7 @@ def build_placed_replicas(
     measured = _measured_pods(snapshot)
     out = []
     for pod in pods:
-        if pod.node is None or not pod.gpu_ids:
+        if pod.node is None or not pod.gpus:
             continue
         sharing = SharingMode.SHARED if pod.sharing == "Shared" else SharingMode.EXCLUSIVE
         out.append(
@@ -186,7 +199,7 @@ def build_placed_replicas(
                 deployment=P.DeploymentRef(pod.namespace, pod.deployment),
                 pod=pod.name,
                 node=pod.node,
-                gpu_ids=pod.gpu_ids,
+                gpu_ids=pod.gpus,  # the node's word where an agent reported it
                 sharing=sharing,
                 footprint_mib=pod.footprint_mib,
                 priority=pod.priority,

@@ -7,8 +7,8 @@ planner, the status computation and the placement adapter read.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -83,6 +83,18 @@ class ObservedPod:
     owner_uid: str = ""
     reason: str = ""  # the Pod's status.reason, e.g. UnexpectedAdmissionError
     message: str = ""  # the Pod's status.message
+    # The GPUs the node says it holds (the agents read the kubelet's pod-resources API); empty
+    # until an agent reports it, and for Shared replicas, which request no device.
+    assigned_gpus: tuple[str, ...] = ()
+
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        """Its GPUs: what the node assigned where known, else what placement planned."""
+        return self.assigned_gpus or self.gpu_ids
+
+    @property
+    def assignment_differs(self) -> bool:
+        return bool(self.assigned_gpus) and set(self.assigned_gpus) != set(self.gpu_ids)
 
     @property
     def failed(self) -> bool:
@@ -259,3 +271,14 @@ def parse_service(svc: Mapping[str, Any]) -> dict[str, Any]:
             for p in spec.get("ports") or []
         ],
     }
+
+
+def with_assigned_gpus(
+    pods: Iterable[ObservedPod], assigned: Mapping[tuple[str, str], tuple[str, ...]]
+) -> list[ObservedPod]:
+    """`pods` with the GPUs the nodes report for them (namespace, name -> global GPU IDs)."""
+    out = []
+    for pod in pods:
+        gpus = assigned.get(pod.key, ())
+        out.append(replace(pod, assigned_gpus=gpus) if gpus != pod.assigned_gpus else pod)
+    return out

@@ -54,6 +54,7 @@ class Reason(StrEnum):
     CREATE_FAILED = "CreateFailed"  # the API refused a replica Pod; the next pass tries again
     SERVICE_FAILED = "ServiceFailed"  # the model's Service could not be put in shape
     ADMISSION_REJECTED = "AdmissionRejected"  # a node's kubelet refused a replica; it backs off
+    GPUS_ASSIGNED = "GpusAssigned"  # the node gave a replica other GPUs than placement planned
 
 
 # Container waiting reasons of a replica that is broken rather than starting.
@@ -218,7 +219,7 @@ def compute_failure(
         return Failure(
             FailureKind.ENDPOINTS_DOWN, f"no node-stats agent pod runs on {pod.node} any more"
         )
-    bad = [g for g in pod.gpu_ids if g in node.unhealthy_gpus]
+    bad = [g for g in pod.gpus if g in node.unhealthy_gpus]
     if bad:
         return Failure(FailureKind.GPU_UNHEALTHY, f"GPU {', '.join(bad)} is unhealthy")
     if pod.failed:

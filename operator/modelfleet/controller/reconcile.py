@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from modelfleet.api import ModelDeployment
 from modelfleet.controller import inputs
-from modelfleet.controller.admission import build_rejection_event
+from modelfleet.controller.admission import build_assignment_event, build_rejection_event
 from modelfleet.controller.builders import build_service, compute_template_hash
 from modelfleet.controller.decisions import Decision, Evict, Placed
 from modelfleet.controller.execute import Executed, ServiceWanted, apply_invalid, execute
@@ -117,6 +117,7 @@ async def _reconcile_locked(
     rejections = rt.admission.observe(pods, now)
     plan = compute_plan(md, pods, rt.node_health(cluster, snapshot, now), now, template_hash)
     plan.events.extend(build_rejection_event(key, r) for r in rejections)
+    plan.events.extend(build_assignment_event(key, p) for p in rt.new_assignments(pods))
     if plan.to_place:
         plan = await _place(rt, md, cluster, plan, key)
     measured = None

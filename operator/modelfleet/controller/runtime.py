@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,7 +26,13 @@ from modelfleet.controller.admission import AdmissionBackoff
 from modelfleet.controller.execute import EventRecorder
 from modelfleet.controller.inflight import InFlight, Key
 from modelfleet.controller.metrics import OperatorMetrics
-from modelfleet.controller.observed import DeploymentEntry, NodeFacts, NodeHealth, ObservedPod
+from modelfleet.controller.observed import (
+    DeploymentEntry,
+    NodeFacts,
+    NodeHealth,
+    ObservedPod,
+    with_assigned_gpus,
+)
 from modelfleet.controller.place import EvictionMark
 from modelfleet.controller.plan import Plan
 from modelfleet.controller.reservations import Reservation, Reservations
@@ -88,6 +94,8 @@ class Runtime:
     # Discovery mode only: since when each node has had no agent pod (updated every poll round).
     _agent_missing_since: dict[str, datetime] = field(default_factory=dict)
     _backoff_nodes: frozenset[str] = frozenset()  # nodes in admission backoff the view knows
+    _assigned: tuple[PoolSnapshot | None, dict[tuple[str, str], tuple[str, ...]]] | None = None
+    _assignments_seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def attach(self, cluster: ClusterState, now: datetime) -> None:
         """The first handler's indices: the loops read them from now on, and reservations
@@ -132,12 +140,33 @@ class Runtime:
             )
 
     def pods(self, cluster: ClusterState, key: Key) -> list[ObservedPod]:
-        """One deployment's replica Pods: the index, with this process's writes in flight."""
-        return self.inflight.merge(key[0], key[1], cluster.pods.get(key, ()))
+        """One deployment's replica Pods: the index, with this process's writes in flight and
+        the GPUs the nodes assigned them."""
+        merged = self.inflight.merge(key[0], key[1], cluster.pods.get(key, ()))
+        return with_assigned_gpus(merged, self.assigned_gpus())
 
     def all_pods(self, cluster: ClusterState) -> list[ObservedPod]:
-        """Every replica Pod in the cluster, with this process's writes in flight."""
-        return self.inflight.merge_all(cluster.pods)
+        """Every replica Pod in the cluster, with this process's writes in flight and the GPUs
+        the nodes assigned them."""
+        return with_assigned_gpus(self.inflight.merge_all(cluster.pods), self.assigned_gpus())
+
+    def assigned_gpus(self) -> Mapping[tuple[str, str], tuple[str, ...]]:
+        """(namespace, pod) -> GPUs, as the agents last reported (computed once per snapshot)."""
+        snapshot = self.snapshot()
+        if self._assigned is None or self._assigned[0] is not snapshot:
+            self._assigned = (snapshot, inputs.compute_assigned_gpus(snapshot))
+        return self._assigned[1]
+
+    def new_assignments(self, pods: Iterable[ObservedPod]) -> list[ObservedPod]:
+        """Replicas whose node assigned other GPUs than planned, each reported once."""
+        out = []
+        for pod in pods:
+            if pod.assignment_differs and pod.uid and pod.uid not in self._assignments_seen:
+                self._assignments_seen[pod.uid] = None
+                out.append(pod)
+        while len(self._assignments_seen) > 4096:
+            self._assignments_seen.popitem(last=False)
+        return out
 
     def eviction_mark(self, key: Key) -> EvictionMark | None:
         """The eviction of `key` this process decided, if its annotation may not show yet."""

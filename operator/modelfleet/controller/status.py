@@ -38,9 +38,9 @@ def compute_measured_footprint_mib(
     it had its GPUs to itself, so what the GPU reports in use is what the model needs.
     """
     for pod in sorted(pods, key=lambda p: p.ordinal):
-        if not pod.ready or pod.deleting or pod.footprint_mib is not None or not pod.gpu_ids:
+        if not pod.ready or pod.deleting or pod.footprint_mib is not None or not pod.gpus:
             continue
-        used = [gpu_used_mib[g] for g in pod.gpu_ids if g in gpu_used_mib]
+        used = [gpu_used_mib[g] for g in pod.gpus if g in gpu_used_mib]
         if used and max(used) > 0:
             return max(used)
     return None
@@ -60,7 +60,8 @@ def _instance(pod: ObservedPod, deleting: Mapping[str, str]) -> Instance:
     return Instance(
         name=pod.name,
         node=pod.node,
-        gpus=list(pod.gpu_ids),
+        gpus=list(pod.gpus),
+        planned_gpus=list(pod.gpu_ids) if pod.assignment_differs else [],
         phase=phase,
         reason=reason,
         started_at=pod.ready_since if phase == "Ready" else None,
