@@ -417,6 +417,69 @@ async def test_gpus_a_foreign_pod_holds_are_not_placed_on(
     assert pod["spec"]["nodeName"] == "real-0"
 
 
+async def test_status_and_placement_follow_the_gpus_the_node_assigned(
+    kube: KubeClient,
+    namespace: str,
+    real_nodes: RealNodes,
+    agents: dict[str, str],
+    operators: Operators,
+) -> None:
+    """Placement avoids real-1:0 (memory in use there, no pod), but the kubelet's device manager
+    knows nothing of memory and hands the replica GPU 0 anyway: status, the ledger and the next
+    placement follow the node, and the plan stays visible."""
+    (gpu0, _) = real_nodes.inventory("real-1")
+    record = real_nodes.node_dir("real-1") / "gpu" / "memory" / gpu0["uuid"] / "squatter.json"
+    record.write_text(
+        json.dumps({"holder": "squatter", "memoryMib": 1000, "expiresAt": time.time() + 3600})
+    )
+    try:
+
+        async def measured() -> bool:
+            gpus = await agent_gpus(agents["real-1"])
+            return any(g["index"] == 0 and g["memoryUsedMib"] == 1000 for g in gpus)
+
+        await wait_for(measured, 30, interval=0.5, what="the agent to measure the squatter")
+        operators.start()
+        on_real_1 = {
+            "nodeSelector": {**REAL_NODE_SELECTOR, "kubernetes.io/hostname": "real-1"},
+            "tolerations": [GPU_TOLERATION],
+        }
+        engine = {"image": real_nodes.vllm_sim_image}
+        await kube.create(
+            md_path(namespace), md("excl", gpu={"count": 1}, placement=on_real_1, engine=engine)
+        )
+        await wait_ready(kube, namespace, "excl", 1, deadline_s=90)
+
+        async def followed() -> dict[str, Any] | None:
+            obj = await kube.get(md_path(namespace, "excl"))
+            (inst,) = obj["status"]["instances"]
+            return inst if inst["gpus"] == ["real-1:0"] else None
+
+        instance = await wait_for(followed, 30, interval=0.5, what="status to follow the node")
+        assert instance["plannedGpus"] == ["real-1:1"], instance
+        events = await events_of(kube, namespace, "excl")
+        assigned = [e for e in events if e["reason"] == "GpusAssigned"]
+        assert assigned, [e["reason"] for e in events]
+        assert (
+            "gave excl-instance-1 GPUs real-1:0 (placement planned real-1:1)"
+            in (assigned[0]["message"])
+        )
+        # A Shared replica goes where the node says there is room: GPU 1, not the GPU the
+        # Exclusive replica really holds.
+        shared = md(
+            "shared",
+            gpu={"count": 1, "sharing": "Shared", "memory": "4Gi"},
+            placement=on_real_1,
+            engine=engine,
+        )
+        await kube.create(md_path(namespace), shared)
+        await wait_ready(kube, namespace, "shared", 1, deadline_s=90)
+        obj = await kube.get(md_path(namespace, "shared"))
+        assert obj["status"]["instances"][0]["gpus"] == ["real-1:1"]
+    finally:
+        record.unlink(missing_ok=True)
+
+
 async def phase_is(kube: KubeClient, namespace: str, name: str, phase: str) -> bool:
     obj = await get_pod(kube, namespace, name)
     return bool(obj.get("status", {}).get("phase") == phase)
