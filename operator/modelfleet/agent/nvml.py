@@ -242,6 +242,9 @@ class NvmlBackend:
         self._event_set: Any = None
         self._initialised = False  # whether this backend holds an NVML session to shut down
         self._outage: _Outage | None = None
+        # The backoff of an outage that a re-init ended, until a whole sample succeeds: NVML that
+        # starts but cannot read a GPU must not be re-initialised every 5 s for ever.
+        self._recovering_backoff_s = 0.0
         # (GPU index, field) -> when its failure was last logged (monotonic); NOT_SUPPORTED
         # ones are logged once, and kept here forever.
         self._field_logged: dict[tuple[int, str], float] = {}
@@ -494,6 +497,7 @@ class NvmlBackend:
             # Not one GPU answers: NVML is down, not every GPU at once.
             self._enter_outage(f"no GPU can be read: {gpus[0].stale_reason}")
             raise self._not_ready(gpu_pods)
+        self._recovering_backoff_s = 0.0
         return gpus
 
     def _not_ready(self, gpu_pods: Mapping[int, Sequence[PodRef]] | None = None) -> BackendNotReady:
@@ -508,12 +512,17 @@ class NvmlBackend:
 
     def _enter_outage(self, why: str) -> None:
         now = time.monotonic()
+        backoff = (
+            compute_next_backoff(self._recovering_backoff_s)
+            if self._recovering_backoff_s
+            else REINIT_BACKOFF_S
+        )
         self._outage = _Outage(
             reason=f"{why}; re-initialising NVML every {REINIT_BACKOFF_S:g} s to "
             f"{REINIT_BACKOFF_MAX_S:g} s",
             since=time.time(),
-            next_try=now + REINIT_BACKOFF_S,
-            backoff_s=REINIT_BACKOFF_S,
+            next_try=now + backoff,
+            backoff_s=backoff,
         )
         log.error(
             "NVML does not answer, the agent reports itself not ready (no GPU is unhealthy for "
@@ -542,6 +551,7 @@ class NvmlBackend:
             raise self._not_ready() from None
         self._on_reinit(True)
         self._outage = None
+        self._recovering_backoff_s = outage.backoff_s
         self._restart_xids = True
         log.warning(
             "NVML answers again after %.0f s: %d GPU(s), driver %s",

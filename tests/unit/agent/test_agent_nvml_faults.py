@@ -317,6 +317,37 @@ async def test_reinit_waits_for_its_backoff(fake_nvml: FakeNvml) -> None:
     assert compute_next_backoff(250.0) == 300.0
 
 
+async def test_nvml_that_starts_but_reads_nothing_backs_off(
+    fake_nvml: FakeNvml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # nvmlInit succeeds, yet no GPU can be read: each re-init that ends in the same outage
+    # waits longer than the last, until one whole sample succeeds.
+    monkeypatch.setattr(nvml_module, "REINIT_BACKOFF_S", 1e-6)
+    metrics = AgentMetrics()
+    backend = await started(metrics)
+    for gpu in fake_nvml.gpus:
+        gpu.fail_fields["memory"] = UNKNOWN
+    try:
+        with pytest.raises(BackendNotReady):
+            await backend.sample()
+        backoffs = []
+        for _ in range(3):
+            await wait_for(backend.reinit_due, what="the re-init to be due")
+            with pytest.raises(BackendNotReady):
+                await backend.sample()
+            assert backend._outage is not None
+            backoffs.append(backend._outage.backoff_s)
+        assert backoffs[0] < backoffs[1] < backoffs[2]
+        for gpu in fake_nvml.gpus:
+            gpu.fail_fields.clear()
+        await wait_for(backend.reinit_due, what="the re-init to be due")
+        await backend.sample()
+        assert backend.not_ready_reason == ""
+        assert backend._recovering_backoff_s == 0.0
+    finally:
+        await backend.close()
+
+
 async def test_xid_events_watched_again_after_reinit(fake_nvml: FakeNvml, no_backoff: None) -> None:
     metrics = AgentMetrics()
     backend = await started(metrics)
