@@ -198,11 +198,19 @@ def build_backend(
             node,
             nvml=build_fake_pynvml(settings.fake_gpu_dir),
             on_gpu_error=metrics.gpu_errors.inc,
+            on_field_error=metrics.count_field_error,
+            on_reinit=metrics.count_reinit,
             pods_by_device=pods_by_device,
             name="fake-driver",
         )
         return backend, None
-    backend = NvmlBackend(node, on_gpu_error=metrics.gpu_errors.inc, pods_by_device=pods_by_device)
+    backend = NvmlBackend(
+        node,
+        on_gpu_error=metrics.gpu_errors.inc,
+        on_field_error=metrics.count_field_error,
+        on_reinit=metrics.count_reinit,
+        pods_by_device=pods_by_device,
+    )
     return backend, None
 
 

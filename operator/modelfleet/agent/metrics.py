@@ -75,6 +75,12 @@ class SampleCollector(Collector):
             "1 when the GPU can take work, 0 when it is unhealthy.",
             labels=("gpu", "UUID"),
         )
+        stale = GaugeMetricFamily(
+            "modelfleet_agent_gpu_stale",
+            "1 when the GPU's identity or memory could not be read in the latest sample (no "
+            "placement on it; not unhealthy for that), else 0.",
+            labels=("gpu", "UUID"),
+        )
         xids = CounterMetricFamily(
             "modelfleet_agent_xid_events",
             "Critical XID events seen since the agent started.",
@@ -82,10 +88,17 @@ class SampleCollector(Collector):
         )
         for gpu in gpus:
             healthy.add_metric((str(gpu.index), gpu.uuid), 1.0 if gpu.health.healthy else 0.0)
+            stale.add_metric((str(gpu.index), gpu.uuid), 1.0 if gpu.stale else 0.0)
             xids.add_metric((str(gpu.index), gpu.uuid), float(gpu.health.xid_errors))
         yield healthy
+        yield stale
         yield xids
         if sample is not None:
+            yield GaugeMetricFamily(
+                "modelfleet_agent_ready",
+                "1 while the agent can read its GPUs, 0 while NVML as a whole does not answer.",
+                value=1.0 if sample.report.ready else 0.0,
+            )
             yield GaugeMetricFamily(
                 "modelfleet_agent_last_sample_timestamp_seconds",
                 "Unix time of the latest successful sample.",
@@ -116,7 +129,21 @@ class AgentMetrics:
         )
         self.gpu_errors = Counter(
             "modelfleet_agent_gpu_read_errors",
-            "Reads of one GPU that failed; that GPU is reported unhealthy with the reason.",
+            "Reads of one GPU's identity or memory that failed, or that found it gone: the GPU "
+            "is reported stale, or unhealthy when NVML says it is lost.",
+            registry=self.registry,
+        )
+        self.nvml_field_errors = Counter(
+            "modelfleet_agent_nvml_field_errors",
+            "Sensor readings NVML could not give (reported null, the GPU stays healthy), by "
+            "field and NVML error; NOT_SUPPORTED counts once per GPU and field.",
+            labelnames=("field", "error"),
+            registry=self.registry,
+        )
+        self.nvml_reinits = Counter(
+            "modelfleet_agent_nvml_reinits",
+            "NVML re-initialisations tried while NVML as a whole did not answer, by outcome.",
+            labelnames=("outcome",),
             registry=self.registry,
         )
         self.pod_resources_errors = Counter(
@@ -124,6 +151,12 @@ class AgentMetrics:
             "kubelet pod-resources List calls that failed; pod lists stay empty meanwhile.",
             registry=self.registry,
         )
+
+    def count_field_error(self, field: str, error: str) -> None:
+        self.nvml_field_errors.labels(field=field, error=error).inc()
+
+    def count_reinit(self, ok: bool) -> None:
+        self.nvml_reinits.labels(outcome="ok" if ok else "failed").inc()
 
     def attach(self, latest: Callable[[], Sample | None]) -> None:
         """Register the collector that reads the latest sample."""

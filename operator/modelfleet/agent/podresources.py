@@ -2,8 +2,9 @@
 
 The kubelet serves `v1.PodResourcesLister` on a unix socket; `List` says which device IDs the
 device plugins handed to which container. For the NVIDIA device plugin the IDs are GPU UUIDs
-(`GPU-...`), MIG device UUIDs (`MIG-...`), or, with `--device-id-strategy=index`, GPU indices
-(`3`) and MIG indices (`3:1`).
+(`GPU-...`), MIG device UUIDs (`MIG-...`, or `MIG-GPU-<uuid>/<gi>/<ci>` from drivers before
+R470), or, with `--device-id-strategy=index`, GPU indices (`3`) and MIG indices (`3:1`); with
+time-slicing or MPS sharing each of those is handed out as several replicas, `<id>::<n>`.
 
 No generated stubs: the few messages the agent reads are described here by hand, with the field
 numbers of k8s.io/kubelet/pkg/apis/podresources/v1/api.proto. Fields the agent does not read
@@ -144,23 +145,44 @@ def parse_list_response(data: bytes) -> dict[str, list[PodRef]]:
 
 
 _INDEX_ID = re.compile(r"^(\d+)(?::\d+)?$")
+# Time-slicing and MPS: the device plugin advertises each device N times as `<id>::<replica>`.
+_REPLICA_SUFFIX = re.compile(r"::\d+$")
+# MIG devices as drivers before R470 named them: the parent GPU's UUID, GPU and compute instance.
+_LEGACY_MIG = re.compile(r"^MIG-(GPU-[0-9A-Za-z-]+)/\d+/\d+$")
+
+
+def resolve_device_id(device_id: str, index_of: Mapping[str, int]) -> int | None:
+    """The physical GPU's index for one device ID, or None when it names no GPU of this node.
+
+    `index_of`: GPU and MIG device UUIDs -> GPU index. Accepted: `GPU-<uuid>`, `MIG-<uuid>`,
+    `MIG-GPU-<uuid>/<gi>/<ci>`, `<index>`, `<index>:<mig>`, each optionally with the `::<n>`
+    replica suffix of time-slicing and MPS.
+    """
+    base = _REPLICA_SUFFIX.sub("", device_id)
+    index = index_of.get(base)
+    if index is not None:
+        return index
+    legacy = _LEGACY_MIG.match(base)
+    if legacy is not None:
+        return index_of.get(legacy.group(1))
+    match = _INDEX_ID.match(base)
+    return int(match.group(1)) if match is not None else None
 
 
 def compute_gpu_pods(
     pods_by_device: Mapping[str, list[PodRef]], index_of: Mapping[str, int]
 ) -> dict[int, list[PodRef]]:
-    """GPU index -> pods, from device IDs that are GPU or MIG UUIDs (`index_of`) or indices.
+    """GPU index -> pods, from device IDs of any shape `resolve_device_id` takes.
 
-    IDs that match no GPU (a GPU the agent cannot see, another device plugin's IDs) are dropped.
+    A pod holding several devices of one GPU (MIG instances, time-sliced replicas) is listed
+    once. IDs that match no GPU (a GPU the agent cannot see, another device plugin's IDs) are
+    dropped.
     """
     out: dict[int, list[PodRef]] = {}
     for device_id, refs in pods_by_device.items():
-        index = index_of.get(device_id)
+        index = resolve_device_id(device_id, index_of)
         if index is None:
-            match = _INDEX_ID.match(device_id)
-            if match is None:
-                continue
-            index = int(match.group(1))
+            continue
         gpu_refs = out.setdefault(index, [])
         gpu_refs.extend(ref for ref in refs if ref not in gpu_refs)
     return out
@@ -274,6 +296,6 @@ def describe_rpc_error(exc: Exception) -> str:
 
 
 def unknown_device_ids(pods_by_device: Iterable[str], index_of: Mapping[str, int]) -> list[str]:
-    """Device IDs that are neither a known UUID nor an index (a MIG device the agent has not
-    enumerated yet, for instance)."""
-    return [d for d in pods_by_device if d not in index_of and not _INDEX_ID.match(d)]
+    """Device IDs that resolve to no GPU (a MIG device the agent has not enumerated yet, for
+    instance)."""
+    return [d for d in pods_by_device if resolve_device_id(d, index_of) is None]

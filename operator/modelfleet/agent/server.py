@@ -120,7 +120,11 @@ async def get_readyz(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     if state.latest is None:
         return _json(503, {"status": "waiting for the first sample"})
-    sampled_at = format_micro_time(state.latest.report.sampled_at)
+    report = state.latest.report
+    sampled_at = format_micro_time(report.sampled_at)
+    if not report.ready:
+        # Still serving /v1/gpus (which says the same): the pool keeps hearing from the node.
+        return _json(503, {"status": "not ready", "reason": report.reason, "sampledAt": sampled_at})
     return _json(200, {"status": "ready", "sampledAt": sampled_at})
 
 

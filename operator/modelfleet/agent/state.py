@@ -23,8 +23,24 @@ class Backend(Protocol):
     name: str
 
     async def sample(self) -> tuple[list[GpuStats], str | None]:
-        """Read every GPU once: (stats, driver version)."""
+        """Read every GPU once: (stats, driver version); BackendNotReady when none can be read."""
         ...
+
+
+class BackendNotReady(Exception):
+    """The backend cannot read its GPUs now (NVML as a whole fails); it is trying to recover.
+
+    `gpus` are the GPUs as last known, each marked stale: the sample says who they are and that
+    their figures are not measurements, and nothing in it calls them unhealthy.
+    """
+
+    def __init__(
+        self, reason: str, gpus: Sequence[GpuStats] = (), driver_version: str | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.gpus = list(gpus)
+        self.driver_version = driver_version
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +60,17 @@ def build_report(
     driver_version: str | None,
     poll_interval_s: float,
     sampled_at: datetime,
+    not_ready: str = "",
 ) -> GpuReport:
-    """The `/v1/gpus` reply for one sample."""
+    """The `/v1/gpus` reply for one sample; `not_ready` says why the backend cannot read GPUs."""
     return GpuReport(
         node=node,
         backend=backend,
         sampled_at=sampled_at,
         poll_interval_s=poll_interval_s,
         driver_version=driver_version,
+        ready=not not_ready,
+        reason=not_ready,
         gpus=sorted(gpus, key=lambda g: g.index),
     )
 
@@ -68,7 +87,9 @@ class AgentState:
     last_success_unix: float | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def publish(self, gpus: Sequence[GpuStats], driver_version: str | None) -> Sample:
+    def publish(
+        self, gpus: Sequence[GpuStats], driver_version: str | None, *, not_ready: str = ""
+    ) -> Sample:
         now = datetime.now(UTC)
         report = build_report(
             self.node,
@@ -77,6 +98,7 @@ class AgentState:
             driver_version=driver_version,
             poll_interval_s=self.poll_interval_s,
             sampled_at=now,
+            not_ready=not_ready,
         )
         sample = Sample(
             report=report,
@@ -89,10 +111,18 @@ class AgentState:
 
 
 async def poll_once(backend: Backend, state: AgentState) -> bool:
-    """Take one sample into `state`; False (and counted) when the backend failed as a whole."""
+    """Take one sample into `state`; False when the backend is not ready or failed as a whole.
+
+    Not ready (NVML down): a fresh sample that says so, with the GPUs marked stale, so that the
+    pool keeps hearing from this node, places nothing on it and replaces nothing because of it.
+    Any other failure keeps the previous sample (its `sampledAt` ages) and is counted.
+    """
     started = time.perf_counter()
     try:
         gpus, driver = await backend.sample()
+    except BackendNotReady as exc:
+        state.publish(exc.gpus, exc.driver_version, not_ready=exc.reason)
+        return False
     except Exception as exc:
         state.metrics.poll_errors.inc()
         log.warning("poll failed, keeping the previous sample: %s", exc)

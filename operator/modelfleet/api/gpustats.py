@@ -54,9 +54,22 @@ class GpuStats(_Wire):
     memory_total_mib: int = Field(..., ge=0, description="Framebuffer memory, MiB.")
     memory_used_mib: int = Field(..., ge=0, description="Memory in use, MiB.")
     memory_free_mib: int = Field(..., ge=0, description="Memory free, MiB.")
-    utilization_percent: float = Field(0.0, ge=0, le=100, description="GPU utilization, %.")
-    temperature_c: float | None = Field(None, description="Core temperature, degrees Celsius.")
-    power_w: float | None = Field(None, ge=0, description="Power draw, watts.")
+    utilization_percent: float | None = Field(
+        None, ge=0, le=100, description="GPU utilization, %; null when it could not be read."
+    )
+    temperature_c: float | None = Field(
+        None, description="Core temperature, degrees Celsius; null when it could not be read."
+    )
+    power_w: float | None = Field(
+        None, ge=0, description="Power draw, watts; null when it could not be read."
+    )
+    stale: bool = Field(
+        False,
+        description="True when this GPU's identity or memory could not be read in this sample: "
+        "the memory figures are the last known ones (all used when none is), nothing is to be "
+        "placed on it, and it is not unhealthy for that.",
+    )
+    stale_reason: str = Field("", description="Why the GPU is stale, e.g. the NVML error.")
     health: GpuHealth = Field(default_factory=GpuHealth, description="Health of this GPU.")
     pods: list[PodRef] = Field(default_factory=list, description="Pods using this GPU.")
 
@@ -73,6 +86,12 @@ class GpuReport(_Wire):
     sampled_at: datetime = Field(..., description="When the GPUs were sampled (UTC).")
     poll_interval_s: float = Field(..., gt=0, description="Seconds between samples.")
     driver_version: str | None = Field(None, description="NVIDIA driver version, where known.")
+    ready: bool = Field(
+        True,
+        description="False while the agent cannot read its GPUs at all (NVML not answering): "
+        "every GPU is then stale; the node takes no new replicas and none is replaced for it.",
+    )
+    reason: str = Field("", description="Why the agent is not ready; empty when it is.")
     gpus: list[GpuStats] = Field(default_factory=list, description="Every GPU on the node.")
 
     @model_validator(mode="after")

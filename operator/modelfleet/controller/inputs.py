@@ -94,10 +94,14 @@ def _missing_longer_than(since: datetime | None, now: datetime | None, grace: ti
 
 
 def compute_gpu_used_mib(snapshot: PoolSnapshot | None) -> dict[str, int]:
-    """Memory in use per global GPU ID, for the discovery-run footprint."""
+    """Memory in use per global GPU ID, for the discovery-run footprint (measured GPUs only)."""
     if snapshot is None:
         return {}
-    return {gpu_id: gpu.memory_used_mib for gpu_id, gpu in snapshot.gpus.items()}
+    return {
+        gpu_id: g.memory_used_mib
+        for gpu_id, g in snapshot.gpus.items()
+        if g.healthy and not g.stale  # a lost GPU counts "full", a stale one its last figures
+    }
 
 
 def build_node_infos(
@@ -129,8 +133,10 @@ def build_node_infos(
                 memory_total_mib=g.memory_total_mib,
                 memory_used_mib=g.memory_used_mib,
                 memory_free_mib=g.memory_free_mib,
-                healthy=g.healthy,
-                reason=g.reason,
+                # A stale GPU is not placed on (placement's "healthy"), but it is not unhealthy
+                # for the replicas on it: compute_node_health reads the pool's `healthy`.
+                healthy=g.healthy and not g.stale,
+                reason=g.reason or (f"GPU stats unknown: {g.stale_reason}" if g.stale else ""),
                 foreign_pods=tuple(
                     f"{p.namespace}/{p.name}"
                     for p in g.pods
@@ -141,6 +147,8 @@ def build_node_infos(
         )
         healthy = facts.ready and pnode.state.usable
         reason = "" if healthy else ("node is NotReady" if not facts.ready else "agent is down")
+        if healthy and pnode.not_ready:
+            reason = f"agent not ready: {pnode.not_ready}"
         out.append(
             P.NodeInfo(
                 name=pnode.name,
@@ -149,7 +157,7 @@ def build_node_infos(
                 labels=dict(facts.labels),
                 taints=tuple(P.Taint(k, v, e) for k, v, e in facts.taints),
                 healthy=healthy,
-                stale=pnode.state == "stale",
+                stale=pnode.state == "stale" or bool(pnode.not_ready),
                 reason=reason,
                 rejected=rejected.get(pnode.name, ""),
             )

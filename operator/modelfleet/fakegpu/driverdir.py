@@ -5,6 +5,8 @@
                                    {node, gpus: [{index, uuid, product, memoryMib, maxPowerW}]}
 <dir>/health/<uuid>                present while that GPU is unhealthy; holds the reason
 <dir>/memory/<uuid>/<holder>.json  memory one process holds on that GPU, until expiresAt
+<dir>/nvml-faults.json             optional: NVML errors the fake NVML answers (test knobs):
+                                   {all: ERROR|null, gpus: {<uuid>: {<field>: ERROR}}}
 ```
 
 Every file is written whole to a temporary name in the same directory and renamed into place, so
@@ -31,8 +33,8 @@ import secrets
 import socket
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -48,6 +50,20 @@ DIR_ENV = "MODELFLEET_FAKE_GPU_DIR"
 INVENTORY_FILE = "gpus.yaml"
 HEALTH_DIR = "health"
 MEMORY_DIR = "memory"
+NVML_FAULTS_FILE = "nvml-faults.json"
+#: The readings an NVML fault can fail, by the agent's names for them.
+FAULT_FIELDS = ("memory", "utilization", "temperature", "power")
+#: The NVML errors a fault can answer, by NVML's names (NVML_ERROR_<name>).
+FAULT_ERRORS = (
+    "NOT_SUPPORTED",
+    "UNKNOWN",
+    "GPU_IS_LOST",
+    "RESET_REQUIRED",
+    "UNINITIALIZED",
+    "DRIVER_NOT_LOADED",
+    "TIMEOUT",
+    "NO_PERMISSION",
+)
 #: A holder rewrites its records this often, each valid for RECORD_TTL_S.
 HEARTBEAT_S = 5.0
 #: Three heartbeats: one late write does not free the memory, a killed holder's goes in 15 s.
@@ -70,6 +86,56 @@ class MemoryRecord:
     holder: str
     memory_mib: int
     expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class NvmlFaults:
+    """NVML errors the fake NVML answers: every call (`all`), or one reading of one GPU."""
+
+    all: str | None = None
+    gpus: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # uuid -> field -> error
+
+    def error_for(self, uuid: str, reading: str) -> str | None:
+        return self.gpus.get(uuid, {}).get(reading)
+
+    def to_json(self) -> str:
+        gpus = {u: dict(sorted(f.items())) for u, f in sorted(self.gpus.items()) if f}
+        return json.dumps({"all": self.all, "gpus": gpus}, indent=2) + "\n"
+
+
+def parse_nvml_faults(text: str, source: str = NVML_FAULTS_FILE) -> NvmlFaults:
+    """The faults file; DriverDirError naming the file and what is wrong."""
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise DriverDirError(f"{source}: not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DriverDirError(f"{source}: expected an object with 'all' and 'gpus'")
+    every = doc.get("all")
+    if every is not None:
+        _check_error(every, f"{source}: all")
+    gpus: dict[str, dict[str, str]] = {}
+    raw = doc.get("gpus")
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise DriverDirError(f"{source}: gpus: expected an object of GPU UUIDs")
+    for uuid, readings in raw.items():
+        if not isinstance(readings, dict):
+            raise DriverDirError(f"{source}: gpus.{uuid}: expected an object of readings")
+        for reading, error in readings.items():
+            if reading not in FAULT_FIELDS:
+                raise DriverDirError(
+                    f"{source}: gpus.{uuid}.{reading}: not a reading; one of "
+                    f"{', '.join(FAULT_FIELDS)}"
+                )
+            _check_error(error, f"{source}: gpus.{uuid}.{reading}")
+        gpus[str(uuid)] = {str(k): str(v) for k, v in readings.items()}
+    return NvmlFaults(all=every, gpus=gpus)
+
+
+def _check_error(error: object, where: str) -> None:
+    if error not in FAULT_ERRORS:
+        raise DriverDirError(f"{where}: {error!r} is not one of {', '.join(FAULT_ERRORS)}")
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
@@ -195,6 +261,66 @@ class DriverDir:
                 continue  # marked healthy while we listed
             out[name] = reason or "marked unhealthy"
         return out
+
+    # --- NVML faults ----------------------------------------------------------------------
+
+    @property
+    def nvml_faults_path(self) -> Path:
+        return self.path / NVML_FAULTS_FILE
+
+    def read_nvml_faults(self) -> NvmlFaults:
+        """The injected NVML faults (none without the file); DriverDirError when malformed."""
+        try:
+            text = self.nvml_faults_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return NvmlFaults()
+        return parse_nvml_faults(text, str(self.nvml_faults_path))
+
+    def write_nvml_faults(self, faults: NvmlFaults) -> None:
+        """Replace the faults; no fault at all removes the file."""
+        if faults.all is None and not any(faults.gpus.values()):
+            with contextlib.suppress(FileNotFoundError):
+                self.nvml_faults_path.unlink()
+            return
+        write_atomic(self.nvml_faults_path, faults.to_json())
+
+    def set_nvml_fault(self, uuid: str, reading: str, error: str | None) -> NvmlFaults:
+        """Make one reading of one GPU fail with `error`, or read normally again (None)."""
+        if reading not in FAULT_FIELDS:
+            raise DriverDirError(f"no reading {reading!r}; one of {', '.join(FAULT_FIELDS)}")
+        if error is not None:
+            _check_error(error, "error")
+        current = self.read_nvml_faults()
+        gpus = {u: dict(f) for u, f in current.gpus.items()}
+        readings = gpus.setdefault(uuid, {})
+        if error is None:
+            readings.pop(reading, None)
+        else:
+            readings[reading] = error
+        faults = NvmlFaults(all=current.all, gpus={u: f for u, f in gpus.items() if f})
+        self.write_nvml_faults(faults)
+        return faults
+
+    def set_nvml_fault_all(self, error: str | None) -> NvmlFaults:
+        """Make every NVML call (nvmlInit too) fail with `error`, or stop that (None)."""
+        if error is not None:
+            _check_error(error, "error")
+        current = self.read_nvml_faults()
+        faults = NvmlFaults(all=error, gpus=current.gpus)
+        self.write_nvml_faults(faults)
+        return faults
+
+    def clear_nvml_faults(self, uuid: str | None = None) -> NvmlFaults:
+        """Remove every fault, or (with `uuid`) every fault of that GPU."""
+        if uuid is None:
+            faults = NvmlFaults()
+        else:
+            current = self.read_nvml_faults()
+            faults = NvmlFaults(
+                all=current.all, gpus={u: f for u, f in current.gpus.items() if u != uuid}
+            )
+        self.write_nvml_faults(faults)
+        return faults
 
     # --- memory records --------------------------------------------------------------------
 

@@ -14,21 +14,29 @@ the answers come from the driver directory instead of the NVIDIA driver:
   that fell off the bus gives, with the reason from `health/<uuid>` in the message, and answers
   again once it is marked healthy. Its identity (handle, UUID, name) and memory size stay
   readable so the agent can name and size it. XID events and MIG are "not supported", as on a
-  GPU without them.
+  GPU without them;
+- the NVML faults in `nvml-faults.json` (`sim-gpu-driver set-fault`) make one reading of one GPU
+  fail with the NVML error named there, or every call (nvmlInit included) when `all` is set, as
+  NVML does after a `systemctl daemon-reload` takes the container's device access away. The
+  file is read again whenever it changes; a malformed one counts as no fault.
 
 Only the functions and constants `NvmlBackend` uses are here, with pynvml's names and values.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelfleet.fakegpu.driverdir import DriverDir, DriverDirError
+from modelfleet.fakegpu.driverdir import DriverDir, DriverDirError, NvmlFaults
 from modelfleet.gpufile import SimGpu, compute_sim_readings
+
+log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 DRIVER_VERSION = "550.54.15-modelfleet-fake"
@@ -38,10 +46,12 @@ NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NO_PERMISSION = 4
 NVML_ERROR_NOT_FOUND = 6
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_TIMEOUT = 10
 NVML_ERROR_GPU_IS_LOST = 15
+NVML_ERROR_RESET_REQUIRED = 16
 NVML_ERROR_UNKNOWN = 999
 NVML_TEMPERATURE_GPU = 0
 NVML_DEVICE_MIG_DISABLE = 0
@@ -52,12 +62,21 @@ _MESSAGES = {
     NVML_ERROR_UNINITIALIZED: "Uninitialized",
     NVML_ERROR_INVALID_ARGUMENT: "Invalid Argument",
     NVML_ERROR_NOT_SUPPORTED: "Not Supported",
+    NVML_ERROR_NO_PERMISSION: "Insufficient Permissions",
     NVML_ERROR_NOT_FOUND: "Not Found",
     NVML_ERROR_DRIVER_NOT_LOADED: "Driver Not Loaded",
     NVML_ERROR_TIMEOUT: "Timeout",
     NVML_ERROR_GPU_IS_LOST: "GPU is lost",
+    NVML_ERROR_RESET_REQUIRED: "GPU requires restart",
     NVML_ERROR_UNKNOWN: "Unknown Error",
 }
+FAULT_DETAIL = "injected by sim-gpu-driver set-fault"
+
+
+def fault_code(name: str) -> int:
+    """The code of NVML_ERROR_<name> (FAULT_ERRORS in driverdir names them)."""
+    code = globals().get(f"NVML_ERROR_{name}")
+    return code if isinstance(code, int) else NVML_ERROR_UNKNOWN
 
 
 class NVMLError(Exception):
@@ -100,10 +119,42 @@ class FakeNvml:
         self.dir = DriverDir(directory)
         self.gpus: list[SimGpu] = []
         self.initialised = 0
+        self._faults_key: tuple[int, int, int] | None = None
+        self._faults = NvmlFaults()
+
+    # --- injected faults -------------------------------------------------------------------
+
+    def faults(self) -> NvmlFaults:
+        """The faults file, parsed again only when it changed (it is replaced by a rename)."""
+        try:
+            st = os.stat(self.dir.nvml_faults_path)
+        except FileNotFoundError:
+            self._faults_key, self._faults = None, NvmlFaults()
+            return self._faults
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != self._faults_key:
+            try:
+                self._faults = self.dir.read_nvml_faults()
+            except (DriverDirError, OSError) as exc:
+                log.warning("ignoring the NVML faults file: %s", exc)
+                self._faults = NvmlFaults()
+            self._faults_key = key
+        return self._faults
+
+    def _fail_all(self) -> None:
+        every = self.faults().all
+        if every is not None:
+            raise NVMLError(fault_code(every), FAULT_DETAIL)
+
+    def _fail_reading(self, gpu: SimGpu, reading: str) -> None:
+        error = self.faults().error_for(gpu.uuid, reading)
+        if error is not None:
+            raise NVMLError(fault_code(error), FAULT_DETAIL)
 
     # --- lifecycle and enumeration ---------------------------------------------------------
 
     def nvmlInit(self) -> None:
+        self._fail_all()
         try:
             _node, self.gpus = self.dir.read_inventory()
         except DriverDirError as exc:
@@ -111,12 +162,14 @@ class FakeNvml:
         self.initialised += 1
 
     def nvmlShutdown(self) -> None:
-        self._check_init()
+        if self.initialised <= 0:
+            raise NVMLError(NVML_ERROR_UNINITIALIZED)
         self.initialised -= 1
 
     def _check_init(self) -> None:
         if self.initialised <= 0:
             raise NVMLError(NVML_ERROR_UNINITIALIZED)
+        self._fail_all()
 
     def nvmlSystemGetDriverVersion(self) -> str:
         self._check_init()
@@ -166,6 +219,7 @@ class FakeNvml:
         # Answers on a lost GPU too, so one lost before the agent started still has its size
         # (the agent then counts all of it used); the sensors below are what fail.
         gpu = self._gpu(handle)
+        self._fail_reading(gpu, "memory")
         used = self._used_mib(gpu)
         return Memory(
             total=gpu.memory_mib * MIB, used=used * MIB, free=(gpu.memory_mib - used) * MIB
@@ -173,6 +227,7 @@ class FakeNvml:
 
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Utilization:
         gpu = self._reachable(handle)
+        self._fail_reading(gpu, "utilization")
         used = self._used_mib(gpu)
         readings = compute_sim_readings(gpu, used)
         return Utilization(
@@ -181,6 +236,7 @@ class FakeNvml:
 
     def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int:
         gpu = self._reachable(handle)
+        self._fail_reading(gpu, "temperature")
         if sensor != NVML_TEMPERATURE_GPU:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         return round(compute_sim_readings(gpu, self._used_mib(gpu)).temperature_c)
@@ -188,6 +244,7 @@ class FakeNvml:
     def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
         """Milliwatts, as NVML reports power."""
         gpu = self._reachable(handle)
+        self._fail_reading(gpu, "power")
         return round(compute_sim_readings(gpu, self._used_mib(gpu)).power_w * 1000)
 
     # --- not supported: XID events, MIG ----------------------------------------------------

@@ -55,16 +55,25 @@ class PoolGpu:
     memory_total_mib: int
     memory_used_mib: int
     memory_free_mib: int
-    utilization_percent: float
+    utilization_percent: float | None  # None: the agent could not read it
     healthy: bool
     reason: str
     pods: tuple[PodRef, ...]
     endpoint: str
+    #: The agent could not read this GPU's identity or memory (or NVML at all): the memory
+    #: figures are not measurements, so nothing is placed on it; it is not unhealthy for that.
+    stale: bool = False
+    stale_reason: str = ""
 
     @property
     def free(self) -> bool:
-        """Healthy, no pods, and no more than idle memory in use."""
-        return self.healthy and not self.pods and self.memory_used_mib <= IDLE_MEMORY_MIB
+        """Healthy, read, no pods, and no more than idle memory in use."""
+        return (
+            self.healthy
+            and not self.stale
+            and not self.pods
+            and self.memory_used_mib <= IDLE_MEMORY_MIB
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +98,9 @@ class PoolNode:
     sampled_at: datetime
     gpus: tuple[PoolGpu, ...]
     figures: Figures
+    #: Why the agent says it cannot read its GPUs (NVML down), or "": a node whose agent is not
+    #: ready takes no new replicas, and loses none for it.
+    not_ready: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +280,8 @@ def _pool_gpus(report: GpuReport, url: str) -> tuple[PoolGpu, ...]:
             reason=g.health.reason,
             pods=tuple(g.pods),
             endpoint=url,
+            stale=g.stale,
+            stale_reason=g.stale_reason,
         )
         for g in sorted(report.gpus, key=lambda g: g.index)
     )
@@ -337,10 +351,13 @@ def build_snapshot(
                     report.sampled_at,
                     node_gpus,
                     compute_figures(node_gpus),
+                    not_ready="" if report.ready else report.reason or "the agent is not ready",
                 )
             for gpu in node.gpus:
                 gpus[gpu.gpu_id] = gpu
             figures = node.figures
+            if node.not_ready and not reason:
+                reason = f"agent not ready: {node.not_ready}"
             nodes.append(node)
             seen_nodes.add(report.node)
             built[s.url] = (report, node)

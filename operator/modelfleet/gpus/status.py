@@ -74,9 +74,13 @@ class GpuStatus(_Doc):
     memory_total_mib: int = Field(..., alias="memoryTotalMiB")
     memory_used_mib: int = Field(..., alias="memoryUsedMiB")
     memory_free_mib: int = Field(..., alias="memoryFreeMiB")
-    utilization_percent: float
+    utilization_percent: float | None = Field(None, description="Null when unreadable.")
     healthy: bool
     reason: str = ""
+    stale: bool = Field(
+        False, description="Its agent could not read it: not placed on, not unhealthy."
+    )
+    stale_reason: str = ""
     free: bool
     pods: list[str] = Field(default_factory=list, description="namespace/name of its pods.")
 
@@ -86,6 +90,9 @@ class NodeStatus(FiguresStatus):
     endpoint: str
     state: Literal["healthy", "degraded"]
     sampled_at: datetime
+    not_ready: str = Field(
+        "", description="Why its agent cannot read the GPUs (NVML down); empty when it can."
+    )
     gpus: list[GpuStatus]
 
 
@@ -154,6 +161,7 @@ def _node(n: PoolNode) -> NodeStatus:
         endpoint=n.endpoint,
         state=n.state.value,
         sampled_at=n.sampled_at,
+        not_ready=n.not_ready,
         gpus=[
             GpuStatus(
                 gpu_id=g.gpu_id,
@@ -166,6 +174,8 @@ def _node(n: PoolNode) -> NodeStatus:
                 utilization_percent=g.utilization_percent,
                 healthy=g.healthy,
                 reason=g.reason,
+                stale=g.stale,
+                stale_reason=g.stale_reason,
                 free=g.free,
                 pods=[f"{p.namespace}/{p.name}" for p in g.pods],
             )

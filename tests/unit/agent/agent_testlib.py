@@ -25,6 +25,7 @@ class FakeNVMLError(Exception):
         9: "Driver Not Loaded",
         10: "Timeout",
         15: "GPU is lost",
+        16: "GPU requires reset",
         999: "Unknown Error",
     }
 
@@ -47,6 +48,8 @@ class FakeGpu:
     power_mw: int = 70000
     fail_with: int | None = None  # error code every call on this GPU raises
     fail_temperature_with: int | None = None
+    # "utilization", "power", "memory" -> the error code that reading raises
+    fail_fields: dict[str, int] = field(default_factory=dict)
     mig_uuids: list[str] = field(default_factory=list)  # non-empty: MIG mode on, these devices
 
 
@@ -77,6 +80,7 @@ class FakeNvml:
     gpus: list[FakeGpu] = field(default_factory=list)
     init_error: int | None = None
     count_error: int | None = None
+    fail_all: int | None = None  # every call but nvmlShutdown raises this (NVML down)
     events_supported: bool = True
     events: queue.Queue[FakeEvent] = field(default_factory=queue.Queue)
     calls: list[str] = field(default_factory=list)
@@ -93,7 +97,28 @@ class FakeNvml:
         return mod
 
     def _functions(self) -> dict[str, Callable[..., Any]]:
+        return {
+            name: (fn if name == "nvmlShutdown" else self._guarded(fn))
+            for name, fn in self._plain_functions().items()
+        }
+
+    def _guarded(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            if self.fail_all is not None:
+                raise FakeNVMLError(self.fail_all)
+            return fn(*args)
+
+        return call
+
+    def _field(self, handle: int, name: str) -> FakeGpu:
+        g = self._gpu(handle)
+        if name in g.fail_fields:
+            raise FakeNVMLError(g.fail_fields[name])
+        return g
+
+    def _plain_functions(self) -> dict[str, Callable[..., Any]]:
         gpu = self._gpu
+        fld = self._field
         return {
             "nvmlInit": self._init,
             "nvmlShutdown": self._shutdown,
@@ -108,15 +133,15 @@ class FakeNvml:
             "nvmlDeviceGetMigDeviceHandleByIndex": self._mig_device_handle,
             "nvmlDeviceGetName": lambda h: gpu(h).name.encode(),
             "nvmlDeviceGetMemoryInfo": lambda h: types.SimpleNamespace(
-                total=gpu(h).total_mib * MIB,
+                total=fld(h, "memory").total_mib * MIB,
                 used=gpu(h).used_mib * MIB,
                 free=(gpu(h).total_mib - gpu(h).used_mib) * MIB,
             ),
             "nvmlDeviceGetUtilizationRates": lambda h: types.SimpleNamespace(
-                gpu=gpu(h).util, memory=0
+                gpu=fld(h, "utilization").util, memory=0
             ),
             "nvmlDeviceGetTemperature": self._temperature,
-            "nvmlDeviceGetPowerUsage": lambda h: gpu(h).power_mw,
+            "nvmlDeviceGetPowerUsage": lambda h: fld(h, "power").power_mw,
             "nvmlEventSetCreate": lambda: object(),
             "nvmlDeviceGetSupportedEventTypes": self._supported_event_types,
             "nvmlDeviceRegisterEvents": lambda h, types_, s: None,

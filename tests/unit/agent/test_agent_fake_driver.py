@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from kubelet_testlib import FakeKubelet
 
+from modelfleet.agent import nvml as nvml_module
 from modelfleet.agent.app import build_attribution, build_backend
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.nvml import NvmlBackend, NvmlStartError
@@ -180,3 +181,49 @@ def test_pod_attribution_is_on_for_the_fake_driver(driver: DriverDir, kubelet: F
     attribution = build_attribution(settings_for(driver, kubelet), AgentMetrics())
     assert attribution is not None
     assert attribution.socket_path == kubelet.socket_path
+
+
+async def test_nvml_field_fault_leaves_the_reading_null(
+    driver: DriverDir, kubelet: FakeKubelet
+) -> None:
+    backend, state = await sample(driver, kubelet)
+    try:
+        driver.set_nvml_fault(UUIDS[2], "power", "UNKNOWN")
+        driver.set_nvml_fault(UUIDS[2], "utilization", "NOT_SUPPORTED")
+        assert await poll_once(backend, state)
+        gpu = report(state).gpus[2]
+        assert gpu.power_w is None
+        assert gpu.utilization_percent is None
+        assert gpu.temperature_c is not None
+        assert gpu.health.healthy
+        assert not gpu.stale
+        driver.set_nvml_fault(UUIDS[2], "memory", "UNKNOWN")
+        assert await poll_once(backend, state)
+        assert report(state).gpus[2].stale
+        assert report(state).gpus[2].health.healthy
+        driver.clear_nvml_faults()
+        assert await poll_once(backend, state)
+        assert report(state).gpus[2].power_w is not None
+    finally:
+        await backend.close()
+
+
+async def test_nvml_failing_wholesale_is_not_ready_then_recovers(
+    driver: DriverDir, kubelet: FakeKubelet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nvml_module, "REINIT_BACKOFF_S", 0.0)
+    backend, state = await sample(driver, kubelet)
+    try:
+        driver.set_nvml_fault_all("UNKNOWN")
+        assert not await poll_once(backend, state)
+        down = report(state)
+        assert not down.ready
+        assert "Unknown Error" in down.reason
+        assert all(g.stale and g.health.healthy for g in down.gpus)
+        assert not await poll_once(backend, state)  # nvmlInit fails too
+        driver.clear_nvml_faults()
+        assert await poll_once(backend, state)
+        assert report(state).ready
+        assert all(not g.stale for g in report(state).gpus)
+    finally:
+        await backend.close()

@@ -26,6 +26,7 @@ from modelfleet.agent.podresources import (
     build_pods_by_device,
     compute_gpu_pods,
     parse_list_response,
+    unknown_device_ids,
 )
 from modelfleet.api.gpustats import GpuReport, PodRef
 from modelfleet.settings import AgentSettings
@@ -92,6 +93,21 @@ def test_build_pods_by_device_keeps_gpu_and_mig_resources_only() -> None:
         ("1:0", 1),  # a MIG device by index: <gpu>:<mig>
         ("GPU-unknown", None),  # a GPU this agent cannot see
         ("x:1", None),
+        # time-slicing and MPS: every device is handed out as replicas <id>::<n>
+        ("GPU-bbbb::0", 1),
+        ("GPU-aaaa::7", 0),
+        ("1::3", 1),  # index strategy
+        ("MIG-1111::2", 1),  # a time-sliced MIG device
+        ("1:0::1", 1),
+        ("GPU-unknown::0", None),
+        # MIG devices as drivers before R470 name them: parent GPU UUID / GI / CI
+        ("MIG-GPU-bbbb/7/0", 1),
+        ("MIG-GPU-aaaa/1/0::1", 0),
+        ("MIG-GPU-unknown/1/0", None),
+        # not a device ID of the NVIDIA plugin
+        ("GPU-aaaa:::1", None),
+        ("::1", None),
+        ("", None),
     ],
 )
 def test_compute_gpu_pods(device_id: str, expected_index: int | None) -> None:
@@ -104,6 +120,21 @@ def test_compute_gpu_pods_merges_devices_of_one_gpu() -> None:
     index_of = {"MIG-1": 0, "MIG-2": 0}
     got = compute_gpu_pods({"MIG-1": [GEMMA], "MIG-2": [LLAMA, GEMMA]}, index_of)
     assert got == {0: [GEMMA, LLAMA]}
+
+
+def test_time_sliced_replicas_of_one_gpu_count_once_per_pod() -> None:
+    # Two pods time-slice GPU 0; one of them holds two of its replicas.
+    index_of = {"GPU-aaaa": 0, "GPU-bbbb": 1}
+    got = compute_gpu_pods(
+        {"GPU-aaaa::0": [GEMMA], "GPU-aaaa::1": [GEMMA], "GPU-aaaa::2": [LLAMA]}, index_of
+    )
+    assert got == {0: [GEMMA, LLAMA]}
+
+
+def test_only_unresolvable_ids_ask_for_a_mig_scan() -> None:
+    index_of = {"GPU-aaaa": 0}
+    ids = ["GPU-aaaa::1", "0::2", "MIG-GPU-aaaa/1/0", "MIG-new", "MIG-new::1"]
+    assert unknown_device_ids(ids, index_of) == ["MIG-new", "MIG-new::1"]
 
 
 # --- the real gRPC server ---------------------------------------------------------------------

@@ -9,14 +9,16 @@ import pytest
 from controller_helpers import T0, FreeGpus, facts, make_md, pod, report, snapshot
 
 from modelfleet import placement as P
-from modelfleet.api.gpustats import PodRef
+from modelfleet.api.gpustats import GpuReport, PodRef
 from modelfleet.controller.decisions import Evict, Placed, PlacementRequest, Unplaceable
 from modelfleet.controller.inputs import (
     build_placer,
     compute_agent_missing_since,
+    compute_gpu_used_mib,
     compute_missing_agent_grace_s,
     compute_node_health,
 )
+from modelfleet.controller.plan import compute_failure
 
 
 def request(md_name: str = "gemma", n: int = 1, **spec: object) -> PlacementRequest:
@@ -159,3 +161,48 @@ def test_node_health_agent_missing_after_the_grace(
 def test_missing_agent_grace_is_at_least_three_poll_intervals() -> None:
     assert compute_missing_agent_grace_s(60.0, 5.0) == 60.0
     assert compute_missing_agent_grace_s(2.0, 5.0) == 15.0
+
+
+def _with_gpus(r: GpuReport, **update: object) -> GpuReport:
+    return r.model_copy(update=update)
+
+
+def test_stale_gpu_takes_no_replica_and_loses_none() -> None:
+    # The agent could not read a:0's memory: not a measurement, not a fault.
+    r = report("a", 2)
+    stale = r.gpus[0].model_copy(update={"stale": True, "stale_reason": "NVML: Unknown Error"})
+    snap = snapshot(_with_gpus(r, gpus=[stale, r.gpus[1]]))
+    placer = build_placer(facts("a"), [], {}, snap, P.PlacementSettings())
+    decision = placer(request())
+    assert isinstance(decision, Placed)
+    assert decision.gpu_ids == ("a:1",)
+    assert isinstance(placer(request(n=2)), Unplaceable)
+    health = compute_node_health(facts("a"), snap)
+    assert health["a"].unhealthy_gpus == frozenset()
+    on_stale = pod(1, deployment="other", node="a", gpus=("a:0",))
+    assert compute_failure(on_stale, health, any_agent_up=True) is None
+    assert compute_gpu_used_mib(snap) == {"a:1": 0}  # no footprint from a stale GPU
+
+
+def test_agent_not_ready_node_takes_no_replica_and_loses_none() -> None:
+    # NVML down on node a (e.g. after a daemon-reload): the agent answers, says so, and marks
+    # every GPU stale; node b is fine.
+    r = report("a", 2)
+    why = "NVML does not answer (Unknown Error (NVML_ERROR_UNKNOWN))"
+    gpus = [g.model_copy(update={"stale": True, "stale_reason": why}) for g in r.gpus]
+    snap = snapshot(_with_gpus(r, ready=False, reason=why, gpus=gpus), report("b", 1))
+    endpoint = next(e for e in snap.endpoints if e.node == "a")
+    assert endpoint.reason == f"agent not ready: {why}"
+    assert snap.node("a") is not None
+    assert snap.node("a").not_ready == why  # type: ignore[union-attr]
+    health = compute_node_health(facts("a", "b"), snap)
+    assert health["a"].agent_up
+    assert health["a"].unhealthy_gpus == frozenset()
+    on_a = pod(1, deployment="other", node="a", gpus=("a:0",))
+    assert compute_failure(on_a, health, any_agent_up=True) is None
+    placer = build_placer(facts("a", "b"), [], {}, snap, P.PlacementSettings())
+    first = placer(request())
+    assert isinstance(first, Placed)
+    assert first.gpu_ids == ("b:0",)
+    second = placer(request(n=2))
+    assert isinstance(second, Unplaceable)

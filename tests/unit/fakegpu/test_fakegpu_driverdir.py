@@ -13,6 +13,7 @@ from modelfleet.cli import main
 from modelfleet.fakegpu.driverdir import (
     DriverDir,
     DriverDirError,
+    NvmlFaults,
     build_holder_name,
     parse_visible_devices,
 )
@@ -168,3 +169,61 @@ def test_cli_init_refuses_a_bad_node_name(
     args = ["--dir", str(tmp_path), "--node", "Bad_Node", "--count", "1"]
     assert main(["sim-gpu-driver", "init", *args, "--memory-mib", "1", "--product", "P"]) == 2
     assert "not a DNS subdomain" in capsys.readouterr().err
+
+
+def test_nvml_faults_round_trip_and_clear(tmp_path: Path) -> None:
+    driver = init(tmp_path)
+    a, b = simulated_uuid(NODE, 0), simulated_uuid(NODE, 1)
+    assert driver.read_nvml_faults() == NvmlFaults()
+    driver.set_nvml_fault(a, "power", "NOT_SUPPORTED")
+    driver.set_nvml_fault(b, "memory", "UNKNOWN")
+    driver.set_nvml_fault_all("UNKNOWN")
+    faults = driver.read_nvml_faults()
+    assert faults.all == "UNKNOWN"
+    assert faults.error_for(a, "power") == "NOT_SUPPORTED"
+    assert faults.error_for(a, "memory") is None
+    driver.set_nvml_fault_all(None)
+    driver.set_nvml_fault(a, "power", None)
+    assert driver.read_nvml_faults() == NvmlFaults(gpus={b: {"memory": "UNKNOWN"}})
+    driver.clear_nvml_faults(b)
+    # No fault left: no file, which is the format before faults existed.
+    assert not driver.nvml_faults_path.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[", "not valid JSON"),
+        ('{"all": "BROKEN"}', "'BROKEN' is not one of"),
+        ('{"gpus": {"GPU-x": {"clocks": "UNKNOWN"}}}', "not a reading"),
+        ('{"gpus": []}', "expected an object of GPU UUIDs"),
+    ],
+)
+def test_malformed_nvml_faults_name_the_problem(tmp_path: Path, text: str, words: str) -> None:
+    driver = init(tmp_path)
+    driver.nvml_faults_path.write_text(text)
+    with pytest.raises(DriverDirError, match=words):
+        driver.read_nvml_faults()
+
+
+def test_cli_set_fault(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    driver = init(tmp_path, 4)
+    d = str(driver.path)
+    uuid1 = simulated_uuid(NODE, 1)
+    fault = ["sim-gpu-driver", "set-fault", "--dir", d]
+    assert main([*fault, "--gpu", "1", "--field", "power", "--error", "UNKNOWN"]) == 0
+    assert capsys.readouterr().out == f"{uuid1} power: NVML_ERROR_UNKNOWN\n"
+    assert main([*fault, "--all", "UNKNOWN"]) == 0
+    assert driver.read_nvml_faults().all == "UNKNOWN"
+    assert main([*fault, "--gpu", uuid1, "--field", "power", "--clear"]) == 0
+    assert capsys.readouterr().out.endswith("every NVML call: NVML_ERROR_UNKNOWN\n")
+    assert main([*fault, "--clear"]) == 0
+    assert capsys.readouterr().out == "no NVML faults\n"
+    assert not driver.nvml_faults_path.exists()
+    # Half a fault is refused with a plain message.
+    assert main([*fault, "--gpu", "1", "--field", "power"]) == 2
+    assert "--gpu needs --field and --error" in capsys.readouterr().err
+    assert main([*fault, "--all", "UNKNOWN", "--gpu", "1"]) == 2
+    assert "--all stands alone" in capsys.readouterr().err
+    assert main([*fault, "--gpu", "9", "--clear"]) == 2
+    assert "no GPU '9'" in capsys.readouterr().err

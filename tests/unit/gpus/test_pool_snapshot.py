@@ -250,3 +250,28 @@ def test_a_new_report_object_is_rebuilt() -> None:
     )
     assert after.gpus["node-a:1"].memory_used_mib == 900
     assert after.totals.figures.memory_used_mib == 900
+
+
+def test_stale_gpu_is_not_free_and_not_unhealthy() -> None:
+    report = make_report("node-a", 2, 1000, [0, 0])
+    stale = report.gpus[0].model_copy(update={"stale": True, "stale_reason": "Unknown Error"})
+    report = report.model_copy(update={"gpus": [stale, report.gpus[1]]})
+    snap = build_snapshot([sample("http://a:1", "node-a", report=report)], taken_at=T)
+    f = snap.totals.figures
+    assert (f.gpus_total, f.gpus_healthy, f.gpus_free) == (2, 2, 1)
+    gpu = snap.gpus["node-a:0"]
+    assert gpu.stale
+    assert gpu.stale_reason == "Unknown Error"
+    assert gpu.utilization_percent is None  # unread, not zero
+
+
+def test_agent_not_ready_is_said_on_its_node_and_endpoint() -> None:
+    report = make_report("node-a", 1, 1000, [0]).model_copy(
+        update={"ready": False, "reason": "NVML does not answer"}
+    )
+    snap = build_snapshot([sample("http://a:1", "node-a", report=report)], taken_at=T)
+    node = snap.node("node-a")
+    assert node is not None
+    assert node.not_ready == "NVML does not answer"
+    assert snap.endpoints[0].reason == "agent not ready: NVML does not answer"
+    assert snap.endpoints[0].included  # still heard from: its replicas stay where they are
