@@ -91,6 +91,17 @@ class RealNodes:
     async def restart_kubelet(self, node: str) -> None:
         await self.realnodes("restart-kubelet", node)
 
+    async def set_nvml_fault(self, node: str, *args: str) -> None:
+        """`modelfleet sim-gpu-driver set-fault` on the node's fake driver (see its --help)."""
+        await self._driver("set-fault", node, *args)
+
+    async def _driver(self, command: str, node: str, *args: str) -> None:
+        cli = str(Path(sys.executable).with_name("modelfleet"))
+        gpu_dir = str(self.node_dir(node) / "gpu")
+        cmd = [cli, "sim-gpu-driver", command, "--dir", gpu_dir, *args]
+        done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
     async def set_gpu_health(self, node: str, gpu: int, unhealthy: str | None) -> None:
         health = ["--unhealthy", unhealthy] if unhealthy else ["--healthy"]
         cli = str(Path(sys.executable).with_name("modelfleet"))

@@ -480,6 +480,152 @@ async def test_status_and_placement_follow_the_gpus_the_node_assigned(
         record.unlink(missing_ok=True)
 
 
+def pinned_to(node: str) -> dict[str, Any]:
+    return {
+        "nodeSelector": {**REAL_NODE_SELECTOR, "kubernetes.io/hostname": node},
+        "tolerations": [GPU_TOLERATION],
+    }
+
+
+async def replica_uids(kube: KubeClient, namespace: str, deployment: str) -> set[str]:
+    return {p["metadata"]["uid"] for p in await replica_pods(kube, namespace, deployment)}
+
+
+async def test_nvml_faults_are_not_gpu_faults(
+    kube: KubeClient,
+    namespace: str,
+    real_nodes: RealNodes,
+    agents: dict[str, str],
+    operators: Operators,
+) -> None:
+    """A sensor NVML cannot read is a monitoring fault: the replica stays. NVML failing as a
+    whole (what a `systemctl daemon-reload` does to a GPU host) makes the node's stats unknown:
+    no new replica goes there, and none is replaced for it."""
+    operator = operators.start()
+    engine = {"image": real_nodes.vllm_sim_image}
+    steady = md("steady", gpu={"count": 1}, placement=pinned_to("real-1"), engine=engine)
+    await kube.create(md_path(namespace), steady)
+    await wait_ready(kube, namespace, "steady", 1, deadline_s=90)
+    before = await replica_uids(kube, namespace, "steady")
+    try:
+        for gpu in ("0", "1"):
+            await real_nodes.set_nvml_fault(
+                "real-1", "--gpu", gpu, "--field", "power", "--error", "UNKNOWN"
+            )
+            await real_nodes.set_nvml_fault(
+                "real-1", "--gpu", gpu, "--field", "utilization", "--error", "NOT_SUPPORTED"
+            )
+
+        async def nulls() -> bool:
+            gpus = await agent_gpus(agents["real-1"])
+            return all(g.get("powerW") is None and g["health"]["healthy"] for g in gpus)
+
+        await wait_for(nulls, 30, interval=0.5, what="null power readings on healthy GPUs")
+        await asyncio.sleep(5)  # five operator passes (MODELFLEET_POLL_INTERVAL_S=1)
+        assert await replica_uids(kube, namespace, "steady") == before
+
+        await real_nodes.set_nvml_fault("real-1", "--clear")
+        await real_nodes.set_nvml_fault("real-1", "--all", "UNKNOWN")
+
+        async def not_ready() -> bool:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+                http.get(f"{agents['real-1']}/v1/gpus") as resp,
+            ):
+                body = await resp.json()
+            return body.get("ready") is False
+
+        await wait_for(not_ready, 30, interval=0.5, what="the agent to report NVML down")
+
+        async def operator_knows() -> bool:
+            # The operator's pool has sampled it (its status document shows the node not ready).
+            url = f"http://127.0.0.1:{operator.metrics_port}/status"
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+                http.get(url) as resp,
+            ):
+                body = await resp.json()
+            nodes = (body.get("pool") or body).get("nodes") or []
+            return any(n["name"] == "real-1" and n.get("notReady") for n in nodes)
+
+        await wait_for(operator_knows, 30, interval=0.5, what="the operator to see NVML down")
+        # A second replica may only go to real-1, whose stats are unknown now: it waits.
+        await kube.patch(md_path(namespace, "steady"), {"spec": {"replicas": 2}})
+
+        async def waiting() -> str | None:
+            obj = await kube.get(md_path(namespace, "steady"))
+            for cond in (obj.get("status") or {}).get("conditions") or []:
+                if cond.get("reason") in ("WaitingForStats", "NoMatchingNode"):
+                    return str(cond["message"])
+            return None
+
+        await wait_for(waiting, 30, interval=0.5, what="the second replica to wait")
+        await asyncio.sleep(5)
+        assert await replica_uids(kube, namespace, "steady") == before
+    finally:
+        await real_nodes.set_nvml_fault("real-1", "--clear")
+    # NVML comes back (the agent starts it again with backoff), and so does placement.
+    await wait_ready(kube, namespace, "steady", 2, deadline_s=90)
+    assert before <= await replica_uids(kube, namespace, "steady")
+
+
+async def test_an_unhealthy_gpu_replaces_the_replica_that_really_uses_it(
+    kube: KubeClient,
+    namespace: str,
+    real_nodes: RealNodes,
+    agents: dict[str, str],
+    operators: Operators,
+) -> None:
+    """`moved` is planned on real-1:1 but the device manager gives it real-1:0 (memory in use
+    there keeps placement away; the kubelet does not look at memory); `other` then gets real-1:1.
+    When real-1:0 fails, `moved` is replaced, and `other`, whose plan named the same GPU as
+    `moved`'s, is not."""
+    (gpu0, _) = real_nodes.inventory("real-1")
+    record = real_nodes.node_dir("real-1") / "gpu" / "memory" / gpu0["uuid"] / "squatter.json"
+    record.write_text(
+        json.dumps({"holder": "squatter", "memoryMib": 1000, "expiresAt": time.time() + 3600})
+    )
+    engine = {"image": real_nodes.vllm_sim_image}
+    try:
+
+        async def measured() -> bool:
+            gpus = await agent_gpus(agents["real-1"])
+            return any(g["index"] == 0 and g["memoryUsedMib"] == 1000 for g in gpus)
+
+        await wait_for(measured, 30, interval=0.5, what="the agent to measure the squatter")
+        operators.start()
+        moved = md("moved", gpu={"count": 1}, placement=pinned_to("real-1"), engine=engine)
+        await kube.create(md_path(namespace), moved)
+        await wait_ready(kube, namespace, "moved", 1, deadline_s=90)
+    finally:
+        record.unlink()
+    other = md("other", gpu={"count": 1}, placement=pinned_to("real-1"), engine=engine)
+    await kube.create(md_path(namespace), other)
+    await wait_ready(kube, namespace, "other", 1, deadline_s=90)
+
+    async def gpus_of(name: str) -> tuple[list[str], list[str]]:
+        obj = await kube.get(md_path(namespace, name))
+        (inst,) = obj["status"]["instances"]
+        return inst["gpus"], inst.get("plannedGpus", [])
+
+    assert await gpus_of("moved") == (["real-1:0"], ["real-1:1"])
+    assert (await gpus_of("other"))[0] == ["real-1:1"]
+    moved_uids = await replica_uids(kube, namespace, "moved")
+    other_uids = await replica_uids(kube, namespace, "other")
+    await real_nodes.set_gpu_health("real-1", 0, "XID 79: GPU has fallen off the bus")
+    try:
+
+        async def replaced() -> bool:
+            return not (moved_uids & await replica_uids(kube, namespace, "moved"))
+
+        await wait_for(replaced, 60, interval=0.5, what="the replica on the failed GPU to go")
+        events = await events_of(kube, namespace, "moved")
+        assert any(e["reason"] == "GpuUnhealthy" for e in events), [e["reason"] for e in events]
+        assert await replica_uids(kube, namespace, "other") == other_uids
+    finally:
+        await real_nodes.set_gpu_health("real-1", 0, None)
+
+
 async def phase_is(kube: KubeClient, namespace: str, name: str, phase: str) -> bool:
     obj = await get_pod(kube, namespace, name)
     return bool(obj.get("status", {}).get("phase") == phase)
