@@ -457,6 +457,14 @@ async def test_status_and_placement_follow_the_gpus_the_node_assigned(
 
         instance = await wait_for(followed, 30, interval=0.5, what="status to follow the node")
         assert instance["plannedGpus"] == ["real-1:1"], instance
+
+        async def recorded() -> dict[str, str] | None:
+            (pod,) = await replica_pods(kube, namespace, "excl")
+            ann = pod["metadata"]["annotations"]
+            return ann if ann.get("modelfleet.io/assigned-gpus") == "real-1:0" else None
+
+        ann = await wait_for(recorded, 30, interval=0.5, what="the Pod to record the node's GPUs")
+        assert ann["modelfleet.io/gpus"] == "real-1:1"  # the plan stays on the Pod too
         events = await events_of(kube, namespace, "excl")
         assigned = [e for e in events if e["reason"] == "GpusAssigned"]
         assert assigned, [e["reason"] for e in events]

@@ -22,6 +22,9 @@ MANAGED_BY_OPERATOR = "modelfleet-operator"  # value of LABEL_MANAGED_BY on repl
 # Annotations on replica Pods, written once at creation by the operator.
 ANN_GPUS = f"{PREFIX}/gpus"  # comma-separated global GPU IDs, e.g. "gpu-node-a:0,gpu-node-a:1"
 ANN_GPU_UUIDS = f"{PREFIX}/gpu-uuids"  # comma-separated UUIDs, same order as ANN_GPUS
+# The GPUs the node assigned (its device manager, as the agent reads pod-resources), written by
+# the operator once an agent reports them; ANN_GPUS stays what placement planned.
+ANN_ASSIGNED_GPUS = f"{PREFIX}/assigned-gpus"
 ANN_FOOTPRINT_MIB = f"{PREFIX}/footprint-mib"  # GPU memory promised per GPU, MiB ("" = whole GPU)
 ANN_SHARING = f"{PREFIX}/sharing"  # Exclusive or Shared
 ANN_PLACEMENT_REASON = f"{PREFIX}/placement-reason"  # the placement engine's reason, for people

@@ -8,10 +8,11 @@
    Pods are deleted;
 2. the Pods to create, concurrently;
 3. the Pods to delete;
-4. the deployment's annotations;
-5. the Service (when asked: create, resume and the periodic re-check);
-6. the Events;
-7. the status, last, and only when it changed.
+4. on replica Pods, the GPUs their node assigned (`modelfleet.io/assigned-gpus`);
+5. the deployment's annotations;
+6. the Service (when asked: create, resume and the periodic re-check);
+7. the Events;
+8. the status, last, and only when it changed.
 
 Every function is idempotent, so a reconcile that dies half way and runs again converges: a Pod
 that already exists and is ours counts as created, a Pod already gone counts as deleted.
@@ -34,7 +35,7 @@ from modelfleet.api.times import format_time
 from modelfleet.controller.decisions import Victim
 from modelfleet.controller.inflight import InFlight
 from modelfleet.controller.observed import parse_service
-from modelfleet.controller.plan import EventSpec, Plan, PodToCreate, Reason
+from modelfleet.controller.plan import AssignmentRecord, EventSpec, Plan, PodToCreate, Reason
 from modelfleet.controller.reservations import Reservation, format_reservation
 from modelfleet.controller.status import dump_status, status_changed
 from modelfleet.kube.client import ApiError, KubeClient
@@ -125,6 +126,21 @@ async def apply_eviction(
         victim_md = None
     await delete_pod(client, victim.namespace, victim.pod, force=False, uid=uid)
     return victim_md
+
+
+async def apply_assignment(client: KubeClient, record: AssignmentRecord) -> None:
+    """Record the GPUs a replica's node assigned on its Pod; a Pod already gone is fine."""
+    patch = {
+        "metadata": {
+            "uid": record.uid,  # this incarnation only: the API answers 409 for a new one
+            "annotations": {L.ANN_ASSIGNED_GPUS: ",".join(record.gpus)},
+        }
+    }
+    try:
+        await client.patch(pods_path(record.namespace, record.name), patch)
+    except ApiError as exc:
+        if not (exc.not_found or exc.status == 409):
+            raise
 
 
 async def apply_annotations(
@@ -303,6 +319,8 @@ async def execute(
         await delete_pod(client, gone.namespace, gone.name, force=gone.force, uid=gone.uid)
         inflight.record_deleted(gone.namespace, gone.name, gone.uid)
         done.deleted.append(gone.name)
+    for record in plan.assignments:
+        await apply_assignment(client, record)
     if plan.annotations:
         await apply_annotations(client, md, plan.annotations)
     if service is not None:

@@ -83,9 +83,11 @@ class ObservedPod:
     owner_uid: str = ""
     reason: str = ""  # the Pod's status.reason, e.g. UnexpectedAdmissionError
     message: str = ""  # the Pod's status.message
-    # The GPUs the node says it holds (the agents read the kubelet's pod-resources API); empty
-    # until an agent reports it, and for Shared replicas, which request no device.
+    # The GPUs the node says it holds (the agents read the kubelet's pod-resources API), or, while
+    # no agent reports it, what the operator recorded of that on the Pod; empty until known, and
+    # for Shared replicas, which request no device.
     assigned_gpus: tuple[str, ...] = ()
+    recorded_assigned: tuple[str, ...] = ()  # the Pod's ANN_ASSIGNED_GPUS
 
     @property
     def gpus(self) -> tuple[str, ...]:
@@ -166,6 +168,8 @@ def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
         owner_uid=owner_uid,
         reason=str(status.get("reason") or ""),
         message=str(status.get("message") or ""),
+        assigned_gpus=_split(ann.get(L.ANN_ASSIGNED_GPUS)),
+        recorded_assigned=_split(ann.get(L.ANN_ASSIGNED_GPUS)),
     )
 
 
@@ -276,9 +280,19 @@ def parse_service(svc: Mapping[str, Any]) -> dict[str, Any]:
 def with_assigned_gpus(
     pods: Iterable[ObservedPod], assigned: Mapping[tuple[str, str], tuple[str, ...]]
 ) -> list[ObservedPod]:
-    """`pods` with the GPUs the nodes report for them (namespace, name -> global GPU IDs)."""
+    """`pods` with the GPUs the nodes report for them (namespace, name -> global GPU IDs); a pod
+    no agent reports keeps what was recorded on it."""
     out = []
     for pod in pods:
-        gpus = assigned.get(pod.key, ())
+        gpus = assigned.get(pod.key) or pod.recorded_assigned
         out.append(replace(pod, assigned_gpus=gpus) if gpus != pod.assigned_gpus else pod)
     return out
+
+
+def compute_assignment_records(pods: Iterable[ObservedPod]) -> list[ObservedPod]:
+    """Replicas whose assigned GPUs are known but not (or differently) recorded on the Pod."""
+    return [
+        p
+        for p in pods
+        if p.assigned_gpus and p.assigned_gpus != p.recorded_assigned and not p.deleting
+    ]

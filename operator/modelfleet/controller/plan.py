@@ -95,6 +95,17 @@ class PodToDelete:
 
 
 @dataclass(frozen=True, slots=True)
+class AssignmentRecord:
+    """Write on a replica Pod the GPUs its node assigned (the node's word, kept across agent
+    outages and operator restarts)."""
+
+    namespace: str
+    name: str
+    uid: str
+    gpus: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class EventSpec:
     """A core/v1 Event about a ModelDeployment (this one, or an eviction victim)."""
 
@@ -150,6 +161,8 @@ class Plan:
     rolling: bool = False
     # Annotations to set (str) or remove (None) on this ModelDeployment.
     annotations: dict[str, str | None] = field(default_factory=dict)
+    # Replica Pods to record the GPUs their node assigned on (ANN_ASSIGNED_GPUS).
+    assignments: list[AssignmentRecord] = field(default_factory=list)
 
     @property
     def victims(self) -> list[Victim]:
@@ -158,7 +171,9 @@ class Plan:
 
     @property
     def empty(self) -> bool:
-        return not (self.to_create or self.to_delete or self.victims or self.annotations)
+        return not (
+            self.to_create or self.to_delete or self.victims or self.annotations or self.assignments
+        )
 
 
 def compute_last_use(md: ModelDeployment) -> datetime | None:

@@ -33,8 +33,9 @@ from modelfleet.controller.decisions import Decision, Evict, Placed
 from modelfleet.controller.execute import Executed, ServiceWanted, apply_invalid, execute
 from modelfleet.controller.inflight import Key
 from modelfleet.controller.metrics import OperatorMetrics
+from modelfleet.controller.observed import compute_assignment_records
 from modelfleet.controller.place import compute_eviction_mark, place
-from modelfleet.controller.plan import EventSpec, Plan, Reason, compute_plan
+from modelfleet.controller.plan import AssignmentRecord, EventSpec, Plan, Reason, compute_plan
 from modelfleet.controller.runtime import ClusterState, Runtime
 from modelfleet.controller.status import (
     compute_invalid_status,
@@ -118,6 +119,10 @@ async def _reconcile_locked(
     plan = compute_plan(md, pods, rt.node_health(cluster, snapshot, now), now, template_hash)
     plan.events.extend(build_rejection_event(key, r) for r in rejections)
     plan.events.extend(build_assignment_event(key, p) for p in rt.new_assignments(pods))
+    plan.assignments.extend(
+        AssignmentRecord(p.namespace, p.name, p.uid, p.assigned_gpus)
+        for p in compute_assignment_records(pods)
+    )
     if plan.to_place:
         plan = await _place(rt, md, cluster, plan, key)
     measured = None

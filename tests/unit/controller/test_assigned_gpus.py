@@ -9,7 +9,11 @@ from controller_helpers import NOW, make_md, nodes, pod, report, snapshot
 from modelfleet.api.gpustats import PodRef
 from modelfleet.controller import inputs
 from modelfleet.controller.admission import build_assignment_event
-from modelfleet.controller.observed import NodeHealth, with_assigned_gpus
+from modelfleet.controller.observed import (
+    NodeHealth,
+    compute_assignment_records,
+    with_assigned_gpus,
+)
 from modelfleet.controller.plan import FailureKind, Plan, Reason, compute_failure
 from modelfleet.controller.status import compute_status
 
@@ -79,3 +83,15 @@ def test_the_event_says_what_the_node_gave_and_what_was_planned() -> None:
     assert event.message.startswith(
         "node node-a gave gemma-instance-1 GPUs node-a:0 (placement planned node-a:1)"
     )
+
+
+def test_what_the_node_assigned_is_recorded_once_and_survives_an_agent_outage() -> None:
+    planned = pod(1, gpus=("node-a:1",))
+    (live,) = with_assigned_gpus([planned], {planned.key: ("node-a:0",)})
+    assert compute_assignment_records([live]) == [live]  # not recorded yet
+    recorded = replace(live, recorded_assigned=("node-a:0",))
+    assert compute_assignment_records([recorded]) == []
+    # The agent is silent (restart, outage): the recorded word stands.
+    (silent,) = with_assigned_gpus([replace(planned, recorded_assigned=("node-a:0",))], {})
+    assert silent.gpus == ("node-a:0",)
+    assert compute_assignment_records([silent]) == []
