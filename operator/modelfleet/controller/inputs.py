@@ -160,6 +160,7 @@ def build_node_infos(
                 stale=pnode.state == "stale" or bool(pnode.not_ready),
                 reason=reason,
                 rejected=rejected.get(pnode.name, ""),
+                gpu_allocatable=facts.gpu_allocatable,
             )
         )
     return out

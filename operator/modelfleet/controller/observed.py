@@ -15,6 +15,7 @@ from typing import Any
 from modelfleet.api import labels as L
 from modelfleet.api.times import parse_time
 
+GPU = "nvidia.com/gpu"
 _INSTANCE_NAME = re.compile(r"^(?P<deployment>.+)-instance-(?P<n>[1-9][0-9]*)$")
 
 
@@ -216,6 +217,9 @@ class NodeFacts:
     schedulable: bool = True
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[tuple[str, str, str], ...] = ()  # (key, value, effect)
+    # status.allocatable["nvidia.com/gpu"]: the healthy devices the device plugin advertises;
+    # None when the Node does not list the resource (no plugin has registered: unknown).
+    gpu_allocatable: int | None = None
 
 
 def parse_node(node: Mapping[str, Any]) -> NodeFacts:
@@ -231,7 +235,15 @@ def parse_node(node: Mapping[str, Any]) -> NodeFacts:
             (str(t.get("key", "")), str(t.get("value") or ""), str(t.get("effect", "")))
             for t in spec.get("taints") or []
         ),
+        gpu_allocatable=_count(((node.get("status") or {}).get("allocatable") or {}).get(GPU)),
     )
+
+
+def _count(value: Any) -> int | None:
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
 
 
 def compute_last_use_time(

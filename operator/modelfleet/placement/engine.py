@@ -405,10 +405,17 @@ def _no_fit(
             if g.info.healthy and g.used_elsewhere
         ]
         used = f"; {len(elsewhere)} in use outside modelfleet ({_examples(elsewhere)})"
+        capped = [
+            f"{n.info.name} allocates {n.info.gpu_allocatable}"
+            for n, _ in nodes
+            if n.info.gpu_allocatable is not None
+            and n.whole_free < sum(1 for g in n.gpus if g.free_whole)
+        ]
+        plugin = f"; the device plugin advertises fewer GPUs ({_examples(capped)})"
         text = (
             f"needs {count} free {what}{'s' if count > 1 else ''} on one node; the largest free "
-            f"block is {best.whole_free}, on {best.info.name}{used if elsewhere else ''}; "
-            f"{blocked}"
+            f"block is {best.whole_free}, on {best.info.name}{used if elsewhere else ''}"
+            f"{plugin if capped else ''}; {blocked}"
         )
     return Unplaceable(UnplaceableCode.NO_CAPACITY, text)
 

@@ -120,6 +120,8 @@ class NodeInfo:
     reason: str = ""  # why it is unhealthy or stale
     # Why no replica may go there for now: its kubelet rejected one at admission (backoff).
     rejected: str = ""
+    # nvidia.com/gpu the node allocates (healthy devices of its device plugin); None: unknown.
+    gpu_allocatable: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

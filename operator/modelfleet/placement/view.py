@@ -209,6 +209,10 @@ def build_node_state(
             if g.memory_total_mib > 0:
                 free_equiv += max(available, 0) / g.memory_total_mib
     avail.sort(reverse=True)
+    if info.gpu_allocatable is not None:
+        # The kubelet admits no more devices than its plugin advertises, minus those held.
+        held_devices = sum(1 for st in gpus if st.holders or st.info.foreign_pods)
+        free_whole = max(min(free_whole, info.gpu_allocatable - held_devices), 0)
     solo_whole, solo_shared = _solo_victims(gpus, margin_mib)
     avail_any.sort(reverse=True)
     return NodeState(

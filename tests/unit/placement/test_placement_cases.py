@@ -311,6 +311,21 @@ def test_memory_in_use_with_no_replica_keeps_an_exclusive_replica_away() -> None
     assert placed(decide(view, req())).gpu_ids == ("a:0",)
 
 
+def test_a_node_allocates_no_more_gpus_than_its_device_plugin_advertises() -> None:
+    # The agent sees 4 healthy GPUs, but the kubelet allocates 2 (say, right after a restart
+    # only 2 devices are back, or the plugin marks 2 unhealthy): a 3-GPU replica does not fit.
+    view = build_view([node("a", 4, gpu_allocatable=2)], [], SETTINGS)
+    d = unplaceable(decide(view, req(gpu_count=3)), UnplaceableCode.NO_CAPACITY)
+    assert "the largest free block is 2, on a" in d.reason
+    assert "the device plugin advertises fewer GPUs (a allocates 2)" in d.reason
+    assert placed(decide(view, req(gpu_count=2))).node == "a"
+    # What our replicas already hold comes off the allocatable count too: two more GPUs take
+    # evicting the one replica there, although three GPUs look free.
+    held = rep("old", 1, "a", (0,))
+    view = build_view([node("a", 4, gpu_allocatable=2)], [held], SETTINGS)
+    assert [v.pod for v in evict(decide(view, req(gpu_count=2))).victims] == ["old-instance-1"]
+
+
 def test_node_selector() -> None:
     view = build_view(
         [node("a", labels={"gpu": "h100"}), node("b", labels={"gpu": "a100"})], [], SETTINGS
