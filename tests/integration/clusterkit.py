@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from modelfleet.kube.client import ApiError, KubeClient
+
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SH = ROOT / "hack" / "cluster.sh"
 BUILD_SH = ROOT / "hack" / "build-control-plane.sh"
@@ -119,3 +121,14 @@ async def helm(
     if check and done.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{done.stderr}")
     return done
+
+
+async def exists(kube: KubeClient, path: str) -> bool:
+    """Whether the API object at `path` exists (404: no; any other error raises)."""
+    try:
+        await kube.get(path)
+    except ApiError as exc:
+        if exc.not_found:
+            return False
+        raise
+    return True

@@ -29,6 +29,7 @@ from clusterkit import (
     ROOT,
     Cluster,
     PodRunner,
+    exists,
     wait_for,
 )
 from operator_kit import (
@@ -132,7 +133,7 @@ async def namespace(kube: KubeClient, request: pytest.FixtureRequest) -> AsyncIt
     await kube.create("/api/v1/namespaces", {"metadata": {"name": name}})
     # The service account controller creates `default` shortly after; pods need it.
     await wait_for(
-        lambda: _exists(kube, f"/api/v1/namespaces/{name}/serviceaccounts/default"),
+        lambda: exists(kube, f"/api/v1/namespaces/{name}/serviceaccounts/default"),
         timeout=30,
         what=f"service account default in {name}",
     )
@@ -142,16 +143,6 @@ async def namespace(kube: KubeClient, request: pytest.FixtureRequest) -> AsyncIt
     except ApiError as exc:
         if not exc.not_found:
             raise
-
-
-async def _exists(kube: KubeClient, path: str) -> bool:
-    try:
-        await kube.get(path)
-    except ApiError as exc:
-        if exc.not_found:
-            return False
-        raise
-    return True
 
 
 def _processes_running(marker: str) -> list[int]:

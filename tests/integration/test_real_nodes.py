@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from clusterkit import Cluster, helm, wait_for
+from clusterkit import Cluster, exists, helm, wait_for
 from operator_kit import Operators, events_of, md, replica_pods, wait_ready
 from realnodes_kit import (
     GPU_TOLERATION,
@@ -33,7 +33,7 @@ from realnodes_kit import (
 
 from modelfleet.api.labels import LABEL_DEPLOYMENT as DEPLOYMENT_LABEL
 from modelfleet.api.times import parse_time
-from modelfleet.kube.client import ApiError, KubeClient, list_and_watch
+from modelfleet.kube.client import KubeClient, list_and_watch
 from modelfleet.kube.paths import md_path
 
 pytestmark = pytest.mark.realnodes
@@ -324,15 +324,7 @@ async def test_rejected_replica_backs_off_and_goes_to_another_node(
     check of its belief. It does not count CPU yet: with another team's pod holding most of
     real-1's CPU, the replica placed there is rejected (OutOfcpu), the node backs off, and the
     replacement goes to real-0 instead of looping on real-1."""
-    foreign = gpu_pod("foreign", real_nodes.pause_image, gpus=0, node="real-1", args=[])
-    container = foreign["spec"]["containers"][0]
-    container.pop("readinessProbe")
-    container["securityContext"] = {}
-    container["resources"] = {"requests": {"cpu": "1500m"}}
-    await create_pod(kube, namespace, foreign)
-    await wait_for(
-        lambda: phase_is(kube, namespace, "foreign", "Running"), 60, what="the foreign pod"
-    )
+    await start_foreign_pod(kube, namespace, real_nodes, "real-1", cpu="1500m")
     operators.start()
     placement = {"nodeSelector": REAL_NODE_SELECTOR, "tolerations": [GPU_TOLERATION]}
     engine = {"image": real_nodes.vllm_sim_image}
@@ -386,13 +378,7 @@ async def test_gpus_a_foreign_pod_holds_are_not_placed_on(
 ) -> None:
     """Another team's pod holds 2 of real-0's 4 GPUs (the device plugin gave them to it, the
     agent reads that from pod-resources): a replica needing 3 does not go there, and says why."""
-    foreign = gpu_pod("foreign", real_nodes.pause_image, gpus=2, node="real-0", args=[])
-    foreign["spec"]["containers"][0].pop("readinessProbe")
-    foreign["spec"]["containers"][0]["securityContext"] = {}
-    await create_pod(kube, namespace, foreign)
-    await wait_for(
-        lambda: phase_is(kube, namespace, "foreign", "Running"), 60, what="the foreign GPU pod"
-    )
+    await start_foreign_pod(kube, namespace, real_nodes, "real-0", gpus=2)
     operators.start()
     placement = {"nodeSelector": REAL_NODE_SELECTOR, "tolerations": [GPU_TOLERATION]}
     big = md(
@@ -427,18 +413,9 @@ async def test_status_and_placement_follow_the_gpus_the_node_assigned(
     """Placement avoids real-1:0 (memory in use there, no pod), but the kubelet's device manager
     knows nothing of memory and hands the replica GPU 0 anyway: status, the ledger and the next
     placement follow the node, and the plan stays visible."""
-    (gpu0, _) = real_nodes.inventory("real-1")
-    record = real_nodes.node_dir("real-1") / "gpu" / "memory" / gpu0["uuid"] / "squatter.json"
-    record.write_text(
-        json.dumps({"holder": "squatter", "memoryMib": 1000, "expiresAt": time.time() + 3600})
-    )
+    record = squat(real_nodes, "real-1", 0, 1000)
     try:
-
-        async def measured() -> bool:
-            gpus = await agent_gpus(agents["real-1"])
-            return any(g["index"] == 0 and g["memoryUsedMib"] == 1000 for g in gpus)
-
-        await wait_for(measured, 30, interval=0.5, what="the agent to measure the squatter")
+        await wait_measured(agents["real-1"], 0, 1000)
         operators.start()
         on_real_1 = {
             "nodeSelector": {**REAL_NODE_SELECTOR, "kubernetes.io/hostname": "real-1"},
@@ -588,19 +565,10 @@ async def test_an_unhealthy_gpu_replaces_the_replica_that_really_uses_it(
     there keeps placement away; the kubelet does not look at memory); `other` then gets real-1:1.
     When real-1:0 fails, `moved` is replaced, and `other`, whose plan named the same GPU as
     `moved`'s, is not."""
-    (gpu0, _) = real_nodes.inventory("real-1")
-    record = real_nodes.node_dir("real-1") / "gpu" / "memory" / gpu0["uuid"] / "squatter.json"
-    record.write_text(
-        json.dumps({"holder": "squatter", "memoryMib": 1000, "expiresAt": time.time() + 3600})
-    )
+    record = squat(real_nodes, "real-1", 0, 1000)
     engine = {"image": real_nodes.vllm_sim_image}
     try:
-
-        async def measured() -> bool:
-            gpus = await agent_gpus(agents["real-1"])
-            return any(g["index"] == 0 and g["memoryUsedMib"] == 1000 for g in gpus)
-
-        await wait_for(measured, 30, interval=0.5, what="the agent to measure the squatter")
+        await wait_measured(agents["real-1"], 0, 1000)
         operators.start()
         moved = md("moved", gpu={"count": 1}, placement=pinned_to("real-1"), engine=engine)
         await kube.create(md_path(namespace), moved)
@@ -632,6 +600,48 @@ async def test_an_unhealthy_gpu_replaces_the_replica_that_really_uses_it(
         assert await replica_uids(kube, namespace, "other") == other_uids
     finally:
         await real_nodes.set_gpu_health("real-1", 0, None)
+
+
+async def start_foreign_pod(
+    kube: KubeClient,
+    namespace: str,
+    real_nodes: RealNodes,
+    node: str,
+    *,
+    gpus: int = 0,
+    cpu: str | None = None,
+) -> None:
+    """Another team's pod `foreign` on `node`: it holds `gpus` GPUs (and `cpu`) and uses no
+    GPU memory (the pause image)."""
+    pod = gpu_pod("foreign", real_nodes.pause_image, gpus=gpus, node=node, args=[])
+    container = pod["spec"]["containers"][0]
+    container.pop("readinessProbe")
+    container["securityContext"] = {}
+    if cpu:
+        container.setdefault("resources", {})["requests"] = {"cpu": cpu}
+    await create_pod(kube, namespace, pod)
+    await wait_for(
+        lambda: phase_is(kube, namespace, "foreign", "Running"), 60, what="the foreign pod"
+    )
+
+
+def squat(real_nodes: RealNodes, node: str, gpu: int, mib: int) -> Path:
+    """Memory in use on one GPU with no pod: a record in the node's fake driver, as a process
+    the kubelet does not know would leave. Returns the record, for the caller to remove."""
+    uuid_ = real_nodes.inventory(node)[gpu]["uuid"]
+    record = real_nodes.node_dir(node) / "gpu" / "memory" / uuid_ / "squatter.json"
+    record.write_text(
+        json.dumps({"holder": "squatter", "memoryMib": mib, "expiresAt": time.time() + 3600})
+    )
+    return record
+
+
+async def wait_measured(agent: str, gpu: int, mib: int) -> None:
+    async def measured() -> bool:
+        gpus = await agent_gpus(agent)
+        return any(g["index"] == gpu and g["memoryUsedMib"] == mib for g in gpus)
+
+    await wait_for(measured, 30, interval=0.5, what=f"the agent to measure {mib} MiB on {gpu}")
 
 
 async def phase_is(kube: KubeClient, namespace: str, name: str, phase: str) -> bool:
@@ -678,7 +688,7 @@ async def test_real_nodes_down_leaves_nothing_behind(
         await kit.realnodes("down")
     assert realnodes_leaks(root, cluster_name) == []
     assert [p for p in node_processes if alive(p)] == []
-    assert not await _exists(kube, f"/api/v1/nodes/{node}")
+    assert not await exists(kube, f"/api/v1/nodes/{node}")
 
 
 def same_mount_namespace(pid: str) -> list[int]:
@@ -722,13 +732,3 @@ def realnodes_leaks(root: Path, cluster_name: str) -> list[str]:
     if root.exists():
         found.append(f"directory {root}")
     return found
-
-
-async def _exists(kube: KubeClient, path: str) -> bool:
-    try:
-        await kube.get(path)
-    except ApiError as exc:
-        if exc.not_found:
-            return False
-        raise
-    return True
