@@ -184,6 +184,7 @@ async def on_deployment(
 async def on_replica_pod(
     type: str | None,
     namespace: str,
+    name: str,
     labels: kopf.Labels,
     memo: kopf.Memo,
     replica_pods: kopf.Index[tuple[str, str], ObservedPod],
@@ -202,7 +203,7 @@ async def on_replica_pod(
         # Capacity was freed: deployments waiting for room (evicted ones too) try again, the
         # highest priority first.
         runtime: Runtime = memo.runtime
-        runtime.pods_deleted()
+        runtime.pods_deleted((namespace, name), datetime.now(UTC))
         await reconcile_keys(runtime, runtime.restore_order(runtime.blocked - {key}))
 
 

@@ -358,10 +358,13 @@ def build_placer(
     cursor: str | None = None,
     reserved: Iterable[P.PlacedReplica] = (),
     rejected: Mapping[str, str] | None = None,
+    gone: AbstractSet[tuple[str, str]] = frozenset(),
 ) -> EnginePlacer:
-    """A Placer over the current cluster: pool snapshot, Node objects and every replica Pod."""
+    """A Placer over the current cluster: pool snapshot, Node objects and every replica Pod
+    (`gone`: replica Pods deleted lately, which an agent may still report)."""
     pods = list(pods)
-    infos = build_node_infos(nodes, snapshot, rejected, {(p.namespace, p.name) for p in pods})
+    known = {(p.namespace, p.name) for p in pods} | gone
+    infos = build_node_infos(nodes, snapshot, rejected, known)
     replicas = build_placed_replicas(pods, last_used, snapshot) + list(reserved)
     view = P.build_view(infos, replicas, settings, cursor)
     memory = {g.gpu_id: g.memory_total_mib for info in infos for g in info.gpus}

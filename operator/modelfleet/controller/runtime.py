@@ -17,7 +17,7 @@ import logging
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from modelfleet import placement as P
@@ -69,6 +69,11 @@ class ClusterState:
         return None
 
 
+# How long a deleted replica Pod is still known as ours when an agent reports it: several poll
+# intervals, so a late sample never makes its GPUs look held by a foreign pod.
+GONE_REMEMBERED = timedelta(seconds=60)
+
+
 @dataclass
 class Runtime:
     """Shared clients and state of the operator process (kept in kopf's operator memo)."""
@@ -96,6 +101,7 @@ class Runtime:
     _backoff_nodes: frozenset[str] = frozenset()  # nodes in admission backoff the view knows
     _assigned: tuple[PoolSnapshot | None, dict[tuple[str, str], tuple[str, ...]]] | None = None
     _assignments_seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    _gone: dict[tuple[str, str], datetime] = field(default_factory=dict)  # replica Pods, when
 
     def attach(self, cluster: ClusterState, now: datetime) -> None:
         """The first handler's indices: the loops read them from now on, and reservations
@@ -189,6 +195,8 @@ class Runtime:
             self._backoff_nodes = frozenset(rejected)
             self.views.invalidate()
 
+        gone = frozenset(self._gone)
+
         def build(cursor: str | None) -> inputs.EnginePlacer:
             facts = cluster.node_facts()
             held = {k: (r.node, r.gpu_ids) for k, r in self.reservations.active(now).items()}
@@ -201,6 +209,7 @@ class Runtime:
                 cursor,
                 inputs.build_reservations(held, facts),
                 rejected,
+                gone,
             )
 
         return self.views.placer(snapshot, key, last_used, build)
@@ -261,8 +270,14 @@ class Runtime:
         if self._invalid.pop(key, None) is not None:
             log.info("%s/%s: the spec is valid again", *key)
 
-    def pods_deleted(self) -> None:
-        """A replica Pod is gone: the view must be rebuilt (its GPUs are free)."""
+    def pods_deleted(self, pod: tuple[str, str], now: datetime) -> None:
+        """A replica Pod is gone: the view must be rebuilt (its GPUs are free). The agents may
+        still report it for a sample or two; until then it is a replica that went, not a
+        foreign pod holding its GPUs."""
+        self._gone[pod] = now
+        cutoff = now - GONE_REMEMBERED
+        for key in [k for k, at in self._gone.items() if at < cutoff]:
+            del self._gone[key]
         self.views.invalidate()
 
     def nodes_changed(self) -> None:

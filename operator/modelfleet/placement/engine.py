@@ -307,6 +307,30 @@ def _larger_than_any_node(request: ReplicaRequest, elig: Eligibility) -> Unplace
     return None
 
 
+def _settling_memory(nodes: Sequence[tuple[NodeState, bool]], count: int) -> Unplaceable | None:
+    """Wait, rather than evict, where whole GPUs are missing only because memory is in use on
+    GPUs no pod holds: most often a replica that just went, whose memory the agent has not
+    measured free yet. A monitoring lag must not cost another model its replicas."""
+    for node, _ in nodes:
+        unclaimed = [
+            g
+            for g in node.gpus
+            if g.info.healthy
+            and g.used_elsewhere
+            and not g.info.foreign_pods
+            and not g.holders
+            and not g.shared
+        ]
+        if unclaimed and node.whole_free + len(unclaimed) >= count:
+            shown = _examples([f"{g.info.gpu_id} ({g.used_elsewhere})" for g in unclaimed])
+            return Unplaceable(
+                UnplaceableCode.WAITING_FOR_STATS,
+                f"{node.info.name} has {count} GPUs once memory in use with no pod on it is "
+                f"measured free ({shown}); waiting for the next sample rather than evicting",
+            )
+    return None
+
+
 def _no_fit(
     view: ClusterView,
     request: ReplicaRequest,
@@ -333,6 +357,10 @@ def _no_fit(
             f"needs {count} {what}s on one node; the largest matching node, "
             f"{largest.info.name}, has {largest.healthy_gpus} healthy",
         )
+    if need is None:
+        settling = _settling_memory(nodes, count)
+        if settling is not None:
+            return settling
     if need is not None:
         waiting = [
             n

@@ -326,6 +326,17 @@ def test_a_node_allocates_no_more_gpus_than_its_device_plugin_advertises() -> No
     assert [v.pod for v in evict(decide(view, req(gpu_count=2))).victims] == ["old-instance-1"]
 
 
+def test_memory_of_a_replica_that_just_went_makes_it_wait_not_evict() -> None:
+    # a:0 still shows the memory of a replica whose Pod is gone (the agent samples every few
+    # seconds); a:1 holds another model's replica, an eviction candidate. Waiting one sample is
+    # right; evicting would turn a monitoring lag into a disruption.
+    other = rep("other", 1, "a", (1,))
+    view = build_view([node("a", 2, used={0: 70000})], [other], SETTINGS)
+    d = unplaceable(decide(view, req(gpu_count=1, priority=10)), UnplaceableCode.WAITING_FOR_STATS)
+    assert "waiting for the next sample rather than evicting" in d.reason
+    assert "a:0 (70000 MiB in use with no replica on it)" in d.reason
+
+
 def test_node_selector() -> None:
     view = build_view(
         [node("a", labels={"gpu": "h100"}), node("b", labels={"gpu": "a100"})], [], SETTINGS
