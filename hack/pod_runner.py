@@ -502,8 +502,8 @@ class Runner:
     async def admit(self) -> None:
         """Admit or refuse every GPU pod waiting on a simulated node, oldest first per node.
 
-        The local copy of each decided pod is updated from the API's answer at once, so the next
-        pod's decision sees the devices this one took, without waiting for the watch.
+        The next pod's decision counts the devices this one took at once, without waiting for
+        the watch to bring the annotation.
         """
         for name, node in self._simulated_nodes().items():
             pods = self._pods_on(name)
@@ -517,7 +517,11 @@ class Runner:
                 updated = await self._apply_admission(pod, decision)
                 if updated is None:
                     continue
-                self.pods[updated["metadata"]["uid"]] = updated
+                uid = updated["metadata"]["uid"]
+                # Unless the watch already brought this change or a later one (kwok may have
+                # started the pod while the patch was answered): never step back to older state.
+                if self.pods.get(uid) is pod:
+                    self.pods[uid] = updated
                 if isinstance(decision, simkubelet.Admitted):
                     for ids in decision.assignment.values():
                         in_use.update(ids)
@@ -580,7 +584,8 @@ class Runner:
                     f"/api/v1/nodes/{name}/status",
                     {"status": {"capacity": gpus, "allocatable": gpus}},
                 )
-                self.nodes[name] = dict(updated)
+                if self.nodes.get(name) is node:  # never step back to older state
+                    self.nodes[name] = dict(updated)
                 log.info("node %s: the device plugin advertises %s GPU(s)", name, count)
             except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
                 log.warning("node %s: status patch failed: %s", name, exc)
