@@ -65,7 +65,7 @@ chart-snapshots: $(STAMP) ## Re-render the Helm chart's snapshots (tests/unit/ch
 lint: $(STAMP) | $(HADOLINT) ## ruff, mypy --strict, the import-linter layer contracts, hadolint
 	$(BIN)/ruff check operator tests benchmarks hack
 	$(BIN)/ruff format --check operator tests benchmarks hack
-	$(BIN)/mypy operator/modelfleet hack/pod_runner.py hack/simnodes.py hack/oci.py hack/images.py hack/realnodes.py hack/fake_nvidia_runtime.py
+	$(BIN)/mypy operator/modelfleet hack/pod_runner.py hack/simkubelet.py hack/simnodes.py hack/oci.py hack/images.py hack/realnodes.py hack/fake_nvidia_runtime.py
 	$(BIN)/lint-imports
 	$(HADOLINT) Dockerfile
 

@@ -14,6 +14,11 @@ when the pod goes away, and reports readiness from the pod's readinessProbe: kwo
 pods Ready=False (hack/kwok-stages.yaml) and this runner sets Ready=True only when the program
 answers the probe's HTTP path, and back to False when it stops answering or dies.
 
+It is also the nodes' device manager and device plugin (hack/simkubelet.py): it admits or refuses
+every pod that asks for nvidia.com/gpu on a simulated node (kwok starts such a pod only once it is
+admitted), gives it devices by the plugin's rule, and serves each node's pod-resources API on a
+unix socket that the node's agent is started with (--pod-resources-socket).
+
     .venv/bin/python hack/pod_runner.py --kubeconfig .cluster/kubeconfig
 """
 
@@ -35,6 +40,7 @@ from typing import IO, Any
 
 import aiohttp
 
+import simkubelet
 from modelfleet.api.times import format_time
 from modelfleet.kube.client import ApiError, KubeClient, list_and_watch, load_kubeconfig
 
@@ -109,8 +115,16 @@ def build_probe(container: Mapping[str, Any]) -> Probe | None:
     )
 
 
-def build_launch(pod: Mapping[str, Any], node: Mapping[str, Any], kubeconfig: str) -> Launch:
-    """The program for a pod on a simulated node: a pure mapping, raising NotRunnable if none."""
+def build_launch(
+    pod: Mapping[str, Any],
+    node: Mapping[str, Any],
+    kubeconfig: str,
+    pod_resources_dir: str | None = None,
+) -> Launch:
+    """The program for a pod on a simulated node: a pure mapping, raising NotRunnable if none.
+
+    `pod_resources_dir`: where the nodes' pod-resources sockets are (the agent reads its node's).
+    """
     meta = pod.get("metadata", {})
     spec = pod.get("spec", {})
     kind = (meta.get("labels") or {}).get(LABEL_COMPONENT)
@@ -154,6 +168,11 @@ def build_launch(pod: Mapping[str, Any], node: Mapping[str, Any], kubeconfig: st
             "--kubeconfig",
             kubeconfig,
         )
+        if pod_resources_dir is not None:
+            argv += (
+                "--pod-resources-socket",
+                simkubelet.pod_resources_socket(pod_resources_dir, str(spec.get("nodeName"))),
+            )
     elif kind == REPLICA:
         argv = ("sim-vllm", *(str(a) for a in container.get("args") or []), "--host", host)
     else:
@@ -181,6 +200,7 @@ def desired_launches(
     pods: Mapping[str, Mapping[str, Any]],
     nodes: Mapping[str, Mapping[str, Any]],
     kubeconfig: str,
+    pod_resources_dir: str | None = None,
 ) -> tuple[dict[str, Launch], dict[str, str]]:
     """Programs that should run now, by pod UID, and why other labelled pods run nothing."""
     launches: dict[str, Launch] = {}
@@ -195,7 +215,7 @@ def desired_launches(
         if node is None or not is_simulated(node):
             continue
         try:
-            launches[uid] = build_launch(pod, node, kubeconfig)
+            launches[uid] = build_launch(pod, node, kubeconfig, pod_resources_dir)
         except NotRunnable as exc:
             skipped[uid] = f"{meta.get('namespace')}/{meta.get('name')}: {exc}"
     return launches, skipped
@@ -447,6 +467,7 @@ class Runner:
         self.pods: dict[str, dict[str, Any]] = {}
         self.nodes: dict[str, dict[str, Any]] = {}
         self.tasks: dict[str, tuple[Launch, asyncio.Task[None]]] = {}
+        self.pod_resources = simkubelet.PodResourcesServers()
         self._skipped: dict[str, str] = {}
         self._changed = asyncio.Event()
 
@@ -472,8 +493,109 @@ class Runner:
                 self.pods[obj["metadata"]["uid"]] = obj
             self._changed.set()
 
+    def _simulated_nodes(self) -> dict[str, dict[str, Any]]:
+        return {name: node for name, node in self.nodes.items() if is_simulated(node)}
+
+    def _pods_on(self, node: str) -> list[dict[str, Any]]:
+        return [p for p in self.pods.values() if p.get("spec", {}).get("nodeName") == node]
+
+    async def admit(self) -> None:
+        """Admit or refuse every GPU pod waiting on a simulated node, oldest first per node.
+
+        The next pod's decision counts the devices this one took at once, without waiting for
+        the watch to bring the annotation.
+        """
+        for name, node in self._simulated_nodes().items():
+            pods = self._pods_on(name)
+            waiting = simkubelet.admission_order(pods)
+            if not waiting:
+                continue
+            devices = simkubelet.node_devices(node)
+            in_use = simkubelet.compute_in_use(pods)
+            for pod in waiting:
+                decision = simkubelet.compute_admission(pod, devices, in_use)
+                updated = await self._apply_admission(pod, decision)
+                if updated is None:
+                    continue
+                uid = updated["metadata"]["uid"]
+                # Unless the watch already brought this change or a later one (kwok may have
+                # started the pod while the patch was answered): never step back to older state.
+                if self.pods.get(uid) is pod:
+                    self.pods[uid] = updated
+                if isinstance(decision, simkubelet.Admitted):
+                    for ids in decision.assignment.values():
+                        in_use.update(ids)
+
+    async def _apply_admission(
+        self, pod: Mapping[str, Any], decision: simkubelet.Admitted | simkubelet.Rejected
+    ) -> dict[str, Any] | None:
+        meta = pod["metadata"]
+        ref = f"{meta['namespace']}/{meta['name']}"
+        path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
+        try:
+            if isinstance(decision, simkubelet.Admitted):
+                updated = await self.client.patch(
+                    path, simkubelet.build_admit_patch(pod, decision.assignment)
+                )
+                log.info("%s: admitted on %s with %s", ref, pod["spec"]["nodeName"],
+                         simkubelet.format_assignment(decision.assignment))  # fmt: skip
+                return dict(updated)
+            updated = await self.client.patch(
+                path + "/status", simkubelet.build_reject_patch(decision)
+            )
+            log.warning("%s: rejected: %s", ref, decision.message)
+            with contextlib.suppress(ApiError, aiohttp.ClientError, TimeoutError):
+                await self.client.create(
+                    f"/api/v1/namespaces/{meta['namespace']}/events",
+                    simkubelet.build_reject_event(pod, decision, _now()),
+                )
+            return dict(updated)
+        except ApiError as exc:
+            # Gone, or changed since we saw it (409): the watch brings its new state, decided then.
+            if not (exc.not_found or exc.status == 409):
+                log.warning("%s: admission patch failed: %s", ref, exc)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("%s: admission patch failed: %r", ref, exc)
+        return None
+
+    async def sync_nodes(self) -> None:
+        """Serve each simulated node's pod-resources and keep its nvidia.com/gpu capacity and
+        allocatable at what its device plugin advertises, as the kubelet does."""
+        simulated = self._simulated_nodes()
+        for name in self.pod_resources.nodes:
+            if name not in simulated:
+                await asyncio.to_thread(self.pod_resources.drop, name)
+        for name, node in simulated.items():
+            self.pod_resources.ensure(name)
+            self.pod_resources.entries[name] = simkubelet.build_pod_resources(self._pods_on(name))
+            if simkubelet.node_gpu_count(node) is None:
+                continue
+            count = str(len(simkubelet.advertised_indexes(node)))
+            status = node.get("status") or {}
+            current = (
+                (status.get("capacity") or {}).get(simkubelet.GPU_RESOURCE),
+                (status.get("allocatable") or {}).get(simkubelet.GPU_RESOURCE),
+            )
+            if current == (count, count):
+                continue
+            gpus = {simkubelet.GPU_RESOURCE: count}
+            try:
+                updated = await self.client.patch(
+                    f"/api/v1/nodes/{name}/status",
+                    {"status": {"capacity": gpus, "allocatable": gpus}},
+                )
+                if self.nodes.get(name) is node:  # never step back to older state
+                    self.nodes[name] = dict(updated)
+                log.info("node %s: the device plugin advertises %s GPU(s)", name, count)
+            except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("node %s: status patch failed: %s", name, exc)
+
     async def reconcile(self) -> None:
-        desired, skipped = desired_launches(self.pods, self.nodes, self.options.kubeconfig)
+        await self.admit()
+        await self.sync_nodes()
+        desired, skipped = desired_launches(
+            self.pods, self.nodes, self.options.kubeconfig, self.pod_resources.directory
+        )
         for uid, reason in skipped.items():
             if self._skipped.get(uid) != reason:
                 log.warning("not running %s", reason)
@@ -521,6 +643,7 @@ class Runner:
                 watcher.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
             await self.stop(list(self.tasks))
+            await asyncio.to_thread(self.pod_resources.close)
 
 
 async def run_runner(options: RunnerOptions) -> None:

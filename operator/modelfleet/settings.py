@@ -272,8 +272,8 @@ class AgentSettings(_Settings):
     pod_resources_socket: str = Field(
         "/var/lib/kubelet/pod-resources/kubelet.sock",
         description=(
-            "nvml backend: kubelet pod-resources socket for pod attribution; "
-            "off while the "
+            "Kubelet pod-resources socket for pod attribution (nvml backend; simulated backend: "
+            "the simulated node's, which the test cluster's pod runner serves); off while the "
             "socket is absent; empty: off."
         ),
     )

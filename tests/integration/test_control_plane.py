@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from clusterkit import CLUSTER_SH, ROOT, Cluster, kubectl, wait_for
+from clusterkit import CLUSTER_SH, ROOT, Cluster, PodRunner, kubectl, wait_for
 from pydantic import ValidationError
 
 from api_documents import INVALID, VALID, Invalid, error_paths, pydantic_blames
@@ -202,8 +202,9 @@ def _condition(pod: dict[str, Any], kind: str) -> dict[str, Any]:
 
 @pytest.mark.kwok
 async def test_gpu_pod_becomes_running_and_ready_with_a_loopback_ip(
-    kube: KubeClient, namespace: str
+    kube: KubeClient, namespace: str, pod_runner: PodRunner
 ) -> None:
+    # A GPU pod starts once the node's "kubelet" (the pod runner) admitted it.
     await kube.create(pods_path(namespace), gpu_pod("one-gpu"))
 
     async def ready() -> dict[str, Any] | None:
@@ -229,7 +230,7 @@ async def _gpus_in_use(kube: KubeClient, node_name: str) -> int:
 
 
 async def test_ninth_gpu_pod_on_an_eight_gpu_node_stays_pending(
-    kube: KubeClient, namespace: str
+    kube: KubeClient, namespace: str, pod_runner: PodRunner
 ) -> None:
     nodes = await kube.list("/api/v1/nodes", labelSelector="nvidia.com/gpu.count=8")
     assert nodes["items"], "the cluster has no 8-GPU node (see hack/nodes.yaml)"

@@ -1,7 +1,9 @@
 """The dev pod runner end to end: real pods on simulated nodes, real processes on pod IPs.
 
 The programs are tests/integration/fake_modelfleet.py, a trivial HTTP server standing in for the
-`modelfleet agent` and `modelfleet sim-vllm` commands, so these tests prove the runner itself.
+`modelfleet agent` and `modelfleet sim-vllm` commands, so these tests prove the runner itself;
+the tests of the node's device part (admission, device assignment, attribution) run the real
+agent (the `gpus` fixture) where they read what it reports.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 from clusterkit import KUBECONFIG, PodRunner, wait_for
+from operator_kit import create_test_nodes, delete_test_nodes
 
+from modelfleet.gpufile import simulated_uuid
 from modelfleet.kube.client import ApiError, KubeClient
 from modelfleet.kube.paths import pods_path
 
@@ -212,6 +216,8 @@ async def test_agent_pod_runs_the_agent_with_the_node_gpus(
     argv = sent["argv"]
     assert argv[:3] == ["agent", "--backend", "simulated"]
     flags = dict(zip(argv[3::2], argv[4::2], strict=True))
+    socket = flags.pop("--pod-resources-socket")
+    assert socket.endswith(f"/{node['metadata']['name']}.sock")
     assert flags == {
         "--node": node["metadata"]["name"],
         "--host": ip,
@@ -240,3 +246,158 @@ async def test_unlabelled_pods_keep_kwok_behaviour_and_run_nothing(
     # deleted; what matters is that nothing runs for this pod's address.
     ip = pod["status"]["podIP"]
     assert not [p.name for p in pod_runner.pid_dir.iterdir() if p.name.startswith(f"{ip}_")]
+
+
+# --- the node's device part: admission, device assignment, attribution ------------------------
+
+
+def gpu_pod(
+    name: str,
+    node: str,
+    gpus: int,
+    *,
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+    container: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A pod bound by spec.nodeName (as modelfleet binds replicas), asking for `gpus` GPUs."""
+    main = container or {"name": "main", "image": "fake"}
+    main["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {}, "annotations": annotations or {}},
+        "spec": {"nodeName": node, "terminationGracePeriodSeconds": 0, "containers": [main]},
+    }
+
+
+def devices_of(pod: dict[str, Any]) -> dict[str, list[str]]:
+    return dict(json.loads(pod["metadata"]["annotations"]["sim.modelfleet.io/devices"]))
+
+
+async def test_gpu_pod_over_capacity_is_rejected_like_a_kubelet(
+    kube: KubeClient, namespace: str, pod_runner: PodRunner
+) -> None:
+    (node,) = await create_test_nodes(kube, namespace, 1, 4)
+    try:
+        await kube.create(pods_path(namespace), gpu_pod("one", node, 1))
+
+        async def running(name: str) -> dict[str, Any] | None:
+            pod = await get_pod(kube, namespace, name)
+            return pod if pod["status"].get("phase") == "Running" else None
+
+        one = await wait_for(lambda: running("one"), timeout=30, what="one Running")
+        assert devices_of(one) == {"main": [simulated_uuid(node, 0)]}
+        await kube.create(pods_path(namespace), gpu_pod("four", node, 4))
+
+        async def failed() -> dict[str, Any] | None:
+            pod = await get_pod(kube, namespace, "four")
+            return pod if pod["status"].get("phase") == "Failed" else None
+
+        four = await wait_for(failed, timeout=30, what="four Failed")
+        assert four["status"]["reason"] == "UnexpectedAdmissionError"
+        assert four["status"]["message"] == (
+            "Pod was rejected: Allocate failed due to requested number of devices unavailable "
+            "for nvidia.com/gpu. Requested: 4, Available: 3, which is unexpected"
+        )
+        # Refused before it started: no IP, no container, and it stays refused.
+        assert "podIP" not in four["status"]
+        assert "sim.modelfleet.io/devices" not in (four["metadata"].get("annotations") or {})
+        events = await kube.list(
+            f"/api/v1/namespaces/{namespace}/events",
+            fieldSelector="involvedObject.name=four",
+        )
+        assert [e["reason"] for e in events["items"]] == ["UnexpectedAdmissionError"]
+        # Three fit: the free devices go lowest index first.
+        await kube.create(pods_path(namespace), gpu_pod("three", node, 3))
+        three = await wait_for(lambda: running("three"), timeout=30, what="three Running")
+        assert devices_of(three) == {"main": [simulated_uuid(node, i) for i in (1, 2, 3)]}
+        # Devices come free when the pod is gone.
+        await kube.delete(pods_path(namespace, "one"))
+        await kube.create(pods_path(namespace), gpu_pod("again", node, 1))
+        again = await wait_for(lambda: running("again"), timeout=30, what="again Running")
+        assert devices_of(again) == {"main": [simulated_uuid(node, 0)]}
+    finally:
+        await delete_test_nodes(kube, namespace)
+
+
+async def agent_report(kube: KubeClient, namespace: str, node: str) -> dict[str, Any] | None:
+    pods = await kube.list(pods_path(namespace), fieldSelector=f"spec.nodeName={node}")
+    for pod in pods["items"]:
+        labels = pod["metadata"].get("labels") or {}
+        ip = pod["status"].get("podIP")
+        if labels.get("app.kubernetes.io/component") == "agent" and ip:
+            answer = await http_get(f"http://{ip}:9400/v1/gpus")
+            return json.loads(answer[1]) if answer and answer[0] == 200 else None
+    return None
+
+
+async def test_devices_and_attribution_follow_the_nodes_rule_not_the_annotation(
+    kube: KubeClient, namespace: str, gpus: Any
+) -> None:
+    (node,) = await gpus(1, 4)
+    # A foreign pod (plain nvidia.com/gpu, no modelfleet label) takes the two lowest GPUs.
+    await kube.create(
+        pods_path(namespace),
+        gpu_pod("batch", node, 2, annotations={"sim.modelfleet.io/gpu-memory-mib": "1000"}),
+    )
+    # A replica the operator "planned" on GPU 0: the node gives it GPU 2.
+    replica = gpu_pod(
+        "planned-on-0",
+        node,
+        1,
+        labels={"app.kubernetes.io/component": "replica"},
+        annotations={"modelfleet.io/gpus": f"{node}:0", "modelfleet.io/footprint-mib": "30000"},
+        container={
+            "name": "vllm",
+            "image": "vllm/vllm-openai",
+            "args": ["--model", "m", "--served-model-name", "m", "--port", str(PORT)],
+        },
+    )
+    await kube.create(pods_path(namespace), replica)
+
+    def summary(report: dict[str, Any]) -> list[tuple[int, list[str]]]:
+        return [(g["memoryUsedMib"], [p["name"] for p in g["pods"]]) for g in report["gpus"]]
+
+    want = [(1000, ["batch"]), (1000, ["batch"]), (30000, ["planned-on-0"]), (0, [])]
+
+    async def attributed() -> dict[str, Any] | None:
+        report = await agent_report(kube, namespace, node)
+        return report if report and summary(report) == want else None
+
+    await wait_for(attributed, timeout=60, what=f"the agent to report {want}")
+    pod = await get_pod(kube, namespace, "planned-on-0")
+    assert devices_of(pod) == {"vllm": [simulated_uuid(node, 2)]}
+
+    # Node knobs: memory outside any pod; a device plugin that advertises fewer GPUs.
+    await kube.patch(
+        f"/api/v1/nodes/{node}",
+        {
+            "metadata": {
+                "annotations": {
+                    "sim.modelfleet.io/foreign-memory-mib": "3=5000",
+                    "sim.modelfleet.io/plugin-devices": "0,1,2",
+                }
+            }
+        },
+    )
+    want[3] = (5000, [])
+    await wait_for(attributed, timeout=30, what="the foreign process's memory on GPU 3")
+
+    async def allocatable() -> str:
+        got = await kube.get(f"/api/v1/nodes/{node}")
+        return str(got["status"]["allocatable"]["nvidia.com/gpu"])
+
+    await wait_for(lambda: _equals(allocatable(), "3"), timeout=30, what="allocatable 3")
+    await kube.create(pods_path(namespace), gpu_pod("one-more", node, 1))
+
+    async def refused() -> dict[str, Any] | None:
+        got = await get_pod(kube, namespace, "one-more")
+        return got if got["status"].get("phase") == "Failed" else None
+
+    refused_pod = await wait_for(refused, timeout=30, what="one-more refused")
+    assert "Requested: 1, Available: 0" in refused_pod["status"]["message"]
+
+
+async def _equals(value: Any, expected: Any) -> bool:
+    return await value == expected

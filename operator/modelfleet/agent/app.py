@@ -24,7 +24,6 @@ from modelfleet.agent.simulated import (
     load_gpu_file,
 )
 from modelfleet.agent.state import AgentState, Backend, run_poll_loop
-from modelfleet.api import labels
 from modelfleet.fakegpu.fakenvml import build_fake_pynvml
 from modelfleet.gpuid import validate_node_name
 from modelfleet.kube import (
@@ -130,7 +129,10 @@ class Agent:
         self.tasks.append(asyncio.create_task(run_poll_loop(self.backend, self.state)))
         if isinstance(self.backend, SimulatedBackend) and self.client is not None:
             self.tasks.append(
-                asyncio.create_task(watch_replica_pods(self.client, self.backend, self.state))
+                asyncio.create_task(watch_node_pods(self.client, self.backend, self.state))
+            )
+            self.tasks.append(
+                asyncio.create_task(watch_own_node(self.client, self.backend, self.state))
             )
         self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
         await self.runner.setup()
@@ -156,18 +158,23 @@ class Agent:
             await self.client.close()
 
 
-async def watch_replica_pods(
-    client: KubeClient, backend: SimulatedBackend, state: AgentState
-) -> None:
-    """Keep the simulated backend's pod cache level with the API; re-sample on every change."""
-    selector = f"{labels.LABEL_COMPONENT}={labels.COMPONENT_REPLICA}"
+async def watch_node_pods(client: KubeClient, backend: SimulatedBackend, state: AgentState) -> None:
+    """Keep the simulated backend's cache of this node's pods (all of them: a foreign pod may
+    hold a GPU too) level with the API; re-sample on every change."""
     async for kind, obj in list_and_watch(
-        client,
-        pods_path(),
-        fieldSelector=f"spec.nodeName={backend.node}",
-        labelSelector=selector,
+        client, pods_path(), fieldSelector=f"spec.nodeName={backend.node}"
     ):
         backend.apply_pod_event(kind, obj)
+        state.wake.set()
+
+
+async def watch_own_node(client: KubeClient, backend: SimulatedBackend, state: AgentState) -> None:
+    """Follow this node's annotations, the simulated backend's node fault knobs."""
+    async for kind, obj in list_and_watch(
+        client, "/api/v1/nodes", fieldSelector=f"metadata.name={backend.node}"
+    ):
+        items = obj.get("items", []) if kind == "SYNC" else [] if kind == "DELETED" else [obj]
+        backend.apply_node(items[0] if items else {})
         state.wake.set()
 
 
@@ -189,7 +196,12 @@ def build_backend(
                 raise AgentConfigError(f"--gpu-file / MODELFLEET_AGENT_GPU_FILE: {exc}") from None
         else:
             gpus = build_sim_gpus(node, settings.gpus, settings.gpu_memory_mib, settings.product)
-        sim = SimulatedBackend(node, gpus)
+        sim = SimulatedBackend(
+            node,
+            gpus,
+            pods_by_device=attribution.refresh_blocking if attribution is not None else None,
+            pod_resources_socket=attribution.socket_path if attribution is not None else "",
+        )
         return sim, sim
     pods_by_device = attribution.refresh_blocking if attribution is not None else None
     if settings.fake_gpu_dir:
@@ -215,11 +227,12 @@ def build_backend(
 
 
 def build_attribution(settings: AgentSettings, metrics: AgentMetrics) -> PodAttribution | None:
-    """The kubelet pod-resources source of the NVML backend; None when switched off (empty path).
+    """The kubelet pod-resources source; None when switched off (empty path).
 
-    A configured socket that is absent is not an error: attribution stays off until it appears.
+    A configured socket that is absent is not an error: attribution stays off until it appears
+    (the simulated backend then charges the GPUs the operator annotated).
     """
-    if settings.backend != "nvml" or not settings.pod_resources_socket:
+    if not settings.pod_resources_socket:
         return None
     return PodAttribution(
         PodResourcesClient(

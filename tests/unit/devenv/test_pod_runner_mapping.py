@@ -219,3 +219,10 @@ def test_restart_count_continues_from_the_pod() -> None:
     the_pod = pod("replica")
     the_pod["status"]["containerStatuses"] = [{"name": "c", "restartCount": 4}]
     assert restart_count(the_pod) == 4
+
+
+def test_agent_reads_its_nodes_pod_resources_socket() -> None:
+    argv = build_launch(pod("agent"), NODE, KUBECONFIG, "/run/podres").argv
+    assert argv[-2:] == ("--pod-resources-socket", "/run/podres/gpu-h100-0.sock")
+    # Replicas are not told: only the agent reads the node's pod-resources.
+    assert "--pod-resources-socket" not in build_launch(pod("replica"), NODE, KUBECONFIG, "/x").argv
