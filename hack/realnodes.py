@@ -51,7 +51,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLONE_NEWNET = 0x40000000
-KUBERNETES_SERVICE_IP = "10.0.0.1"  # the first address of the cluster's service range
+# The `kubernetes` Service address pods dial (the first of the service range). It exists only on
+# the loopback of the real nodes' own network namespace, where the API forwarder listens on it.
+KUBERNETES_SERVICE_IP = "10.0.0.1"
 FAKE_DRIVER_PATH = "/var/lib/modelfleet/fake-gpu"  # inside a node's mount namespace
 CONTAINERD_SOCKET = "/run/containerd/containerd.sock"  # inside a node's mount namespace
 NODE_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}

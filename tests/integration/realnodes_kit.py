@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from clusterkit import ROOT, Cluster
 
 from modelfleet.agent.podresources import PodResourcesClient
@@ -59,16 +60,16 @@ class RealNodes:
         finally:
             client.close()
 
-    def devices_of(self, node: str, namespace: str, pod: str) -> set[str]:
+    async def devices_of(self, node: str, namespace: str, pod: str) -> set[str]:
+        """The devices the node's kubelet assigned to `pod` (the gRPC call runs off the loop)."""
+        listing = await asyncio.to_thread(self.pod_resources, node)
         return {
             device
-            for device, refs in self.pod_resources(node).items()
+            for device, refs in listing.items()
             if any(r.namespace == namespace and r.name == pod for r in refs)
         }
 
     def inventory(self, node: str) -> list[dict[str, Any]]:
-        import yaml
-
         doc = yaml.safe_load((self.node_dir(node) / "gpu" / "gpus.yaml").read_text())
         return list(doc["gpus"] if isinstance(doc, dict) else doc)
 

@@ -138,7 +138,7 @@ async def test_gpu_pod_gets_devices_from_the_device_manager_and_the_agent_sees_t
     assert pod["spec"]["nodeName"] == "real-0"
 
     # The kubelet's device manager chose two devices of real-0's inventory ...
-    devices = real_nodes.devices_of("real-0", namespace, name)
+    devices = await real_nodes.devices_of("real-0", namespace, name)
     uuids = {g["uuid"]: g["index"] for g in real_nodes.inventory("real-0")}
     assert len(devices) == 2
     assert devices <= set(uuids)
@@ -184,7 +184,7 @@ async def test_kubelet_restart_keeps_running_replicas_and_their_devices(
         kube, namespace, gpu_pod("survivor", real_nodes.vllm_sim_image, gpus=1, node="real-1")
     )
     before = await wait_pod_ready(kube, namespace, name)
-    devices = real_nodes.devices_of("real-1", namespace, name)
+    devices = await real_nodes.devices_of("real-1", namespace, name)
     container_id = engine_status(before)["containerID"]
     assert len(devices) == 1
 
@@ -205,10 +205,10 @@ async def test_kubelet_restart_keeps_running_replicas_and_their_devices(
     assert engine_status(after)["containerID"] == container_id
     assert engine_status(after)["restartCount"] == 0
 
-    def same_devices() -> bool:
+    async def same_devices() -> bool:
         # The restarted kubelet serves pod-resources again from its checkpoint.
         try:
-            return real_nodes.devices_of("real-1", namespace, name) == devices
+            return await real_nodes.devices_of("real-1", namespace, name) == devices
         except grpc.RpcError:
             return False
 
