@@ -42,6 +42,7 @@ import aiohttp
 
 import simkubelet
 from modelfleet.api.times import format_time
+from modelfleet.controller.nodeusage import compute_pod_requests, parse_allocatable
 from modelfleet.kube.client import ApiError, KubeClient, list_and_watch, load_kubeconfig
 
 log = logging.getLogger("pod-runner")
@@ -512,8 +513,10 @@ class Runner:
                 continue
             devices = simkubelet.node_devices(node)
             in_use = simkubelet.compute_in_use(pods)
+            allocatable = parse_allocatable(node)
+            used = simkubelet.compute_used(pods)
             for pod in waiting:
-                decision = simkubelet.compute_admission(pod, devices, in_use)
+                decision = simkubelet.compute_admission(pod, devices, in_use, allocatable, used)
                 updated = await self._apply_admission(pod, decision)
                 if updated is None:
                     continue
@@ -525,6 +528,7 @@ class Runner:
                 if isinstance(decision, simkubelet.Admitted):
                     for ids in decision.assignment.values():
                         in_use.update(ids)
+                    used = used + compute_pod_requests(pod.get("spec") or {})
 
     async def _apply_admission(
         self, pod: Mapping[str, Any], decision: simkubelet.Admitted | simkubelet.Rejected

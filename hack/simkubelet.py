@@ -10,7 +10,8 @@ pieces, by the same rules:
   such a pod Pending until it carries the `sim.modelfleet.io/devices` annotation;
 - admitted: each container gets its devices by the device plugin's preferred allocation (the
   lowest free indexes, `modelfleet.fakegpu.plugin.compute_preferred`), written to that annotation;
-- refused: phase Failed, reason UnexpectedAdmissionError, the kubelet's message;
+- refused: phase Failed, reason UnexpectedAdmissionError (devices) or OutOfpods, OutOfcpu,
+  OutOfmemory (the node's allocatable less what the pods it runs request), the kubelet's message;
 - the devices a pod holds are free again once it is Succeeded, Failed or gone;
 - a per-node pod-resources v1 `List` endpoint on a unix socket reports the assignment, which the
   simulated agent reads exactly as the real agent reads the kubelet's.
@@ -37,8 +38,10 @@ from typing import Any
 import grpc
 
 from modelfleet.agent.podresources import SERVICE, message_classes
+from modelfleet.controller.nodeusage import compute_pod_requests
 from modelfleet.fakegpu.plugin import compute_preferred
 from modelfleet.gpufile import simulated_uuid
+from modelfleet.placement import NO_REQUESTS, Requests
 
 log = logging.getLogger("pod-runner")
 
@@ -182,6 +185,13 @@ class Rejected:
     requested: int
     available: int
     resource: str = GPU_RESOURCE
+    used: int = 0
+    capacity: int = 0  # set for a node resource (cpu, memory, pods): allocatable
+
+    @property
+    def reason(self) -> str:
+        """UnexpectedAdmissionError for devices; OutOf<resource> for the node's own."""
+        return ADMISSION_REASON if self.resource == GPU_RESOURCE else f"OutOf{self.resource}"
 
     @property
     def message(self) -> str:
@@ -191,18 +201,57 @@ class Rejected:
     @property
     def event_message(self) -> str:
         """The Warning Event's message (rejectPod's event carries no prefix)."""
+        if self.resource != GPU_RESOURCE:
+            return NODE_SHORTAGE_MESSAGE.format(
+                resource=self.resource,
+                requested=self.requested,
+                used=self.used,
+                capacity=self.capacity,
+            )
         return DEVICE_SHORTAGE_MESSAGE.format(
             resource=self.resource, requested=self.requested, available=self.available
         )
 
 
-def compute_admission(
-    pod: Mapping[str, Any], devices: Mapping[str, int], in_use: Iterable[str]
-) -> Admitted | Rejected:
-    """Admit the pod with devices for each container, or refuse it as the device manager does.
+# The kubelet's predicate admission for the node's own resources (v1.36, seen on a real node of
+# the test cluster): reason OutOf<resource>, CPU in millicores, memory in bytes, capacity the
+# allocatable. The first resource short wins, in this order; devices are allocated before.
+NODE_SHORTAGE_MESSAGE = (
+    "Node didn't have enough resource: {resource}, requested: {requested}, used: {used}, "
+    "capacity: {capacity}"
+)
 
-    Containers are served in order, each from what the ones before it left free (the device
-    manager allocates per container), by the plugin's preferred allocation: lowest index first.
+
+def compute_node_shortage(
+    pod: Mapping[str, Any], allocatable: Requests | None, used: Requests
+) -> Rejected | None:
+    """The first of pods, cpu and memory the node lacks for `pod`, or None."""
+    if allocatable is None:
+        return None
+    wants = compute_pod_requests(pod.get("spec") or {})
+    for resource, asked, taken, capacity in (
+        ("pods", wants.pods, used.pods, allocatable.pods),
+        ("cpu", wants.cpu_m, used.cpu_m, allocatable.cpu_m),
+        ("memory", wants.memory_bytes, used.memory_bytes, allocatable.memory_bytes),
+    ):
+        if asked and taken + asked > capacity:
+            return Rejected(asked, max(capacity - taken, 0), resource, taken, capacity)
+    return None
+
+
+def compute_admission(
+    pod: Mapping[str, Any],
+    devices: Mapping[str, int],
+    in_use: Iterable[str],
+    allocatable: Requests | None = None,
+    used: Requests = NO_REQUESTS,
+) -> Admitted | Rejected:
+    """Admit the pod with devices for each container, or refuse it as the kubelet does.
+
+    Devices first (the device manager's admit handler runs before the predicates): containers
+    are served in order, each from what the ones before it left free, by the plugin's preferred
+    allocation (lowest index first). Then the node's pods, CPU and memory: `allocatable` less
+    what the pods admitted there request (`used`); None skips that check.
     """
     free = [d for d in devices if d not in set(in_use)]
     assignment: Assignment = {}
@@ -212,7 +261,19 @@ def compute_admission(
         chosen = compute_preferred(free, [], wanted, dict(devices)) if wanted else []
         assignment[container] = tuple(chosen)
         free = [d for d in free if d not in chosen]
-    return Admitted(assignment)
+    short = compute_node_shortage(pod, allocatable, used)
+    return short if short is not None else Admitted(assignment)
+
+
+def compute_used(pods: Iterable[Mapping[str, Any]]) -> Requests:
+    """What the pods the node runs request: every one bound there that is not finished and not
+    still waiting for admission (one node's pods)."""
+    total = Requests()
+    for pod in pods:
+        if pod.get("status", {}).get("phase") in TERMINAL_PHASES or needs_admission(pod):
+            continue
+        total = total + compute_pod_requests(pod.get("spec") or {})
+    return total
 
 
 def compute_in_use(pods: Iterable[Mapping[str, Any]]) -> set[str]:
@@ -250,7 +311,7 @@ def build_admit_patch(pod: Mapping[str, Any], assignment: Assignment) -> dict[st
 
 def build_reject_patch(rejected: Rejected) -> dict[str, Any]:
     """The status the kubelet sets on a pod it refuses (rejectPod): Failed, reason, message."""
-    return {"status": {"phase": "Failed", "reason": ADMISSION_REASON, "message": rejected.message}}
+    return {"status": {"phase": "Failed", "reason": rejected.reason, "message": rejected.message}}
 
 
 def build_reject_event(pod: Mapping[str, Any], rejected: Rejected, now: str) -> dict[str, Any]:
@@ -267,7 +328,7 @@ def build_reject_event(pod: Mapping[str, Any], rejected: Rejected, now: str) -> 
             "namespace": meta.get("namespace"),
             "uid": meta.get("uid"),
         },
-        "reason": ADMISSION_REASON,
+        "reason": rejected.reason,
         "message": rejected.event_message,
         "type": "Warning",
         "source": {"component": "kubelet", "host": pod.get("spec", {}).get("nodeName")},

@@ -151,6 +151,15 @@ class OperatorSettings(_Settings):
     default_image: str = Field(
         "vllm/vllm-openai:v0.11.0", description="vLLM image when a ModelDeployment names none."
     )
+    watch_node_pods: bool = Field(
+        True,
+        description=(
+            "Watch every pod bound to a node (all namespaces, read only), so that placement "
+            "counts their CPU, memory and GPU requests against each node's allocatable, as the "
+            "kubelet does at admission. Off: only the replicas' own requests are counted, and "
+            "a replica the kubelet refuses backs off from that node."
+        ),
+    )
     memory_margin_mib: int = Field(
         1024, ge=0, description="GPU memory kept free on every GPU in Shared mode, in MiB."
     )

@@ -69,6 +69,21 @@ class RealNodes:
             if any(r.namespace == namespace and r.name == pod for r in refs)
         }
 
+    async def wait_devices_released(self, within_s: float = 90) -> None:
+        """Until no pod holds a device on any real node: a pod of an earlier test still
+        terminating keeps its GPUs, and the device manager then hands out others."""
+        deadline = asyncio.get_running_loop().time() + within_s
+        while True:
+            held = {}
+            for node in json.loads((self.root / "nodes.json").read_text()):
+                listing = await asyncio.to_thread(self.pod_resources, node)
+                held.update({d: refs for d, refs in listing.items() if refs})
+            if not held:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"devices still held after {within_s}s: {held}")
+            await asyncio.sleep(0.5)
+
     def inventory(self, node: str) -> list[dict[str, Any]]:
         doc = yaml.safe_load((self.node_dir(node) / "gpu" / "gpus.yaml").read_text())
         return list(doc["gpus"] if isinstance(doc, dict) else doc)

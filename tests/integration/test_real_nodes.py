@@ -42,8 +42,16 @@ CHART = "charts/modelfleet"
 
 
 @pytest.fixture(scope="session")
-def real_nodes(cluster: Cluster) -> RealNodes:
+def real_nodes_once(cluster: Cluster) -> RealNodes:
     return load_real_nodes(cluster)
+
+
+@pytest.fixture
+async def real_nodes(real_nodes_once: RealNodes) -> RealNodes:
+    """The real nodes, once every device an earlier test's pod held is released (the tests
+    name the GPUs the device manager hands out)."""
+    await real_nodes_once.wait_devices_released()
+    return real_nodes_once
 
 
 async def create_pod(kube: KubeClient, namespace: str, pod: dict[str, Any]) -> str:
@@ -320,12 +328,13 @@ async def test_rejected_replica_backs_off_and_goes_to_another_node(
     agents: dict[str, str],
     operators: Operators,
 ) -> None:
-    """The operator binds replicas with spec.nodeName, so the kubelet's admission is the first
-    check of its belief. It does not count CPU yet: with another team's pod holding most of
-    real-1's CPU, the replica placed there is rejected (OutOfcpu), the node backs off, and the
-    replacement goes to real-0 instead of looping on real-1."""
+    """The operator binds replicas with spec.nodeName, so the kubelet's admission is the last
+    check of its belief. Not allowed to read other namespaces' pods (watchNodePods off), it does
+    not see another team's pod holding most of real-1's CPU: the replica placed there is
+    rejected (OutOfcpu), the node backs off, and the replacement goes to real-0 instead of
+    looping on real-1."""
     await start_foreign_pod(kube, namespace, real_nodes, "real-1", cpu="1500m")
-    operators.start()
+    operators.start(MODELFLEET_WATCH_NODE_PODS="false")
     placement = {"nodeSelector": REAL_NODE_SELECTOR, "tolerations": [GPU_TOLERATION]}
     engine = {"image": real_nodes.vllm_sim_image}
     filler = md("filler", gpu={"count": 2}, placement=placement, engine=engine)
@@ -369,6 +378,48 @@ async def test_rejected_replica_backs_off_and_goes_to_another_node(
             await watcher
 
 
+async def test_cpu_other_pods_request_keeps_a_replica_off_the_node(
+    kube: KubeClient,
+    namespace: str,
+    real_nodes: RealNodes,
+    agents: dict[str, str],
+    operators: Operators,
+) -> None:
+    """Another team's pod requests 1500m of real-1's 2 CPUs. Counting what every pod bound to a
+    node requests, as the kubelet does, the operator never sends a replica asking for 1 CPU
+    there: it waits with the reason, and runs there once the pod is gone."""
+    await start_foreign_pod(kube, namespace, real_nodes, "real-1", cpu="1500m")
+    operators.start()
+    on_real_1 = {
+        "nodeSelector": {**REAL_NODE_SELECTOR, "kubernetes.io/hostname": "real-1"},
+        "tolerations": [GPU_TOLERATION],
+    }
+    engine = {"image": real_nodes.vllm_sim_image, "resources": {"requests": {"cpu": "1"}}}
+    await kube.create(
+        md_path(namespace), md("probe", gpu={"count": 1}, placement=on_real_1, engine=engine)
+    )
+
+    async def waiting_reason() -> str | None:
+        obj = await kube.get(md_path(namespace, "probe"))
+        for cond in (obj.get("status") or {}).get("conditions") or []:
+            if "lacks what the replica requests" in cond.get("message", ""):
+                return str(cond["message"])
+        return None
+
+    message = await wait_for(waiting_reason, 60, interval=0.5, what="the reason in status")
+    assert "real-1 (cpu 1000m requested" in message, message
+    # Waiting, not trying: the kubelet never saw a replica to refuse.
+    await asyncio.sleep(3)
+    assert await replica_pods(kube, namespace, "probe") == []
+    events = await events_of(kube, namespace, "probe")
+    assert not [e for e in events if e["reason"] == "AdmissionRejected"], events
+
+    await kube.delete(f"/api/v1/namespaces/{namespace}/pods/foreign")
+    await wait_ready(kube, namespace, "probe", 1, deadline_s=90)
+    (pod,) = await replica_pods(kube, namespace, "probe")
+    assert pod["spec"]["nodeName"] == "real-1"
+
+
 async def test_gpus_a_foreign_pod_holds_are_not_placed_on(
     kube: KubeClient,
     namespace: str,
@@ -394,7 +445,12 @@ async def test_gpus_a_foreign_pod_holds_are_not_placed_on(
         return None
 
     message = await wait_for(pending_with_reason, 60, interval=0.5, what="the reason in status")
-    assert f"real-0:0 held by {namespace}/foreign" in message, message
+    # The device manager chose which two GPUs the foreign pod holds; the reason names those.
+    uuids = {g["uuid"]: g["index"] for g in real_nodes.inventory("real-0")}
+    held = sorted(uuids[u] for u in await real_nodes.devices_of("real-0", namespace, "foreign"))
+    assert len(held) == 2
+    for index in held:
+        assert f"real-0:{index} held by {namespace}/foreign" in message, message
     assert await replica_pods(kube, namespace, "big") == []
     # Once the foreign pod is gone (and the agent has measured again), it fits on real-0.
     await kube.delete(f"/api/v1/namespaces/{namespace}/pods/foreign")

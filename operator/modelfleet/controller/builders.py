@@ -11,10 +11,19 @@ import hashlib
 import json
 from typing import Any
 
-from modelfleet.api import API_GROUP, API_VERSION, KIND, ModelDeployment, SharingMode
+from modelfleet.api import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    ModelDeployment,
+    ModelDeploymentSpec,
+    SharingMode,
+)
 from modelfleet.api import labels as L
 from modelfleet.controller.decisions import Placed
+from modelfleet.controller.nodeusage import compute_pod_requests
 from modelfleet.controller.observed import ObservedPod, instance_name
+from modelfleet.placement import Requests
 
 # Startup budget: vLLM loads weights before /health answers; a 70B model from a cold cache can
 # take well over 10 minutes. 180 x 10 s = 30 min before the kubelet gives up and restarts it.
@@ -120,13 +129,14 @@ def _env(md: ModelDeployment, placed: Placed) -> list[dict[str, Any]]:
     return env
 
 
-def _resources(md: ModelDeployment) -> dict[str, Any]:
-    res = md.spec.engine.resources
+def compute_resources(spec: ModelDeploymentSpec) -> dict[str, Any]:
+    """The engine container's `resources`: spec.engine.resources and, when Exclusive, the GPUs."""
+    res = spec.engine.resources
     limits: dict[str, Any] = {k: str(v) for k, v in res.limits.items()}
     requests: dict[str, Any] = {k: str(v) for k, v in res.requests.items()}
-    if md.spec.gpu.sharing == SharingMode.EXCLUSIVE:
-        limits["nvidia.com/gpu"] = str(md.spec.gpu.count)
-        requests["nvidia.com/gpu"] = str(md.spec.gpu.count)
+    if spec.gpu.sharing == SharingMode.EXCLUSIVE:
+        limits["nvidia.com/gpu"] = str(spec.gpu.count)
+        requests["nvidia.com/gpu"] = str(spec.gpu.count)
     out: dict[str, Any] = {}
     if limits:
         out["limits"] = limits
@@ -181,7 +191,7 @@ def build_replica_pod(
         "startupProbe": _probe(STARTUP_PERIOD_S, STARTUP_FAILURE_THRESHOLD),
         "readinessProbe": _probe(READINESS_PERIOD_S, 3),
         "livenessProbe": _probe(LIVENESS_PERIOD_S, 3),
-        "resources": _resources(md),
+        "resources": compute_resources(md.spec),
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
@@ -251,7 +261,13 @@ def build_replica_record(
         priority=md.spec.priority,
         min_replicas=md.spec.min_replicas,
         owner_uid=md.metadata.uid or "",
+        requests=compute_replica_requests(md.spec),
     )
+
+
+def compute_replica_requests(spec: ModelDeploymentSpec) -> Requests:
+    """What a replica Pod of `spec` will ask of its node's kubelet."""
+    return compute_pod_requests({"containers": [{"resources": compute_resources(spec)}]})
 
 
 def build_service(md: ModelDeployment) -> dict[str, Any]:

@@ -21,8 +21,14 @@ import kopf
 from modelfleet.api import API_GROUP, API_VERSION, PLURAL
 from modelfleet.api import labels as L
 from modelfleet.controller.execute import EventRecorder
-from modelfleet.controller.loops import recheck_forever, reconcile_keys, watch_pool
+from modelfleet.controller.loops import (
+    recheck_forever,
+    reconcile_keys,
+    watch_node_usage,
+    watch_pool,
+)
 from modelfleet.controller.metrics import OperatorMetrics
+from modelfleet.controller.nodeusage import NodeUsage
 from modelfleet.controller.observed import (
     DeploymentEntry,
     NodeFacts,
@@ -91,11 +97,16 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         metrics=metrics,
         snapshot=pool.snapshot,
         agent_discovery=pool.discovery,
+        usage=NodeUsage() if config.watch_node_pods else None,
     )
     memo.tasks = [
         asyncio.create_task(recheck_forever(runtime, config.recheck_interval_s), name="recheck"),
         asyncio.create_task(watch_pool(runtime, pool), name="pool-watch"),
     ]
+    if runtime.usage is not None:
+        memo.tasks.append(
+            asyncio.create_task(watch_node_usage(runtime, runtime.usage), name="node-usage")
+        )
     memo.closers = [pool.close, session.close, agents.close]
     server: ServerState = memo.server
     server.pool = pool

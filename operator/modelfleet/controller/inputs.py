@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from modelfleet import placement as P
 from modelfleet.api import ModelDeploymentSpec, SharingMode
+from modelfleet.controller.builders import compute_replica_requests
 from modelfleet.controller.decisions import (
     Decision,
     Evict,
@@ -22,6 +23,7 @@ from modelfleet.controller.decisions import (
     Unplaceable,
     Victim,
 )
+from modelfleet.controller.nodeusage import NodeUsage
 from modelfleet.controller.observed import NodeFacts, NodeHealth, ObservedPod, instance_name
 from modelfleet.gpus.snapshot import PoolSnapshot
 
@@ -109,12 +111,15 @@ def build_node_infos(
     snapshot: PoolSnapshot | None,
     rejected: Mapping[str, str] | None = None,
     replicas: AbstractSet[tuple[str, str]] = frozenset(),
+    usage: NodeUsage | None = None,
 ) -> list[P.NodeInfo]:
     """Placement's nodes: every node the pool can see, with its Node object's facts and, for
     nodes in admission backoff, why (`rejected`, see controller/admission.py).
 
     A pod the agent attributes to a GPU that is not one of `replicas` (namespace, name) is
-    foreign: another team's workload, or a replica of another operator. The GPU is its.
+    foreign: another team's workload, or a replica of another operator. The GPU is its. So are
+    the CPU, memory and GPUs that the pods bound to the node request (`usage`, from the pod
+    watch; None: not watched, only the replicas' own requests are counted).
     """
     rejected = rejected or {}
     if snapshot is None:
@@ -161,6 +166,8 @@ def build_node_infos(
                 reason=reason,
                 rejected=rejected.get(pnode.name, ""),
                 gpu_allocatable=facts.gpu_allocatable,
+                allocatable=facts.allocatable,
+                others=usage.others(pnode.name, replicas) if usage is not None else P.Requests(),
             )
         )
     return out
@@ -216,6 +223,7 @@ def build_placed_replicas(
                 min_replicas=pod.min_replicas,
                 state=_replica_state(pod),
                 measured=(pod.namespace, pod.name) in measured,
+                requests=pod.requests,
             )
         )
     return out
@@ -251,6 +259,7 @@ def build_replica_request(
         priority=spec.priority,
         min_replicas=spec.min_replicas,
         last_used=last_used,
+        requests=compute_replica_requests(spec),
     )
 
 
@@ -359,12 +368,14 @@ def build_placer(
     reserved: Iterable[P.PlacedReplica] = (),
     rejected: Mapping[str, str] | None = None,
     gone: AbstractSet[tuple[str, str]] = frozenset(),
+    usage: NodeUsage | None = None,
 ) -> EnginePlacer:
-    """A Placer over the current cluster: pool snapshot, Node objects and every replica Pod
-    (`gone`: replica Pods deleted lately, which an agent may still report)."""
+    """A Placer over the current cluster: pool snapshot, Node objects, every replica Pod
+    (`gone`: replica Pods deleted lately, which an agent may still report) and what the other
+    pods on the nodes request (`usage`)."""
     pods = list(pods)
     known = {(p.namespace, p.name) for p in pods} | gone
-    infos = build_node_infos(nodes, snapshot, rejected, known)
+    infos = build_node_infos(nodes, snapshot, rejected, known, usage)
     replicas = build_placed_replicas(pods, last_used, snapshot) + list(reserved)
     view = P.build_view(infos, replicas, settings, cursor)
     memory = {g.gpu_id: g.memory_total_mib for info in infos for g in info.gpus}

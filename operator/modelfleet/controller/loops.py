@@ -1,4 +1,5 @@
-"""The operator's two background loops: the periodic re-check and the GPU-pool watcher.
+"""The operator's background loops: the periodic re-check, the GPU-pool watcher and the watch
+of the pods bound to nodes.
 
 The re-check is levels-not-edges insurance: every ModelDeployment is reconciled at least every
 MODELFLEET_RECHECK_INTERVAL_S whatever events arrived. It is one loop rather than a kopf timer per
@@ -8,6 +9,10 @@ ModelDeployment would hang whenever the operator is down; ownerReferences alread
 The pool watcher turns what only the agents can tell (an agent that stopped answering, a GPU
 that turned unhealthy, the first stats after start, freed memory) into reconciles of the
 deployments it concerns, right after the poll round that saw it.
+
+The node-usage watch keeps what every pod bound to a node requests (nodeusage.py), all
+namespaces, so that placement counts CPU, memory and GPUs the way the kubelet will at admission;
+a pod that finishes or goes frees room, and the deployments waiting for it are re-checked.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
 from modelfleet.controller.inflight import Key
+from modelfleet.controller.nodeusage import BOUND_POD_SELECTOR, NodeUsage
 from modelfleet.controller.observed import NodeHealth
 from modelfleet.controller.reconcile import reconcile
 from modelfleet.controller.runtime import Runtime, pods_on_nodes
 from modelfleet.gpus.pool import GpuPool
+from modelfleet.kube.client import ApiError, list_and_watch
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +112,46 @@ async def watch_pool(rt: Runtime, pool: GpuPool) -> None:
         keys = pods_on_nodes(cluster.pods, changed) if changed else set()
         if keys or rt.blocked:
             await reconcile_keys(rt, [*sorted(keys), *rt.restore_order(rt.blocked - keys)])
+
+
+# After a pod freed room, the waiting deployments are re-checked at most this often.
+USAGE_RECHECK_S = 1.0
+# A denied pod watch (RBAC) is tried again this often, with one warning each time.
+USAGE_DENIED_RETRY_S = 300.0
+
+
+async def watch_node_usage(rt: Runtime, usage: NodeUsage) -> None:
+    """Keep `usage` from a cluster-wide watch of bound, unfinished pods; forever.
+
+    When room frees on a node (a pod went or finished) and deployments wait for room, they are
+    re-checked, at most once per USAGE_RECHECK_S.
+    """
+    last_recheck = 0.0
+    freed = False
+
+    def denied(exc: Exception) -> float | None:
+        if isinstance(exc, ApiError) and exc.status in (401, 403):
+            log.warning(
+                "cannot list pods in all namespaces (%s): placement counts only the replicas' "
+                "own CPU and memory against each node; grant the operator list and watch on "
+                "pods cluster-wide (the chart does unless operator.watchNodePods is false)",
+                exc.message or exc.reason,
+            )
+            return USAGE_DENIED_RETRY_S
+        return None
+
+    async for event, obj in list_and_watch(
+        rt.client, "/api/v1/pods", fieldSelector=BOUND_POD_SELECTOR, on_error=denied
+    ):
+        if event == "SYNC":
+            usage.replace(obj.get("items") or [])
+            freed = True
+        elif event in ("ADDED", "MODIFIED", "DELETED"):
+            before = len(usage)
+            if usage.apply(event, obj) and len(usage) < before:
+                freed = True
+        now = time.monotonic()
+        if freed and rt.blocked and now - last_recheck >= USAGE_RECHECK_S:
+            freed = False
+            last_recheck = now
+            await reconcile_keys(rt, rt.restore_order(set(rt.blocked)))

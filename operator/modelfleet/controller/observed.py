@@ -14,6 +14,8 @@ from typing import Any
 
 from modelfleet.api import labels as L
 from modelfleet.api.times import parse_time
+from modelfleet.controller.nodeusage import compute_pod_requests, parse_allocatable
+from modelfleet.placement import ONE_POD, Requests
 
 GPU = "nvidia.com/gpu"
 _INSTANCE_NAME = re.compile(r"^(?P<deployment>.+)-instance-(?P<n>[1-9][0-9]*)$")
@@ -89,6 +91,7 @@ class ObservedPod:
     # for Shared replicas, which request no device.
     assigned_gpus: tuple[str, ...] = ()
     recorded_assigned: tuple[str, ...] = ()  # the Pod's ANN_ASSIGNED_GPUS
+    requests: Requests = ONE_POD  # what it asks of the kubelet (nodeusage.py)
 
     @property
     def gpus(self) -> tuple[str, ...]:
@@ -171,6 +174,7 @@ def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
         message=str(status.get("message") or ""),
         assigned_gpus=_split(ann.get(L.ANN_ASSIGNED_GPUS)),
         recorded_assigned=_split(ann.get(L.ANN_ASSIGNED_GPUS)),
+        requests=compute_pod_requests(pod.get("spec") or {}),
     )
 
 
@@ -220,6 +224,8 @@ class NodeFacts:
     # status.allocatable["nvidia.com/gpu"]: the healthy devices the device plugin advertises;
     # None when the Node does not list the resource (no plugin has registered: unknown).
     gpu_allocatable: int | None = None
+    # status.allocatable cpu, memory and pods; None while the Node lists no CPU or memory.
+    allocatable: Requests | None = None
 
 
 def parse_node(node: Mapping[str, Any]) -> NodeFacts:
@@ -236,6 +242,7 @@ def parse_node(node: Mapping[str, Any]) -> NodeFacts:
             for t in spec.get("taints") or []
         ),
         gpu_allocatable=_count(((node.get("status") or {}).get("allocatable") or {}).get(GPU)),
+        allocatable=parse_allocatable(node),
     )
 
 

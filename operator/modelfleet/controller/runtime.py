@@ -26,6 +26,7 @@ from modelfleet.controller.admission import AdmissionBackoff
 from modelfleet.controller.execute import EventRecorder
 from modelfleet.controller.inflight import InFlight, Key
 from modelfleet.controller.metrics import OperatorMetrics
+from modelfleet.controller.nodeusage import NodeUsage
 from modelfleet.controller.observed import (
     DeploymentEntry,
     NodeFacts,
@@ -84,6 +85,8 @@ class Runtime:
     metrics: OperatorMetrics
     snapshot: Callable[[], PoolSnapshot | None]
     agent_discovery: bool = False
+    # The requests of every pod bound to a node (loops.watch_node_usage); None: not watched.
+    usage: NodeUsage | None = None
     inflight: InFlight = field(default_factory=InFlight)
     views: PlacementViews = field(default_factory=PlacementViews)
     reservations: Reservations = field(default_factory=Reservations)
@@ -194,6 +197,13 @@ class Runtime:
             # A node entered or left admission backoff: the kept view still has it the old way.
             self._backoff_nodes = frozenset(rejected)
             self.views.invalidate()
+        usage = self.usage if self.usage is not None and self.usage.synced else None
+        if usage is not None:
+            changed = usage.take_changed()
+            gpu_nodes = {n.name for n in snapshot.nodes} if snapshot is not None else set()
+            if changed is None or not changed.isdisjoint(gpu_nodes):
+                # A pod came, went or changed on a GPU node: the kept view counts the old sums.
+                self.views.invalidate()
 
         gone = frozenset(self._gone)
 
@@ -210,6 +220,7 @@ class Runtime:
                 inputs.build_reservations(held, facts),
                 rejected,
                 gone,
+                usage,
             )
 
         return self.views.placer(snapshot, key, last_used, build)

@@ -16,7 +16,7 @@ import os
 import ssl
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,6 +309,7 @@ async def list_and_watch(
     *,
     retry_delay_s: float = 1.0,
     watch_timeout_s: int = 300,
+    on_error: Callable[[Exception], float | None] | None = None,
     **params: Any,
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """Level-triggered view of a collection: yields ("SYNC", list) then ("ADDED"|..., obj) forever.
@@ -317,6 +318,9 @@ async def list_and_watch(
     timeout, the whole list is read again and yielded as a SYNC event, so a consumer that rebuilds
     its cache on SYNC never keeps an object that vanished while it was away. The cost is one LIST
     per watch timeout (`watch_timeout_s`), which is small next to the safety it buys.
+
+    `on_error` sees every failure first; a number it returns is the delay before the next try
+    (a denied watch need not be retried every second).
     """
     while True:
         try:
@@ -329,7 +333,11 @@ async def list_and_watch(
                 if event["type"] != "BOOKMARK":
                     yield event["type"], event.get("object", {})
         except ApiError as exc:
-            if exc.status != 410:
+            delay = on_error(exc) if on_error is not None else None
+            if delay is not None:
+                await asyncio.sleep(delay)
+            elif exc.status != 410:
                 await asyncio.sleep(retry_delay_s)
-        except (TimeoutError, aiohttp.ClientError, ConnectionError):
-            await asyncio.sleep(retry_delay_s)
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+            delay = on_error(exc) if on_error is not None else None
+            await asyncio.sleep(retry_delay_s if delay is None else delay)

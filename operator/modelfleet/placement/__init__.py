@@ -14,6 +14,8 @@ docs/placement.md describes every strategy, score and rule with worked examples.
 from modelfleet.placement.engine import check_request, decide
 from modelfleet.placement.eviction import eviction_key
 from modelfleet.placement.model import (
+    NO_REQUESTS,
+    ONE_POD,
     PRODUCT_LABEL,
     Decision,
     DeploymentRef,
@@ -27,6 +29,7 @@ from modelfleet.placement.model import (
     PlacementStrategy,
     ReplicaRequest,
     ReplicaState,
+    Requests,
     SharingMode,
     Taint,
     Toleration,
@@ -36,6 +39,8 @@ from modelfleet.placement.model import (
 from modelfleet.placement.view import ClusterView, LedgerEntry, build_view, compute_ledger
 
 __all__ = [
+    "NO_REQUESTS",
+    "ONE_POD",
     "PRODUCT_LABEL",
     "ClusterView",
     "Decision",
@@ -51,6 +56,7 @@ __all__ = [
     "PlacementStrategy",
     "ReplicaRequest",
     "ReplicaState",
+    "Requests",
     "SharingMode",
     "Taint",
     "Toleration",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from modelfleet.placement.eviction import blocked_reasons, plan_eviction
+from modelfleet.placement.eviction import EvictionPlan, blocked_reasons, plan_eviction
 from modelfleet.placement.model import (
     Decision,
     Evict,
@@ -19,6 +19,7 @@ from modelfleet.placement.model import (
     PlacementStrategy,
     ReplicaRequest,
     ReplicaState,
+    Requests,
     SharingMode,
     Unplaceable,
     UnplaceableCode,
@@ -145,7 +146,8 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:  # noqa: C90
     # per eligible node and tuple building dominated it. cls = 2 * spread ok + no soft taint.
     best_cls, best_score, best_second = -1, 0.0, 0.0
     chosen: NodeState | None = None
-    fits = top = 0
+    fits = top = short = 0
+    cpu, mem, pods = request.requests.cpu_m, request.requests.memory_bytes, request.requests.pods
     i = -1
     for name, prefer in elig.nodes:
         i += 1
@@ -165,6 +167,10 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:  # noqa: C90
                     continue
             elif node.whole_free < count:
                 continue
+        # The kubelet admits the Pod only if its CPU, memory and a pod slot are free there too.
+        if cpu > node.cpu_free_m or mem > node.memory_free_bytes or pods > node.pods_free:
+            short += 1
+            continue
         fits += 1
         cls = (2 if not spread or dep not in node.deployments else 0) + (0 if prefer else 1)
         if cls < best_cls:
@@ -184,7 +190,7 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:  # noqa: C90
         if sc > best_score or (sc == best_score and second > best_second):
             best_score, best_second, chosen = sc, second, node
     if chosen is None:
-        return _no_fit(view, request, elig, strategy, footprint, discovery)
+        return _no_fit(view, request, elig, footprint, short > 0)
     return _placed(
         view,
         request,
@@ -278,6 +284,7 @@ def _placed(
         min_replicas=request.min_replicas,
         state=ReplicaState.STARTING,
         measured=False,
+        requests=request.requests,
     )
     return Placed(
         node=chosen.info.name,
@@ -331,13 +338,54 @@ def _settling_memory(nodes: Sequence[tuple[NodeState, bool]], count: int) -> Unp
     return None
 
 
+def _host_short(nodes: Sequence[tuple[NodeState, bool]], request: ReplicaRequest) -> str:
+    """The nodes whose GPUs would do but whose kubelet lacks the CPU, memory or a pod slot."""
+    count = request.gpu_count
+    footprint = request.footprint_mib
+    shared = request.sharing == SharingMode.SHARED and footprint is not None
+    lacking = []
+    for node, _ in nodes:
+        if shared:
+            av = node.shared_avail
+            gpus_fit = len(av) >= count and av[count - 1] >= (footprint or 0)
+        else:
+            gpus_fit = node.whole_free >= count
+        what = node.host_short(request.requests) if gpus_fit else ""
+        if what:
+            lacking.append(f"{node.info.name} ({what})")
+    if not lacking:
+        return ""
+    k = len(lacking)
+    return (
+        f"{k} node{'s' if k > 1 else ''} with the GPUs free lack{'' if k > 1 else 's'} what "
+        f"the replica requests besides: {_examples(lacking)}; lower spec.engine.resources."
+        "requests or free the node (eviction frees GPUs, not CPU or memory)"
+    )
+
+
+def _host_after_eviction(plan: EvictionPlan, request: ReplicaRequest) -> bool:
+    """Whether the node admits the replica once the victims are gone."""
+    node = plan.node
+    if not node.host_known:
+        return True
+    freed = sum((v.requests for v in plan.victims), Requests())
+    return (
+        request.requests.cpu_m <= node.cpu_free_m + freed.cpu_m
+        and request.requests.memory_bytes <= node.memory_free_bytes + freed.memory_bytes
+        and request.requests.pods <= node.pods_free + freed.pods
+    )
+
+
+# Nodes an eviction plan may be tried on before giving up because they lack CPU or memory.
+HOST_RETRIES = 8
+
+
 def _no_fit(
     view: ClusterView,
     request: ReplicaRequest,
     elig: Eligibility,
-    strategy: PlacementStrategy,
     footprint: int | None,
-    discovery: bool,
+    host_short: bool,
 ) -> Decision:
     """Nothing fits as things are: wait for a starting replica, evict, or say why not."""
     margin = view.settings.memory_margin_mib
@@ -381,23 +429,19 @@ def _no_fit(
                 f"{starting.deployment.namespace}/{starting.pod} is still starting there; "
                 "Shared replicas start one at a time on a GPU",
             )
-    plan = plan_eviction(
-        (
-            (
-                n,
-                [g for g in n.gpus if g.info.healthy],
-                not request.spread or dep not in n.deployments,
-            )
-            for n, _ in nodes
-        ),
-        count,
-        need,
-        margin,
-        dep,
-        request.priority,
-        view.serving,
-        view.floors,
-    )
+    candidates = [
+        (n, [g for g in n.gpus if g.info.healthy], not request.spread or dep not in n.deployments)
+        for n, _ in nodes
+    ]
+    for _ in range(HOST_RETRIES):
+        plan = plan_eviction(
+            candidates, count, need, margin, dep, request.priority, view.serving, view.floors
+        )
+        if plan is None or _host_after_eviction(plan, request):
+            break
+        # Freeing its GPUs would not free enough CPU or memory there: try the next node.
+        candidates = [c for c in candidates if c[0] is not plan.node]
+        plan = None
     if plan is not None:
         names = ", ".join(v.describe() for v in plan.victims)
         return Evict(
@@ -413,6 +457,10 @@ def _no_fit(
         )
     in_the_way = [r for n, _ in nodes for r in n.replicas]
     blocked = blocked_reasons(in_the_way, dep, request.priority, view.serving, view.floors)
+    if host_short:
+        return Unplaceable(
+            UnplaceableCode.NO_CAPACITY, f"{_host_short(nodes, request)}; elsewhere: {blocked}"
+        )
     if need is not None:
         gpus = [(g.available_mib, g) for n, _ in nodes for g in n.gpus if g.info.healthy]
         most, top_gpu = max(gpus, key=lambda t: t[0])

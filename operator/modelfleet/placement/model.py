@@ -16,6 +16,8 @@ from modelfleet.api.times import format_time
 from modelfleet.api.v1alpha1 import PlacementStrategy, SharingMode
 
 __all__ = [
+    "NO_REQUESTS",
+    "ONE_POD",
     "PRODUCT_LABEL",
     "Decision",
     "DeploymentRef",
@@ -29,6 +31,7 @@ __all__ = [
     "PlacementStrategy",
     "ReplicaRequest",
     "ReplicaState",
+    "Requests",
     "SharingMode",
     "Taint",
     "Toleration",
@@ -89,6 +92,38 @@ class Toleration:
         return self.key == taint.key and (self.value or "") == taint.value
 
 
+class Requests(NamedTuple):
+    """What pods ask of a node's kubelet at admission, summed like the kubelet sums them: CPU in
+    millicores, memory in bytes, nvidia.com/gpu devices, and pods (each pod counts 1)."""
+
+    cpu_m: int = 0
+    memory_bytes: int = 0
+    gpus: int = 0
+    pods: int = 0
+
+    def __add__(self, other: object) -> Requests:
+        if not isinstance(other, Requests):
+            return NotImplemented
+        return Requests(
+            self.cpu_m + other.cpu_m,
+            self.memory_bytes + other.memory_bytes,
+            self.gpus + other.gpus,
+            self.pods + other.pods,
+        )
+
+    def __sub__(self, other: Requests) -> Requests:
+        return Requests(
+            self.cpu_m - other.cpu_m,
+            self.memory_bytes - other.memory_bytes,
+            self.gpus - other.gpus,
+            self.pods - other.pods,
+        )
+
+
+NO_REQUESTS = Requests()
+ONE_POD = Requests(pods=1)  # a pod asking for nothing else
+
+
 @dataclass(frozen=True, slots=True)
 class GpuInfo:
     """One GPU as the pool last saw it."""
@@ -122,6 +157,12 @@ class NodeInfo:
     rejected: str = ""
     # nvidia.com/gpu the node allocates (healthy devices of its device plugin); None: unknown.
     gpu_allocatable: int | None = None
+    # status.allocatable cpu, memory and pods (`gpus` unused: see gpu_allocatable); None: the
+    # operator does not watch the pods bound to nodes, and only the kubelet checks them.
+    allocatable: Requests | None = None
+    # What the pods bound to the node that are not modelfleet's replicas request (all
+    # namespaces, not Succeeded or Failed); the replicas' own requests come with them.
+    others: Requests = NO_REQUESTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +180,7 @@ class PlacedReplica:
     min_replicas: int = 0  # its deployment's spec.minReplicas
     state: ReplicaState = ReplicaState.STARTING
     measured: bool = False  # the agent already reports its memory (it is in memory_used)
+    requests: Requests = NO_REQUESTS  # what its Pod asks of the kubelet (CPU, memory, GPUs, 1 pod)
 
     @property
     def whole_gpus(self) -> bool:
@@ -172,6 +214,9 @@ class ReplicaRequest:
     priority: int = 0
     min_replicas: int = 0
     last_used: float = 0.0
+    # What its Pod will ask of the kubelet: spec.engine.resources, the GPUs of an Exclusive
+    # replica, and the pod itself.
+    requests: Requests = ONE_POD
 
     @property
     def footprint_mib(self) -> int | None:

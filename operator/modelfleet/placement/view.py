@@ -21,6 +21,8 @@ from modelfleet.placement.model import (
     PlacementInputError,
     PlacementSettings,
     ReplicaState,
+    Requests,
+    SharingMode,
     Taint,
     Toleration,
 )
@@ -114,6 +116,53 @@ class NodeState:
     solo_shared: tuple[tuple[int, PlacedReplica, int], ...]
     max_solo_whole: int
     max_solo_shared: int
+    # What the kubelet has left to admit pods with: allocatable minus the requests of every pod
+    # bound there (replicas included); UNKNOWN_FREE each when allocatable is not known.
+    cpu_free_m: int = 0
+    memory_free_bytes: int = 0
+    pods_free: int = 0
+
+    @property
+    def host_known(self) -> bool:
+        return self.info.allocatable is not None
+
+    def host_short(self, requests: Requests) -> str:
+        """What the node lacks for a pod asking `requests` (CPU, memory, pods), or ""."""
+        lacking = []
+        alloc = self.info.allocatable
+        if alloc is None:
+            return ""
+        if requests.cpu_m > self.cpu_free_m:
+            lacking.append(
+                f"cpu {requests.cpu_m}m requested, {max(self.cpu_free_m, 0)}m of "
+                f"{alloc.cpu_m}m free"
+            )
+        if requests.memory_bytes > self.memory_free_bytes:
+            lacking.append(
+                f"memory {_mib(requests.memory_bytes)} requested, "
+                f"{_mib(max(self.memory_free_bytes, 0))} of {_mib(alloc.memory_bytes)} free"
+            )
+        if requests.pods > self.pods_free:
+            lacking.append(f"pods: all {alloc.pods} taken")
+        return ", ".join(lacking)
+
+
+# Free CPU, memory and pods of a node whose allocatable is not known: more than any request.
+UNKNOWN_FREE = 1 << 62
+
+
+def _mib(n_bytes: int) -> str:
+    return f"{-(-n_bytes // 2**20)}Mi"
+
+
+def compute_host_free(info: NodeInfo, replicas: Iterable[PlacedReplica]) -> Requests | None:
+    """Allocatable minus what every pod bound to the node requests; None when unknown."""
+    if info.allocatable is None:
+        return None
+    used = info.others
+    for rep in replicas:
+        used = used + rep.requests
+    return info.allocatable - used
 
 
 def _node_product(info: NodeInfo) -> str | None:
@@ -210,9 +259,19 @@ def build_node_state(
                 free_equiv += max(available, 0) / g.memory_total_mib
     avail.sort(reverse=True)
     if info.gpu_allocatable is not None:
-        # The kubelet admits no more devices than its plugin advertises, minus those held.
-        held_devices = sum(1 for st in gpus if st.holders or st.info.foreign_pods)
+        # The kubelet admits no more devices than its plugin advertises, minus those held: by
+        # Exclusive replicas (a Shared one asks for none), and by other pods, as the agent saw
+        # them on GPUs or, when more, as their requests say (bound, not admitted yet).
+        foreign = sum(1 for st in gpus if st.info.foreign_pods)
+        ours = sum(
+            1
+            for st in gpus
+            if not st.info.foreign_pods
+            and any(r.sharing == SharingMode.EXCLUSIVE for r in st.holders)
+        )
+        held_devices = ours + max(foreign, info.others.gpus)
         free_whole = max(min(free_whole, info.gpu_allocatable - held_devices), 0)
+    host = compute_host_free(info, reps)
     solo_whole, solo_shared = _solo_victims(gpus, margin_mib)
     avail_any.sort(reverse=True)
     return NodeState(
@@ -231,6 +290,9 @@ def build_node_state(
         solo_shared=solo_shared,
         max_solo_whole=max((g for g, _ in solo_whole), default=0),
         max_solo_shared=max((a for a, _, _ in solo_shared), default=-1),
+        cpu_free_m=UNKNOWN_FREE if host is None else host.cpu_m,
+        memory_free_bytes=UNKNOWN_FREE if host is None else host.memory_bytes,
+        pods_free=UNKNOWN_FREE if host is None else host.pods,
     )
 
 

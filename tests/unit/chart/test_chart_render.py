@@ -264,6 +264,11 @@ def test_watch_namespaces_switch_to_roles(render: Render) -> None:
     objects = render(VALUE_SETS["namespaced"])
     for obj in find(objects, "ClusterRole"):
         for rule in obj["rules"]:
+            if rule["resources"] == ["pods"]:
+                # Reading the pods bound to nodes, for the fit check: list and watch only.
+                assert obj["metadata"]["name"].endswith("-operator-cluster"), obj
+                assert rule["verbs"] == ["list", "watch"], rule
+                continue
             assert set(rule["resources"]) <= CLUSTER_SCOPED, (obj["metadata"]["name"], rule)
     grants = operator_grants(objects)
     for ns in ("team-a",):
@@ -274,13 +279,23 @@ def test_watch_namespaces_switch_to_roles(render: Render) -> None:
             "pods",
         }
     assert (NAMESPACE, "/pods") in grants  # agent discovery in the release namespace
-    assert ("*", "/pods") not in grants
+    assert grants[("*", "/pods")] == {"list", "watch"}  # never a write outside team-a
     operator = one(objects, "Deployment", "operator")
     assert env_of(pod_spec(operator)["containers"][0])["MODELFLEET_WATCH_NAMESPACE"] == "team-a"
     gateway = one(objects, "Deployment", "-gateway")
     assert env_of(pod_spec(gateway)["containers"][0])["MODELFLEET_GATEWAY_NAMESPACE"] == "team-a"
     bindings = [b for b in find(objects, "RoleBinding") if b["metadata"]["namespace"] == "team-a"]
     assert {s["namespace"] for b in bindings for s in b["subjects"]} == {NAMESPACE}
+
+
+def test_without_node_pod_watch_no_cluster_wide_pod_read(render: Render) -> None:
+    objects = render({**VALUE_SETS["namespaced"], "operator": {"watchNodePods": False}})
+    for obj in find(objects, "ClusterRole"):
+        for rule in obj["rules"]:
+            assert set(rule["resources"]) <= CLUSTER_SCOPED, (obj["metadata"]["name"], rule)
+    assert ("*", "/pods") not in operator_grants(objects)
+    operator = one(objects, "Deployment", "operator")
+    assert env_of(pod_spec(operator)["containers"][0])["MODELFLEET_WATCH_NODE_PODS"] == "false"
 
 
 def test_gateway_rbac_reads_models_and_pods_and_patches_annotations(render: Render) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from modelfleet.agent.podresources import PodResourcesClient
+from modelfleet.controller.nodeusage import parse_allocatable
 from modelfleet.gpufile import simulated_uuid
 from simkubelet import (
     ANN_DEVICES,
@@ -26,6 +27,7 @@ from simkubelet import (
     build_reject_patch,
     compute_admission,
     compute_in_use,
+    compute_used,
     container_gpu_requests,
     holds_devices,
     needs_admission,
@@ -186,6 +188,50 @@ def test_admission_refuses_what_the_node_cannot_give(
 ) -> None:
     decision = compute_admission(the_pod, node_devices(the_node), compute_in_use(others))
     assert decision == Rejected(requested=requested, available=available)
+
+
+def with_cpu(pod: dict[str, Any], cpu: str, memory: str = "1Gi") -> dict[str, Any]:
+    pod["spec"]["containers"][0]["resources"]["requests"] = {"cpu": cpu, "memory": memory}
+    return pod
+
+
+def test_admission_refuses_cpu_memory_and_pods_the_node_does_not_have_left() -> None:
+    # 2 CPUs and 24Gi allocatable, as a real node of the test cluster; a running pod requests
+    # 1500m. Devices are allocated first: a pod short of both says devices.
+    the_node = node(2)
+    the_node["status"] = {"allocatable": {"cpu": "2", "memory": "24Gi", "pods": "3"}}
+    alloc = parse_allocatable(the_node)
+    running = with_cpu(gpu_pod("run", 1, devices={"c0": [0]}, phase="Running"), "1500m")
+    used = compute_used([running, with_cpu(gpu_pod("waits", 1), "8")])  # not admitted: not used
+    devices, in_use = node_devices(the_node), compute_in_use([running])
+    cpu = compute_admission(with_cpu(gpu_pod("p", 1), "1"), devices, in_use, alloc, used)
+    assert isinstance(cpu, Rejected)
+    assert build_reject_patch(cpu)["status"] == {
+        "phase": "Failed",
+        "reason": "OutOfcpu",
+        # As a v1.36 kubelet wrote it on a real node of the test cluster.
+        "message": "Pod was rejected: Node didn't have enough resource: cpu, requested: 1000, "
+        "used: 1500, capacity: 2000",
+    }
+    memory = compute_admission(
+        with_cpu(gpu_pod("p", 1), "100m", "30Gi"), devices, in_use, alloc, used
+    )
+    assert isinstance(memory, Rejected)
+    assert memory.reason == "OutOfmemory"
+    assert "memory, requested: 32212254720, used: 1073741824, capacity: 25769803776" in (
+        memory.message
+    )
+    both = compute_admission(with_cpu(gpu_pod("p", 2), "4"), devices, in_use, alloc, used)
+    assert isinstance(both, Rejected)
+    assert both.reason == "UnexpectedAdmissionError"
+    assert isinstance(
+        compute_admission(with_cpu(gpu_pod("p", 1), "500m"), devices, in_use, alloc, used),
+        Admitted,
+    )
+    full = compute_used([running, running, running])
+    pods = compute_admission(gpu_pod("p", 0), devices, set(), alloc, full)
+    assert isinstance(pods, Rejected)
+    assert pods.reason == "OutOfpods"
 
 
 def test_rejection_is_the_kubelets_status_word_for_word() -> None:

@@ -19,6 +19,7 @@ from modelfleet.placement import (
     PlacementStrategy,
     ReplicaRequest,
     ReplicaState,
+    Requests,
     SharingMode,
     Taint,
     Toleration,
@@ -324,6 +325,64 @@ def test_a_node_allocates_no_more_gpus_than_its_device_plugin_advertises() -> No
     held = rep("old", 1, "a", (0,))
     view = build_view([node("a", 4, gpu_allocatable=2)], [held], SETTINGS)
     assert [v.pod for v in evict(decide(view, req(gpu_count=2))).victims] == ["old-instance-1"]
+
+
+GI = 2**30
+ALLOC = Requests(cpu_m=8000, memory_bytes=64 * GI, pods=110)
+
+
+def test_a_node_without_the_cpu_or_memory_the_replica_requests_is_not_chosen() -> None:
+    # a has the most free GPUs, but other pods there request 7 of its 8 CPUs: the kubelet
+    # would refuse a replica asking for 2 (OutOfcpu), so b takes it.
+    busy = node("a", 8, allocatable=ALLOC, others=Requests(cpu_m=7000, pods=3))
+    view = build_view([busy, node("b", 4, allocatable=ALLOC)], [], SETTINGS)
+    wants = Requests(cpu_m=2000, memory_bytes=16 * GI, gpus=1, pods=1)
+    assert placed(decide(view, req(requests=wants))).node == "b"
+    # Alone, a says what it lacks, and that eviction is not the way.
+    view = build_view([busy], [], SETTINGS)
+    d = unplaceable(decide(view, req(requests=wants)), UnplaceableCode.NO_CAPACITY)
+    assert "1 node with the GPUs free lacks what the replica requests besides" in d.reason
+    assert "a (cpu 2000m requested, 1000m of 8000m free)" in d.reason
+    assert "lower spec.engine.resources.requests" in d.reason
+    # Memory and pod slots count the same way; replicas already there count too.
+    full = node("a", 8, allocatable=ALLOC, others=Requests(memory_bytes=60 * GI, pods=109))
+    there = replace(rep("old", 1, "a", (0,)), requests=Requests(memory_bytes=GI, pods=1))
+    d = unplaceable(decide(build_view([full], [there], SETTINGS), req(requests=wants)),
+                    UnplaceableCode.NO_CAPACITY)  # fmt: skip
+    assert "memory 16384Mi requested, 3072Mi of 65536Mi free, pods: all 110 taken" in d.reason
+    # A placed replica's requests count for the next decision of the burst.
+    view = build_view([node("a", 8, allocatable=Requests(3000, 64 * GI, 0, 110))], [], SETTINGS)
+    first = placed(decide(view, req(requests=wants)))
+    assert first.replica.requests == wants
+    view = view.with_placed(first)
+    d = unplaceable(decide(view, req("other", requests=wants)), UnplaceableCode.NO_CAPACITY)
+    assert "cpu 2000m requested, 1000m of 3000m free" in d.reason
+
+
+def test_gpus_other_pods_request_count_before_the_agent_sees_them() -> None:
+    # A pod bound to a (not admitted yet, so no agent attributes a GPU to it) asks for 3 of
+    # the 4 devices the plugin advertises: one is left for modelfleet.
+    view = build_view(
+        [node("a", 4, gpu_allocatable=4, others=Requests(gpus=3, pods=1))], [], SETTINGS
+    )
+    d = unplaceable(decide(view, req(gpu_count=2)), UnplaceableCode.NO_CAPACITY)
+    assert "the largest free block is 1, on a" in d.reason
+    assert placed(decide(view, req(gpu_count=1))).gpu_ids == ("a:0",)
+
+
+def test_eviction_skips_a_node_whose_victims_would_not_free_enough_cpu() -> None:
+    # Both nodes are full of replicas of `old`; on a other pods hold nearly all the CPU, so
+    # evicting there frees the GPU but not the CPU: the victim is chosen on b.
+    small = Requests(cpu_m=100, pods=1)
+    a = node("a", 1, allocatable=ALLOC, others=Requests(cpu_m=7800, pods=1))
+    b = node("b", 1, allocatable=ALLOC)
+    on_a = replace(rep("old", 1, "a", (0,), last_used=1.0), requests=small)
+    on_b = replace(rep("old", 2, "b", (0,), last_used=2.0), requests=small)
+    view = build_view([a, b], [on_a, on_b], SETTINGS)
+    wants = Requests(cpu_m=1000, gpus=1, pods=1)
+    d = evict(decide(view, req(requests=wants)))
+    assert d.node == "b"
+    assert [v.pod for v in d.victims] == ["old-instance-2"]
 
 
 def test_memory_of_a_replica_that_just_went_makes_it_wait_not_evict() -> None:
