@@ -312,6 +312,12 @@ async def _stop_process(proc: asyncio.subprocess.Process, grace_s: float) -> Non
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
+    except asyncio.CancelledError:
+        # Stopped again while stopping (the runner itself is told to stop): no grace left, and
+        # a program that ignored SIGTERM must not outlive the runner.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
 
 
 class Supervisor:

@@ -320,7 +320,12 @@ async def test_watch_namespace_confines_operator_and_gateway(
         assert await can_i(cluster, operator, "list", "pods", "-n", namespace)  # agents
         assert not await can_i(cluster, operator, "create", "pods", "-n", namespace)
         assert not await can_i(cluster, operator, "create", "pods", "-n", third)
-        assert not await can_i(cluster, operator, "list", "pods", "--all-namespaces")
+        # Reading the pods bound to nodes (what they request counts at placement): list and
+        # watch everywhere, nothing more outside its namespaces.
+        assert await can_i(cluster, operator, "list", "pods", "--all-namespaces")
+        assert await can_i(cluster, operator, "watch", "pods", "--all-namespaces")
+        assert not await can_i(cluster, operator, "get", "pods", "-n", third)
+        assert not await can_i(cluster, operator, "delete", "pods", "-n", third)
         assert not await can_i(
             cluster, operator, "patch", "modeldeployments.modelfleet.io", "-n", third
         )

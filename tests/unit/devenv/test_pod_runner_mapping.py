@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import sys
 from typing import Any
 
 import pytest
@@ -11,6 +15,7 @@ from pod_runner import (
     Launch,
     NotRunnable,
     Probe,
+    _stop_process,
     build_launch,
     build_status_patch,
     desired_launches,
@@ -226,3 +231,27 @@ def test_agent_reads_its_nodes_pod_resources_socket() -> None:
     assert argv[-2:] == ("--pod-resources-socket", "/run/podres/gpu-h100-0.sock")
     # Replicas are not told: only the agent reads the node's pod-resources.
     assert "--pod-resources-socket" not in build_launch(pod("replica"), NODE, KUBECONFIG, "/x").argv
+
+
+async def test_a_program_that_ignores_sigterm_does_not_outlive_a_second_stop() -> None:
+    """The runner, told to stop while it is stopping a pod's program (its grace running), kills
+    the program at once rather than leaving it behind with the SIGTERM it ignores."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('up', flush=True); time.sleep(60)",
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    assert await proc.stdout.readline() == b"up\n"
+    stopping = asyncio.create_task(_stop_process(proc, grace_s=30))
+    await asyncio.sleep(0.3)
+    assert proc.returncode is None  # SIGTERM ignored, grace running
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert await asyncio.wait_for(proc.wait(), 5) == -signal.SIGKILL
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
