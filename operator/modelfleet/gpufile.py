@@ -37,6 +37,9 @@ class SimGpu(BaseModel):
     product: str = Field(..., min_length=1)
     memory_mib: int = Field(..., ge=1)
     max_power_w: float = Field(700.0, gt=0)
+    # Framebuffer the driver keeps for itself (NVML v2's `reserved`: about 600 MiB on an H200
+    # with driver 580); NVML v1 counts it as used, v2 and nvidia-smi do not.
+    reserved_mib: int = Field(0, ge=0)
 
 
 def simulated_uuid(node: str, index: int) -> str:

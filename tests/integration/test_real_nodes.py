@@ -420,6 +420,50 @@ async def test_cpu_other_pods_request_keeps_a_replica_off_the_node(
     assert pod["spec"]["nodeName"] == "real-1"
 
 
+async def test_a_replica_runs_on_gpu_tainted_nodes_with_a_token_secret_and_a_node_cache(
+    kube: KubeClient,
+    namespace: str,
+    real_nodes: RealNodes,
+    agents: dict[str, str],
+    operators: Operators,
+) -> None:
+    """The real nodes carry GKE's taint nvidia.com/gpu=present:NoSchedule and the spec tolerates
+    nothing: the replica tolerates the GPU taint by itself. Its Hugging Face token Secret does
+    not exist yet: the kubelet will not start it, and status says which Secret is missing; once
+    the Secret is there it runs, with the node-local cache directory the kubelet created."""
+    operators.start()
+    cache = f"/var/lib/model-cache/{namespace}"
+    engine = {
+        "image": real_nodes.vllm_sim_image,
+        "huggingFaceToken": {"secretName": "hf", "key": "token"},
+        "cache": {"hostPath": cache},
+    }
+    on_real_1 = {"nodeSelector": {**REAL_NODE_SELECTOR, "kubernetes.io/hostname": "real-1"}}
+    await kube.create(
+        md_path(namespace), md("gated", gpu={"count": 1}, placement=on_real_1, engine=engine)
+    )
+
+    async def told() -> str | None:
+        obj = await kube.get(md_path(namespace, "gated"))
+        for cond in (obj.get("status") or {}).get("conditions") or []:
+            if 'secret "hf" not found' in cond.get("message", ""):
+                return str(cond["message"])
+        return None
+
+    message = await wait_for(told, 90, interval=0.5, what="status to name the missing Secret")
+    assert "CreateContainerConfigError" in message, message
+    (instance,) = (await kube.get(md_path(namespace, "gated")))["status"]["instances"]
+    assert instance["message"] == 'secret "hf" not found', instance
+
+    secret = {"metadata": {"name": "hf"}, "stringData": {"token": "hf_not_a_real_token"}}
+    await kube.create(f"/api/v1/namespaces/{namespace}/secrets", secret)
+    await wait_ready(kube, namespace, "gated", 1, deadline_s=180)
+    (pod,) = await replica_pods(kube, namespace, "gated")
+    assert pod["spec"]["nodeName"] == "real-1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists"} in pod["spec"]["tolerations"]
+    assert real_nodes.in_node("real-1", cache).is_dir()
+
+
 async def test_gpus_a_foreign_pod_holds_are_not_placed_on(
     kube: KubeClient,
     namespace: str,

@@ -137,6 +137,10 @@ XID_MEANINGS: dict[int, str] = {
 }
 
 
+# What a driver without the v2 memory structure (before R510) answers when asked for it.
+MEMORY_V2_MISSING = frozenset({3, 13, 25})  # NOT_SUPPORTED, FUNCTION_NOT_FOUND, VERSION_MISMATCH
+
+
 class NvmlStartError(RuntimeError):
     """NVML could not start: no driver, no library or no GPU visible."""
 
@@ -237,6 +241,7 @@ class NvmlBackend:
         self._mig_index: dict[str, int] = {}
         self._next_mig_scan = 0.0
         self._handles: list[Any] = []
+        self._memory_v2: bool | None = None  # None: not tried yet
         self._known: dict[int, _Known] = {}
         self._driver: str | None = None
         self._event_set: Any = None
@@ -337,6 +342,27 @@ class NvmlBackend:
             return None
         return event_set
 
+    def _read_memory(self, handle: Any) -> tuple[int, int, int]:
+        """(total, used, free) in MiB. NVML's v2 structure where the driver has it (R510 on):
+        its `used` leaves out the memory the driver reserves for itself (600 MiB and more on an
+        idle H200), as nvidia-smi shows it; v1 counts that as used, which would make every idle
+        GPU look busy. `free` is what applications can still allocate, in both."""
+        nv = self.nvml
+        v2 = getattr(nv, "nvmlMemory_v2", None)
+        if v2 is not None and self._memory_v2 is not False:
+            try:
+                memory = nv.nvmlDeviceGetMemoryInfo(handle, version=v2)
+            except nv.NVMLError as exc:
+                if _error_code(exc) not in MEMORY_V2_MISSING:
+                    raise
+                log.info("NVML has no v2 memory information (%s): reading v1", _describe(exc))
+                self._memory_v2 = False
+            else:
+                self._memory_v2 = True
+                return int(memory.total) // MIB, int(memory.used) // MIB, int(memory.free) // MIB
+        memory = nv.nvmlDeviceGetMemoryInfo(handle)
+        return int(memory.total) // MIB, int(memory.used) // MIB, int(memory.free) // MIB
+
     def read_gpu_blocking(self, index: int, pods: Sequence[PodRef] = ()) -> GpuStats:
         """One GPU. A sensor that fails is null; identity or memory failing makes the GPU stale;
         a device-gone error makes it unhealthy. Raises NvmlDown when NVML itself fails."""
@@ -346,7 +372,7 @@ class NvmlBackend:
         try:
             known.uuid = _text(nv.nvmlDeviceGetUUID(handle))
             known.product = _text(nv.nvmlDeviceGetName(handle))
-            memory = nv.nvmlDeviceGetMemoryInfo(handle)
+            total, used, free = self._read_memory(handle)
         except nv.NVMLError as exc:
             self._on_gpu_error()
             if _error_code(exc) in NVML_DOWN_ERRORS:
@@ -354,8 +380,7 @@ class NvmlBackend:
             if _error_code(exc) in DEVICE_GONE_ERRORS:
                 return self._lost(index, pods, exc)
             return self.build_stale(index, pods, f"NVML could not read the GPU: {_describe(exc)}")
-        known.memory_total_mib = int(memory.total) // MIB
-        used = int(memory.used) // MIB
+        known.memory_total_mib = total
         known.memory_used_mib = used
         gone: list[BaseException] = []
         util = self._read_field(
@@ -380,7 +405,7 @@ class NvmlBackend:
             product=known.product,
             memory_total_mib=known.memory_total_mib,
             memory_used_mib=used,
-            memory_free_mib=max(0, known.memory_total_mib - used),
+            memory_free_mib=max(0, min(free, known.memory_total_mib - used)),
             utilization_percent=None if util is None else float(min(100, max(0, int(util)))),
             temperature_c=None if temperature is None else float(temperature),
             power_w=None if power_mw is None else float(power_mw) / 1000.0,

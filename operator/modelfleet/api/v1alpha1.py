@@ -375,6 +375,76 @@ class ResourceRequirements(_Model):
     )
 
 
+# A DNS subdomain name, as Secrets, PersistentVolumeClaims, ServiceAccounts, RuntimeClasses and
+# PriorityClasses are named.
+ObjectName = Annotated[
+    str,
+    StringConstraints(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    ),
+]
+MAX_PULL_SECRETS = 16
+
+
+class SecretKey(_Model):
+    """A key of a Secret in the ModelDeployment's namespace."""
+
+    secret_name: ObjectName = Field(..., description="Name of the Secret.")
+    key: Annotated[
+        str, StringConstraints(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+    ] = Field("HF_TOKEN", description="Key in the Secret that holds the value.")
+
+
+class CacheSpec(_Model):
+    """Where a replica keeps downloaded weights and compiled kernels (mounted at /cache)."""
+
+    persistent_volume_claim: ObjectName | None = Field(
+        None,
+        description=(
+            "A PersistentVolumeClaim in the namespace, shared by every replica of the model "
+            "(ReadWriteMany, or ReadWriteOnce when the replicas share one node): weights are "
+            "downloaded once, and a restart reads them back."
+        ),
+    )
+    host_path: Annotated[str, StringConstraints(max_length=4096, pattern=r"^/.*")] | None = Field(
+        None,
+        description=(
+            "A directory on the node (created if missing), shared by every replica there: a "
+            "second replica or a restart on the node does not download again. Needs a namespace "
+            "whose Pod Security level allows hostPath volumes."
+        ),
+    )
+    size_limit: PositiveQuantity | None = Field(
+        None,
+        description=(
+            "Neither set: an emptyDir of this size, also requested as ephemeral-storage so the "
+            "kubelet places and evicts by it. Empty: an unsized emptyDir."
+        ),
+    )
+
+    invariants = (
+        Invariant(
+            holds=lambda c: c.persistent_volume_claim is None or c.host_path is None,
+            cel="!has(self.persistentVolumeClaim) || !has(self.hostPath)",
+            message="spec.engine.cache.hostPath: set persistentVolumeClaim or hostPath, not both",
+            field_path=".hostPath",
+        ),
+        Invariant(
+            holds=lambda c: (
+                c.size_limit is None or (c.persistent_volume_claim is None and c.host_path is None)
+            ),
+            cel="!has(self.sizeLimit) || (!has(self.persistentVolumeClaim) && !has(self.hostPath))",
+            message=(
+                "spec.engine.cache.sizeLimit sizes the emptyDir used when neither "
+                "persistentVolumeClaim nor hostPath is set; remove it, or the volume"
+            ),
+            field_path=".sizeLimit",
+        ),
+    )
+
+
 class EngineSpec(_Model):
     """The vLLM server container."""
 
@@ -389,6 +459,44 @@ class EngineSpec(_Model):
         default_factory=ResourceRequirements, description="CPU and memory of the container."
     )
     port: int = Field(8000, ge=1, le=65535, description="Port vLLM listens on.")
+    hugging_face_token: SecretKey | None = Field(
+        None,
+        description=(
+            "A Secret key holding a Hugging Face token, passed as HF_TOKEN: gated models "
+            "(gemma, Llama) need one. A missing Secret or key keeps the replica from starting "
+            "(CreateContainerConfigError) and status says so."
+        ),
+    )
+    cache: CacheSpec | None = Field(
+        None, description="Where weights and compiled kernels are kept; empty: an emptyDir."
+    )
+    startup_timeout: Duration | None = Field(
+        None,
+        description=(
+            "How long a replica may take to answer /health for the first time (image pull not "
+            "included: download, load, compile) before the kubelet restarts it; empty: 30m."
+        ),
+    )
+    runtime_class_name: ObjectName | None = Field(
+        None,
+        description="RuntimeClass of the replica Pods, e.g. nvidia where it is not the default.",
+    )
+    image_pull_secrets: list[ObjectName] = Field(
+        default_factory=list,
+        max_length=MAX_PULL_SECRETS,
+        description="Secrets (names, in the namespace) for pulling a private engine image.",
+    )
+    service_account_name: ObjectName | None = Field(
+        None,
+        description="ServiceAccount of the replica Pods; its token is never mounted.",
+    )
+    priority_class_name: ObjectName | None = Field(
+        None,
+        description=(
+            "PriorityClass of the replica Pods (the kubelet's and the cluster's order, e.g. for "
+            "node-pressure eviction); spec.priority orders modelfleet's own evictions."
+        ),
+    )
 
 
 class ModelDeploymentSpec(_Model):
@@ -495,6 +603,13 @@ class Instance(_Model):
     )
     phase: str = Field("Pending", description="Pending, Starting, Ready, Terminating or Failed.")
     reason: str = Field("", description="Why it is in this phase.")
+    message: str = Field(
+        "",
+        description=(
+            'What the kubelet says about it (e.g. secret "hf" not found), or how its last '
+            "run ended while it crash-loops."
+        ),
+    )
     started_at: Timestamp | None = Field(None, description="When it became ready.")
 
 

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 from modelfleet.api import (
     API_GROUP,
     API_VERSION,
     KIND,
+    EngineSpec,
     ModelDeployment,
     ModelDeploymentSpec,
     SharingMode,
 )
 from modelfleet.api import labels as L
+from modelfleet.api.units import parse_duration
 from modelfleet.controller.decisions import Placed
 from modelfleet.controller.nodeusage import compute_pod_requests
 from modelfleet.controller.observed import ObservedPod, instance_name
@@ -39,6 +42,12 @@ SHM_SIZE = (
 MAX_GPU_MEMORY_UTILIZATION = 0.95
 CONTAINER_NAME = "vllm"
 RUN_AS_USER = 1000
+RUN_AS_NAME = "vllm"
+# The taint GPU nodes carry (GKE sets it on every GPU node; the GPU Operator's docs suggest it):
+# tolerated by every replica, as Kubernetes' ExtendedResourceToleration does for pods that request
+# nvidia.com/gpu. Shared replicas request none, but run on GPU nodes all the same.
+GPU_TOLERATION: dict[str, Any] = {"key": "nvidia.com/gpu", "operator": "Exists"}
+DEFAULT_STARTUP_S = STARTUP_PERIOD_S * STARTUP_FAILURE_THRESHOLD
 
 
 def owner_reference(md: ModelDeployment) -> dict[str, Any]:
@@ -67,6 +76,24 @@ def selector_string(deployment: str) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(deployment).items()))
 
 
+# spec.engine fields added after v0.1: left out of the template hash while unset, so that an
+# operator upgrade does not roll every replica whose spec did not change.
+LATER_ENGINE_FIELDS = (
+    "hugging_face_token",
+    "cache",
+    "startup_timeout",
+    "runtime_class_name",
+    "image_pull_secrets",
+    "service_account_name",
+    "priority_class_name",
+)
+
+
+def _engine_material(engine: EngineSpec) -> dict[str, Any]:
+    unset = {f for f in LATER_ENGINE_FIELDS if getattr(engine, f) in (None, [])}
+    return engine.model_dump(mode="json", exclude=unset)
+
+
 def compute_template_hash(md: ModelDeployment, default_image: str) -> str:
     """Hash of everything a replica Pod is built from except its placement.
 
@@ -77,7 +104,7 @@ def compute_template_hash(md: ModelDeployment, default_image: str) -> str:
         "model": spec.model,
         "served": md.served_name,
         "gpu": spec.gpu.model_dump(mode="json"),
-        "engine": spec.engine.model_dump(mode="json"),
+        "engine": _engine_material(spec.engine),
         "image": spec.engine.image or default_image,
         "tolerations": [t.model_dump(mode="json") for t in spec.placement.tolerations],
     }
@@ -116,10 +143,27 @@ def build_engine_args(md: ModelDeployment, placed: Placed) -> list[str]:
 
 def _env(md: ModelDeployment, placed: Placed) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
-        # The image's default HOME is root's; caches go to a writable emptyDir instead.
+        # The image's default HOME is root's; caches go to the writable cache volume instead.
         {"name": "HOME", "value": "/cache"},
         {"name": "HF_HOME", "value": "/cache/huggingface"},
+        # The uid has no passwd entry in the image: Python's getpass.getuser() (torch inductor
+        # calls it at import) reads these first instead of failing on getpwuid.
+        {"name": "USER", "value": RUN_AS_NAME},
+        {"name": "LOGNAME", "value": RUN_AS_NAME},
+        # Everything vLLM, torch and triton compile or download lands in the cache volume.
+        {"name": "XDG_CACHE_HOME", "value": "/cache/xdg"},
+        {"name": "VLLM_CACHE_ROOT", "value": "/cache/vllm"},
+        {"name": "TORCHINDUCTOR_CACHE_DIR", "value": "/cache/torchinductor"},
+        {"name": "TRITON_CACHE_DIR", "value": "/cache/triton"},
     ]
+    token = md.spec.engine.hugging_face_token
+    if token is not None:
+        env.append(
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": token.secret_name, "key": token.key}},
+            }
+        )
     if md.spec.gpu.sharing == SharingMode.SHARED:
         # No nvidia.com/gpu request in Shared mode (the device plugin hands out whole GPUs), so
         # the container runtime is told which GPUs to expose.
@@ -138,11 +182,48 @@ def compute_resources(spec: ModelDeploymentSpec) -> dict[str, Any]:
         limits["nvidia.com/gpu"] = str(spec.gpu.count)
         requests["nvidia.com/gpu"] = str(spec.gpu.count)
     out: dict[str, Any] = {}
+    cache = spec.engine.cache
+    if cache is not None and cache.size_limit is not None:
+        # The cache emptyDir counts against the node's ephemeral storage: ask for it.
+        requests.setdefault("ephemeral-storage", str(cache.size_limit))
     if limits:
         out["limits"] = limits
     if requests:
         out["requests"] = requests
     return out
+
+
+def compute_tolerations(spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
+    """The replica Pod's tolerations: the spec's, and the GPU taint unless the spec has it."""
+    own = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.placement.tolerations]
+    covered = any(
+        t.get("key") in (None, "", GPU_TOLERATION["key"])
+        and t.get("operator") == "Exists"
+        and not t.get("effect")
+        for t in own
+    )
+    return own if covered else [*own, GPU_TOLERATION]
+
+
+def _cache_volume(spec: ModelDeploymentSpec) -> dict[str, Any]:
+    cache = spec.engine.cache
+    if cache is not None and cache.persistent_volume_claim:
+        return {
+            "name": "cache",
+            "persistentVolumeClaim": {"claimName": cache.persistent_volume_claim},
+        }
+    if cache is not None and cache.host_path:
+        return {"name": "cache", "hostPath": {"path": cache.host_path, "type": "DirectoryOrCreate"}}
+    if cache is not None and cache.size_limit is not None:
+        return {"name": "cache", "emptyDir": {"sizeLimit": str(cache.size_limit)}}
+    return {"name": "cache", "emptyDir": {}}
+
+
+def compute_startup_threshold(spec: ModelDeploymentSpec) -> int:
+    """startupProbe failures allowed: spec.engine.startupTimeout over the probe period."""
+    timeout = spec.engine.startup_timeout
+    seconds = parse_duration(timeout) if timeout is not None else DEFAULT_STARTUP_S
+    return max(1, math.ceil(seconds / STARTUP_PERIOD_S))
 
 
 def _probe(period_s: int, failure_threshold: int, timeout_s: int = 5) -> dict[str, Any]:
@@ -188,7 +269,7 @@ def build_replica_pod(
         "args": build_engine_args(md, placed),
         "env": _env(md, placed),
         "ports": [{"name": "http", "containerPort": spec.engine.port, "protocol": "TCP"}],
-        "startupProbe": _probe(STARTUP_PERIOD_S, STARTUP_FAILURE_THRESHOLD),
+        "startupProbe": _probe(STARTUP_PERIOD_S, compute_startup_threshold(spec)),
         "readinessProbe": _probe(READINESS_PERIOD_S, 3),
         "livenessProbe": _probe(LIVENESS_PERIOD_S, 3),
         "resources": compute_resources(md.spec),
@@ -220,14 +301,20 @@ def build_replica_pod(
         "containers": [container],
         "volumes": [
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
-            {"name": "cache", "emptyDir": {}},
+            _cache_volume(spec),
             {"name": "tmp", "emptyDir": {}},
         ],
+        "tolerations": compute_tolerations(spec),
     }
-    if spec.placement.tolerations:
-        pod_spec["tolerations"] = [
-            t.model_dump(by_alias=True, exclude_none=True) for t in spec.placement.tolerations
-        ]
+    engine = spec.engine
+    if engine.runtime_class_name:
+        pod_spec["runtimeClassName"] = engine.runtime_class_name
+    if engine.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in engine.image_pull_secrets]
+    if engine.service_account_name:
+        pod_spec["serviceAccountName"] = engine.service_account_name
+    if engine.priority_class_name:
+        pod_spec["priorityClassName"] = engine.priority_class_name
     return {
         "apiVersion": "v1",
         "kind": "Pod",

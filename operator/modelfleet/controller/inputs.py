@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from modelfleet import placement as P
 from modelfleet.api import ModelDeploymentSpec, SharingMode
-from modelfleet.controller.builders import compute_replica_requests
+from modelfleet.controller.builders import compute_replica_requests, compute_tolerations
 from modelfleet.controller.decisions import (
     Decision,
     Evict,
@@ -251,8 +251,13 @@ def build_replica_request(
         product=spec.gpu.product,
         node_selector=dict(spec.placement.node_selector),
         tolerations=tuple(
-            P.Toleration(key=t.key, operator=t.operator or "Equal", value=t.value, effect=t.effect)
-            for t in spec.placement.tolerations
+            P.Toleration(
+                key=t.get("key"),
+                operator=t.get("operator") or "Equal",
+                value=t.get("value"),
+                effect=t.get("effect"),
+            )
+            for t in compute_tolerations(spec)  # the Pod's: the GPU taint's included
         ),
         strategy=spec.placement.strategy,
         spread=spec.placement.spread,

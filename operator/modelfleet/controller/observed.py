@@ -82,6 +82,9 @@ class ObservedPod:
     priority: int = 0
     min_replicas: int = 0
     waiting_reason: str = ""  # e.g. CrashLoopBackOff, ImagePullBackOff
+    # What the kubelet says with it (`secret "hf" not found`), or how the last run ended
+    # (`exit code 1: ...`) while it crash-loops: what a person needs to fix it.
+    waiting_message: str = ""
     restarts: int = 0
     owner_uid: str = ""
     reason: str = ""  # the Pod's status.reason, e.g. UnexpectedAdmissionError
@@ -136,12 +139,15 @@ def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
             ready = True
             ready_since = parse_time(cond.get("lastTransitionTime"))
     waiting = ""
+    waiting_message = ""
     restarts = 0
     for cs in status.get("containerStatuses") or []:
         restarts += int(cs.get("restartCount") or 0)
-        reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
+        state = (cs.get("state") or {}).get("waiting") or {}
+        reason = state.get("reason")
         if reason and reason not in ("ContainerCreating", "PodInitializing"):
             waiting = str(reason)
+            waiting_message = compute_waiting_message(state, cs.get("lastState") or {})
     footprint = ann.get(L.ANN_FOOTPRINT_MIB, "")
     owner_uid = ""
     for ref in meta.get("ownerReferences") or []:
@@ -168,6 +174,7 @@ def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
         priority=_int(ann.get(L.ANN_PRIORITY), 0),
         min_replicas=_int(ann.get(L.ANN_MIN_REPLICAS), 0),
         waiting_reason=waiting,
+        waiting_message=waiting_message,
         restarts=restarts,
         owner_uid=owner_uid,
         reason=str(status.get("reason") or ""),
@@ -176,6 +183,22 @@ def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
         recorded_assigned=_split(ann.get(L.ANN_ASSIGNED_GPUS)),
         requests=compute_pod_requests(pod.get("spec") or {}),
     )
+
+
+# Enough of a message for a status line; the Pod has the rest.
+WAITING_MESSAGE_MAX = 300
+
+
+def compute_waiting_message(waiting: Mapping[str, Any], last: Mapping[str, Any]) -> str:
+    """The kubelet's message for a waiting container, else how its last run ended."""
+    text = str(waiting.get("message") or "")
+    ended = last.get("terminated") or {}
+    if waiting.get("reason") == "CrashLoopBackOff" and ended:
+        code = ended.get("exitCode")
+        detail = str(ended.get("message") or ended.get("reason") or "")
+        text = f"last run ended with exit code {code}" + (f": {detail}" if detail else "")
+    text = " ".join(text.split())
+    return text if len(text) <= WAITING_MESSAGE_MAX else text[: WAITING_MESSAGE_MAX - 3] + "..."
 
 
 def _int(text: str | None, default: int) -> int:

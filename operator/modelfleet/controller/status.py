@@ -59,6 +59,7 @@ def _instance(pod: ObservedPod, deleting: Mapping[str, str]) -> Instance:
         phase, reason = "Pending", pod.waiting_reason or "Bound"
     return Instance(
         name=pod.name,
+        message=pod.waiting_message if reason == pod.waiting_reason else "",
         node=pod.node,
         gpus=list(pod.gpus),
         planned_gpus=list(pod.gpu_ids) if pod.assignment_differs else [],
@@ -194,7 +195,12 @@ def _degraded(plan: Plan, live: list[Instance], ready: int) -> Condition:
         return _cond(kind, True, failures[0].reason, text)
     if broken:
         return _cond(
-            kind, True, broken[0].reason, ", ".join(f"{i.name} is {i.reason}" for i in broken)
+            kind,
+            True,
+            broken[0].reason,
+            ", ".join(
+                f"{i.name} is {i.reason}" + (f" ({i.message})" if i.message else "") for i in broken
+            ),
         )
     if plan.blocker is not None and ready < plan.target:
         return _cond(kind, True, plan.blocker.reason, plan.blocker.message)

@@ -107,6 +107,21 @@ class Memory:
 
 
 @dataclass(frozen=True)
+class MemoryV2:
+    """nvmlMemory_v2_t: `used` leaves out what the driver reserves."""
+
+    total: int
+    reserved: int
+    free: int
+    used: int
+    version: int = 0
+
+
+# What pynvml passes as `version` for the v2 structure (its value is opaque to callers).
+nvmlMemory_v2 = 0x02000028
+
+
+@dataclass(frozen=True)
 class Utilization:
     gpu: int
     memory: int
@@ -215,15 +230,21 @@ class FakeNvml:
     def _used_mib(self, gpu: SimGpu) -> int:
         return min(self.dir.used_mib(gpu.uuid), gpu.memory_mib)
 
-    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> Memory:
+    def nvmlDeviceGetMemoryInfo(self, handle: Any, version: int | None = None) -> Memory | MemoryV2:
         # Answers on a lost GPU too, so one lost before the agent started still has its size
-        # (the agent then counts all of it used); the sensors below are what fail.
+        # (the agent then counts all of it used); the sensors below are what fail. As the real
+        # NVML: v1 counts the driver's reserved memory as used, v2 reports it apart.
         gpu = self._gpu(handle)
         self._fail_reading(gpu, "memory")
-        used = self._used_mib(gpu)
-        return Memory(
-            total=gpu.memory_mib * MIB, used=used * MIB, free=(gpu.memory_mib - used) * MIB
-        )
+        reserved = min(gpu.reserved_mib, gpu.memory_mib)
+        used = min(self._used_mib(gpu), gpu.memory_mib - reserved)
+        free = (gpu.memory_mib - reserved - used) * MIB
+        if version is None:
+            return Memory(total=gpu.memory_mib * MIB, used=(used + reserved) * MIB, free=free)
+        return MemoryV2(
+            total=gpu.memory_mib * MIB, reserved=reserved * MIB, free=free, used=used * MIB,
+            version=version,
+        )  # fmt: skip
 
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Utilization:
         gpu = self._reachable(handle)
@@ -277,7 +298,7 @@ def build_fake_pynvml(directory: str | Path) -> types.ModuleType:
     module = types.ModuleType("pynvml", "fake pynvml over a modelfleet fake GPU driver directory")
     module.NVMLError = NVMLError  # type: ignore[attr-defined]
     for name, value in globals().items():
-        if name.startswith(("NVML_", "nvmlEventType")):
+        if name.startswith(("NVML_", "nvmlEventType", "nvmlMemory_")):
             setattr(module, name, value)
     for name, fn in state.functions().items():
         setattr(module, name, fn)

@@ -29,6 +29,7 @@ from modelfleet.placement.view import (
     STAGE_PRODUCT,
     STAGE_REJECTED,
     STAGE_SELECTOR,
+    STAGE_SLICED,
     STAGE_STALE,
     STAGE_TAINTS,
     STAGE_UNHEALTHY,
@@ -56,7 +57,12 @@ def check_request(request: ReplicaRequest) -> None:
 
 
 def _static_key(request: ReplicaRequest) -> StaticKey:
-    return (request.product, frozenset(request.node_selector.items()), request.tolerations)
+    return (
+        request.product,
+        frozenset(request.node_selector.items()),
+        request.tolerations,
+        request.sharing == SharingMode.EXCLUSIVE,
+    )
 
 
 def _product_node(node: NodeState, product: str | None, margin: int) -> NodeState:
@@ -523,6 +529,11 @@ def _no_eligible_node(view: ClusterView, request: ReplicaRequest, elig: Eligibil
             parts.append(f"{k} {nodes} cordoned ({_examples(items)})")
         elif stage == STAGE_REJECTED:
             parts.append(f"{k} {nodes} rejected a replica at admission ({_examples(items)})")
+        elif stage == STAGE_SLICED:
+            parts.append(
+                f"{k} {nodes} hand out shared GPUs, which an Exclusive replica does not take "
+                f"({_examples(items)})"
+            )
         elif stage == STAGE_STALE:
             parts.append(f"{k} {nodes} with stale GPU stats ({_examples(items)})")
         elif stage == STAGE_UNHEALTHY:

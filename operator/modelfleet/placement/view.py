@@ -302,7 +302,8 @@ def untolerated(taints: Iterable[Taint], tolerations: tuple[Toleration, ...]) ->
 
 
 # The static part of a request: what decides eligibility before any capacity is looked at.
-StaticKey = tuple[str | None, frozenset[tuple[str, str]], tuple[Toleration, ...]]
+# (product, nodeSelector, tolerations, asks for nvidia.com/gpu devices: Exclusive)
+StaticKey = tuple[str | None, frozenset[tuple[str, str]], tuple[Toleration, ...], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +321,7 @@ STAGE_PRODUCT = "product"
 STAGE_TAINTS = "taints"
 STAGE_CORDONED = "cordoned"
 STAGE_REJECTED = "rejected"
+STAGE_SLICED = "sliced"
 STAGE_STALE = "stale"
 STAGE_UNHEALTHY = "unhealthy"
 STAGES = (
@@ -328,13 +330,35 @@ STAGES = (
     STAGE_TAINTS,
     STAGE_CORDONED,
     STAGE_REJECTED,
+    STAGE_SLICED,
     STAGE_STALE,
     STAGE_UNHEALTHY,
 )
 
+# GPU Feature Discovery's label for time-slicing and MPS: each GPU is advertised this many times.
+REPLICAS_LABEL = "nvidia.com/gpu.replicas"
+
+
+def compute_sliced(info: NodeInfo) -> str:
+    """Why an nvidia.com/gpu device of this node is not a whole GPU, or "".
+
+    The device plugin then hands out time-slicing or MPS replicas, or MIG instances
+    (`mig.strategy=single`), as nvidia.com/gpu: two Exclusive replicas could get one GPU.
+    """
+    replicas = info.labels.get(REPLICAS_LABEL, "")
+    if replicas.isdigit() and int(replicas) > 1:
+        return f"{REPLICAS_LABEL}={replicas}: each GPU is shared (time-slicing or MPS)"
+    seen = len(info.gpus)
+    if info.gpu_allocatable is not None and seen and info.gpu_allocatable > seen:
+        return (
+            f"allocates {info.gpu_allocatable} nvidia.com/gpu for the {seen} GPUs its agent sees "
+            "(time-slicing, MPS or MIG instances, not whole GPUs)"
+        )
+    return ""
+
 
 def _exclusion(node: NodeState, key: StaticKey) -> tuple[str, str] | None:
-    product, selector, tolerations = key
+    product, selector, tolerations, devices = key
     info = node.info
     for label, value in selector:
         if info.labels.get(label) != value:
@@ -354,6 +378,9 @@ def _exclusion(node: NodeState, key: StaticKey) -> tuple[str, str] | None:
         return STAGE_CORDONED, f"{info.name}: cordoned"
     if info.rejected:
         return STAGE_REJECTED, f"{info.name}: {info.rejected}"
+    sliced = compute_sliced(info) if devices else ""
+    if sliced:
+        return STAGE_SLICED, f"{info.name}: {sliced}"
     if info.stale:
         return STAGE_STALE, f"{info.name}: {info.reason or 'stats are stale'}"
     if not info.healthy:

@@ -119,6 +119,53 @@ async def test_memory_used_only_where_a_stand_in_recorded_it(
     assert all(g.health.healthy for g in got.gpus)
 
 
+async def test_memory_the_driver_reserves_is_not_used_memory(
+    tmp_path: Path, kubelet: FakeKubelet
+) -> None:
+    # An idle H200 with driver 580: nvidia-smi shows 0 MiB used of 143771, NVML v1 says 615
+    # (it counts the driver's reserved memory), v2 says 0 and 615 reserved. The agent reports
+    # what nvidia-smi shows: 615 MiB "used" would make every idle GPU look busy to placement.
+    d = DriverDir(tmp_path / "fake-gpu")
+    gpus = build_sim_gpus(NODE, 2, 143771, "NVIDIA H200")
+    d.init_inventory(NODE, [g.model_copy(update={"reserved_mib": 615}) for g in gpus])
+    stand_in(d, UUIDS[1], "gemma-instance-1", 0.5)
+    backend, state = await sample(d, kubelet)
+    await backend.close()
+    idle, busy = report(state).gpus
+    assert (idle.memory_total_mib, idle.memory_used_mib) == (143771, 0)
+    assert idle.memory_free_mib == 143771 - 615  # what an application can still allocate
+    assert busy.memory_used_mib == int(143771 * 0.5)
+    assert busy.memory_free_mib == 143771 - 615 - int(143771 * 0.5)
+
+
+async def test_a_driver_without_v2_memory_information_is_read_through_v1(
+    tmp_path: Path, kubelet: FakeKubelet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = DriverDir(tmp_path / "fake-gpu")
+    gpus = build_sim_gpus(NODE, 1, 81559, "NVIDIA-H100-80GB-HBM3")
+    d.init_inventory(NODE, [g.model_copy(update={"reserved_mib": 500}) for g in gpus])
+    real = nvml_module.NvmlBackend._read_memory
+
+    def old_driver(self: NvmlBackend, handle: object) -> tuple[int, int, int]:
+        v1 = self.nvml.nvmlDeviceGetMemoryInfo
+        nvml = self.nvml
+
+        def no_v2(h: object, version: int | None = None) -> object:
+            if version is not None:
+                raise nvml.NVMLError(13)  # FUNCTION_NOT_FOUND: the symbol is missing
+            return v1(h)
+
+        monkeypatch.setattr(nvml, "nvmlDeviceGetMemoryInfo", no_v2)
+        return real(self, handle)
+
+    monkeypatch.setattr(nvml_module.NvmlBackend, "_read_memory", old_driver)
+    backend, state = await sample(d, kubelet)
+    await backend.close()
+    (gpu,) = report(state).gpus
+    # v1 counts the reserved memory as used; free is still what can be allocated.
+    assert (gpu.memory_used_mib, gpu.memory_free_mib) == (500, 81559 - 500)
+
+
 async def test_unhealthy_gpu_is_reported_with_the_reason_and_recovers(
     driver: DriverDir, kubelet: FakeKubelet
 ) -> None:

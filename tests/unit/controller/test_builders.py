@@ -215,9 +215,88 @@ def test_restrictive_security_context_and_shm() -> None:
     assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
 
 
-def test_tolerations_are_copied() -> None:
+def test_tolerations_are_copied_and_the_gpu_taint_is_tolerated() -> None:
+    # GKE taints every GPU node nvidia.com/gpu=present:NoSchedule: replicas tolerate it, as
+    # ExtendedResourceToleration makes pods that request nvidia.com/gpu do.
     pod = build(placement={"tolerations": [{"key": "gpu", "operator": "Exists"}]})
-    assert pod["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert pod["spec"]["tolerations"] == [
+        {"key": "gpu", "operator": "Exists"},
+        {"key": "nvidia.com/gpu", "operator": "Exists"},
+    ]
+    # Shared replicas request no GPU but run on GPU nodes all the same.
+    shared = build(gpu={"sharing": "Shared", "memory": "20Gi"})
+    assert shared["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+    # A spec that tolerates every taint already needs nothing more.
+    everything = build(placement={"tolerations": [{"operator": "Exists"}]})
+    assert everything["spec"]["tolerations"] == [{"operator": "Exists"}]
+
+
+def test_a_uid_without_passwd_entry_and_the_caches_have_what_python_needs() -> None:
+    env = env_of(build())
+    assert env["USER"] == env["LOGNAME"] == "vllm"  # getpass.getuser() reads these first
+    for var in ("XDG_CACHE_HOME", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        assert env[var].startswith("/cache/"), var
+    assert "HF_TOKEN" not in env
+
+
+def test_hugging_face_token_comes_from_the_named_secret_key() -> None:
+    pod = build(engine={"huggingFaceToken": {"secretName": "hf", "key": "token"}})
+    (var,) = [e for e in container(pod)["env"] if e["name"] == "HF_TOKEN"]
+    assert var == {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}},
+    }
+
+
+PVC = {"name": "cache", "persistentVolumeClaim": {"claimName": "weights"}}
+HOST = {"name": "cache", "hostPath": {"path": "/var/cache/models", "type": "DirectoryOrCreate"}}
+
+
+@pytest.mark.parametrize(
+    ("cache", "volume"),
+    [
+        (None, {"name": "cache", "emptyDir": {}}),
+        ({"persistentVolumeClaim": "weights"}, PVC),
+        ({"hostPath": "/var/cache/models"}, HOST),
+        ({"sizeLimit": "200Gi"}, {"name": "cache", "emptyDir": {"sizeLimit": "200Gi"}}),
+    ],
+)
+def test_cache_volume(cache: dict[str, str] | None, volume: dict[str, Any]) -> None:
+    pod = build(engine={"cache": cache} if cache else {})
+    assert next(v for v in pod["spec"]["volumes"] if v["name"] == "cache") == volume
+    assert {"name": "cache", "mountPath": "/cache"} in container(pod)["volumeMounts"]
+    requests = container(pod)["resources"].get("requests", {})
+    # A sized emptyDir is asked for as ephemeral storage, so the kubelet places and evicts by it.
+    assert requests.get("ephemeral-storage") == (cache or {}).get("sizeLimit")
+
+
+def test_pod_settings_for_real_clusters() -> None:
+    pod = build(
+        engine={
+            "startupTimeout": "1h",
+            "runtimeClassName": "nvidia",
+            "imagePullSecrets": ["registry"],
+            "serviceAccountName": "models",
+            "priorityClassName": "inference",
+        }
+    )
+    spec = pod["spec"]
+    assert container(pod)["startupProbe"]["failureThreshold"] * 10 == 3600
+    assert spec["runtimeClassName"] == "nvidia"
+    assert spec["imagePullSecrets"] == [{"name": "registry"}]
+    assert spec["serviceAccountName"] == "models"
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["priorityClassName"] == "inference"
+    default = build()
+    assert container(default)["startupProbe"]["failureThreshold"] * 10 == 1800
+    assert not {"runtimeClassName", "imagePullSecrets", "serviceAccountName"} & set(default["spec"])
+
+
+def test_new_engine_fields_left_unset_keep_the_template_hash() -> None:
+    # An operator upgrade must not roll replicas whose spec did not change.
+    plain = compute_template_hash(make_md(), IMAGE)
+    assert compute_template_hash(make_md(engine={"imagePullSecrets": []}), IMAGE) == plain
+    assert compute_template_hash(make_md(engine={"runtimeClassName": "nvidia"}), IMAGE) != plain
 
 
 @pytest.mark.parametrize(

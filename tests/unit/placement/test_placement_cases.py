@@ -385,6 +385,26 @@ def test_eviction_skips_a_node_whose_victims_would_not_free_enough_cpu() -> None
     assert [v.pod for v in d.victims] == ["old-instance-2"]
 
 
+def test_nodes_that_hand_out_shared_gpus_take_no_exclusive_replica() -> None:
+    # Time-slicing: GFD labels the node, the plugin advertises each GPU 4 times. MIG single
+    # strategy: 7 instances per GPU as nvidia.com/gpu. Either way a device is not a whole GPU,
+    # and two Exclusive replicas could land on one.
+    sliced = node("a", 2, gpu_allocatable=8, labels={"nvidia.com/gpu.replicas": "4"})
+    mig = node("b", 1, gpu_allocatable=7)
+    view = build_view([sliced, mig], [], SETTINGS)
+    d = unplaceable(decide(view, req()), UnplaceableCode.NO_MATCHING_NODE)
+    assert "2 nodes hand out shared GPUs, which an Exclusive replica does not take" in d.reason
+    assert "a: nvidia.com/gpu.replicas=4: each GPU is shared (time-slicing or MPS)" in d.reason
+    assert "b: allocates 7 nvidia.com/gpu for the 1 GPUs its agent sees" in d.reason
+    # A Shared replica works in GPU memory, and asks the kubelet for no device: it may go.
+    assert placed(decide(view, shared_req())).node == "a"
+    # Whole GPUs: as many devices as GPUs (or fewer, unhealthy ones) is fine.
+    whole = build_view(
+        [node("c", 2, gpu_allocatable=2), node("d", 2, gpu_allocatable=1)], [], SETTINGS
+    )
+    assert placed(decide(whole, req())).node == "c"
+
+
 def test_memory_of_a_replica_that_just_went_makes_it_wait_not_evict() -> None:
     # a:0 still shows the memory of a replica whose Pod is gone (the agent samples every few
     # seconds); a:1 holds another model's replica, an eviction candidate. Waiting one sample is
