@@ -65,7 +65,7 @@ chart-snapshots: $(STAMP) ## Re-render the Helm chart's snapshots (tests/unit/ch
 lint: $(STAMP) | $(HADOLINT) ## ruff, mypy --strict, the import-linter layer contracts, hadolint
 	$(BIN)/ruff check operator tests benchmarks hack
 	$(BIN)/ruff format --check operator tests benchmarks hack
-	$(BIN)/mypy operator/modelfleet hack/pod_runner.py hack/simkubelet.py hack/simnodes.py hack/oci.py hack/images.py hack/realnodes.py hack/fake_nvidia_runtime.py
+	$(BIN)/mypy operator/modelfleet hack/pod_runner.py hack/simkubelet.py hack/simnodes.py hack/oci.py hack/images.py hack/realnodes.py hack/fake_nvidia_runtime.py hack/gpu_proof.py
 	$(BIN)/lint-imports
 	$(HADOLINT) Dockerfile
 
@@ -121,6 +121,10 @@ bench-placement: $(STAMP) ## Placement speed: decisions/s and p99 at 1,000 nodes
 .PHONY: bench-placement-quality
 bench-placement-quality: $(STAMP) ## Placement quality: GPUs in use at the first failure, per strategy
 	$(BIN)/python benchmarks/bench_placement_quality.py
+
+.PHONY: gpu-proof
+gpu-proof: $(STAMP) ## On a machine with an NVIDIA GPU: the agent's NVML backend against nvidia-smi, idle and under load
+	PYTHON=$(BIN)/python bash hack/gpu-proof.sh .gpu-proof
 
 .PHONY: bench-agent
 bench-agent: $(STAMP) ## Agent: sample cost per GPU and /v1/gpus latency p50/p99 (8 GPUs)

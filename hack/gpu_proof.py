@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import socket
@@ -19,10 +20,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+Doc = dict[Any, Any]  # a decoded JSON document or a table of readings
 SMI_FIELDS = "index,uuid,name,memory.total,memory.used,utilization.gpu,temperature.gpu,power.draw"
 # nvidia-smi and the agent read at different instants: how far apart a figure may be.
 MEMORY_TOLERANCE_MIB = 256
@@ -118,8 +121,9 @@ def nvml_support() -> dict[str, dict[str, str]]:
 
     pynvml.nvmlInit()
     try:
-        calls = {
+        calls: dict[str, Callable[[Any], Any]] = {
             "memory_info": lambda h: pynvml.nvmlDeviceGetMemoryInfo(h),
+            "memory_info_v2": lambda h: pynvml.nvmlDeviceGetMemoryInfo(h, pynvml.nvmlMemory_v2),
             "utilization": lambda h: pynvml.nvmlDeviceGetUtilizationRates(h),
             "temperature": lambda h: pynvml.nvmlDeviceGetTemperature(h, 0),
             "power": lambda h: pynvml.nvmlDeviceGetPowerUsage(h),
@@ -144,7 +148,7 @@ def nvml_support() -> dict[str, dict[str, str]]:
         pynvml.nvmlShutdown()
 
 
-def compare(phase: str, report: dict[str, Any], before: dict, after: dict) -> list[str]:
+def compare(phase: str, report: Doc, before: Doc, after: Doc) -> list[str]:
     """Failures of one phase: the agent's sample against nvidia-smi read before and after."""
     failures = []
     gpus = {g["index"]: g for g in report["gpus"]}
@@ -189,12 +193,30 @@ def compare(phase: str, report: dict[str, Any], before: dict, after: dict) -> li
     return failures
 
 
-def sample(base: str, after_s: float) -> tuple[dict, dict, dict]:
+def sample(base: str, after_s: float) -> tuple[Doc, Doc, Doc]:
     """nvidia-smi, then a fresh agent sample, then nvidia-smi again."""
     before = smi()
     time.sleep(after_s)
     report = agent_gpus(base)
     return before, report, smi()
+
+
+def judge_load(busy: tuple[Doc, Doc, Doc], idle: Doc, figures: dict[str, Any]) -> list[str]:
+    """Failures of the load phase: memory grew by what the load holds, both sides see it busy."""
+    failures = []
+    for g in busy[1]["gpus"]:
+        idle_used = next(x for x in idle["gpus"] if x["index"] == g["index"])
+        delta = g["memoryUsedMib"] - idle_used["memoryUsedMib"]
+        figures[f"gpu{g['index']}_load_delta_mib"] = delta
+        if delta < LOAD_GIB * 1024:
+            failures.append(f"load: GPU {g['index']} used grew {delta} MiB only")
+        util = g["utilizationPercent"]
+        smi_util = busy[2][g["index"]]["util"]
+        figures[f"gpu{g['index']}_load_util"] = util
+        if util is not None and (util < UTIL_BUSY or (smi_util or 0) < UTIL_BUSY):
+            failures.append(f"load: utilization agent {util}, nvidia-smi {smi_util}")
+        figures[f"gpu{g['index']}_load_power_w"] = g["powerW"]
+    return failures
 
 
 def main() -> int:
@@ -231,6 +253,9 @@ def main() -> int:
         figures["driver"] = report.get("driverVersion")
         figures["backend"] = report.get("backend")
         failures += compare("idle", *_order(idle))
+        for g in report["gpus"]:
+            figures[f"gpu{g['index']}_idle_used_mib"] = g["memoryUsedMib"]
+            figures[f"gpu{g['index']}_idle_used_smi_mib"] = idle[2][g["index"]]["memory_used"]
         used = metric_values(base, "DCGM_FI_DEV_FB_USED")
         for g in agent_gpus(base)["gpus"]:
             if str(g["index"]) not in used:
@@ -238,10 +263,8 @@ def main() -> int:
         figures["metrics_series"] = len(used)
 
         try:
-            import torch  # noqa: F401
-
-            have_torch = True
-        except ImportError:
+            have_torch = importlib.util.find_spec("torch") is not None
+        except ValueError:
             have_torch = False
         if have_torch:
             load = subprocess.Popen(
@@ -253,18 +276,7 @@ def main() -> int:
             time.sleep(4)  # a few agent samples with the load on
             busy = sample(base, 1.5)
             failures += compare("load", *_order(busy))
-            for g in busy[1]["gpus"]:
-                idle_used = next(x for x in report["gpus"] if x["index"] == g["index"])
-                delta = g["memoryUsedMib"] - idle_used["memoryUsedMib"]
-                figures[f"gpu{g['index']}_load_delta_mib"] = delta
-                if delta < LOAD_GIB * 1024:
-                    failures.append(f"load: GPU {g['index']} used grew {delta} MiB only")
-                util = g["utilizationPercent"]
-                smi_util = busy[2][g["index"]]["util"]
-                figures[f"gpu{g['index']}_load_util"] = util
-                if util is not None and (util < UTIL_BUSY or (smi_util or 0) < UTIL_BUSY):
-                    failures.append(f"load: utilization agent {util}, nvidia-smi {smi_util}")
-                figures[f"gpu{g['index']}_load_power_w"] = g["powerW"]
+            failures += judge_load(busy, report, figures)
         figures["load"] = have_torch
         figures["nvml"] = nvml_support()
     finally:
@@ -290,7 +302,7 @@ def main() -> int:
     return 0 if not failures else 1
 
 
-def _order(s: tuple[dict, dict, dict]) -> tuple[dict, dict, dict]:
+def _order(s: tuple[Doc, Doc, Doc]) -> tuple[Doc, Doc, Doc]:
     before, report, after = s
     return report, before, after
 
