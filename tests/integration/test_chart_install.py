@@ -112,7 +112,9 @@ async def test_install_upgrade_uninstall(cluster: Cluster, kube: KubeClient) -> 
     release = release_name()
     values: dict[str, Any] = {
         "crds": {"enabled": False},
-        "agent": {"podResources": {"enabled": False}},
+        # The test nodes have no RuntimeClass "nvidia" (the default platform's); the NVIDIA
+        # runtime, where there is one, is their default runtime (hack/fake_nvidia_runtime.py).
+        "agent": {"podResources": {"enabled": False}, "platform": "none"},
         "parallelModels": {"gemma3-4B": 2, "Llama-3.2-1B": {"model": "meta-llama/x"}},
     }
     try:
@@ -174,7 +176,11 @@ async def test_pod_security_admission_refuses_the_pod_resources_agent(
     # agent, which mounts the kubelet socket, naming what is wrong.
     ns = await make_namespace(kube, {"pod-security.kubernetes.io/enforce": "restricted"})
     try:
-        rendered = await helm(cluster, "template", "psa", str(CHART), "-n", ns, values={})
+        # platform none: a RuntimeClass the cluster lacks would be refused first, by the
+        # RuntimeClass admission plugin, before Pod Security is asked.
+        rendered = await helm(
+            cluster, "template", "psa", str(CHART), "-n", ns, values={"agent": {"platform": "none"}}
+        )
         (daemonset,) = [o for o in objects_of(rendered.stdout) if o["kind"] == "DaemonSet"]
         spec = dict(daemonset["spec"]["template"]["spec"])
         spec["serviceAccountName"] = "default"

@@ -104,6 +104,8 @@ async def agents(
             "auth": {"mode": "none"},
             "nodeSelector": REAL_NODE_SELECTOR,
             "pollIntervalSeconds": 1,
+            # The fake NVIDIA runtime is the real nodes' default runtime; no RuntimeClass.
+            "platform": "none",
         },
     }
     await helm(cluster, "install", release, CHART, "-n", namespace, values=values)

@@ -164,3 +164,39 @@ override is false or 0 ("replicas: 0" must mean zero). Returns YAML; read it bac
 {{- define "modelfleet.leaseName" -}}
 {{- printf "%s-operator" (include "modelfleet.fullname" .) -}}
 {{- end -}}
+
+{{/*
+What the agent's pod needs on its platform to reach NVML (agent.platform, docs/install.md), as
+YAML: runtimeClassName, privileged, driverHostPath (mounted at /usr/local/nvidia) and
+nvidiaRuntime (the NVIDIA container runtime injects the driver: NVIDIA_VISIBLE_DEVICES is set).
+The platform's choices apply to backend nvml only; agent.runtimeClassName and
+agent.driverHostPath, when set, win over them (agent.securityContext.privileged, when set, wins
+in the DaemonSet).
+*/}}
+{{- define "modelfleet.agentPlatform" -}}
+{{- $agent := .Values.agent -}}
+{{- $p := dict "runtimeClassName" "" "privileged" false "driverHostPath" "" "nvidiaRuntime" (eq $agent.backend "nvml") -}}
+{{- if eq $agent.backend "nvml" -}}
+{{- if eq $agent.platform "gpu-operator" -}}
+{{- /* GPU Operator 25.10 and later configure CDI and leave runc the node's default runtime. */ -}}
+{{- $_ := set $p "runtimeClassName" "nvidia" -}}
+{{- else if eq $agent.platform "gke" -}}
+{{- /* Google-managed drivers: no NVIDIA runtime; the driver is on the host, and privileged
+reaches its devices. */ -}}
+{{- $_ := set $p "privileged" true -}}
+{{- $_ := set $p "driverHostPath" "/home/kubernetes/bin/nvidia" -}}
+{{- $_ := set $p "nvidiaRuntime" false -}}
+{{- else if eq $agent.platform "bottlerocket" -}}
+{{- /* nvidia is the default runtime there, but it honours NVIDIA_VISIBLE_DEVICES in
+privileged containers only. */ -}}
+{{- $_ := set $p "privileged" true -}}
+{{- end -}}
+{{- end -}}
+{{- with $agent.runtimeClassName -}}
+{{- $_ := set $p "runtimeClassName" . -}}
+{{- end -}}
+{{- with $agent.driverHostPath -}}
+{{- $_ := set $p "driverHostPath" . -}}
+{{- end -}}
+{{- toYaml $p -}}
+{{- end -}}

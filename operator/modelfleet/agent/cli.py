@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"modelfleet agent: {exc}\n")
         return 2
     except NvmlStartError as exc:
-        # The DaemonSet restarts the pod; serving empty data would hide the broken node.
+        # nvidia-ml-py missing from the image: no retry mends that. NVML itself failing to
+        # start is not an error here: the agent runs, not ready, and keeps trying (nvml.py).
         sys.stderr.write(f"modelfleet agent: {exc}\n")
         return 1
 

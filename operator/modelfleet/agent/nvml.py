@@ -11,6 +11,9 @@ failed NVML read means"):
 - an error of `DEVICE_GONE_ERRORS` on any read makes that GPU unhealthy;
 - NVML itself failing (`NVML_DOWN_ERRORS`, or every GPU unreadable) makes the whole backend not
   ready (`BackendNotReady`) and re-initialises NVML with backoff; no GPU is unhealthy for it.
+  NVML that cannot start at all (no library, no driver, no GPU visible: usually a pod without the
+  NVIDIA container runtime) is the same outage from the first moment, with a reason that names
+  the likely fix (`START_HINTS`): the agent keeps serving, not ready, and keeps trying.
 
 Pod attribution (which pods use which GPU) comes from a `pods_by_device` source, the kubelet's
 pod-resources API in the agent, read once per poll in the same worker thread.
@@ -140,9 +143,40 @@ XID_MEANINGS: dict[int, str] = {
 # What a driver without the v2 memory structure (before R510) answers when asked for it.
 MEMORY_V2_MISSING = frozenset({3, 13, 25})  # NOT_SUPPORTED, FUNCTION_NOT_FOUND, VERSION_MISMATCH
 
+# Why nvmlInit fails, by NVML's error name, and what a person can do about it: the reason the
+# agent reports while it waits for NVML. The chart's values are named because that is where the
+# fix is made on a cluster (docs/install.md has the values per platform).
+START_HINTS: dict[str, str] = {
+    "LIBRARY_NOT_FOUND": (
+        "libnvidia-ml.so.1 is not in the container, so the pod runs without the NVIDIA container "
+        "runtime (or, on GKE, without the host's driver mounted): set agent.runtimeClassName "
+        "(GPU Operator 25.10 and later: nvidia) or the agent.platform of this cluster "
+        "(gpu-operator, gke, bottlerocket); on a machine without GPUs use --backend simulated"
+    ),
+    "DRIVER_NOT_LOADED": (
+        "the NVIDIA kernel driver is not loaded on this node (not installed, or its driver "
+        "container still installing it), or the GPU devices (/dev/nvidia*) are not in the "
+        "container (NVIDIA_VISIBLE_DEVICES=all, agent.nvidiaVisibleDevices)"
+    ),
+    "NO_PERMISSION": (
+        "the agent may not open the GPU devices: run it as root (agent.podResources.enabled "
+        "does) or privileged (agent.platform gke or bottlerocket)"
+    ),
+    "LIB_RM_VERSION_MISMATCH": (
+        "the driver library and the loaded kernel module differ (a driver upgrade without a "
+        "reboot): drain and reboot the node"
+    ),
+}
+NO_GPU_HINT = (
+    "NVML started but sees no GPU: the runtime exposes none to the agent (NVIDIA_VISIBLE_DEVICES, "
+    "agent.nvidiaVisibleDevices: all; Bottlerocket honours it in privileged containers only: "
+    "agent.platform bottlerocket)"
+)
+
 
 class NvmlStartError(RuntimeError):
-    """NVML could not start: no driver, no library or no GPU visible."""
+    """The NVML backend can never start here: nvidia-ml-py itself cannot be imported (a broken
+    image). NVML failing to start (no library, no driver, no GPU) is not this: it is retried."""
 
 
 class NvmlDown(RuntimeError):
@@ -172,6 +206,12 @@ def _error_code(exc: BaseException) -> int:
 def _describe(exc: BaseException) -> str:
     """`Unknown Error (NVML_ERROR_UNKNOWN)`: NVML's message and the code's name."""
     return f"{exc} (NVML_ERROR_{nvml_error_name(exc)})"
+
+
+def describe_start_failure(exc: BaseException) -> str:
+    """`NVML could not start (<NVML's message> (NVML_ERROR_<name>)): <what to do>`."""
+    hint = START_HINTS.get(nvml_error_name(exc))
+    return f"NVML could not start ({_describe(exc)})" + (f": {hint}" if hint else "")
 
 
 def _lost_phrase(name: str) -> str:
@@ -205,10 +245,16 @@ class _Outage:
     since: float
     next_try: float
     backoff_s: float
+    why: str = ""  # the failure the reason names, without the retry note
 
 
 def compute_next_backoff(backoff_s: float) -> float:
     return min(REINIT_BACKOFF_MAX_S, backoff_s * 2)
+
+
+def compute_outage_reason(why: str) -> str:
+    """The not-ready reason while NVML is down: why, and that the agent keeps trying."""
+    return f"{why}; re-initialising NVML every {REINIT_BACKOFF_S:g} s to {REINIT_BACKOFF_MAX_S:g} s"
 
 
 class NvmlBackend:
@@ -278,15 +324,21 @@ class NvmlBackend:
     # --- blocking parts, run in worker threads -------------------------------------------
 
     def open_blocking(self) -> None:
-        """nvmlInit, the device handles, the driver version and the XID event set."""
+        """nvmlInit, the device handles, the driver version and the XID event set.
+
+        NVML that cannot start is an outage from the first moment, handled as one that begins
+        later: not ready with a reason that names the likely fix, re-initialised with backoff.
+        Raises NvmlStartError only when nvidia-ml-py cannot be imported, which no retry mends."""
+        if self._nvml is None:
+            try:
+                self._nvml = load_pynvml()
+            except ImportError as exc:
+                raise NvmlStartError(f"nvidia-ml-py (pynvml) cannot be imported: {exc}") from None
         try:
             self._init_blocking()
         except NvmlDown as exc:
-            raise NvmlStartError(
-                f"{exc}: is the NVIDIA driver installed and are the GPUs visible to this "
-                "container (NVIDIA container runtime, NVIDIA_VISIBLE_DEVICES)? On a node without "
-                "GPUs use --backend simulated."
-            ) from None
+            self._enter_outage(str(exc), starting=True)
+            return
         log.info(
             "NVML started: %d GPU(s), driver %s, XID events %s",
             len(self._handles),
@@ -300,7 +352,7 @@ class NvmlBackend:
         try:
             nv.nvmlInit()
         except nv.NVMLError as exc:
-            raise NvmlDown(f"NVML could not start ({_describe(exc)})") from None
+            raise NvmlDown(describe_start_failure(exc)) from None
         self._initialised = True
         try:
             count = nv.nvmlDeviceGetCount()
@@ -308,6 +360,11 @@ class NvmlBackend:
         except nv.NVMLError as exc:
             self._shutdown_blocking()
             raise NvmlDown(f"NVML started but could not list the GPUs ({_describe(exc)})") from None
+        if not self._handles:
+            # The agent runs on GPU nodes only: none visible is the runtime's doing, not a node
+            # without GPUs, and a ready agent with no GPUs would hide it.
+            self._shutdown_blocking()
+            raise NvmlDown(NO_GPU_HINT)
         for index, handle in enumerate(self._handles):
             # Remember who each GPU is, so that one lost before its first sample is still named.
             known = self._known.setdefault(index, _Known())
@@ -535,7 +592,7 @@ class NvmlBackend:
         ]
         return BackendNotReady(reason, gpus, self._driver)
 
-    def _enter_outage(self, why: str) -> None:
+    def _enter_outage(self, why: str, *, starting: bool = False) -> None:
         now = time.monotonic()
         backoff = (
             compute_next_backoff(self._recovering_backoff_s)
@@ -543,12 +600,22 @@ class NvmlBackend:
             else REINIT_BACKOFF_S
         )
         self._outage = _Outage(
-            reason=f"{why}; re-initialising NVML every {REINIT_BACKOFF_S:g} s to "
-            f"{REINIT_BACKOFF_MAX_S:g} s",
+            reason=compute_outage_reason(why),
             since=time.time(),
             next_try=now + backoff,
             backoff_s=backoff,
+            why=why,
         )
+        if starting:
+            log.error(
+                "%s. The agent keeps running and reports itself not ready (no GPU is read, none "
+                "is called unhealthy); it starts NVML again in %g s, then less often, up to "
+                "every %g s",
+                why,
+                backoff,
+                REINIT_BACKOFF_MAX_S,
+            )
+            return
         log.error(
             "NVML does not answer, the agent reports itself not ready (no GPU is unhealthy for "
             "it): %s",
@@ -572,7 +639,14 @@ class NvmlBackend:
             self._on_reinit(False)
             outage.backoff_s = compute_next_backoff(outage.backoff_s)
             outage.next_try = time.monotonic() + outage.backoff_s
-            log.warning("NVML re-init failed, next try in %.0f s: %s", outage.backoff_s, exc)
+            if str(exc) == outage.why:
+                log.warning("NVML re-init failed as before, next try in %.0f s", outage.backoff_s)
+            else:
+                # The reason follows the latest failure: the library may be found now, and the
+                # driver not loaded yet.
+                outage.why = str(exc)
+                outage.reason = compute_outage_reason(outage.why)
+                log.warning("NVML re-init failed, next try in %.0f s: %s", outage.backoff_s, exc)
             raise self._not_ready() from None
         self._on_reinit(True)
         self._outage = None
@@ -678,7 +752,8 @@ class NvmlBackend:
     # --- async face -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start NVML (raises NvmlStartError) and the XID event watcher."""
+        """Start NVML and the XID event watcher; NVML that cannot start leaves the backend not
+        ready and retrying (see `open_blocking`)."""
         await asyncio.to_thread(self.open_blocking)
         self._start_xid_watch()
 

@@ -21,11 +21,14 @@ class FakeNVMLError(Exception):
     NAMES = {
         1: "Uninitialized",
         3: "Not Supported",
+        4: "Insufficient Permissions",
         6: "Not Found",
         9: "Driver Not Loaded",
         10: "Timeout",
+        12: "NVML Shared Library Not Found",
         15: "GPU is lost",
         16: "GPU requires reset",
+        18: "RM has detected an NVML/RM version mismatch.",
         999: "Unknown Error",
     }
 

@@ -53,40 +53,39 @@ def get(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def test_simulated_agent_serves_all_endpoints() -> None:
+def start_agent(*args: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    """`modelfleet agent ARGS` on a free loopback port: the process and its base URL."""
     port = free_port()
+    listen = ("--host", "127.0.0.1", "--port", str(port))
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "modelfleet",
-            "agent",
-            "--backend",
-            "simulated",
-            "--gpus",
-            "8",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=agent_env(NODE_NAME="cli-node"),
+        [sys.executable, "-m", "modelfleet", "agent", *args, *listen],
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    base = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_until_answering(proc: subprocess.Popen[str], url: str, status: int = 200) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            if get(url)[0] == status:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer {status} in 30 s"
+        time.sleep(0.05)
+
+
+def test_simulated_agent_serves_all_endpoints() -> None:
+    proc, base = start_agent(
+        "--backend", "simulated", "--gpus", "8", env=agent_env(NODE_NAME="cli-node")
+    )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if get(f"{base}/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "agent did not become ready in 30 s"
-            time.sleep(0.05)
+        wait_until_answering(proc, f"{base}/readyz")
         status, body = get(f"{base}/v1/gpus")
         assert status == 200
         report = json.loads(body)
@@ -147,12 +146,53 @@ def test_bad_gpu_file_names_the_file(tmp_path: Path) -> None:
     assert "GPU #0" in result.stderr
 
 
-def test_nvml_without_driver_exits_plainly() -> None:
-    """The real nvidia-ml-py on this GPU-less machine: no library, so NVML cannot start."""
-    result = run_agent("--backend", "nvml", "--host", "127.0.0.1", "--port", str(free_port()))
-    assert result.returncode == 1
-    assert "NVML could not start" in result.stderr
-    assert "--backend simulated" in result.stderr
+def test_nvml_without_driver_runs_not_ready_and_says_why() -> None:
+    """The real nvidia-ml-py on this GPU-less machine: no library, as in a pod without the NVIDIA
+    runtime. The agent stays up (live, not ready), says why and what to set, and keeps trying."""
+    proc, base = start_agent("--backend", "nvml", env=agent_env(NODE_NAME="gpu-node-a"))
+    try:
+        wait_until_answering(proc, f"{base}/healthz")
+        wait_until_answering(proc, f"{base}/readyz", status=503)
+        _, body = get(f"{base}/readyz")
+        readyz = json.loads(body)
+        status, body = get(f"{base}/v1/gpus")
+        report = json.loads(body)
+        _, metrics = get(f"{base}/metrics")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
+    assert readyz["status"] == "not ready"
+    reason = readyz["reason"]
+    assert "NVML could not start" in reason
+    assert "NVML_ERROR_LIBRARY_NOT_FOUND" in reason
+    assert "agent.runtimeClassName" in reason
+    assert "agent.platform" in reason
+    assert "re-initialising NVML every 5 s to 300 s" in reason
+    assert status == 200
+    assert report["ready"] is False
+    assert report["reason"] == reason
+    assert report["gpus"] == []
+    assert b"modelfleet_agent_ready 0.0" in metrics
+    # One line says it, with the fix; no traceback.
+    said = [line for line in out.splitlines() if "NVML could not start" in line]
+    assert len(said) == 1, out
+    assert "ERROR" in said[0]
+    assert "--backend simulated" in said[0]
+    assert "Traceback" not in out
+
+
+def test_nvml_backend_without_nvidia_ml_py_exits_1(tmp_path: Path) -> None:
+    """A broken image (no nvidia-ml-py) is the one NVML failure no retry mends: exit 1."""
+    (tmp_path / "pynvml.py").write_text('raise ImportError("No module named pynvml")\n')
+    env = agent_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    result = run_agent("--backend", "nvml", "--host", "127.0.0.1", "--port", "0", env=env)
+    assert result.returncode == 2  # --port 0 is refused first: settings are checked before NVML
+    result = run_agent(
+        "--backend", "nvml", "--host", "127.0.0.1", "--port", str(free_port()), env=env
+    )
+    assert result.returncode == 1, result.stderr
+    assert "nvidia-ml-py (pynvml) cannot be imported" in result.stderr
     assert "Traceback" not in result.stderr
 
 

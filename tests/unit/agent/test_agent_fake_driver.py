@@ -17,7 +17,7 @@ from kubelet_testlib import FakeKubelet
 from modelfleet.agent import nvml as nvml_module
 from modelfleet.agent.app import build_attribution, build_backend
 from modelfleet.agent.metrics import AgentMetrics
-from modelfleet.agent.nvml import NvmlBackend, NvmlStartError
+from modelfleet.agent.nvml import NvmlBackend
 from modelfleet.agent.state import AgentState, poll_once
 from modelfleet.api.gpustats import GpuReport, PodRef
 from modelfleet.fakegpu.driverdir import DriverDir
@@ -214,14 +214,31 @@ async def test_a_stopped_holders_memory_comes_free_when_its_record_expires(
         await backend.close()
 
 
-async def test_without_an_inventory_the_agent_does_not_start(
-    tmp_path: Path, kubelet: FakeKubelet
+async def test_without_an_inventory_the_agent_waits_not_ready_for_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = AgentSettings(backend="nvml", fake_gpu_dir=str(tmp_path / "nothing"))
-    backend, _ = build_backend(settings, NODE, AgentMetrics())
+    # As on a node whose driver is still being installed: not ready, and ready once it is.
+    monkeypatch.setattr(nvml_module, "REINIT_BACKOFF_S", 0.0)
+    settings = AgentSettings(backend="nvml", fake_gpu_dir=str(tmp_path / "later"))
+    metrics = AgentMetrics()
+    backend, _ = build_backend(settings, NODE, metrics)
     assert isinstance(backend, NvmlBackend)
-    with pytest.raises(NvmlStartError, match="sim-gpu-driver init"):
-        await backend.start()
+    state = AgentState(node=NODE, backend=backend.name, poll_interval_s=5.0, metrics=metrics)
+    await backend.start()
+    try:
+        assert not await poll_once(backend, state)
+        waiting = report(state)
+        assert not waiting.ready
+        assert "sim-gpu-driver init" in waiting.reason
+        assert "NVML_ERROR_DRIVER_NOT_LOADED" in waiting.reason
+        assert waiting.gpus == []
+        later = DriverDir(tmp_path / "later")
+        later.init_inventory(NODE, build_sim_gpus(NODE, 2, TOTAL, "NVIDIA-H100-80GB-HBM3"))
+        assert await poll_once(backend, state)
+        assert report(state).ready
+        assert [g.uuid for g in report(state).gpus] == UUIDS[:2]
+    finally:
+        await backend.close()
 
 
 def test_pod_attribution_is_on_for_the_fake_driver(driver: DriverDir, kubelet: FakeKubelet) -> None:

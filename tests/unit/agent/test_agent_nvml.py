@@ -11,10 +11,11 @@ import pytest
 from agent_testlib import FakeNvml, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from modelfleet.agent import nvml as nvml_module
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.nvml import NvmlBackend, NvmlStartError
 from modelfleet.agent.server import build_app
-from modelfleet.agent.state import AgentState, poll_once
+from modelfleet.agent.state import AgentState, BackendNotReady, poll_once
 from modelfleet.api.gpustats import GpuReport, PodRef
 
 
@@ -146,18 +147,37 @@ async def test_events_not_supported_still_samples(fake_nvml: FakeNvml) -> None:
     assert all(g.health.healthy for g in gpus)
 
 
-async def test_init_failure_says_so(fake_nvml: FakeNvml) -> None:
+async def test_init_failure_is_not_ready_and_says_so(fake_nvml: FakeNvml) -> None:
     fake_nvml.init_error = 9  # NVML_ERROR_DRIVER_NOT_LOADED
     backend = NvmlBackend("gpu-node-a")
-    with pytest.raises(NvmlStartError, match=r"Driver Not Loaded.*NVIDIA driver installed"):
-        await backend.start()
+    await backend.start()  # no exception: the agent serves, not ready
+    try:
+        with pytest.raises(BackendNotReady, match=r"Driver Not Loaded.*kernel driver") as caught:
+            await backend.sample()
+    finally:
+        await backend.close()
+    assert caught.value.gpus == []  # no GPU was ever read: none to report, none unhealthy
 
 
 async def test_device_listing_failure_shuts_nvml_down(fake_nvml: FakeNvml) -> None:
     fake_nvml.count_error = 999
-    with pytest.raises(NvmlStartError, match="could not list the GPUs"):
-        await NvmlBackend("gpu-node-a").start()
+    backend = NvmlBackend("gpu-node-a")
+    await backend.start()
+    assert "could not list the GPUs" in backend.not_ready_reason
     assert fake_nvml.initialised == 0
+    await backend.close()
+    assert fake_nvml.initialised == 0
+
+
+async def test_nvidia_ml_py_missing_is_the_one_start_error(
+    fake_nvml: FakeNvml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_pynvml() -> None:
+        raise ModuleNotFoundError("No module named 'pynvml'")
+
+    monkeypatch.setattr(nvml_module, "load_pynvml", no_pynvml)
+    with pytest.raises(NvmlStartError, match="nvidia-ml-py"):
+        await NvmlBackend("gpu-node-a").start()
 
 
 async def test_pods_by_device_attribution(fake_nvml: FakeNvml) -> None:

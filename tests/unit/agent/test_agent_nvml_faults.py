@@ -371,3 +371,148 @@ async def test_xid_events_watched_again_after_reinit(fake_nvml: FakeNvml, no_bac
         await wait_for(recorded, what="the XID after the re-init")
     finally:
         await backend.close()
+
+
+# ---- NVML missing at start: the same outage, from the first moment ----
+
+LIBRARY_NOT_FOUND = 12
+DRIVER_NOT_LOADED = 9
+NO_PERMISSION = 4
+LIB_RM_VERSION_MISMATCH = 18
+
+
+async def test_nvml_missing_at_start_is_not_ready_then_recovers(
+    fake_nvml: FakeNvml,
+    serve,  # type: ignore[no-untyped-def]
+    no_backoff: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A pod without the NVIDIA runtime: no libnvidia-ml.so.1 in the container.
+    fake_nvml.init_error = LIBRARY_NOT_FOUND
+    metrics = AgentMetrics()
+    caplog.set_level(logging.INFO, logger="modelfleet.agent.nvml")
+    backend = await started(metrics)  # starts: the agent serves, not ready
+    state = make_state(metrics)
+    base = await serve(build_app(state))
+    try:
+        async with aiohttp.ClientSession() as http:
+            assert not await poll_once(backend, state)
+            async with http.get(f"{base}/healthz") as resp:
+                live = resp.status
+            async with http.get(f"{base}/readyz") as resp:
+                ready_status, body = resp.status, await resp.json()
+            async with http.get(f"{base}/v1/gpus") as resp:
+                assert resp.status == 200
+                waiting = GpuReport.model_validate_json(await resp.read())
+            assert not await poll_once(backend, state)  # re-init tried, fails the same way
+            fake_nvml.init_error = None  # the runtime class is set, the pod comes back: NVML
+            assert await poll_once(backend, state)
+            async with http.get(f"{base}/readyz") as resp:
+                assert resp.status == 200
+    finally:
+        await backend.close()
+    assert live == 200
+    assert ready_status == 503
+    assert body["status"] == "not ready"
+    reason = body["reason"]
+    assert reason.startswith("NVML could not start (NVML Shared Library Not Found")
+    assert "NVML_ERROR_LIBRARY_NOT_FOUND" in reason
+    assert "agent.runtimeClassName (GPU Operator 25.10 and later: nvidia)" in reason
+    assert "agent.platform" in reason
+    assert "re-initialising NVML" in reason
+    assert not waiting.ready
+    assert waiting.reason == reason
+    assert waiting.gpus == []  # nothing read, nothing called unhealthy
+    assert waiting.driver_version is None
+    recovered = state.latest.report  # type: ignore[union-attr]
+    assert recovered.ready
+    assert [g.uuid for g in recovered.gpus] == ["GPU-aaaa", "GPU-bbbb"]
+    assert all(g.health.healthy and not g.stale for g in recovered.gpus)
+    # One clear line at start; the retry that failed the same way says so briefly.
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "NVML could not start" in errors[0].getMessage()
+    assert "keeps running and reports itself not ready" in errors[0].getMessage()
+    again = [r.getMessage() for r in caplog.records if "re-init failed" in r.getMessage()]
+    assert again
+    assert set(again) == {"NVML re-init failed as before, next try in 0 s"}
+    assert fake_nvml.initialised == 0
+
+
+async def test_xid_events_are_watched_once_nvml_starts_late(
+    fake_nvml: FakeNvml, no_backoff: None
+) -> None:
+    fake_nvml.init_error = DRIVER_NOT_LOADED
+    backend = await started(AgentMetrics())
+    try:
+        with pytest.raises(BackendNotReady):
+            await backend.sample()
+        assert backend._event_task is None
+        fake_nvml.init_error = None
+        await backend.sample()
+        fake_nvml.xid(1, 79)
+
+        async def recorded() -> bool:
+            gpus, _ = await backend.sample()
+            return not gpus[1].health.healthy
+
+        await wait_for(recorded, what="the XID on the GPU NVML found late")
+    finally:
+        await backend.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "fix"),
+    [
+        (LIBRARY_NOT_FOUND, "set agent.runtimeClassName"),
+        (DRIVER_NOT_LOADED, "kernel driver is not loaded"),
+        (NO_PERMISSION, "run it as root"),
+        (LIB_RM_VERSION_MISMATCH, "drain and reboot the node"),
+    ],
+)
+async def test_start_failure_reason_names_the_fix(fake_nvml: FakeNvml, code: int, fix: str) -> None:
+    fake_nvml.init_error = code
+    backend = await started(AgentMetrics())
+    await backend.close()
+    assert f"NVML_ERROR_{NVML_ERROR_NAMES[code]}" in backend.not_ready_reason
+    assert fix in backend.not_ready_reason
+
+
+async def test_start_failure_without_a_known_fix_names_the_error(fake_nvml: FakeNvml) -> None:
+    fake_nvml.init_error = UNKNOWN
+    backend = await started(AgentMetrics())
+    await backend.close()
+    assert backend.not_ready_reason.startswith(
+        "NVML could not start (Unknown Error (NVML_ERROR_UNKNOWN)); re-initialising NVML"
+    )
+
+
+async def test_no_gpu_visible_at_start_is_not_ready(fake_nvml: FakeNvml, no_backoff: None) -> None:
+    # NVML starts, but the runtime exposed no GPU to the agent (NVIDIA_VISIBLE_DEVICES).
+    gpus, fake_nvml.gpus = fake_nvml.gpus, []
+    backend = await started(AgentMetrics())
+    try:
+        assert "NVML started but sees no GPU" in backend.not_ready_reason
+        assert fake_nvml.initialised == 0  # the session that saw nothing is closed
+        fake_nvml.gpus = gpus
+        sampled, _ = await backend.sample()
+    finally:
+        await backend.close()
+    assert len(sampled) == 2
+    assert backend.not_ready_reason == ""
+
+
+async def test_reason_follows_the_latest_start_failure(
+    fake_nvml: FakeNvml, no_backoff: None
+) -> None:
+    # The runtime class is set: the library is there now, the driver is not loaded yet.
+    fake_nvml.init_error = LIBRARY_NOT_FOUND
+    backend = await started(AgentMetrics())
+    try:
+        fake_nvml.init_error = DRIVER_NOT_LOADED
+        with pytest.raises(BackendNotReady):
+            await backend.sample()
+    finally:
+        await backend.close()
+    assert "NVML_ERROR_DRIVER_NOT_LOADED" in backend.not_ready_reason
+    assert "LIBRARY_NOT_FOUND" not in backend.not_ready_reason

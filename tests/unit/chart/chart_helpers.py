@@ -83,6 +83,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "podresources": {"agent": {"podResources": {"enabled": True}}},
     # Test clusters: simulated agents (they read pods to follow placements).
     "simulated": {"agent": {"backend": "simulated", "podResources": {"enabled": False}}},
+    # The agent's platforms (agent.platform; gpu-operator is the default set above).
+    "gke": {"agent": {"platform": "gke"}},
+    "bottlerocket": {"agent": {"platform": "bottlerocket"}},
+    "platform-none": {"agent": {"platform": "none"}},
 }
 
 

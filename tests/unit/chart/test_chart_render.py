@@ -153,6 +153,8 @@ def test_every_object_carries_the_standard_labels(render: Render, name: str) -> 
         ({"parallelModels": {"+++": 1}}, '"+++" has no letter or digit'),
         ({"watchNamespaces": ["a", "a"]}, "/watchNamespaces"),
         ({"watchNamespaces": ["a", "b"]}, "/watchNamespaces"),
+        ({"agent": {"platform": "eks"}}, "/agent/platform"),
+        ({"agent": {"driverHostPath": "usr/lib"}}, "/agent/driverHostPath"),
     ],
 )
 def test_bad_values_are_refused_with_a_message_naming_them(
@@ -400,20 +402,36 @@ def test_agent_departs_from_restricted_only_for_pod_resources(render: Render) ->
     )
 
 
+# Each term alone puts an agent on a node (nodeSelectorTerms are ORed).
+GPU_NODE_TERMS = [
+    ("nvidia.com/gpu.present", "In", ["true"]),  # GPU Operator
+    ("feature.node.kubernetes.io/pci-10de.present", "In", ["true"]),  # NFD, NVIDIA's PCI vendor
+    ("cloud.google.com/gke-accelerator", "Exists", None),  # GKE
+    ("kubernetes.azure.com/accelerator", "In", ["nvidia"]),  # AKS
+    ("eks.amazonaws.com/instance-gpu-manufacturer", "In", ["nvidia"]),  # EKS Auto Mode
+    ("karpenter.k8s.aws/instance-gpu-manufacturer", "In", ["nvidia"]),  # Karpenter on EKS
+    ("k8s.amazonaws.com/accelerator", "Exists", None),  # EKS node groups, cluster autoscaler
+]
+
+
+def node_terms(spec: dict[str, Any]) -> list[tuple[str, str, list[str] | None]]:
+    required = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    out = []
+    for term in required["nodeSelectorTerms"]:
+        (expression,) = term["matchExpressions"]
+        out.append((expression["key"], expression["operator"], expression.get("values")))
+    return out
+
+
 def test_agent_runs_on_gpu_nodes_only(render: Render) -> None:
     spec = pod_spec(one(render(VALUE_SETS["restricted"]), "DaemonSet", "-agent"))
     assert env_of(spec["containers"][0])["MODELFLEET_AGENT_AUTH"] == "token"
-    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-    assert terms["nodeSelectorTerms"] == [
-        {
-            "matchExpressions": [
-                {"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}
-            ]
-        }
-    ]
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
-        "tolerations"
-    ]
+    assert node_terms(spec) == GPU_NODE_TERMS
+    for toleration in (
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},  # GKE, EKS
+        {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"},  # AKS
+    ):
+        assert toleration in spec["tolerations"]
     assert spec["runtimeClassName"] == "nvidia"
     assert spec["priorityClassName"] == "system-node-critical"
     container = spec["containers"][0]
@@ -422,7 +440,134 @@ def test_agent_runs_on_gpu_nodes_only(render: Render) -> None:
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert "nvidia.com/gpu" not in json.dumps(container["resources"])
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert "runtimeClassName" not in pod_spec(one(render(), "DaemonSet", "-agent"))
+
+
+def test_agent_gpu_node_labels_are_overridable(render: Render) -> None:
+    mine = {"nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}]}
+    values = {
+        "agent": {
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": mine}}
+        }
+    }
+    spec = pod_spec(one(render(values), "DaemonSet", "-agent"))
+    assert node_terms(spec) == [("gpu", "Exists", None)]
+
+
+# ---- the agent's platforms (agent.platform) ----
+
+
+def agent_spec(render: Render, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    spec = pod_spec(one(render(values), "DaemonSet", "-agent"))
+    return spec, spec["containers"][0]
+
+
+def test_gpu_operator_is_the_default_platform_runtime_class_nvidia(render: Render) -> None:
+    # GPU Operator 25.10 and later: CDI, runc stays the default runtime, NVML only under nvidia.
+    spec, container = agent_spec(render, {})
+    assert spec["runtimeClassName"] == "nvidia"
+    env = env_of(container)
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
+    assert "LD_LIBRARY_PATH" not in env
+    assert "privileged" not in container["securityContext"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    restricted, _ = agent_spec(render, {"agent": {"podResources": {"enabled": False}}})
+    assert restricted_violations(restricted) == []  # a RuntimeClass is no privilege
+
+
+def test_platform_none_adds_nothing(render: Render) -> None:
+    spec, container = agent_spec(render, VALUE_SETS["platform-none"])
+    assert "runtimeClassName" not in spec
+    assert env_of(container)["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert [v["name"] for v in spec["volumes"]] == ["tmp", "pod-resources"]
+    assert "privileged" not in container["securityContext"]
+
+
+def test_gke_runs_privileged_with_the_host_driver_and_no_runtime_class(render: Render) -> None:
+    spec, container = agent_spec(render, VALUE_SETS["gke"])
+    assert "runtimeClassName" not in spec  # GKE has no NVIDIA container runtime
+    env = env_of(container)
+    assert env["LD_LIBRARY_PATH"] == "/usr/local/nvidia/lib64"
+    assert "PATH" not in env  # the image's entrypoint is found through its own PATH
+    assert "NVIDIA_VISIBLE_DEVICES" not in env  # nothing would read it
+    driver = next(v for v in spec["volumes"] if v["name"] == "nvidia-driver")
+    assert driver["hostPath"] == {"path": "/home/kubernetes/bin/nvidia", "type": "Directory"}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "nvidia-driver")
+    assert mount == {"name": "nvidia-driver", "mountPath": "/usr/local/nvidia", "readOnly": True}
+    security = container["securityContext"]
+    assert security["privileged"] is True
+    assert security["allowPrivilegeEscalation"] is True  # the API server refuses it false
+    assert "capabilities" not in security  # privileged has them all, whatever is dropped
+    assert security["readOnlyRootFilesystem"] is True
+    assert spec["affinity"] == pod_spec(one(render(), "DaemonSet", "-agent"))["affinity"]
+    quiet, _ = agent_spec(
+        render, {"agent": {"platform": "gke", "podResources": {"enabled": False}}}
+    )
+    assert restricted_violations(quiet) == [
+        "volume nvidia-driver: ['hostPath']",
+        "agent: privileged",
+        "agent: allowPrivilegeEscalation",
+        "agent: capabilities not dropped",
+    ]
+
+
+def test_bottlerocket_runs_privileged_under_the_default_runtime(render: Render) -> None:
+    # Bottlerocket's NVIDIA runtime is the default one, and honours NVIDIA_VISIBLE_DEVICES in
+    # privileged containers only (visible-devices-envvar-when-unprivileged is off by default).
+    spec, container = agent_spec(render, VALUE_SETS["bottlerocket"])
+    assert "runtimeClassName" not in spec
+    env = env_of(container)
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert "LD_LIBRARY_PATH" not in env
+    assert "nvidia-driver" not in [v["name"] for v in spec["volumes"]]
+    assert container["securityContext"]["privileged"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is True
+
+
+def test_explicit_values_win_over_the_platform(render: Render) -> None:
+    spec, container = agent_spec(
+        render,
+        {
+            "agent": {
+                "platform": "gke",
+                "runtimeClassName": "nvidia-cdi",
+                "driverHostPath": "/opt/nvidia/driver",
+                "securityContext": {"privileged": False, "allowPrivilegeEscalation": False},
+            }
+        },
+    )
+    assert spec["runtimeClassName"] == "nvidia-cdi"
+    driver = next(v for v in spec["volumes"] if v["name"] == "nvidia-driver")
+    assert driver["hostPath"]["path"] == "/opt/nvidia/driver"
+    assert container["securityContext"]["privileged"] is False
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    spec, _ = agent_spec(render, {"agent": {"platform": "bottlerocket", "runtimeClassName": "x"}})
+    assert spec["runtimeClassName"] == "x"
+
+
+def test_simulated_agents_take_nothing_from_the_platform(render: Render) -> None:
+    for platform in ("gpu-operator", "gke", "bottlerocket"):
+        values = {"agent": {"backend": "simulated", "platform": platform}}
+        spec, container = agent_spec(render, values)
+        assert "runtimeClassName" not in spec, platform
+        assert "privileged" not in container["securityContext"], platform
+        env = env_of(container)
+        assert "NVIDIA_VISIBLE_DEVICES" not in env, platform
+        assert "LD_LIBRARY_PATH" not in env, platform
+
+
+def test_privileged_platforms_are_documented_as_needing_a_privileged_namespace() -> None:
+    values_text = (CHART / "values.yaml").read_text()
+    assert "gke and bottlerocket need a privileged namespace" in values_text
+    install = (ROOT / "docs" / "install.md").read_text()
+    for platform in (
+        "NVIDIA GPU Operator",
+        "GKE",
+        "EKS: Amazon Linux 2023 NVIDIA AMI",
+        "EKS: Bottlerocket",
+        "AKS",
+    ):
+        assert f"\n#### {platform}\n" in install, platform
 
 
 def test_agent_token_is_shared_by_agent_and_operator(render: Render) -> None:

@@ -184,6 +184,30 @@ def test_stale_gpu_takes_no_replica_and_loses_none() -> None:
     assert compute_gpu_used_mib(snap) == {"a:1": 0}  # no footprint from a stale GPU
 
 
+def test_agent_whose_nvml_never_started_is_stale_not_unhealthy() -> None:
+    # The agent on node a runs without the NVIDIA runtime: NVML never started, so it knows no
+    # GPU. Its node is stale, its replicas (if any) stay, and nothing is placed there.
+    why = (
+        "NVML could not start (NVML Shared Library Not Found (NVML_ERROR_LIBRARY_NOT_FOUND)): "
+        "set agent.runtimeClassName; re-initialising NVML every 5 s to 300 s"
+    )
+    snap = snapshot(_with_gpus(report("a", 2), ready=False, reason=why, gpus=[]), report("b", 1))
+    endpoint = next(e for e in snap.endpoints if e.node == "a")
+    assert endpoint.included
+    assert endpoint.reason == f"agent not ready: {why}"
+    health = compute_node_health(facts("a", "b"), snap)
+    assert health["a"].agent_up
+    assert health["a"].unhealthy_gpus == frozenset()
+    on_a = pod(1, deployment="other", node="a", gpus=("a:0",))
+    assert compute_failure(on_a, health, any_agent_up=True) is None
+    assert compute_agent_missing_since({}, ["a", "b"], snap, T0) == {}
+    placer = build_placer(facts("a", "b"), [], {}, snap, P.PlacementSettings())
+    decision = placer(request())
+    assert isinstance(decision, Placed)
+    assert decision.gpu_ids == ("b:0",)
+    assert isinstance(placer(request(n=2)), Unplaceable)
+
+
 def test_agent_not_ready_node_takes_no_replica_and_loses_none() -> None:
     # NVML down on node a (e.g. after a daemon-reload): the agent answers, says so, and marks
     # every GPU stale; node b is fine.
