@@ -154,6 +154,7 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:  # noqa: C90
     chosen: NodeState | None = None
     fits = top = short = 0
     cpu, mem, pods = request.requests.cpu_m, request.requests.memory_bytes, request.requests.pods
+    host_free_only_pods = cpu <= 0 and mem <= 0
     i = -1
     for name, prefer in elig.nodes:
         i += 1
@@ -173,8 +174,13 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:  # noqa: C90
                     continue
             elif node.whole_free < count:
                 continue
-        # The kubelet admits the Pod only if its CPU, memory and a pod slot are free there too.
-        if cpu > node.cpu_free_m or mem > node.memory_free_bytes or pods > node.pods_free:
+        # The kubelet admits the Pod only if its CPU, memory and a pod slot are free there too
+        # (one comparison when the replica asks for no CPU or memory, the common case).
+        if (
+            pods > node.pods_free
+            if host_free_only_pods
+            else cpu > node.cpu_free_m or mem > node.memory_free_bytes or pods > node.pods_free
+        ):
             short += 1
             continue
         fits += 1
