@@ -423,28 +423,41 @@ class ClusterView:
     _eligibility: dict[StaticKey, Eligibility] = field(default_factory=dict, repr=False)
 
     def eligibility(self, key: StaticKey) -> Eligibility:
-        """Nodes a request with this product, selector and tolerations may use (cached)."""
+        """Nodes a request with this product, selector and tolerations may use (cached).
+
+        One pass over the nodes fills the entries of both kinds of request (asking the kubelet
+        for devices or not): they differ only on the rare node whose devices are not whole GPUs.
+        """
         found = self._eligibility.get(key)
-        if found is None:
-            ok: list[tuple[str, bool]] = []
-            excluded: dict[str, list[str]] = {}
-            for name in self.order:
-                node = self.nodes[name]
-                why = _exclusion(node, key)
-                if why is None:
-                    prefer = any(
-                        t.effect == "PreferNoSchedule"
-                        for t in untolerated(node.info.taints, key[2])
-                    )
-                    ok.append((name, prefer))
+        if found is not None:
+            return found
+        product, selector, tolerations, _ = key
+        keys = ((product, selector, tolerations, False), (product, selector, tolerations, True))
+        ok: tuple[list[tuple[str, bool]], list[tuple[str, bool]]] = ([], [])
+        excluded: tuple[dict[str, list[str]], dict[str, list[str]]] = ({}, {})
+        for name in self.order:
+            node = self.nodes[name]
+            why = _exclusion(node, keys[0])
+            whys = (why, _exclusion(node, keys[1]) if compute_sliced(node.info) else why)
+            prefer = None
+            for i, w in enumerate(whys):
+                if w is None:
+                    if prefer is None:
+                        prefer = any(
+                            t.effect == "PreferNoSchedule"
+                            for t in untolerated(node.info.taints, tolerations)
+                        )
+                    ok[i].append((name, prefer))
                 else:
-                    excluded.setdefault(why[0], []).append(why[1])
-            largest = _largest_gpu_mib((self.nodes[n] for n, _ in ok), key[0])
-            found = Eligibility(tuple(ok), {k: tuple(v) for k, v in excluded.items()}, largest)
-            if len(self._eligibility) > 4096:  # bounded: one entry per kind of request
-                self._eligibility.clear()
-            self._eligibility[key] = found
-        return found
+                    excluded[i].setdefault(w[0], []).append(w[1])
+        if len(self._eligibility) > 4096:  # bounded: two entries per kind of request
+            self._eligibility.clear()
+        for i, k in enumerate(keys):
+            largest = _largest_gpu_mib((self.nodes[n] for n, _ in ok[i]), product)
+            self._eligibility[k] = Eligibility(
+                tuple(ok[i]), {st: tuple(v) for st, v in excluded[i].items()}, largest
+            )
+        return self._eligibility[key]
 
     def ledger(self) -> dict[str, LedgerEntry]:
         """The ledger of this view (see `compute_ledger`)."""
