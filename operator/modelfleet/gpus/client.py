@@ -113,6 +113,26 @@ def _describe_validation(exc: ValidationError) -> tuple[FailureKind, str]:
     return FailureKind.BAD_SCHEMA, f"reply does not match GpuReport: {where}: {first['msg']}{more}"
 
 
+async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The whole body, or its first `cap + 1` bytes when it is longer (so the caller can tell).
+
+    `StreamReader.read(n)` returns what has arrived so far, not n bytes: a reply that comes in
+    several TCP segments must be read until EOF. A declared Content-Length above the cap is
+    refused before anything is read.
+    """
+    if resp.content_length is not None and resp.content_length > cap:
+        return b"\0" * (cap + 1)
+    chunks: list[bytes] = []
+    size = 0
+    while size <= cap:
+        chunk = await resp.content.read(cap + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 async def fetch_report(
     session: aiohttp.ClientSession,
     url: str,
@@ -141,7 +161,7 @@ async def fetch_report(
             allow_redirects=False,
         ) as resp:
             status = resp.status
-            body = await resp.content.read(_MAX_BODY + 1)
+            body = await read_capped(resp, _MAX_BODY)
     except TimeoutError:
         raise FetchError(
             FailureKind.TIMEOUT, f"no reply within {timeout_s:g} s", retryable=True
