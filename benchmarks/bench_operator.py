@@ -311,6 +311,7 @@ async def run_bench(args: argparse.Namespace, endpoints: list[str], kubectl: str
             "MODELFLEET_LEASE_NAMESPACE": NAMESPACE,
             "MODELFLEET_METRICS_HOST": "127.0.0.1",
             "MODELFLEET_METRICS_PORT": str(port),
+            "MODELFLEET_SHARED_MODE": "true",
         }
         operator = await asyncio.to_thread(start_operator, env, log)
         try:

@@ -80,6 +80,7 @@ MODELFLEET_LEASE_NAMESPACE=modelfleet-system \
 MODELFLEET_METRICS_HOST=127.0.0.1 \
 MODELFLEET_METRICS_PORT="$METRICS_PORT" \
 MODELFLEET_POLL_INTERVAL_S=2 \
+MODELFLEET_SHARED_MODE=true \
   start operator "$PY" -m modelfleet operator --kubeconfig "$KUBECONFIG"
 start gateway "$PY" -m modelfleet gateway --host 127.0.0.1 --port "$GATEWAY_PORT" --kubeconfig "$KUBECONFIG"
 

@@ -163,6 +163,16 @@ class OperatorSettings(_Settings):
     memory_margin_mib: int = Field(
         1024, ge=0, description="GPU memory kept free on every GPU in Shared mode, in MiB."
     )
+    shared_mode: bool = Field(
+        False,
+        description=(
+            "Allow ModelDeployments with spec.gpu.sharing Shared. Their replicas ask the kubelet "
+            "for no GPU and are pinned to GPUs through NVIDIA_VISIBLE_DEVICES, which only works "
+            "where the container runtime honours it for unprivileged pods (not by default on GPU "
+            "Operator 25.10 and later, GKE or Bottlerocket); the device plugin and GPU quotas do "
+            "not see them. Turn on for dedicated, tainted GPU node pools only (docs/operator.md)."
+        ),
+    )
     metrics_port: int = Field(
         8080, ge=1, le=65535, description="Port of /metrics, /healthz and /status."
     )

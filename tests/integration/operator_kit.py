@@ -195,6 +195,8 @@ class Operators:
             "MODELFLEET_METRICS_PORT": str(port),
             "MODELFLEET_POLL_INTERVAL_S": "1",
             "MODELFLEET_RECHECK_INTERVAL_S": "10",
+            # The simulated and fake-driver nodes honour NVIDIA_VISIBLE_DEVICES: Shared works.
+            "MODELFLEET_SHARED_MODE": "true",
             "MODELFLEET_LEASE_DURATION_S": "4",
             "MODELFLEET_LEASE_RENEW_INTERVAL_S": "1",
             "MODELFLEET_BREAKER_FAILURE_THRESHOLD": "2",

@@ -51,6 +51,7 @@ class Reason(StrEnum):
     EVICTING = "Evicting"  # this deployment waits for replicas it evicted to go
     EVICTED = "Evicted"  # this deployment lost replicas to another and waits for room
     INVALID_SPEC = "InvalidSpec"  # the operator cannot run the spec the API server let in
+    SHARED_MODE_OFF = "SharedModeDisabled"  # spec.gpu.sharing Shared, and the operator forbids it
     CREATE_FAILED = "CreateFailed"  # the API refused a replica Pod; the next pass tries again
     SERVICE_FAILED = "ServiceFailed"  # the model's Service could not be put in shape
     ADMISSION_REJECTED = "AdmissionRejected"  # a node's kubelet refused a replica; it backs off

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from modelfleet.api import ModelDeployment
+from modelfleet.api import ModelDeployment, SharingMode
 from modelfleet.controller import inputs
 from modelfleet.controller.admission import build_assignment_event, build_rejection_event
 from modelfleet.controller.builders import build_service, compute_template_hash
@@ -81,6 +81,12 @@ async def reconcile(
                 await _report_invalid(rt, key, current, describe_invalid(exc.errors()))
                 result = "invalid"
                 return None
+            if md.spec.gpu.sharing == SharingMode.SHARED and not rt.settings.shared_mode:
+                await _report_invalid(
+                    rt, key, current, SHARED_MODE_OFF_MESSAGE, Reason.SHARED_MODE_OFF
+                )
+                result = "invalid"
+                return None
             rt.spec_valid(key)
             plan = await _reconcile_locked(rt, md, cluster, ensure_svc=ensure_svc)
         result = "ok"
@@ -91,15 +97,31 @@ async def reconcile(
         rt.metrics.reconcile_duration.labels(result).observe(time.perf_counter() - started)
 
 
-async def _report_invalid(rt: Runtime, key: Key, body: Mapping[str, Any], message: str) -> None:
+SHARED_MODE_OFF_MESSAGE = (
+    "spec.gpu.sharing is Shared, which this operator does not allow: Shared replicas ask the "
+    "kubelet for no GPU and rely on the container runtime honouring NVIDIA_VISIBLE_DEVICES, "
+    "which GPU Operator 25.10 and later, GKE and Bottlerocket do not by default. Use "
+    "sharing: Exclusive, or have the cluster admin allow it on dedicated GPU nodes "
+    "(chart value operator.sharedMode, MODELFLEET_SHARED_MODE; docs/operator.md, Shared mode). "
+    "Replicas already running are left as they are."
+)
+
+
+async def _report_invalid(
+    rt: Runtime,
+    key: Key,
+    body: Mapping[str, Any],
+    message: str,
+    reason: Reason = Reason.INVALID_SPEC,
+) -> None:
     """A spec the operator cannot run: one log line and one Event per change, and the status
     says why, instead of a traceback on every re-check."""
     now = datetime.now(UTC)
     event = None
     if rt.spec_invalid(key, message):
-        log.warning("%s/%s: invalid ModelDeployment, not reconciled: %s", *key, message)
-        event = EventSpec(key[0], key[1], "Warning", Reason.INVALID_SPEC, message)
-    status: dict[str, Any] | None = compute_invalid_status(body, message, now)
+        log.warning("%s/%s: ModelDeployment not reconciled: %s", *key, message)
+        event = EventSpec(key[0], key[1], "Warning", reason, message)
+    status: dict[str, Any] | None = compute_invalid_status(body, message, now, reason)
     current = body.get("status") or {}
     if status is not None and all(current.get(k) == v for k, v in status.items()):
         status = None  # the API server holds it already

@@ -250,7 +250,9 @@ def describe_invalid(errors: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def compute_invalid_status(body: Mapping[str, Any], message: str, now: datetime) -> dict[str, Any]:
+def compute_invalid_status(
+    body: Mapping[str, Any], message: str, now: datetime, reason: Reason = Reason.INVALID_SPEC
+) -> dict[str, Any]:
     """The status of a ModelDeployment whose spec the operator cannot run (the API server let it
     in: created before a stricter CRD, or a rule only the operator checks)."""
     meta = body.get("metadata") or {}
@@ -272,7 +274,7 @@ def compute_invalid_status(body: Mapping[str, Any], message: str, now: datetime)
             {
                 "type": kind.value,
                 "status": status,
-                "reason": Reason.INVALID_SPEC.value,
+                "reason": reason.value,
                 "message": message,
                 "lastTransitionTime": since or format_time(now),
                 **({"observedGeneration": generation} if generation is not None else {}),
@@ -280,7 +282,7 @@ def compute_invalid_status(body: Mapping[str, Any], message: str, now: datetime)
         )
     return {
         "phase": "Invalid",
-        "reason": Reason.INVALID_SPEC.value,
+        "reason": reason.value,
         "conditions": conditions,
         **({"observedGeneration": generation} if generation is not None else {}),
     }

@@ -301,9 +301,33 @@ async def test_an_invalid_spec_is_reported_in_status_once(
     assert body is not None
     assert await reconcile(world.rt, body, cluster) is None
     assert len(world.fake.requests) == writes  # nothing new to say: no request at all
-    lines = [r for r in caplog.records if "invalid ModelDeployment" in r.getMessage()]
+    lines = [r for r in caplog.records if "ModelDeployment not reconciled" in r.getMessage()]
     assert len(lines) == 1
     assert not any(r.exc_info for r in caplog.records)
+
+
+async def test_shared_mode_is_refused_unless_the_operator_allows_it(world: World) -> None:
+    # Shared replicas ask for no GPU and rely on NVIDIA_VISIBLE_DEVICES: off unless allowed.
+    world.add_md("shared", replicas=1, gpu={"sharing": "Shared", "memory": "8Gi"})
+    cluster = world.index()
+    body = cluster.body((NS, "shared"))
+    assert body is not None
+    assert await reconcile(world.rt, body, cluster) is None
+    status = world.fake.objects[md_path(NS, "shared")]["status"]
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "SharedModeDisabled"
+    assert "MODELFLEET_SHARED_MODE" in degraded["message"]
+    assert "sharing: Exclusive" in degraded["message"]
+    assert world.writes("POST") == []  # no Pod
+    assert world.writes("POST", "events")  # the Warning
+    # Allowed, the same deployment is placed.
+    world.settings = world.settings.model_copy(update={"shared_mode": True})
+    world.rt = world.new_runtime()
+    cluster = world.index()
+    body = cluster.body((NS, "shared"))
+    assert body is not None
+    await reconcile(world.rt, body, cluster)
+    assert len(world.writes("POST")) == 1
 
 
 async def test_a_deployment_that_waits_logs_once_not_per_re_check(
