@@ -419,6 +419,21 @@ class SimSettings(_Settings):
     embedding_dim: int = Field(
         32, ge=1, le=8192, description="Length of the vectors /v1/embeddings returns."
     )
+    gated_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated model id prefixes that are gated on the Hub (e.g. "
+            "google/gemma-,meta-llama/): without HF_TOKEN the stand-in exits 1 at start with "
+            "the Hub's 401, as vLLM does. Empty: no model is gated."
+        ),
+    )
+
+    @field_validator("gated_models", mode="before")
+    @classmethod
+    def _split_gated(cls, value: Any) -> Any:
+        return (
+            [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+        )
 
 
 ALL_SETTINGS: tuple[type[_Settings], ...] = (

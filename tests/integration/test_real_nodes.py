@@ -466,6 +466,39 @@ async def test_a_replica_runs_on_gpu_tainted_nodes_with_a_token_secret_and_a_nod
     assert real_nodes.in_node("real-1", cache).is_dir()
 
 
+async def test_a_gated_model_without_a_token_crash_loops_and_status_says_why(
+    kube: KubeClient,
+    namespace: str,
+    real_nodes: RealNodes,
+    agents: dict[str, str],
+    operators: Operators,
+) -> None:
+    """The stand-in, told the model is gated, exits 1 at start without HF_TOKEN as vLLM does
+    (the Hub's 401). The kubelet restarts it with back-off; its last log lines are the
+    termination message, and status quotes them instead of a bare CrashLoopBackOff."""
+    operators.start()
+    engine = {
+        "image": real_nodes.vllm_sim_image,
+        "env": [{"name": "MODELFLEET_SIM_GATED_MODELS", "value": "google/gemma-"}],
+    }
+    on_real_1 = {"nodeSelector": {**REAL_NODE_SELECTOR, "kubernetes.io/hostname": "real-1"}}
+    gated = md("gated", gpu={"count": 1}, placement=on_real_1, engine=engine)
+    gated["spec"]["model"] = "google/gemma-3-4b-it"
+    await kube.create(md_path(namespace), gated)
+
+    async def told() -> str | None:
+        obj = await kube.get(md_path(namespace, "gated"))
+        for cond in (obj.get("status") or {}).get("conditions") or []:
+            message = cond.get("message", "")
+            if "CrashLoopBackOff" in message and "401 Client Error" in message:
+                return str(message)
+        return None
+
+    message = await wait_for(told, 120, interval=1, what="status to quote the crash")
+    assert "is gated on the Hugging Face Hub" in message, message
+    assert "exit code 1" in message, message
+
+
 async def test_gpus_a_foreign_pod_holds_are_not_placed_on(
     kube: KubeClient,
     namespace: str,

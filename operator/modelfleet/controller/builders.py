@@ -273,6 +273,9 @@ def build_replica_pod(
         "readinessProbe": _probe(READINESS_PERIOD_S, 3),
         "livenessProbe": _probe(LIVENESS_PERIOD_S, 3),
         "resources": compute_resources(md.spec),
+        # A run that fails leaves its last log lines as the termination message: status then
+        # says why it crash-loops (a 401 for a gated model, CUDA out of memory, ...).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},

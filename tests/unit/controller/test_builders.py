@@ -287,6 +287,8 @@ def test_pod_settings_for_real_clusters() -> None:
     assert spec["serviceAccountName"] == "models"
     assert spec["automountServiceAccountToken"] is False
     assert spec["priorityClassName"] == "inference"
+    # A failed run's last log lines become its termination message: status can say why.
+    assert container(pod)["terminationMessagePolicy"] == "FallbackToLogsOnError"
     default = build()
     assert container(default)["startupProbe"]["failureThreshold"] * 10 == 1800
     assert not {"runtimeClassName", "imagePullSecrets", "serviceAccountName"} & set(default["spec"])

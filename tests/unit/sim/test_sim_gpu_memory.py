@@ -119,3 +119,28 @@ def test_the_command_refuses_to_start_on_an_unknown_gpu(driver: DriverDir) -> No
     )
     assert result.returncode == 1
     assert "no such GPU" in result.stderr
+
+
+def test_the_stand_in_refuses_to_start_like_vllm() -> None:
+    from modelfleet.sim.vllm.cli import check_start
+
+    gated = ["google/gemma-", "meta-llama/"]
+    # A gated model without a token: the Hub's 401.
+    refusal = check_start("google/gemma-3-4b-it", gated, {"USER": "vllm"})
+    assert "401 Client Error" in refusal
+    assert "HF_TOKEN" in refusal
+    assert check_start("google/gemma-3-4b-it", gated, {"USER": "vllm", "HF_TOKEN": "hf_x"}) == ""
+    assert check_start("Qwen/Qwen2.5-7B-Instruct", gated, {"USER": "vllm"}) == ""
+
+
+def test_refuses_to_start_when_the_gpu_lacks_the_free_memory_it_asks_for(driver: DriverDir) -> None:
+    # vLLM's start check: --gpu-memory-utilization 0.9 of a 10,000 MiB GPU with 2,000 MiB held
+    # by another process.
+    driver.write_memory(UUIDS[0], "other-pod-1-abc", 2000)
+    with pytest.raises(GpuMemoryError, match="less than desired GPU memory utilization"):
+        build_memory_hold(config(0.9), env(driver, UUIDS[0]))
+    assert build_memory_hold(config(0.7), env(driver, UUIDS[0])) is not None
+    # What an earlier run of this pod's container left is not in the way: that process is gone.
+    driver.remove_memory(UUIDS[0], "other-pod-1-abc")
+    driver.write_memory(UUIDS[0], "gemma-instance-1-7-abc123", 9000)
+    assert build_memory_hold(config(0.9), env(driver, UUIDS[0])) is not None

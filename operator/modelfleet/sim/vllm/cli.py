@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from modelfleet.aio import install_uvloop
 from modelfleet.settings import SimSettings, load
@@ -106,12 +107,37 @@ async def _serve(config: SimConfig) -> None:
     log.info("vLLM stand-in %s stopped", config.instance)
 
 
+def check_start(model: str, gated: Sequence[str], env: Mapping[str, str]) -> str:
+    """What stops vLLM before it loads anything, as the stand-in mimics it; "" when nothing.
+
+    - torch's inductor asks for the user name at import: a uid without a passwd entry and no
+      USER/LOGNAME makes getpass fail;
+    - a gated model without a Hugging Face token: the Hub answers 401.
+    """
+    try:
+        getpass.getuser()
+    except (KeyError, OSError) as exc:
+        return f"getpass.getuser() failed: {exc} (set USER or LOGNAME, or run as a known uid)"
+    token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN")
+    if not token and any(model.startswith(prefix) for prefix in gated):
+        return (
+            f"401 Client Error: model {model} is gated on the Hugging Face Hub and no token was "
+            "given; set HF_TOKEN to a token that was granted access"
+        )
+    return ""
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for arg in getattr(args, "_unknown", []):
         log.info("ignoring vLLM argument the stand-in does not simulate: %s", arg)
     env = dict(os.environ)
-    config = build_config(args, load(SimSettings), env)
+    settings = load(SimSettings)
+    config = build_config(args, settings, env)
+    refusal = check_start(config.model, settings.gated_models, env)
+    if refusal:
+        log.error("cannot start: %s", refusal)
+        return 1
     try:
         hold = build_memory_hold(config, env)
     except GpuMemoryError as exc:

@@ -84,8 +84,27 @@ def build_memory_hold(config: SimConfig, env: Mapping[str, str]) -> GpuMemoryHol
             f"{VISIBLE_DEVICES_ENV}={visible} gives {len(devices)}"
         )
     used = devices[: config.tensor_parallel_size]
+    holder = build_holder_name(dict(env))
     uses = [(g.uuid, int(g.memory_mib * config.gpu_memory_utilization)) for g in used]
-    return GpuMemoryHold(driver=driver, holder=build_holder_name(dict(env)), uses=uses)
+    # Records of an earlier run of this pod's container: that process has ended (the kubelet
+    # restarts a container once it is gone), and a real driver frees its memory at once.
+    own = env.get("POD_NAME", "")
+    for gpu, (_, wanted) in zip(used, uses, strict=True):
+        # vLLM's start check: the share of the GPU it is told to take must be free now.
+        others = sum(
+            r.memory_mib
+            for r in driver.read_memory(gpu.uuid)
+            if not (own and r.holder.startswith(f"{own}-"))
+        )
+        free = gpu.memory_mib - gpu.reserved_mib - others
+        if wanted > free:
+            raise GpuMemoryError(
+                f"free memory on device {gpu.uuid} ({free / 1024:.2f}/{gpu.memory_mib / 1024:.2f} "
+                f"GiB) on startup is less than desired GPU memory utilization "
+                f"({config.gpu_memory_utilization}, {wanted / 1024:.2f} GiB); decrease "
+                "--gpu-memory-utilization or free the GPU"
+            )
+    return GpuMemoryHold(driver=driver, holder=holder, uses=uses)
 
 
 async def _heartbeat(hold: GpuMemoryHold) -> None:
