@@ -191,13 +191,16 @@ WAITING_MESSAGE_MAX = 300
 
 def compute_waiting_message(waiting: Mapping[str, Any], last: Mapping[str, Any]) -> str:
     """The kubelet's message for a waiting container, else how its last run ended."""
-    text = str(waiting.get("message") or "")
     ended = last.get("terminated") or {}
     if waiting.get("reason") == "CrashLoopBackOff" and ended:
-        code = ended.get("exitCode")
-        detail = str(ended.get("message") or ended.get("reason") or "")
-        text = f"last run ended with exit code {code}" + (f": {detail}" if detail else "")
-    text = " ".join(text.split())
+        # A log tail (FallbackToLogsOnError): its end says why, so the end is what is kept.
+        head = f"last run ended with exit code {ended.get('exitCode')}"
+        detail = " ".join(str(ended.get("message") or ended.get("reason") or "").split())
+        room = WAITING_MESSAGE_MAX - len(head) - 2
+        if len(detail) > room:
+            detail = "..." + detail[-(room - 3) :]
+        return f"{head}: {detail}" if detail else head
+    text = " ".join(str(waiting.get("message") or "").split())
     return text if len(text) <= WAITING_MESSAGE_MAX else text[: WAITING_MESSAGE_MAX - 3] + "..."
 
 

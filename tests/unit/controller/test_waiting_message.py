@@ -34,7 +34,11 @@ def test_a_missing_token_secret_is_named() -> None:
 
 
 def test_a_crash_loop_says_how_the_last_run_ended() -> None:
-    last = {"terminated": {"exitCode": 1, "message": "401 Client Error: gated repo\n..."}}
+    # The message is the run's log tail (FallbackToLogsOnError): its end is kept.
+    log_tail = "INFO loading\n" * 100 + "ERROR cannot start: 401 Client Error: gated repo\n"
+    last = {"terminated": {"exitCode": 1, "message": log_tail}}
     text = compute_waiting_message({"reason": "CrashLoopBackOff", "message": "back-off 40s"}, last)
-    assert text == "last run ended with exit code 1: 401 Client Error: gated repo ..."
+    assert text.startswith("last run ended with exit code 1: ...")
+    assert text.endswith("ERROR cannot start: 401 Client Error: gated repo")
+    assert len(text) <= 300
     assert len(compute_waiting_message({"message": "x" * 1000}, {})) == 300
