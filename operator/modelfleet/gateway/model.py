@@ -150,16 +150,29 @@ class BodyError(ValueError):
     """The request body cannot be routed; the message is safe to return (no input echoed)."""
 
 
+def _at_top_level(body: bytes, at: int) -> bool:
+    """True when position `at` lies directly inside the body's outermost object: the body opens
+    with `{` and no other `{` or `[` comes before `at` (one inside a string only costs the fast
+    path, never a wrong answer)."""
+    start = len(body) - len(body.lstrip())
+    if body[start : start + 1] != b"{":
+        return False
+    return body.find(b"{", start + 1, at) < 0 and body.find(b"[", start + 1, at) < 0
+
+
 def extract_model(body: bytes) -> str:
     """The request's top-level `model`, without decoding the whole body when that is safe.
 
-    One unescaped `"model":` key with a plain string value is the top-level one; anything else
-    (several keys named model, escapes in the value) falls back to a full JSON parse.
+    The fast path takes one unescaped `"model":` key with a plain string value, and only when
+    no `{` or `[` stands between the body's opening brace and the key: then the key is the
+    object's own, not one nested inside another value (`{"x": {"model": "a"}}` names no model).
+    Anything else (several keys named model, escapes in the value, a key after a nested value)
+    falls back to a full JSON parse.
     """
     keys = _MODEL_KEY_ANY.findall(body)
     if len(keys) == 1:
         match = _MODEL_KEY.search(body)
-        if match:
+        if match and _at_top_level(body, match.start()):
             try:
                 return match.group(1).decode()
             except UnicodeDecodeError:

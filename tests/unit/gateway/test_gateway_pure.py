@@ -62,6 +62,19 @@ def test_extract_model(body: bytes, model: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "body",
+    [
+        b'{"x": {"model": "a"}}',
+        b'{"messages": [{"role": "user", "model": "a"}]}',
+        b'  {"x": {"y": 1, "model": "a"}, "prompt": "p"}',
+    ],
+)
+def test_extract_model_never_routes_by_a_nested_model_key(body: bytes) -> None:
+    with pytest.raises(BodyError, match="no model field"):
+        extract_model(body)
+
+
+@pytest.mark.parametrize(
     ("body", "words"),
     [
         (b"{not json", "not valid JSON"),
