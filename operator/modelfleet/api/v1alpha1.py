@@ -564,6 +564,8 @@ class ConditionType(StrEnum):
     AVAILABLE = "Available"
     PROGRESSING = "Progressing"
     DEGRADED = "Degraded"
+    # The gateway routes the served name here: no older ModelDeployment claims the same name.
+    ROUTED = "Routed"
 
 
 class ConditionStatus(StrEnum):

@@ -20,6 +20,7 @@ import kopf
 
 from modelfleet.api import API_GROUP, API_VERSION, PLURAL
 from modelfleet.api import labels as L
+from modelfleet.api.ownership import ClaimKey, claim_key, served_name
 from modelfleet.controller.execute import EventRecorder
 from modelfleet.controller.loops import (
     recheck_forever,
@@ -153,6 +154,11 @@ def deployments(
     return {(namespace, name): parse_deployment(body)}
 
 
+def served_names(body: kopf.Body, **_: Any) -> dict[str, ClaimKey]:
+    """Claims on served model names, by name: who holds one is found without a scan."""
+    return {served_name(body): claim_key(body)}
+
+
 def replica_services(
     namespace: str, name: str, body: kopf.Body, **_: Any
 ) -> dict[tuple[str, str], dict[str, Any]]:
@@ -165,9 +171,14 @@ def _cluster(
     gpu_nodes: Mapping[str, Iterable[NodeFacts]],
     deployments: Mapping[tuple[str, str], Iterable[DeploymentEntry]],
     replica_services: Mapping[tuple[str, str], Iterable[Mapping[str, Any]]],
+    served_names: Mapping[str, Iterable[ClaimKey]],
 ) -> ClusterState:
     return ClusterState(
-        pods=replica_pods, nodes=gpu_nodes, deployments=deployments, services=replica_services
+        pods=replica_pods,
+        nodes=gpu_nodes,
+        deployments=deployments,
+        services=replica_services,
+        served=served_names,
     )
 
 
@@ -181,13 +192,14 @@ async def on_deployment(
     gpu_nodes: kopf.Index[str, NodeFacts],
     deployments: kopf.Index[tuple[str, str], DeploymentEntry],
     replica_services: kopf.Index[tuple[str, str], dict[str, Any]],
+    served_names: kopf.Index[str, ClaimKey],
     **_: Any,
 ) -> None:
     """Create, resume and update: reconcile, and keep the Service."""
     await _reconcile(
         memo,
         body,
-        _cluster(replica_pods, gpu_nodes, deployments, replica_services),
+        _cluster(replica_pods, gpu_nodes, deployments, replica_services, served_names),
         ensure_svc=True,
     )
 
@@ -202,10 +214,11 @@ async def on_replica_pod(
     gpu_nodes: kopf.Index[str, NodeFacts],
     deployments: kopf.Index[tuple[str, str], DeploymentEntry],
     replica_services: kopf.Index[tuple[str, str], dict[str, Any]],
+    served_names: kopf.Index[str, ClaimKey],
     **_: Any,
 ) -> None:
     """A replica Pod changed: re-check its deployment."""
-    cluster = _cluster(replica_pods, gpu_nodes, deployments, replica_services)
+    cluster = _cluster(replica_pods, gpu_nodes, deployments, replica_services, served_names)
     key = (namespace, labels.get(L.LABEL_DEPLOYMENT, ""))
     body = cluster.body(key)
     if body is not None:
@@ -227,6 +240,7 @@ async def on_node(
     gpu_nodes: kopf.Index[str, NodeFacts],
     deployments: kopf.Index[tuple[str, str], DeploymentEntry],
     replica_services: kopf.Index[tuple[str, str], dict[str, Any]],
+    served_names: kopf.Index[str, ClaimKey],
     **_: Any,
 ) -> None:
     """A node went NotReady or away: re-check the deployments with replicas on it."""
@@ -234,7 +248,7 @@ async def on_node(
         return
     runtime: Runtime = memo.runtime
     runtime.nodes_changed()
-    cluster = _cluster(replica_pods, gpu_nodes, deployments, replica_services)
+    cluster = _cluster(replica_pods, gpu_nodes, deployments, replica_services, served_names)
     for key in sorted(pods_on_nodes(replica_pods, {name})):
         found = cluster.body(key)
         if found is not None:
@@ -277,6 +291,7 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.index("nodes", registry=registry)(_h(gpu_nodes))
     kopf.index(*md, registry=registry)(_h(deployments))
     kopf.index("services", labels=SERVICE_LABELS, registry=registry)(_h(replica_services))
+    kopf.index(*md, registry=registry)(_h(served_names))
     kopf.on.resume(*md, registry=registry, id="resume")(_h(on_deployment))
     kopf.on.create(*md, registry=registry, id="create")(_h(on_deployment))
     kopf.on.update(*md, registry=registry, id="update")(_h(on_deployment))

@@ -63,6 +63,7 @@ async def recheck_forever(rt: Runtime, interval_s: float) -> None:
         if rt.cluster is not None:
             keys = sorted(rt.cluster.deployments.keys())
             rt.metrics.deployments.set(len(keys))
+            rt.metrics.set_ignored(rt.cluster.ignored_pods())
             # Spread over most of the interval: a steady trickle instead of a burst.
             pace = 0.8 * interval_s / max(1, len(keys))
             await reconcile_keys(rt, keys, ensure_svc=True, pace_s=pace)

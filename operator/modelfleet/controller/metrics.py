@@ -5,13 +5,14 @@ Names carry the `modelfleet_` prefix and base units; labels have a small fixed s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from modelfleet.api.ownership import IGNORED_REASONS
 from modelfleet.controller.plan import FailureKind
 
 RESULTS = ("ok", "invalid", "error")
@@ -56,6 +57,13 @@ class OperatorMetrics:
             "ModelDeployments the operator reconciles.",
             registry=registry,
         )
+        self.ignored_pods = Gauge(
+            "modelfleet_ignored_pods",
+            "Pods with the replica labels that no existing ModelDeployment controls, by reason "
+            "(not_controlled, owner_mismatch): never counted or deleted as replicas.",
+            ["reason"],
+            registry=registry,
+        )
         self.leader = Gauge(
             "modelfleet_operator_leader",
             "1 while this operator instance holds the leader Lease and acts, else 0.",
@@ -76,6 +84,8 @@ class OperatorMetrics:
             self.placements.labels(result)
         for kind in FailureKind:
             self.replacements.labels(kind.value)
+        for reason in IGNORED_REASONS:
+            self.ignored_pods.labels(reason)
         self._pending: dict[tuple[str, str], int] = {}
 
     def api_trace(self) -> aiohttp.TraceConfig:
@@ -95,6 +105,11 @@ class OperatorMetrics:
         else:
             self._pending.pop(key, None)
         self.pending_replicas.set(sum(self._pending.values()))
+
+    def set_ignored(self, counts: Mapping[str, int]) -> None:
+        """Record the look-alike Pods of the last count, by reason."""
+        for reason in IGNORED_REASONS:
+            self.ignored_pods.labels(reason).set(counts.get(reason, 0))
 
     def forget(self, key: tuple[str, str]) -> None:
         self.set_pending(key, 0)

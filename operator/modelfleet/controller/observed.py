@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from modelfleet.api import labels as L
+from modelfleet.api.ownership import compute_ignored_reason, controller_uid
 from modelfleet.api.times import parse_time
 from modelfleet.controller.nodeusage import compute_pod_requests, parse_allocatable
 from modelfleet.placement import ONE_POD, Requests
@@ -86,6 +87,8 @@ class ObservedPod:
     # (`exit code 1: ...`) while it crash-loops: what a person needs to fix it.
     waiting_message: str = ""
     restarts: int = 0
+    # The UID of the ModelDeployment that controls it (api/ownership.py); "" for none. Only a
+    # Pod whose owner is the labelled deployment is a replica (`is_replica_of`).
     owner_uid: str = ""
     reason: str = ""  # the Pod's status.reason, e.g. UnexpectedAdmissionError
     message: str = ""  # the Pod's status.message
@@ -120,7 +123,10 @@ class ObservedPod:
 
 
 def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
-    """An ObservedPod from a replica Pod dict; None if it is not a modelfleet replica."""
+    """An ObservedPod from a Pod dict with the replica labels and name; None for any other Pod.
+
+    The labels are only a claim: whether it is a replica is `is_replica_of` its deployment.
+    """
     meta = pod.get("metadata") or {}
     pod_labels = meta.get("labels") or {}
     ann = meta.get("annotations") or {}
@@ -149,10 +155,6 @@ def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
             waiting = str(reason)
             waiting_message = compute_waiting_message(state, cs.get("lastState") or {})
     footprint = ann.get(L.ANN_FOOTPRINT_MIB, "")
-    owner_uid = ""
-    for ref in meta.get("ownerReferences") or []:
-        if ref.get("controller"):
-            owner_uid = str(ref.get("uid", ""))
     return ObservedPod(
         name=name,
         namespace=str(meta.get("namespace", "")),
@@ -176,13 +178,33 @@ def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
         waiting_reason=waiting,
         waiting_message=waiting_message,
         restarts=restarts,
-        owner_uid=owner_uid,
+        owner_uid=controller_uid(meta),
         reason=str(status.get("reason") or ""),
         message=str(status.get("message") or ""),
         assigned_gpus=_split(ann.get(L.ANN_ASSIGNED_GPUS)),
         recorded_assigned=_split(ann.get(L.ANN_ASSIGNED_GPUS)),
         requests=compute_pod_requests(pod.get("spec") or {}),
     )
+
+
+def is_replica_of(pod: ObservedPod, deployment_uid: str | None) -> bool:
+    """True when `pod` is controlled by the ModelDeployment with `deployment_uid` (the one that
+    exists under its label's name; None: none does)."""
+    return compute_ignored_reason(pod.owner_uid, deployment_uid) is None
+
+
+def compute_ignored_pods(
+    indexed: Mapping[tuple[str, str], Iterable[ObservedPod]],
+    deployment_uids: Mapping[tuple[str, str], str],
+) -> dict[str, int]:
+    """Pods with the replica labels that are not replicas, counted by why (api/ownership.py)."""
+    counts: dict[str, int] = {}
+    for key, pods in indexed.items():
+        for pod in pods:
+            why = compute_ignored_reason(pod.owner_uid, deployment_uids.get(key))
+            if why is not None:
+                counts[why] = counts.get(why, 0) + 1
+    return counts
 
 
 # Enough of a message for a status line; the Pod has the rest.

@@ -22,7 +22,12 @@ from typing import Any
 from modelfleet.api import ModelDeployment, parse_duration, quantity_to_mib
 from modelfleet.api import labels as L
 from modelfleet.controller.decisions import Placed, Victim
-from modelfleet.controller.observed import NodeHealth, ObservedPod, compute_last_use_time
+from modelfleet.controller.observed import (
+    NodeHealth,
+    ObservedPod,
+    compute_last_use_time,
+    is_replica_of,
+)
 
 # A Pod still terminating this long after its deletion is not waited for: its name is skipped.
 STUCK_TERMINATING = timedelta(minutes=2)
@@ -56,6 +61,8 @@ class Reason(StrEnum):
     SERVICE_FAILED = "ServiceFailed"  # the model's Service could not be put in shape
     ADMISSION_REJECTED = "AdmissionRejected"  # a node's kubelet refused a replica; it backs off
     GPUS_ASSIGNED = "GpusAssigned"  # the node gave a replica other GPUs than placement planned
+    SERVED_NAME_HELD = "ServedNameHeld"  # the gateway routes the served name to this deployment
+    SERVED_NAME_TAKEN = "ServedNameTaken"  # an older deployment holds the served name
 
 
 # Container waiting reasons of a replica that is broken rather than starting.
@@ -264,8 +271,10 @@ def compute_plan(
     `template_hash` is the hash of the Pod template the spec asks for now; replicas built from
     another are rolled one at a time.
     """
-    # Pods of an older object with the same name (being garbage collected) only hold names.
-    ours = [p for p in pods if not p.owner_uid or p.owner_uid == md.metadata.uid]
+    # Only Pods this deployment controls are its replicas. The others with its labels (an older
+    # object's of the same name being garbage collected, a look-alike someone else made) are
+    # never counted, replaced or deleted: they only hold their names.
+    ours = [p for p in pods if is_replica_of(p, md.metadata.uid or None)]
     target, target_reason = compute_target(md, now, ours)
     plan = Plan(target=target, target_reason=target_reason)
     healthy, terminating = _plan_replacements(plan, md, ours, nodes, now)

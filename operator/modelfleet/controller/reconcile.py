@@ -33,13 +33,14 @@ from modelfleet.controller.decisions import Decision, Evict, Placed
 from modelfleet.controller.execute import Executed, ServiceWanted, apply_invalid, execute
 from modelfleet.controller.inflight import Key
 from modelfleet.controller.metrics import OperatorMetrics
-from modelfleet.controller.observed import compute_assignment_records
+from modelfleet.controller.observed import compute_assignment_records, is_replica_of
 from modelfleet.controller.place import compute_eviction_mark, place
 from modelfleet.controller.plan import AssignmentRecord, EventSpec, Plan, Reason, compute_plan
 from modelfleet.controller.runtime import ClusterState, Runtime
 from modelfleet.controller.status import (
     compute_invalid_status,
     compute_measured_footprint_mib,
+    compute_name_taken_event,
     compute_status,
     describe_invalid,
 )
@@ -88,7 +89,8 @@ async def reconcile(
                 result = "invalid"
                 return None
             rt.spec_valid(key)
-            plan = await _reconcile_locked(rt, md, cluster, ensure_svc=ensure_svc)
+            holder = cluster.name_holder(current)
+            plan = await _reconcile_locked(rt, md, cluster, holder, ensure_svc=ensure_svc)
         result = "ok"
         return plan
     finally:
@@ -130,15 +132,20 @@ async def _report_invalid(
 
 
 async def _reconcile_locked(
-    rt: Runtime, md: ModelDeployment, cluster: ClusterState, *, ensure_svc: bool
+    rt: Runtime, md: ModelDeployment, cluster: ClusterState, holder: Key, *, ensure_svc: bool
 ) -> Plan:
     key = (md.metadata.namespace or "", md.metadata.name)
     now = datetime.now(UTC)
     snapshot = rt.snapshot()
-    pods = rt.pods(cluster, key)
+    # Every Pod with its labels: the plan needs their names; the rest reads only its replicas.
+    labelled = rt.pods(cluster, key)
+    pods = [p for p in labelled if is_replica_of(p, md.metadata.uid or None)]
     template_hash = compute_template_hash(md, rt.settings.default_image)
     rejections = rt.admission.observe(pods, now)
-    plan = compute_plan(md, pods, rt.node_health(cluster, snapshot, now), now, template_hash)
+    plan = compute_plan(md, labelled, rt.node_health(cluster, snapshot, now), now, template_hash)
+    taken = compute_name_taken_event(md, holder)
+    if taken is not None:
+        plan.events.append(taken)
     plan.events.extend(build_rejection_event(key, r) for r in rejections)
     plan.events.extend(build_assignment_event(key, p) for p in rt.new_assignments(pods))
     plan.assignments.extend(
@@ -150,7 +157,7 @@ async def _reconcile_locked(
     measured = None
     if md.status.footprint is None and md.spec.gpu.memory is None:
         measured = compute_measured_footprint_mib(pods, inputs.compute_gpu_used_mib(snapshot))
-    status = compute_status(md, pods, plan, now, measured)
+    status = compute_status(md, pods, plan, now, measured, name_holder=holder)
     service = _service_wanted(md, cluster, key) if ensure_svc else None
     done = await execute(rt.client, rt.events, rt.inflight, md, plan, status, now, service=service)
     rt.settle(key, plan, failed_creates=bool(done.create_failures))

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from modelfleet import placement as P
+from modelfleet.api.ownership import ClaimKey, claim_key, served_name
 from modelfleet.controller import inputs
 from modelfleet.controller.admission import AdmissionBackoff
 from modelfleet.controller.execute import EventRecorder
@@ -32,6 +33,8 @@ from modelfleet.controller.observed import (
     NodeFacts,
     NodeHealth,
     ObservedPod,
+    compute_ignored_pods,
+    is_replica_of,
     with_assigned_gpus,
 )
 from modelfleet.controller.place import EvictionMark
@@ -57,6 +60,8 @@ class ClusterState:
     deployments: Mapping[Key, Iterable[DeploymentEntry]]  # ModelDeployments by (ns, name)
     # Services the operator made, by (namespace, name); None: no index, read them instead.
     services: Mapping[Key, Iterable[Mapping[str, Any]]] | None = None
+    # Claims on each served model name; None: no index, found from `deployments` instead.
+    served: Mapping[str, Iterable[ClaimKey]] | None = None
 
     def node_facts(self) -> dict[str, NodeFacts]:
         return {name: fact for name, facts in self.nodes.items() for fact in facts}
@@ -68,6 +73,33 @@ class ClusterState:
         for entry in self.deployments.get(key, ()):
             return entry.body
         return None
+
+    def deployment_uids(self) -> dict[Key, str]:
+        """The UID of every ModelDeployment: a Pod is a replica only of the one it names."""
+        return {
+            key: str((e.body.get("metadata") or {}).get("uid") or "")
+            for key, entries in self.deployments.items()
+            for e in entries
+        }
+
+    def name_holder(self, body: Mapping[str, Any]) -> Key:
+        """The ModelDeployment that holds `body`'s served name: the oldest that claims it."""
+        name = served_name(body)
+        if self.served is not None:
+            claims = list(self.served.get(name, ()))
+        else:
+            claims = [
+                claim_key(e.body)
+                for entries in self.deployments.values()
+                for e in entries
+                if served_name(e.body) == name
+            ]
+        best = min([*claims, claim_key(body)])  # its own claim, in case the index lags
+        return (best[1], best[2])
+
+    def ignored_pods(self) -> dict[str, int]:
+        """Pods with the replica labels that are no replica, by why (for the metric)."""
+        return compute_ignored_pods(self.pods, self.deployment_uids())
 
 
 # How long a deleted replica Pod is still known as ours when an agent reports it: several poll
@@ -156,8 +188,15 @@ class Runtime:
 
     def all_pods(self, cluster: ClusterState) -> list[ObservedPod]:
         """Every replica Pod in the cluster, with this process's writes in flight and the GPUs
-        the nodes assigned them."""
-        return with_assigned_gpus(self.inflight.merge_all(cluster.pods), self.assigned_gpus())
+        the nodes assigned them. A Pod that only carries the labels is left out: placement
+        counts it like any other foreign pod."""
+        uids = cluster.deployment_uids()
+        merged = [
+            p
+            for p in self.inflight.merge_all(cluster.pods)
+            if is_replica_of(p, uids.get((p.namespace, p.deployment)))
+        ]
+        return with_assigned_gpus(merged, self.assigned_gpus())
 
     def assigned_gpus(self) -> Mapping[tuple[str, str], tuple[str, ...]]:
         """(namespace, pod) -> GPUs, as the agents last reported (computed once per snapshot)."""

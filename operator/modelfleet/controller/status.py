@@ -1,6 +1,7 @@
 """ModelDeployment status from the observed Pods and the plan. Pure.
 
-Conditions follow the Kubernetes convention: Available, Progressing and Degraded, each with one
+Conditions follow the Kubernetes convention: Available, Progressing, Degraded and Routed (does
+the gateway route the served name here, or does an older deployment hold it), each with one
 CamelCase reason a person can act on. A condition keeps its lastTransitionTime while its status
 stays the same, so recomputing an unchanged state yields an identical status and nothing is
 written.
@@ -23,7 +24,7 @@ from modelfleet.api import (
 from modelfleet.api.times import format_time
 from modelfleet.controller.builders import selector_string
 from modelfleet.controller.observed import ObservedPod
-from modelfleet.controller.plan import BROKEN_WAITING, FailureKind, Plan, Reason
+from modelfleet.controller.plan import BROKEN_WAITING, EventSpec, FailureKind, Plan, Reason
 
 # Container waiting reasons that mean "this replica will not come up by itself".
 _BROKEN = BROKEN_WAITING
@@ -84,8 +85,14 @@ def compute_status(
     plan: Plan,
     now: datetime,
     measured_footprint_mib: int | None = None,
+    *,
+    name_holder: tuple[str, str] | None = None,
 ) -> ModelDeploymentStatus:
-    """The status to write after `plan` is applied to `pods`."""
+    """The status to write after `plan` is applied to `pods`.
+
+    `name_holder` is the ModelDeployment that holds the served name (runtime.name_holder);
+    None: this one.
+    """
     instances = _instances(md, pods, plan)
     live = [i for i in instances if i.phase not in ("Terminating", "Failed")]
     ready = sum(1 for i in live if i.phase == "Ready")
@@ -93,7 +100,7 @@ def compute_status(
     available = _available(md, plan, live, ready)
     progressing = _progressing(plan, live, ready)
     degraded = _degraded(plan, live, ready)
-    conditions = [available, progressing, degraded]
+    conditions = [available, progressing, degraded, _routed(md, name_holder)]
     if target == 0 and not live:
         phase, reason = "ScaledToZero", available.reason
     elif degraded.status == ConditionStatus.TRUE:
@@ -205,6 +212,49 @@ def _degraded(plan: Plan, live: list[Instance], ready: int) -> Condition:
     if plan.blocker is not None and ready < plan.target:
         return _cond(kind, True, plan.blocker.reason, plan.blocker.message)
     return _cond(kind, False, "AsExpected", "")
+
+
+def _holder_text(holder: tuple[str, str]) -> str:
+    return f"{holder[0]}/{holder[1]}"
+
+
+def build_name_taken_message(md: ModelDeployment, holder: tuple[str, str]) -> str:
+    """Why the gateway does not route a deployment whose served name an older one holds."""
+    return (
+        f"served model name {md.served_name} is held by ModelDeployment {_holder_text(holder)}, "
+        "created earlier; the gateway routes the name there and never here. Give this one its "
+        "own spec.servedModelName, or delete the other"
+    )
+
+
+def _is_holder(md: ModelDeployment, holder: tuple[str, str] | None) -> bool:
+    return holder is None or holder == (md.metadata.namespace or "", md.metadata.name)
+
+
+def _routed(md: ModelDeployment, holder: tuple[str, str] | None) -> Condition:
+    """Does the gateway route the served name to this deployment?"""
+    if holder is None or _is_holder(md, holder):
+        return _cond(
+            ConditionType.ROUTED,
+            True,
+            Reason.SERVED_NAME_HELD,
+            f"the gateway routes model {md.served_name} here",
+        )
+    message = build_name_taken_message(md, holder)
+    return _cond(ConditionType.ROUTED, False, Reason.SERVED_NAME_TAKEN, message)
+
+
+def compute_name_taken_event(md: ModelDeployment, holder: tuple[str, str]) -> EventSpec | None:
+    """A Warning when the served name is taken and the status does not say so yet (one Event
+    per change of holder or name, not one per re-check)."""
+    if _is_holder(md, holder):
+        return None
+    message = build_name_taken_message(md, holder)
+    for cond in md.status.conditions:
+        if cond.type == ConditionType.ROUTED and cond.message == message:
+            return None
+    namespace, name = md.metadata.namespace or "", md.metadata.name
+    return EventSpec(namespace, name, "Warning", Reason.SERVED_NAME_TAKEN, message)
 
 
 def _keep_transition_times(

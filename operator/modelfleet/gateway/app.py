@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from modelfleet.api.ownership import IGNORED_REASONS
 from modelfleet.gateway.balancer import EjectionPolicy
 from modelfleet.gateway.documents import ModelList, build_status_document
 from modelfleet.gateway.metrics import GatewayMetrics
@@ -138,6 +139,9 @@ async def handle_metrics(request: web.Request) -> web.StreamResponse:
     gauge = gateway.metrics.ready_replicas
     for model, route in gateway.registry.routes.items():
         gauge.labels(model).set(len(route.replicas))
+    ignored = gateway.registry.ignored_pods()
+    for reason in IGNORED_REASONS:
+        gateway.metrics.ignored_pods.labels(reason).set(ignored.get(reason, 0))
     return web.Response(
         body=generate_latest(gateway.metrics.registry),
         headers={"Content-Type": CONTENT_TYPE_LATEST},

@@ -7,6 +7,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from modelfleet.api.ownership import IGNORED_REASONS
+
 UNKNOWN_MODEL = "unknown"
 # Proxy overhead is sub-millisecond; model latency runs to minutes.
 _LATENCY_BUCKETS = (
@@ -70,6 +72,15 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.ignored_pods = Gauge(
+            "modelfleet_gateway_ignored_pods",
+            "Ready Pods with the replica labels that no existing ModelDeployment controls, by "
+            "reason (not_controlled, owner_mismatch): never routed to.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in IGNORED_REASONS:
+            self.ignored_pods.labels(reason)
         self.annotation_writes = Counter(
             "modelfleet_gateway_annotation_writes",
             "Writes of last-use and demand annotations, by kind and result.",

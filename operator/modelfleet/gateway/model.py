@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelfleet.api import labels
+from modelfleet.api.ownership import NEVER, ClaimKey, claim_key, controller_uid, served_name
 from modelfleet.api.v1alpha1 import Balancing
 
 _BALANCING = frozenset(b.value for b in Balancing)
@@ -29,6 +30,8 @@ class DeploymentInfo:
     replicas: int
     balancing: Balancing | None  # the annotation's value when valid, else None (the global default)
     port: int
+    uid: str = ""  # a Pod is its replica only when the Pod's controller has this UID
+    claim: ClaimKey = (NEVER, "", "")  # its claim on the served name: the oldest holds it
 
     @property
     def key(self) -> tuple[str, str]:
@@ -45,6 +48,7 @@ class PodEndpoint:
     served_name: str | None  # from the Pod's annotation; None: take the deployment's
     host: str
     port: int
+    owner_uid: str = ""  # the UID of the ModelDeployment that controls it; "" for none
 
     @property
     def key(self) -> tuple[str, str]:
@@ -68,10 +72,12 @@ def parse_deployment(obj: dict[str, Any]) -> DeploymentInfo | None:
     return DeploymentInfo(
         namespace=meta.get("namespace") or "",
         name=name,
-        served_name=spec.get("servedModelName") or name,
+        served_name=served_name(obj),
         replicas=replicas if isinstance(replicas, int) else 1,
         balancing=Balancing(balancing) if balancing in _BALANCING else None,
         port=port if isinstance(port, int) else DEFAULT_ENGINE_PORT,
+        uid=str(meta.get("uid") or ""),
+        claim=claim_key(obj),
     )
 
 
@@ -101,7 +107,10 @@ def _container_port(obj: dict[str, Any]) -> int | None:
 
 
 def parse_replica_pod(obj: dict[str, Any], default_port: int | None = None) -> PodEndpoint | None:
-    """PodEndpoint of a replica Pod that may take traffic; None for any other Pod.
+    """PodEndpoint of a Pod with the replica labels that may take traffic; None for any other.
+
+    The labels only say what it claims to be: the registry routes to it only when its
+    controller is the labelled ModelDeployment (`owner_uid`, api/ownership.py).
 
     Only Pods that are Ready, not terminating and have an IP qualify: the gateway never routes to
     a Pod that is not ready, and routes from Pods rather than EndpointSlices because Kubernetes
@@ -127,6 +136,7 @@ def parse_replica_pod(obj: dict[str, Any], default_port: int | None = None) -> P
         served_name=(meta.get("annotations") or {}).get(labels.ANN_SERVED_MODEL) or None,
         host=host,
         port=port,
+        owner_uid=controller_uid(meta),
     )
 
 
@@ -140,16 +150,29 @@ class BodyError(ValueError):
     """The request body cannot be routed; the message is safe to return (no input echoed)."""
 
 
+def _at_top_level(body: bytes, at: int) -> bool:
+    """True when position `at` lies directly inside the body's outermost object: the body opens
+    with `{` and no other `{` or `[` comes before `at` (one inside a string only costs the fast
+    path, never a wrong answer)."""
+    start = len(body) - len(body.lstrip())
+    if body[start : start + 1] != b"{":
+        return False
+    return body.find(b"{", start + 1, at) < 0 and body.find(b"[", start + 1, at) < 0
+
+
 def extract_model(body: bytes) -> str:
     """The request's top-level `model`, without decoding the whole body when that is safe.
 
-    One unescaped `"model":` key with a plain string value is the top-level one; anything else
-    (several keys named model, escapes in the value) falls back to a full JSON parse.
+    The fast path takes one unescaped `"model":` key with a plain string value, and only when
+    no `{` or `[` stands between the body's opening brace and the key: then the key is the
+    object's own, not one nested inside another value (`{"x": {"model": "a"}}` names no model).
+    Anything else (several keys named model, escapes in the value, a key after a nested value)
+    falls back to a full JSON parse.
     """
     keys = _MODEL_KEY_ANY.findall(body)
     if len(keys) == 1:
         match = _MODEL_KEY.search(body)
-        if match:
+        if match and _at_top_level(body, match.start()):
             try:
                 return match.group(1).decode()
             except UnicodeDecodeError:
@@ -177,17 +200,18 @@ def build_error_body(
 
 
 def build_switched_off_message(model: str, deployments: Sequence[DeploymentInfo]) -> str:
-    """Why a model switched off by its spec gets no replica, and the command that starts it."""
+    """Why a model switched off by its spec gets no replica, and the command that starts it.
+
+    `deployments` are the registry's for the name: only the one that holds it.
+    """
     first = deployments[0]
     if not first.namespace:  # static upstreams: no ModelDeployment behind the name
         return (
             f"model {model} has no upstream: --static-upstreams lists none for it; "
             f"add one as {model}=http://HOST:PORT"
         )
-    others = len(deployments) - 1
-    where = f" on any of its {len(deployments)} ModelDeployments" if others else ""
     return (
         f"model {model} is scaled to zero by its spec (spec.replicas: 0), so nothing will start "
         f"it for this request; start it with `kubectl scale modeldeployment/{first.name} "
-        f"--replicas=1 -n {first.namespace}`, or set spec.replicas above 0{where}"
+        f"--replicas=1 -n {first.namespace}`, or set spec.replicas above 0"
     )

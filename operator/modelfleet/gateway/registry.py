@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from modelfleet.api.ownership import compute_ignored_reason
 from modelfleet.api.v1alpha1 import Balancing
 from modelfleet.gateway.balancer import Route, build_route
 from modelfleet.gateway.model import (
@@ -41,7 +42,8 @@ class Registry:
         self.deployments: dict[Key, DeploymentInfo] = {}
         self.pods: dict[Key, PodEndpoint] = {}
         self.routes: dict[str, Route] = {}
-        self.models: dict[str, list[DeploymentInfo]] = {}  # served name -> its deployments
+        self.models: dict[str, list[DeploymentInfo]] = {}  # served name -> [its holder]
+        self.holders: dict[str, Key] = {}  # served name -> the deployment that holds it
         self.synced = {"deployments": False, "pods": False}
         self._pods_by_model: dict[str, dict[Key, PodEndpoint]] = {}
         self._pod_model: dict[Key, str] = {}
@@ -104,11 +106,13 @@ class Registry:
         self.deployments = {}
         self.pods = {}
         for model, addresses in upstreams.items():
-            info = DeploymentInfo("", model, model, len(addresses), None, 0)
+            # The gateway's own list: each upstream is owned by its model's entry.
+            owner = f"static:{model}"
+            info = DeploymentInfo("", model, model, len(addresses), None, 0, uid=owner)
             self.deployments[info.key] = info
             for address in addresses:
                 host, _, port = address.rpartition(":")
-                pod = PodEndpoint("", address, model, model, host, int(port))
+                pod = PodEndpoint("", address, model, model, host, int(port), owner_uid=owner)
                 self.pods[pod.key] = pod
         self.synced = {"deployments": True, "pods": True}
         self._rebuild_all()
@@ -198,11 +202,32 @@ class Registry:
 
     # ---- rebuilding ---------------------------------------------------------------------------
 
+    def ignored_pods(self) -> dict[str, int]:
+        """Ready Pods with the replica labels that are not replicas, by why (for the metric)."""
+        counts: dict[str, int] = {}
+        for pod in self.pods.values():
+            info = self.deployments.get((pod.namespace, pod.deployment))
+            why = compute_ignored_reason(pod.owner_uid, info.uid if info else None)
+            if why is not None:
+                counts[why] = counts.get(why, 0) + 1
+        return counts
+
     def _served_name(self, pod: PodEndpoint) -> str | None:
-        if pod.served_name:
-            return pod.served_name
+        """The name `pod` is routed under; None when it is not routed at all.
+
+        Only a Pod controlled by the ModelDeployment its label names is a replica; labels and
+        annotations alone are anyone's to write. It serves its annotation's name (the name the
+        operator started it with) or else its deployment's, and never a name that another,
+        older ModelDeployment holds.
+        """
         info = self.deployments.get((pod.namespace, pod.deployment))
-        return info.served_name if info else None
+        if info is None or compute_ignored_reason(pod.owner_uid, info.uid) is not None:
+            return None
+        model = pod.served_name or info.served_name
+        holder = self.holders.get(model)
+        if holder is not None and holder != info.key:
+            return None
+        return model
 
     def _index_pod(self, pod: PodEndpoint) -> str | None:
         model = self._served_name(pod)
@@ -216,10 +241,13 @@ class Registry:
         self.generation += 1
         if self.is_synced:
             self._synced_event.set()
+        # A served name belongs to one ModelDeployment, the oldest that claims it: a newer one
+        # with the same name never takes or shares its traffic (the operator tells its owner).
         models: dict[str, list[DeploymentInfo]] = {}
-        for info in sorted(self.deployments.values(), key=lambda d: d.key):
-            models.setdefault(info.served_name, []).append(info)
+        for info in sorted(self.deployments.values(), key=lambda d: d.claim):
+            models.setdefault(info.served_name, [info])
         self.models = models
+        self.holders = {model: infos[0].key for model, infos in models.items()}
         self._pods_by_model = {}
         self._pod_model = {}
         for pod in self.pods.values():

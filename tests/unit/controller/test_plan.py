@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from controller_helpers import NOW, FreeGpus, make_md, nodes, plan_and_place, pod
+from controller_helpers import HASH, NOW, FreeGpus, make_md, nodes, plan_and_place, pod
 
 from modelfleet.api import labels as L
 from modelfleet.controller.decisions import Evict, PlacementRequest, Unplaceable, Victim
 from modelfleet.controller.observed import NodeHealth
-from modelfleet.controller.plan import compute_target
+from modelfleet.controller.plan import compute_plan, compute_target
 
 
 def names(items: list[object]) -> list[str]:
@@ -407,3 +407,13 @@ def test_missing_agent_pod(case: str, node_a: NodeHealth, others_up: bool, repla
     if replaced:
         expected = "NodeLost" if not node_a.ready else "EndpointsDown"
         assert plan.to_delete[0].reason == expected, case
+
+
+def test_plan_never_counts_or_deletes_a_pod_without_an_owner() -> None:
+    md = make_md(replicas=1)
+    look_alike = pod(2, node="node-b", owner_uid="")
+    plan = compute_plan(md, [pod(1), look_alike], nodes("node-a", "node-b"), NOW, HASH)
+    assert plan.to_delete == []
+    assert plan.to_place == []
+    alone = compute_plan(md, [look_alike], nodes("node-a", "node-b"), NOW, HASH)
+    assert alone.to_place == [1]

@@ -102,7 +102,15 @@ class World:
                     L.ANN_MIN_REPLICAS: str(spec.get("minReplicas", 0)),
                     L.ANN_TEMPLATE_HASH: compute_template_hash(model, self.settings.default_image),
                 },
-                "ownerReferences": [{"uid": md["metadata"]["uid"], "controller": True}],
+                "ownerReferences": [
+                    {
+                        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                        "kind": KIND,
+                        "name": name,
+                        "uid": md["metadata"]["uid"],
+                        "controller": True,
+                    }
+                ],
             },
             "spec": {"nodeName": gpus[0].rsplit(":", 1)[0]},
             "status": {
@@ -340,3 +348,75 @@ async def test_a_deployment_that_waits_logs_once_not_per_re_check(
         assert plan.blocker is not None
     lines = [r for r in caplog.records if "blocked at big-instance-1" in r.getMessage()]
     assert len(lines) == 1
+
+
+# ---- trust: only Pods a ModelDeployment controls are replicas ----------------------------------
+
+
+def add_look_alike(world: World, md: dict[str, Any], n: int, gpus: list[str]) -> str:
+    """A Pod someone else made with a replica's labels, name and annotations, but no owner."""
+    world.add_ready_pod(md, n, gpus)
+    name = f"{md['metadata']['name']}-instance-{n}"
+    body = world.fake.objects[pods_path(NS, name)]
+    body["metadata"]["uid"] = f"foreign-{name}"
+    body["metadata"].pop("ownerReferences")
+    return name
+
+
+async def test_a_restarted_operator_adopts_its_replica_and_leaves_a_look_alike_alone(
+    world: World,
+) -> None:
+    md = world.add_md("x", replicas=1)
+    world.add_ready_pod(md, 1, ["a:0"])
+    look_alike = add_look_alike(world, md, 2, ["a:1"])
+    world.rt = world.new_runtime()  # a fresh process: nothing remembered
+    plan = await world.reconcile("x")
+    assert plan.to_create == []
+    assert plan.to_delete == []
+    assert world.writes("POST") == []
+    assert world.writes("DELETE") == []
+    assert set(world.pods("x")) == {"x-instance-1", look_alike}
+    status = world.fake.objects[md_path(NS, "x")]["status"]
+    assert [i["name"] for i in status["instances"]] == ["x-instance-1"]
+
+
+async def test_a_look_alike_is_not_counted_as_a_replica_and_keeps_its_name(world: World) -> None:
+    md = world.add_md("x", replicas=1)
+    add_look_alike(world, md, 1, ["a:0"])
+    plan = await world.reconcile("x")
+    assert [c.name for c in plan.to_create] == ["x-instance-2"]
+    assert world.writes("DELETE") == []
+
+
+async def test_a_look_alike_holds_its_gpus_as_a_foreign_pod(world: World) -> None:
+    md = world.add_md("x", replicas=1)
+    add_look_alike(world, md, 1, ["a:0"])
+    cluster = world.index()
+    assert world.rt.all_pods(cluster) == []
+    assert cluster.ignored_pods() == {"not_controlled": 1}
+
+
+async def test_a_newer_deployment_with_a_taken_served_name_is_told_once(world: World) -> None:
+    world.add_md("older", replicas=0, servedModelName="m")
+    newer = world.add_md("aaa-newer", replicas=0, servedModelName="m")
+    newer["metadata"]["creationTimestamp"] = format_time(CREATED + timedelta(minutes=1))
+    await world.reconcile("older")
+    await world.reconcile("aaa-newer")
+    events = [body for path, body in world.fake.objects.items() if "/events/" in path]
+    assert [(e["reason"], e["type"]) for e in events] == [("ServedNameTaken", "Warning")]
+    assert "held by ModelDeployment ns/older" in events[0]["message"]
+    routed = {
+        name: next(
+            c
+            for c in world.fake.objects[md_path(NS, name)]["status"]["conditions"]
+            if c["type"] == "Routed"
+        )
+        for name in ("older", "aaa-newer")
+    }
+    assert (routed["older"]["status"], routed["older"]["reason"]) == ("True", "ServedNameHeld")
+    assert (routed["aaa-newer"]["status"], routed["aaa-newer"]["reason"]) == (
+        "False",
+        "ServedNameTaken",
+    )
+    await world.reconcile("aaa-newer")  # the status says so already: no second Event
+    assert len([p for m, p in world.fake.requests if m == "POST" and "/events" in p]) == 1

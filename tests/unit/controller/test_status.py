@@ -34,6 +34,7 @@ def test_all_ready() -> None:
         "Available": ("True", "ReplicasReady"),
         "Progressing": ("False", "Complete"),
         "Degraded": ("False", "AsExpected"),
+        "Routed": ("True", "ServedNameHeld"),
     }
     assert (st.phase, st.reason) == ("Ready", "")
     assert st.observed_generation == 3

@@ -26,6 +26,7 @@ def md_obj(
     replicas: int = 2,
     balancing: str | None = None,
     namespace: str = "default",
+    created: str = "2026-01-01T00:00:00Z",
 ) -> dict[str, Any]:
     annotations = {labels.ANN_BALANCING: balancing} if balancing else {}
     spec: dict[str, Any] = {"model": "google/gemma-3-4b-it", "replicas": replicas}
@@ -34,8 +35,31 @@ def md_obj(
     return {
         "apiVersion": "modelfleet.io/v1alpha1",
         "kind": "ModelDeployment",
-        "metadata": {"name": name, "namespace": namespace, "annotations": annotations},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": md_uid(namespace, name),
+            "creationTimestamp": created,
+            "annotations": annotations,
+        },
         "spec": spec,
+    }
+
+
+def md_uid(namespace: str, name: str) -> str:
+    """The UID md_obj gives a ModelDeployment."""
+    return f"uid-{namespace}-{name}"
+
+
+def owner_ref(uid: str, name: str = "owner") -> dict[str, Any]:
+    """A controller ownerReference to a ModelDeployment, as the operator writes it."""
+    return {
+        "apiVersion": "modelfleet.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
     }
 
 
@@ -49,7 +73,10 @@ def pod_obj(
     deleting: bool = False,
     ip: str = "127.0.0.1",
     namespace: str = "default",
+    owners: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """A replica Pod of `deployment` as the operator makes it; `owners` replaces its
+    ownerReferences (a look-alike someone else made)."""
     meta: dict[str, Any] = {
         "name": name,
         "namespace": namespace,
@@ -58,6 +85,9 @@ def pod_obj(
             labels.LABEL_DEPLOYMENT: deployment,
         },
         "annotations": {labels.ANN_SERVED_MODEL: served} if served else {},
+        "ownerReferences": (
+            owners if owners is not None else [owner_ref(md_uid(namespace, deployment), deployment)]
+        ),
     }
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"

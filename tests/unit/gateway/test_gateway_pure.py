@@ -62,6 +62,19 @@ def test_extract_model(body: bytes, model: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "body",
+    [
+        b'{"x": {"model": "a"}}',
+        b'{"messages": [{"role": "user", "model": "a"}]}',
+        b'  {"x": {"y": 1, "model": "a"}, "prompt": "p"}',
+    ],
+)
+def test_extract_model_never_routes_by_a_nested_model_key(body: bytes) -> None:
+    with pytest.raises(BodyError, match="no model field"):
+        extract_model(body)
+
+
+@pytest.mark.parametrize(
     ("body", "words"),
     [
         (b"{not json", "not valid JSON"),
@@ -193,13 +206,13 @@ async def test_registry_wait_wakes_on_ready_switch_off_and_times_out() -> None:
     assert await asyncio.wait_for(waiter, 1) is None  # at once, not after 5 s
 
 
-def test_switched_off_means_every_deployment_of_the_name_declares_zero() -> None:
+def test_switched_off_follows_the_deployment_that_holds_the_name() -> None:
     registry = Registry()
     registry.replace_deployments(
-        [md_obj("a", served="m", replicas=0), md_obj("b", served="m", replicas=0, namespace="x")]
+        [md_obj("a", served="m", replicas=0), md_obj("b", served="m", replicas=1, namespace="x")]
     )
-    assert registry.is_switched_off("m")
-    registry.apply_deployment("MODIFIED", md_obj("b", served="m", replicas=1, namespace="x"))
+    assert registry.is_switched_off("m")  # a holds m (same age, default/a sorts first)
+    registry.apply_deployment("MODIFIED", md_obj("a", served="m", replicas=1))
     assert not registry.is_switched_off("m")
     assert not registry.is_switched_off("unknown")
 
@@ -218,7 +231,7 @@ def test_switched_off_message_names_the_model_and_the_command() -> None:
     )
     message = build_switched_off_message("m", registry.models["m"])
     assert "`kubectl scale modeldeployment/a --replicas=1 -n default`" in message
-    assert message.endswith("or set spec.replicas above 0 on any of its 2 ModelDeployments")
+    assert message.endswith("or set spec.replicas above 0")  # b does not hold the name
     registry.set_static({"m": []})
     assert build_switched_off_message("m", registry.models["m"]) == (
         "model m has no upstream: --static-upstreams lists none for it; add one as "
