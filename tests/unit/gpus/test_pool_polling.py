@@ -6,6 +6,7 @@ source, so breaker timings are exact; every request is real HTTP to a `FakeAgent
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -231,6 +232,79 @@ async def test_malformed_reply_marks_only_that_endpoint(
     assert b.requests == (1 + 3 if mode == "error" else 1 + 1)
     assert [by_url(snap, x.url).state for x in (a, c)] == [EndpointState.HEALTHY] * 2
     assert [by_url(snap, x.url).reason for x in (a, c)] == ["", ""]
+
+
+def hostile_body(node: str, gpu: dict[str, object], **report: object) -> bytes:
+    """A reply as JSON text, with numbers no float holds (`1e400`, a 400-digit integer)."""
+    doc = {
+        "node": node,
+        "backend": "nvml",
+        "sampledAt": "2025-01-01T00:00:00Z",
+        "pollIntervalS": 5,
+        "gpus": [
+            {
+                "index": 0,
+                "gpuId": f"{node}:0",
+                "uuid": f"GPU-{node}-hostile",
+                "product": "NVIDIA-H100-80GB-HBM3",
+                "memoryTotalMib": 81559,
+                "memoryUsedMib": 0,
+                "memoryFreeMib": 81559,
+                **gpu,
+            }
+        ],
+        **report,
+    }
+    huge = "1" + "0" * 400
+    return json.dumps(doc).replace('"HUGE"', huge).replace('"E400"', "1e400").encode()
+
+
+@pytest.mark.parametrize(
+    ("name", "gpu", "report", "reason"),
+    [
+        ("huge integer memory", {"memoryTotalMib": "HUGE"}, {}, "gpus.0.memoryTotalMib"),
+        ("1e400 memory", {"memoryUsedMib": "E400"}, {}, "gpus.0.memoryUsedMib"),
+        (
+            "used above total",
+            {"memoryUsedMib": 90000, "memoryFreeMib": 0},
+            {},
+            "memoryUsedMib 90000 > memoryTotalMib 81559",
+        ),
+        ("negative free", {"memoryFreeMib": -5}, {}, "gpus.0.memoryFreeMib"),
+        ("1e400 temperature", {"temperatureC": "E400"}, {}, "finite number"),
+        ("poll interval 1e308", {}, {"pollIntervalS": 1e308}, "pollIntervalS"),
+    ],
+)
+async def test_one_report_with_bad_numbers_fails_only_its_endpoint(
+    agents: Any,
+    make_pool: Any,
+    name: str,
+    gpu: dict[str, object],
+    report: dict[str, object],
+    reason: str,
+) -> None:
+    a, b, c = await agents(3)
+    pool, clock, _ = make_pool([a.url, b.url, c.url], jitter=[0.5])
+    await pool.poll_once()
+    b.mode = "raw"
+    b.raw_body = hostile_body(b.node, gpu, **report)
+    clock.advance(INTERVAL)
+    snap = await pool.poll_once()  # the round completes
+    bad = by_url(snap, b.url)
+    assert bad.reason.startswith("reply does not match GpuReport: ")
+    assert reason in bad.reason
+    assert bad.state == EndpointState.DEGRADED
+    assert b.requests == 2  # not retried: it would be as bad again
+    assert [by_url(snap, x.url).state for x in (a, c)] == [EndpointState.HEALTHY] * 2
+    # Its last good sample still counts; nothing of the bad one reached the pool.
+    assert snap.node(b.node) is not None
+    assert snap.totals.figures.memory_total_mib == 3 * 8 * 81559
+    # It stays refused round after round, and the others keep being polled.
+    for _ in range(2):
+        clock.advance(INTERVAL)
+        snap = await pool.poll_once()
+    assert by_url(snap, b.url).state == EndpointState.DOWN
+    assert sorted(n.name for n in snap.nodes) == sorted([a.node, c.node])
 
 
 async def test_flapping_agent_is_degraded_but_never_down(agents: Any, make_pool: Any) -> None:
