@@ -37,6 +37,8 @@ class FailureKind(StrEnum):
     BAD_SCHEMA = "bad_schema"
     NODE_MISMATCH = "node_mismatch"
     DUPLICATE = "duplicate"
+    #: Anything the client did not foresee; logged with its traceback, the round goes on.
+    UNEXPECTED = "unexpected"
 
 
 class FetchError(Exception):

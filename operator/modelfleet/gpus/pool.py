@@ -273,6 +273,15 @@ class GpuPool:
                 )
             except FetchError as exc:
                 return exc
+            except Exception as exc:
+                # One endpoint's surprise must not fail the gather, and with it every
+                # endpoint's round: it becomes that endpoint's failure.
+                log.exception("Polling failed unexpectedly url=%s", ep.url)
+                return FetchError(
+                    FailureKind.UNEXPECTED,
+                    f"unexpected error: {type(exc).__name__}: {exc}",
+                    retryable=False,
+                )
 
     async def poll_once(self) -> PoolSnapshot:
         """One round: poll every endpoint whose breaker allows it, then rebuild the snapshot."""

@@ -17,6 +17,7 @@ import pytest
 from pool_fakes import FakeClock, ScriptedJitter
 from prometheus_client import CollectorRegistry
 
+from modelfleet.gpus import pool as pool_module
 from modelfleet.gpus.breaker import BreakerState
 from modelfleet.gpus.client import (
     FetchError,
@@ -305,6 +306,27 @@ async def test_one_report_with_bad_numbers_fails_only_its_endpoint(
         snap = await pool.poll_once()
     assert by_url(snap, b.url).state == EndpointState.DOWN
     assert sorted(n.name for n in snap.nodes) == sorted([a.node, c.node])
+
+
+async def test_an_unforeseen_error_fails_only_its_endpoint(
+    agents: Any, make_pool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await agents(2)
+    pool, _, _ = make_pool([a.url, b.url])
+    real = pool_module.fetch_with_retries
+
+    async def fetch(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> Any:
+        if url == b.url:
+            raise OverflowError("int too large to convert to float")
+        return await real(session, url, **kwargs)
+
+    monkeypatch.setattr(pool_module, "fetch_with_retries", fetch)
+    snap = await pool.poll_once()
+    assert by_url(snap, b.url).reason == (
+        "unexpected error: OverflowError: int too large to convert to float"
+    )
+    assert by_url(snap, a.url).state == EndpointState.HEALTHY
+    assert [n.name for n in snap.nodes] == [a.node]
 
 
 async def test_flapping_agent_is_degraded_but_never_down(agents: Any, make_pool: Any) -> None:
