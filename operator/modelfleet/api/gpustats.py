@@ -153,7 +153,7 @@ class GpuReport(_Wire):
             expected = format_gpu_id(self.node, gpu.index)
             if gpu.gpu_id != expected:
                 raise ValueError(
-                    f"GPU {gpu.index} has gpuId {gpu.gpu_id!r}; on node {self.node!r} it must "
+                    f"GPU {gpu.index} has gpuId {gpu.gpu_id[:80]!r}; on node {self.node!r} it must "
                     f"be {expected!r}"
                 )
         return self

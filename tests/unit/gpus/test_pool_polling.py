@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from pool_fakes import FakeClock, ScriptedJitter
+from pool_fakes import FakeClock, ScriptedJitter, make_report
 from prometheus_client import CollectorRegistry
 
 from modelfleet.gpus import pool as pool_module
@@ -477,6 +477,81 @@ async def test_duplicate_node_rejects_the_newcomer(agents: Any, make_pool: Any) 
     assert rejected.reason.startswith("duplicate GPU IDs: node 'node-a'")
     assert not rejected.included
     assert {g.endpoint for g in snap.gpus.values()} == {a.url}
+
+
+async def test_a_down_holder_keeps_its_node_against_a_newcomer(agents: Any, make_pool: Any) -> None:
+    a, b = await agents(2)
+    pool, clock, _ = make_pool([a.url, b.url], jitter=[0.0, 0.0])
+    await pool.poll_once()
+    a.mode = "error"
+    for _ in range(3):  # a's breaker opens: a is down, its GPUs out of the pool
+        clock.advance(INTERVAL)
+        snap = await pool.poll_once()
+    assert by_url(snap, a.url).state == EndpointState.DOWN
+    # b now claims node-a: a still holds it, down or not.
+    b.report = make_report("node-a", 8, uuid_prefix="impostor")
+    clock.advance(INTERVAL)
+    snap = await pool.poll_once()
+    refused = by_url(snap, b.url)
+    assert refused.reason == (
+        f"duplicate GPU IDs: node 'node-a' is already reported by {a.url}; each node must "
+        "have exactly one agent endpoint"
+    )
+    assert not refused.included
+    assert snap.node("node-a") is None
+    assert pool.endpoint_for_node("node-a") == a.url
+    # a comes back with its node; b is still refused.
+    a.mode = "ok"
+    clock.advance(INTERVAL)
+    snap = await pool.poll_once()
+    assert snap.node("node-a") is not None
+    assert {g.endpoint for g in snap.gpus.values()} == {a.url}
+    assert by_url(snap, b.url).reason.startswith("duplicate GPU IDs: node 'node-a'")
+
+
+async def test_an_endpoint_that_renames_its_node_lets_the_old_one_go(
+    agents: Any, make_pool: Any
+) -> None:
+    a, b = await agents(2)
+    pool, clock, _ = make_pool([a.url, b.url])
+    await pool.poll_once()
+    a.report = make_report("node-z", 8, uuid_prefix="node-a")
+    b.report = make_report("node-a", 8, uuid_prefix="node-b")
+    clock.advance(INTERVAL)
+    snap = await pool.poll_once()
+    assert [e.reason for e in snap.endpoints] == ["", ""]
+    assert sorted(n.name for n in snap.nodes) == ["node-a", "node-z"]
+    renamed = snap.node("node-a")
+    assert renamed is not None
+    assert renamed.endpoint == b.url
+
+
+@pytest.mark.parametrize(
+    ("node", "shown"),
+    [
+        ("node-a\x1b]0;pwned\x07", "'node-a\\x1b]0;pwned\\x07'"),
+        ("Node-A", "'Node-A'"),
+        ("node_a", "'node_a'"),
+        ("a" * 254, "'" + "a" * 64 + "' (cut, 254 characters)"),
+        ("", "''"),
+    ],
+)
+async def test_a_node_name_that_is_no_kubernetes_node_name_is_refused(
+    agents: Any, make_pool: Any, node: str, shown: str
+) -> None:
+    a, b = await agents(2)
+    pool, _, _ = make_pool([a.url, b.url])
+    doc = json.loads(b.report.model_dump_json(by_alias=True))
+    doc["node"] = node
+    doc["gpus"] = []  # the name is checked even with no GPU IDs to carry it
+    b.mode, b.raw_body = "raw", json.dumps(doc).encode()
+    snap = await pool.poll_once()
+    refused = by_url(snap, b.url)
+    assert refused.reason.startswith("reply does not match GpuReport: ")
+    assert f"node name {shown} is not a DNS subdomain" in refused.reason
+    assert not any(ch in refused.reason for ch in "\x1b\x07\n")
+    assert not refused.included
+    assert [n.name for n in snap.nodes] == [a.node]
 
 
 async def test_discovered_endpoint_must_report_its_node(
