@@ -24,9 +24,7 @@ current-context: x
 
 
 @pytest.mark.parametrize("concurrency", [8, 500])
-async def test_poll_concurrency_sets_the_connection_limit(
-    tmp_path: Path, concurrency: int
-) -> None:
+async def test_poll_concurrency_sets_the_connection_limit(tmp_path: Path, concurrency: int) -> None:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(KUBECONFIG)
     memo = kopf.Memo(
