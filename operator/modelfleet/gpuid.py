@@ -21,8 +21,10 @@ class GpuIdError(ValueError):
 def validate_node_name(node: str) -> str:
     """Return `node` if it is a valid Kubernetes node name (a DNS subdomain), else raise."""
     if not node or len(node) > MAX_NODE_NAME or not _DNS_SUBDOMAIN.match(node):
+        # repr() escapes control characters; the cut keeps a hostile name out of every reason.
+        shown = repr(node[:64]) + (f" (cut, {len(node)} characters)" if len(node) > 64 else "")
         raise GpuIdError(
-            f"node name {node!r} is not a DNS subdomain: expected lowercase letters, digits, '-' "
+            f"node name {shown} is not a DNS subdomain: expected lowercase letters, digits, '-' "
             f"and '.', at most {MAX_NODE_NAME} characters, starting and ending alphanumeric"
         )
     return node

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from modelfleet.api.gpustats import MAX_MEMORY_MIB, MAX_POLL_INTERVAL_S
 from modelfleet.api.v1alpha1 import Balancing, PlacementStrategy
 
 log = logging.getLogger(__name__)
@@ -238,11 +239,14 @@ class AgentSettings(_Settings):
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(9400, ge=1, le=65535, description="Port to listen on.")
     poll_interval_s: float = Field(
-        5.0, gt=0, le=300, description="Seconds between two samples of the GPUs."
+        5.0,
+        gt=0,
+        le=MAX_POLL_INTERVAL_S,
+        description="Seconds between two samples of the GPUs.",
     )
     gpus: int = Field(8, ge=0, le=64, description="Simulated backend: number of GPUs.")
     gpu_memory_mib: int = Field(
-        81559, ge=1, description="Simulated backend: memory per GPU, in MiB."
+        81559, ge=1, le=MAX_MEMORY_MIB, description="Simulated backend: memory per GPU, in MiB."
     )
     product: str = Field(
         "NVIDIA-H100-80GB-HBM3", description="Simulated backend: GPU product name."

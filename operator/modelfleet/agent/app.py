@@ -16,7 +16,7 @@ from modelfleet.agent.auth import Authenticator, TokenFileAuth, TokenReviewAuth
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.nvml import NvmlBackend
 from modelfleet.agent.podresources import PodAttribution, PodResourcesClient
-from modelfleet.agent.server import build_app
+from modelfleet.agent.server import build_app, build_runner
 from modelfleet.agent.simulated import (
     GpuFileError,
     SimulatedBackend,
@@ -134,7 +134,7 @@ class Agent:
             self.tasks.append(
                 asyncio.create_task(watch_own_node(self.client, self.backend, self.state))
             )
-        self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
+        self.runner = build_runner(self.app, shutdown_timeout=5.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.settings.host, self.settings.port)
         await site.start()

@@ -51,14 +51,23 @@ class Authenticator(Protocol):
 
 
 def parse_bearer(header: str | None) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header, else None."""
+    """The token of an `Authorization: Bearer <token>` header, else None.
+
+    A token is visible ASCII without spaces (RFC 6750's b64token is narrower still; JWTs and
+    generated secrets fit). Anything else, such as bytes that are not UTF-8 (the server hands
+    them over as surrogates) or control characters, is no token: the caller answers 401.
+    """
     if not header:
         return None
     scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    token = token.strip(" \t")
+    if scheme.lower() != "bearer" or not token or not _is_visible_ascii(token):
         return None
     return token
+
+
+def _is_visible_ascii(text: str) -> bool:
+    return text.isascii() and all("!" <= ch <= "~" for ch in text)
 
 
 class TokenFileAuth:

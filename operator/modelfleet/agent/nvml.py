@@ -437,6 +437,11 @@ class NvmlBackend:
             if _error_code(exc) in DEVICE_GONE_ERRORS:
                 return self._lost(index, pods, exc)
             return self.build_stale(index, pods, f"NVML could not read the GPU: {_describe(exc)}")
+        if total <= 0:
+            return self.build_stale(index, pods, "NVML reported no framebuffer memory")
+        # The report promises used <= total (the pool refuses anything else); a driver that
+        # counts more than the total has the GPU full, nothing more.
+        used = min(used, total)
         known.memory_total_mib = total
         known.memory_used_mib = used
         gone: list[BaseException] = []

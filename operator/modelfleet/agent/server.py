@@ -9,8 +9,10 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -61,9 +63,14 @@ def build_auth_middleware(
     async def check_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if auth is None or request.path in OPEN_PATHS:
             return await handler(request)
-        token = parse_bearer(request.headers.get("Authorization"))
+        header = request.headers.get("Authorization")
+        token = parse_bearer(header)
         if token is None:
-            return _unauthorized("missing bearer token")
+            return _unauthorized(
+                "malformed bearer token: expected 'Authorization: Bearer <token>' in visible ASCII"
+                if header
+                else "missing bearer token"
+            )
         try:
             verdict = await auth.check(token)
         except AuthUnavailable as exc:
@@ -76,6 +83,33 @@ def build_auth_middleware(
         return await handler(request)
 
     return check_auth
+
+
+class _QuietBadRequests(logging.Filter):
+    """A request the HTTP parser refuses (400) is the client's fault: one line, no traceback.
+
+    aiohttp logs those with the parser's traceback at ERROR; everything else passes unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            first = str(exc.message).strip().splitlines()[0] if exc.message else ""
+            record.args = (record.getMessage(), exc.code, first.rstrip(":"))
+            record.msg = "%s: refused a malformed request (%s): %s"
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+#: The logger of the agent's HTTP server (pass it to `web.AppRunner(logger=...)`).
+HTTP_LOG = logging.getLogger("modelfleet.agent.http")
+HTTP_LOG.addFilter(_QuietBadRequests())
+
+
+def build_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
+    """The runner of the agent's app: no access log, malformed requests logged in one line."""
+    return web.AppRunner(app, access_log=None, logger=HTTP_LOG, **kwargs)
 
 
 def _unauthorized(message: str) -> web.Response:

@@ -14,11 +14,23 @@ from pydantic.alias_generators import to_camel
 from modelfleet.gpuid import MAX_GPU_INDEX, format_gpu_id, validate_node_name
 
 SCHEMA_VERSION = "v1"
+#: 16 TiB per GPU: far above any GPU made, far below where sums and byte counts stop being exact
+#: floats (the pool adds thousands of these and exports them in bytes).
+MAX_MEMORY_MIB = 16 * 1024 * 1024
+#: The agent samples at most every 300 s (its MODELFLEET_AGENT_POLL_INTERVAL_S bound); a larger
+#: value would keep a stuck agent from ever looking stale.
+MAX_POLL_INTERVAL_S = 300.0
 
 
 class _Wire(BaseModel):
+    # No NaN or infinity anywhere: JSON has neither, but Python's encoder writes them and a
+    # number like 1e400 parses as infinity.
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        frozen=True,
+        allow_inf_nan=False,
     )
 
 
@@ -29,7 +41,10 @@ class PodRef(_Wire):
     name: str = Field(..., description="Pod name.")
     container: str = Field("", description="Container name within the pod, where known.")
     memory_used_mib: int | None = Field(
-        None, ge=0, description="GPU memory this pod uses on this GPU, where known."
+        None,
+        ge=0,
+        le=MAX_MEMORY_MIB,
+        description="GPU memory this pod uses on this GPU, where known.",
     )
 
 
@@ -39,7 +54,7 @@ class GpuHealth(_Wire):
     healthy: bool = Field(True, description="False when the GPU must not be used.")
     reason: str = Field("", description="Why it is unhealthy, e.g. 'XID 79: fallen off the bus'.")
     xid_errors: int = Field(
-        0, ge=0, description="Critical XID events seen since the agent started."
+        0, ge=0, le=2**53, description="Critical XID events seen since the agent started."
     )
     last_xid: int | None = Field(None, description="The most recent XID code, if any.")
 
@@ -51,9 +66,18 @@ class GpuStats(_Wire):
     gpu_id: str = Field(..., description="Global GPU ID, <node>:<index>.")
     uuid: str = Field(..., description="GPU UUID, e.g. GPU-5fa3...")
     product: str = Field(..., description="Product name, e.g. NVIDIA-H100-80GB-HBM3.")
-    memory_total_mib: int = Field(..., ge=0, description="Framebuffer memory, MiB.")
-    memory_used_mib: int = Field(..., ge=0, description="Memory in use, MiB.")
-    memory_free_mib: int = Field(..., ge=0, description="Memory free, MiB.")
+    memory_total_mib: int = Field(
+        ...,
+        ge=0,
+        le=MAX_MEMORY_MIB,
+        description="Framebuffer memory, MiB; 0 only on a stale or unhealthy GPU never read.",
+    )
+    memory_used_mib: int = Field(
+        ..., ge=0, le=MAX_MEMORY_MIB, description="Memory in use, MiB; at most the total."
+    )
+    memory_free_mib: int = Field(
+        ..., ge=0, le=MAX_MEMORY_MIB, description="Memory free, MiB; used + free <= total."
+    )
     utilization_percent: float | None = Field(
         None, ge=0, le=100, description="GPU utilization, %; null when it could not be read."
     )
@@ -73,6 +97,24 @@ class GpuStats(_Wire):
     health: GpuHealth = Field(default_factory=GpuHealth, description="Health of this GPU.")
     pods: list[PodRef] = Field(default_factory=list, description="Pods using this GPU.")
 
+    @model_validator(mode="after")
+    def _memory_adds_up(self) -> GpuStats:
+        total, used, free = self.memory_total_mib, self.memory_used_mib, self.memory_free_mib
+        if used > total:
+            raise ValueError(f"GPU {self.index}: memoryUsedMib {used} > memoryTotalMib {total}")
+        if used + free > total:
+            raise ValueError(
+                f"GPU {self.index}: memoryUsedMib {used} + memoryFreeMib {free} > "
+                f"memoryTotalMib {total}"
+            )
+        # A GPU the agent never read reports 0 MiB, but then it is stale or unhealthy and takes
+        # nothing; a readable, healthy GPU without memory would look free to placement.
+        if total == 0 and not self.stale and self.health.healthy:
+            raise ValueError(
+                f"GPU {self.index}: memoryTotalMib is 0 on a healthy GPU that is not stale"
+            )
+        return self
+
 
 class GpuReport(_Wire):
     """The whole reply of `GET /v1/gpus`."""
@@ -84,7 +126,9 @@ class GpuReport(_Wire):
         description="nvml, fake-driver (NVML over a fake GPU driver, on test nodes) or simulated.",
     )
     sampled_at: datetime = Field(..., description="When the GPUs were sampled (UTC).")
-    poll_interval_s: float = Field(..., gt=0, description="Seconds between samples.")
+    poll_interval_s: float = Field(
+        ..., gt=0, le=MAX_POLL_INTERVAL_S, description="Seconds between samples."
+    )
     driver_version: str | None = Field(None, description="NVIDIA driver version, where known.")
     ready: bool = Field(
         True,
@@ -96,8 +140,9 @@ class GpuReport(_Wire):
 
     @model_validator(mode="after")
     def _consistent(self) -> GpuReport:
-        if self.gpus:
-            validate_node_name(self.node)  # once per report: the pool parses thousands a round
+        # Once per report, not per GPU ID: the pool parses thousands a round. Also without
+        # GPUs: the name reaches logs, status tables and the pool's node map.
+        validate_node_name(self.node)
         seen: set[int] = set()
         for gpu in self.gpus:
             if gpu.index in seen:
@@ -108,7 +153,7 @@ class GpuReport(_Wire):
             expected = format_gpu_id(self.node, gpu.index)
             if gpu.gpu_id != expected:
                 raise ValueError(
-                    f"GPU {gpu.index} has gpuId {gpu.gpu_id!r}; on node {self.node!r} it must "
+                    f"GPU {gpu.index} has gpuId {gpu.gpu_id[:80]!r}; on node {self.node!r} it must "
                     f"be {expected!r}"
                 )
         return self

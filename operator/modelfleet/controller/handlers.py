@@ -42,6 +42,7 @@ from modelfleet.controller.observed import (
 from modelfleet.controller.reconcile import CreateFailed, reconcile
 from modelfleet.controller.runtime import ClusterState, Runtime, pods_on_nodes
 from modelfleet.controller.server import ServerState
+from modelfleet.gpus.client import create_session
 from modelfleet.gpus.metrics import default_metrics
 from modelfleet.gpus.pool import GpuPool
 from modelfleet.kube.client import KubeClient, load_config
@@ -88,7 +89,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         trace_configs=[metrics.api_trace()],
     )
     client = KubeClient(cluster, session=session, timeout_s=30)
-    agents = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=config.endpoint_timeout_s))
+    # As many pooled connections as agents polled at once: aiohttp's default of 100 would cap
+    # MODELFLEET_POLL_CONCURRENCY silently. Each request carries its own timeout.
+    agents = create_session(config.poll_concurrency, user_agent="modelfleet-operator")
     pool = GpuPool(config, agents, kube=client, metrics=default_metrics())
     await pool.start()
     memo.runtime = runtime = Runtime(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from typing import TYPE_CHECKING
 
@@ -48,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fail(message: str) -> int:
-    sys.stderr.write(f"modelfleet status: {message}\n")
+    from modelfleet.gpus.status import printable
+
+    # Errors quote what the operator or an agent answered: no terminal escapes from there.
+    sys.stderr.write(f"modelfleet status: {printable(message)}\n")
     return EXIT_ERROR
 
 
@@ -91,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
         )
         status = asyncio.run(_poll_once(settings))
     if args.json:
-        sys.stdout.write(status.model_dump_json(by_alias=True, indent=2) + "\n")
+        # JSON escapes C0 controls; ASCII-only output escapes C1 controls too (U+009B is a
+        # CSI on some terminals), and any JSON reader gets the same text back.
+        doc = status.model_dump(mode="json", by_alias=True)
+        sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=True) + "\n")
     else:
         sys.stdout.write(render_table(status))
     return EXIT_OK if status.ready else EXIT_NOT_READY

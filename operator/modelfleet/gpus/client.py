@@ -37,6 +37,8 @@ class FailureKind(StrEnum):
     BAD_SCHEMA = "bad_schema"
     NODE_MISMATCH = "node_mismatch"
     DUPLICATE = "duplicate"
+    #: Anything the client did not foresee; logged with its traceback, the round goes on.
+    UNEXPECTED = "unexpected"
 
 
 class FetchError(Exception):
@@ -108,9 +110,12 @@ def _describe_validation(exc: ValidationError) -> tuple[FailureKind, str]:
     if errors and errors[0]["type"] == "json_invalid":
         return FailureKind.BAD_JSON, f"reply is not JSON: {errors[0]['msg']}"
     first = errors[0] if errors else {"loc": (), "msg": str(exc)}
-    where = ".".join(str(p) for p in first["loc"]) or "reply"
+    where = ".".join(str(p) for p in first["loc"])
+    # Our own checks (node name, GPU IDs, memory) say what they found in their message.
+    msg = str(first["msg"]).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return FailureKind.BAD_SCHEMA, f"reply does not match GpuReport: {where}: {first['msg']}{more}"
+    detail = f"{where}: {msg}" if where else msg
+    return FailureKind.BAD_SCHEMA, f"reply does not match GpuReport: {detail}{more}"
 
 
 async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:

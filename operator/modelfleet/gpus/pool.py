@@ -111,7 +111,9 @@ class GpuPool:
             for outcome in ("ok", *(k.value for k in FailureKind))
         }
         self._endpoints: dict[str, _Endpoint] = {}
-        self._owners: dict[str, str] = {}  # node -> url that last reported it successfully
+        #: node -> the url that holds it: the last to report it successfully, for as long as
+        #: that endpoint is configured or discovered and reports no other node.
+        self._owners: dict[str, str] = {}
         self._replicas: Mapping[str, int] | None = None
         self._snapshot = empty_snapshot(self._now_wall())
         self._rounds = 0
@@ -273,6 +275,15 @@ class GpuPool:
                 )
             except FetchError as exc:
                 return exc
+            except Exception as exc:
+                # One endpoint's surprise must not fail the gather, and with it every
+                # endpoint's round: it becomes that endpoint's failure.
+                log.exception("Polling failed unexpectedly url=%s", ep.url)
+                return FetchError(
+                    FailureKind.UNEXPECTED,
+                    f"unexpected error: {type(exc).__name__}: {exc}",
+                    retryable=False,
+                )
 
     async def poll_once(self) -> PoolSnapshot:
         """One round: poll every endpoint whose breaker allows it, then rebuild the snapshot."""
@@ -323,7 +334,13 @@ class GpuPool:
             # Degraded endpoints that failed this round still contribute their last sample.
             if ep.url not in fresh and ep.report is not None and ep.state.usable:
                 claims[ep.url] = ep.report
-        conflicts = compute_conflicts(claims, self._owners)
+        # An endpoint that now reports another node lets go of the one it held.
+        held = {
+            node: url
+            for node, url in self._owners.items()
+            if url not in fresh or claims[url].node == node
+        }
+        conflicts = compute_conflicts(claims, held)
         for ep, res in current:
             if isinstance(res, Fetched) and ep.url in conflicts:
                 res = FetchError(FailureKind.DUPLICATE, conflicts[ep.url], retryable=False)
@@ -333,7 +350,9 @@ class GpuPool:
                 h.record_success(done, wall, res.latency_s)
                 h.record_sample(done, res.report.sampled_at, res.report.poll_interval_s)
                 ep.report = res.report
-                self._owners[res.report.node] = ep.url
+                if self._owners.get(res.report.node) != ep.url:
+                    self._owners = {n: u for n, u in self._owners.items() if u != ep.url}
+                    self._owners[res.report.node] = ep.url
             else:
                 self._set_breaker(
                     ep, breaker_on_failure(h.breaker, done, self._policy, self._jitter)

@@ -226,9 +226,10 @@ def compute_conflicts(
 ) -> dict[str, str]:
     """Endpoints whose report clashes with another's: url -> reason. Pure and deterministic.
 
-    Two endpoints that report the same node report the same global GPU IDs; the one that owned
-    the node before (`owners`: node -> url) keeps it, else the smaller URL. A GPU UUID reported
-    by two endpoints rejects the later one in URL order.
+    Two endpoints that report the same node report the same global GPU IDs. The endpoint that
+    holds the node (`owners`: node -> url) keeps it, whether or not it reports this round: an
+    endpoint that is down does not lose its node to a newcomer. A node nobody holds goes to the
+    smaller URL. A GPU UUID reported by two endpoints rejects the later one in URL order.
     """
     owners = owners or {}
     rejected: dict[str, str] = {}
@@ -236,17 +237,17 @@ def compute_conflicts(
     for url in sorted(reports):
         by_node.setdefault(reports[url].node, []).append(url)
     for node, urls in by_node.items():
-        if len(urls) < 2:
+        holder = owners.get(node)
+        if len(urls) < 2 and holder in (None, urls[0]):
             continue
-        keeper = owners.get(node) if owners.get(node) in urls else urls[0]
-        assert keeper is not None
-        ids = ", ".join(g.gpu_id for g in reports[keeper].gpus[:3])
-        more = "..." if len(reports[keeper].gpus) > 3 else ""
+        keeper = holder if holder is not None else urls[0]
+        shown = reports[keeper].gpus if keeper in reports else ()
+        ids = ", ".join(g.gpu_id for g in shown[:3]) + ("..." if len(shown) > 3 else "")
         for url in urls:
             if url != keeper:
                 rejected[url] = (
-                    f"duplicate GPU IDs: node {node!r} ({ids}{more}) is already reported by "
-                    f"{keeper}; each node must have exactly one agent endpoint"
+                    f"duplicate GPU IDs: node {node!r}{f' ({ids})' if ids else ''} is already "
+                    f"reported by {keeper}; each node must have exactly one agent endpoint"
                 )
     seen: dict[str, tuple[str, str]] = {}
     for url in sorted(reports):

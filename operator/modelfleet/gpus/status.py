@@ -224,6 +224,26 @@ def build_status(
     )
 
 
+def printable(text: str) -> str:
+    """`text` safe for a terminal: line breaks and tabs become spaces, every other control or
+    format character (ESC, NUL, DEL, C1, bidi overrides) its escape, e.g. `\\x1b`.
+
+    Node names, reasons and URLs come from agents and from the operator's reply; a terminal
+    escape among them must not reach the screen.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif ch in "\t\n\r":
+            out.append(" ")
+        else:
+            out.append(ascii(ch)[1:-1])
+    return "".join(out)
+
+
 def _gib(mib: int) -> str:
     return f"{mib / 1024:.1f}"
 
@@ -243,8 +263,8 @@ def render_table(status: PoolStatus) -> str:
         state = e.state if e.breaker == "closed" else f"{e.state} ({e.breaker.replace('_', '-')})"
         rows.append(
             (
-                e.url,
-                e.node or "-",
+                printable(e.url),
+                printable(e.node or "-"),
                 state,
                 f"{e.gpus_free}/{e.gpus_total}" if e.gpus_total is not None else "-",
                 (
@@ -256,11 +276,11 @@ def render_table(status: PoolStatus) -> str:
             )
         )
         if e.reason:
-            reasons.append(f"  {e.url}: {e.reason}")
+            reasons.append(f"  {printable(e.url)}: {printable(e.reason)}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     t = status.totals
-    states = ", ".join(f"{n} {s}" for s, n in t.endpoints_by_state.items() if n)
+    states = printable(", ".join(f"{n} {s}" for s, n in t.endpoints_by_state.items() if n))
     lines.append("")
     lines.append(
         f"TOTAL  endpoints {t.endpoints_usable}/{t.endpoints} usable ({states or 'none'})  "
@@ -268,7 +288,7 @@ def render_table(status: PoolStatus) -> str:
         f"memory free {_gib(t.memory_free_mib)}/{_gib(t.memory_total_mib)} GiB"
     )
     if not status.ready:
-        lines.append(f"NOT READY  {status.reason}")
+        lines.append(f"NOT READY  {printable(status.reason)}")
     if reasons:
         lines.append("")
         lines.append("Reasons:")

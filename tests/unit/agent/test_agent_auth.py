@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from aiohttp import web
 from modelfleet.agent.app import build_authenticator
 from modelfleet.agent.auth import Decision, TokenFileAuth, TokenReviewAuth, parse_bearer
 from modelfleet.agent.metrics import AgentMetrics
-from modelfleet.agent.server import build_app
+from modelfleet.agent.server import build_app, build_runner
 from modelfleet.agent.simulated import SimulatedBackend, build_sim_gpus
 from modelfleet.agent.state import AgentState, poll_once
 from modelfleet.kube import ClusterConfig, KubeClient
@@ -42,6 +44,12 @@ async def ready_app(auth: Any) -> web.Application:
         ("Basic abc", None),
         ("Bearer abc", "abc"),
         ("bearer abc ", "abc"),
+        ("Bearer \udcff\udcfe", None),  # bytes that are not UTF-8, as the server hands them on
+        ("Bearer caf\u00e9", None),
+        ("Bearer a\tb", None),
+        ("Bearer a\x1b[2Jb", None),
+        ("Bearer a b", None),
+        ("Token abc", None),
     ],
 )
 def test_parse_bearer(header: str | None, token: str | None) -> None:
@@ -292,3 +300,81 @@ def test_decide() -> None:
     assert auth.decide(OPERATOR).decision is Decision.ALLOW
     assert auth.decide(STRANGER).decision is Decision.FORBIDDEN
     assert auth.decide("").decision is Decision.UNAUTHENTICATED
+
+
+async def raw_request(base: str, authorization: bytes) -> tuple[int, bytes]:
+    """One GET /v1/gpus with the header bytes as given (no client library would send them)."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /v1/gpus HTTP/1.1\r\nHost: agent\r\nAuthorization: "
+        + authorization
+        + b"\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    reply = await reader.read()
+    writer.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+@pytest.mark.parametrize("mode", ["token", "tokenreview"])
+@pytest.mark.parametrize(
+    ("name", "authorization", "status"),
+    [
+        ("bytes that are not UTF-8", b"Bearer \xff\xfe\xfd", 401),
+        ("Latin-1", b"Bearer s3cret-tok\xe9n", 401),
+        ("UTF-8 beyond ASCII", "Bearer s3cret-tokén".encode(), 401),
+        ("a tab inside", b"Bearer s3cret\t-token", 401),
+        ("wrong scheme", b"Basic czNjcmV0LXRva2Vu", 401),
+        ("no token", b"Bearer", 401),
+        # The HTTP parser itself refuses these before any handler runs.
+        ("an escape", b"Bearer s3cret\x1b[2J-token", 400),
+        ("a NUL", b"Bearer s3cret\x00-token", 400),
+    ],
+)
+async def test_malformed_tokens_are_refused_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    mode: str,
+    name: str,
+    authorization: bytes,
+    status: int,
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    api = FakeTokenReviewApi()
+    closers: list[Any] = []
+    if mode == "token":
+        auth: Any = TokenFileAuth(str(token_file))
+    else:
+        api_runner = build_runner(api.app())
+        await api_runner.setup()
+        await web.TCPSite(api_runner, "127.0.0.1", 0).start()
+        closers.append(api_runner.cleanup)
+        api_url = f"http://127.0.0.1:{api_runner.addresses[0][1]}"
+        client = KubeClient(
+            ClusterConfig(server=api_url, ssl_context=False, token="agent-sa-token"), timeout_s=5
+        )
+        closers.append(client.close)
+        auth = TokenReviewAuth(client)
+    # The agent's own runner, with its logger: what `modelfleet agent` serves with.
+    runner = build_runner(await ready_app(auth), shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    closers.append(runner.cleanup)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            code, body = await raw_request(
+                f"http://127.0.0.1:{runner.addresses[0][1]}", authorization
+            )
+    finally:
+        for close in reversed(closers):
+            await close()
+    assert code == status, body
+    assert b"Traceback" not in body
+    assert b"gpuId" not in body
+    if status == 401:
+        assert json.loads(body)["error"].startswith(("malformed bearer token", "missing bearer"))
+    assert api.reviews == []  # nothing malformed is sent on to the API server
+    assert [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] == []

@@ -60,7 +60,8 @@ class FakeAgent:
     """A real HTTP server answering `GET /v1/gpus` like the node-stats agent.
 
     mode: ok | error (HTTP 500) | garbage (not JSON) | schema (JSON, wrong shape) | delay
-    (sleeps `delay_s` before answering) | flap (ok and error, alternating per request).
+    (sleeps `delay_s` before answering) | flap (ok and error, alternating per request) | raw
+    (serves `raw_body` as it is, for replies no `GpuReport` can hold).
 
     Like a real agent, every reply is a new sample: `sampledAt` is the report's plus one second
     per request. `frozen = True` keeps serving the last sample, as an agent whose poll loop is
@@ -82,6 +83,7 @@ class FakeAgent:
         self.delay_s = 0.0
         self.token = token
         self.frozen = False
+        self.raw_body = b""
         self.requests = 0
         self._body = b""
         self.port = port
@@ -110,6 +112,8 @@ class FakeAgent:
             return web.json_response({"error": "nvml failed"}, status=500)
         if mode == "garbage":
             return web.Response(body=b"\x00<html>not json", content_type="text/html")
+        if mode == "raw":
+            return web.Response(body=self.raw_body, content_type="application/json")
         if mode == "schema":
             return web.json_response({"node": self.node, "gpus": "eight"})
         if not self.frozen or not self._body:

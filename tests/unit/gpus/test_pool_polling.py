@@ -6,6 +6,7 @@ source, so breaker timings are exact; every request is real HTTP to a `FakeAgent
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,9 +14,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from pool_fakes import FakeClock, ScriptedJitter
+from pool_fakes import FakeClock, ScriptedJitter, make_report
 from prometheus_client import CollectorRegistry
 
+from modelfleet.gpus import pool as pool_module
 from modelfleet.gpus.breaker import BreakerState
 from modelfleet.gpus.client import (
     FetchError,
@@ -233,6 +235,100 @@ async def test_malformed_reply_marks_only_that_endpoint(
     assert [by_url(snap, x.url).reason for x in (a, c)] == ["", ""]
 
 
+def hostile_body(node: str, gpu: dict[str, object], **report: object) -> bytes:
+    """A reply as JSON text, with numbers no float holds (`1e400`, a 400-digit integer)."""
+    doc = {
+        "node": node,
+        "backend": "nvml",
+        "sampledAt": "2025-01-01T00:00:00Z",
+        "pollIntervalS": 5,
+        "gpus": [
+            {
+                "index": 0,
+                "gpuId": f"{node}:0",
+                "uuid": f"GPU-{node}-hostile",
+                "product": "NVIDIA-H100-80GB-HBM3",
+                "memoryTotalMib": 81559,
+                "memoryUsedMib": 0,
+                "memoryFreeMib": 81559,
+                **gpu,
+            }
+        ],
+        **report,
+    }
+    huge = "1" + "0" * 400
+    return json.dumps(doc).replace('"HUGE"', huge).replace('"E400"', "1e400").encode()
+
+
+@pytest.mark.parametrize(
+    ("name", "gpu", "report", "reason"),
+    [
+        ("huge integer memory", {"memoryTotalMib": "HUGE"}, {}, "gpus.0.memoryTotalMib"),
+        ("1e400 memory", {"memoryUsedMib": "E400"}, {}, "gpus.0.memoryUsedMib"),
+        (
+            "used above total",
+            {"memoryUsedMib": 90000, "memoryFreeMib": 0},
+            {},
+            "memoryUsedMib 90000 > memoryTotalMib 81559",
+        ),
+        ("negative free", {"memoryFreeMib": -5}, {}, "gpus.0.memoryFreeMib"),
+        ("1e400 temperature", {"temperatureC": "E400"}, {}, "finite number"),
+        ("poll interval 1e308", {}, {"pollIntervalS": 1e308}, "pollIntervalS"),
+    ],
+)
+async def test_one_report_with_bad_numbers_fails_only_its_endpoint(
+    agents: Any,
+    make_pool: Any,
+    name: str,
+    gpu: dict[str, object],
+    report: dict[str, object],
+    reason: str,
+) -> None:
+    a, b, c = await agents(3)
+    pool, clock, _ = make_pool([a.url, b.url, c.url], jitter=[0.5])
+    await pool.poll_once()
+    b.mode = "raw"
+    b.raw_body = hostile_body(b.node, gpu, **report)
+    clock.advance(INTERVAL)
+    snap = await pool.poll_once()  # the round completes
+    bad = by_url(snap, b.url)
+    assert bad.reason.startswith("reply does not match GpuReport: ")
+    assert reason in bad.reason
+    assert bad.state == EndpointState.DEGRADED
+    assert b.requests == 2  # not retried: it would be as bad again
+    assert [by_url(snap, x.url).state for x in (a, c)] == [EndpointState.HEALTHY] * 2
+    # Its last good sample still counts; nothing of the bad one reached the pool.
+    assert snap.node(b.node) is not None
+    assert snap.totals.figures.memory_total_mib == 3 * 8 * 81559
+    # It stays refused round after round, and the others keep being polled.
+    for _ in range(2):
+        clock.advance(INTERVAL)
+        snap = await pool.poll_once()
+    assert by_url(snap, b.url).state == EndpointState.DOWN
+    assert sorted(n.name for n in snap.nodes) == sorted([a.node, c.node])
+
+
+async def test_an_unforeseen_error_fails_only_its_endpoint(
+    agents: Any, make_pool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await agents(2)
+    pool, _, _ = make_pool([a.url, b.url])
+    real = pool_module.fetch_with_retries
+
+    async def fetch(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> Any:
+        if url == b.url:
+            raise OverflowError("int too large to convert to float")
+        return await real(session, url, **kwargs)
+
+    monkeypatch.setattr(pool_module, "fetch_with_retries", fetch)
+    snap = await pool.poll_once()
+    assert by_url(snap, b.url).reason == (
+        "unexpected error: OverflowError: int too large to convert to float"
+    )
+    assert by_url(snap, a.url).state == EndpointState.HEALTHY
+    assert [n.name for n in snap.nodes] == [a.node]
+
+
 async def test_flapping_agent_is_degraded_but_never_down(agents: Any, make_pool: Any) -> None:
     a, b = await agents(2)
     b.mode = "flap"
@@ -381,6 +477,81 @@ async def test_duplicate_node_rejects_the_newcomer(agents: Any, make_pool: Any) 
     assert rejected.reason.startswith("duplicate GPU IDs: node 'node-a'")
     assert not rejected.included
     assert {g.endpoint for g in snap.gpus.values()} == {a.url}
+
+
+async def test_a_down_holder_keeps_its_node_against_a_newcomer(agents: Any, make_pool: Any) -> None:
+    a, b = await agents(2)
+    pool, clock, _ = make_pool([a.url, b.url], jitter=[0.0, 0.0])
+    await pool.poll_once()
+    a.mode = "error"
+    for _ in range(3):  # a's breaker opens: a is down, its GPUs out of the pool
+        clock.advance(INTERVAL)
+        snap = await pool.poll_once()
+    assert by_url(snap, a.url).state == EndpointState.DOWN
+    # b now claims node-a: a still holds it, down or not.
+    b.report = make_report("node-a", 8, uuid_prefix="impostor")
+    clock.advance(INTERVAL)
+    snap = await pool.poll_once()
+    refused = by_url(snap, b.url)
+    assert refused.reason == (
+        f"duplicate GPU IDs: node 'node-a' is already reported by {a.url}; each node must "
+        "have exactly one agent endpoint"
+    )
+    assert not refused.included
+    assert snap.node("node-a") is None
+    assert pool.endpoint_for_node("node-a") == a.url
+    # a comes back with its node; b is still refused.
+    a.mode = "ok"
+    clock.advance(INTERVAL)
+    snap = await pool.poll_once()
+    assert snap.node("node-a") is not None
+    assert {g.endpoint for g in snap.gpus.values()} == {a.url}
+    assert by_url(snap, b.url).reason.startswith("duplicate GPU IDs: node 'node-a'")
+
+
+async def test_an_endpoint_that_renames_its_node_lets_the_old_one_go(
+    agents: Any, make_pool: Any
+) -> None:
+    a, b = await agents(2)
+    pool, clock, _ = make_pool([a.url, b.url])
+    await pool.poll_once()
+    a.report = make_report("node-z", 8, uuid_prefix="node-a")
+    b.report = make_report("node-a", 8, uuid_prefix="node-b")
+    clock.advance(INTERVAL)
+    snap = await pool.poll_once()
+    assert [e.reason for e in snap.endpoints] == ["", ""]
+    assert sorted(n.name for n in snap.nodes) == ["node-a", "node-z"]
+    renamed = snap.node("node-a")
+    assert renamed is not None
+    assert renamed.endpoint == b.url
+
+
+@pytest.mark.parametrize(
+    ("node", "shown"),
+    [
+        ("node-a\x1b]0;pwned\x07", "'node-a\\x1b]0;pwned\\x07'"),
+        ("Node-A", "'Node-A'"),
+        ("node_a", "'node_a'"),
+        ("a" * 254, "'" + "a" * 64 + "' (cut, 254 characters)"),
+        ("", "''"),
+    ],
+)
+async def test_a_node_name_that_is_no_kubernetes_node_name_is_refused(
+    agents: Any, make_pool: Any, node: str, shown: str
+) -> None:
+    a, b = await agents(2)
+    pool, _, _ = make_pool([a.url, b.url])
+    doc = json.loads(b.report.model_dump_json(by_alias=True))
+    doc["node"] = node
+    doc["gpus"] = []  # the name is checked even with no GPU IDs to carry it
+    b.mode, b.raw_body = "raw", json.dumps(doc).encode()
+    snap = await pool.poll_once()
+    refused = by_url(snap, b.url)
+    assert refused.reason.startswith("reply does not match GpuReport: ")
+    assert f"node name {shown} is not a DNS subdomain" in refused.reason
+    assert not any(ch in refused.reason for ch in "\x1b\x07\n")
+    assert not refused.included
+    assert [n.name for n in snap.nodes] == [a.node]
 
 
 async def test_discovered_endpoint_must_report_its_node(

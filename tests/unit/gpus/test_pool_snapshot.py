@@ -162,6 +162,16 @@ def test_conflicts_keep_the_owner_then_the_smaller_url() -> None:
     assert "already reported by http://b:1" in kept["http://a:1"]
 
 
+def test_conflicts_keep_a_holder_that_does_not_report_this_round() -> None:
+    newcomer = make_report("node-a", 2, uuid_prefix="other")
+    reasons = compute_conflicts({"http://b:1": newcomer}, {"node-a": "http://a:1"})
+    assert reasons == {
+        "http://b:1": "duplicate GPU IDs: node 'node-a' is already reported by http://a:1; "
+        "each node must have exactly one agent endpoint"
+    }
+    assert compute_conflicts({"http://a:1": newcomer}, {"node-a": "http://a:1"}) == {}
+
+
 def test_conflicts_catch_a_uuid_on_two_nodes() -> None:
     a = make_report("node-a", 2, uuid_prefix="same")
     b = make_report("node-b", 2, uuid_prefix="same")

@@ -199,3 +199,103 @@ async def test_status_route_without_gpus_and_bad_flag(
         async with http.get(base + "/status", params={"gpus": "maybe"}) as resp:
             assert resp.status == 400
             assert "gpus='maybe': expected true or false" in await resp.text()
+
+
+ESC = "\x1b]0;owned\x07\x1b[2J"  # set the window title, clear the screen
+C1 = "\x9b31m"  # the one-byte CSI of 8-bit terminals
+
+
+def hostile_status() -> dict[str, Any]:
+    """A status document whose every agent-made string carries terminal escapes."""
+    gpu = {
+        "gpuId": f"node{ESC}:0",
+        "index": 0,
+        "uuid": f"GPU-{ESC}",
+        "product": f"H100{C1}",
+        "memoryTotalMiB": 81559,
+        "memoryUsedMiB": 0,
+        "memoryFreeMiB": 81559,
+        "healthy": False,
+        "reason": f"XID 79{ESC}",
+        "free": False,
+    }
+    figures = {
+        "gpusTotal": 1,
+        "gpusHealthy": 0,
+        "gpusFree": 0,
+        "memoryTotalMiB": 81559,
+        "memoryUsedMiB": 0,
+        "memoryFreeMiB": 81559,
+    }
+    return {
+        "source": "operator",
+        "takenAt": "2025-01-01T00:00:00Z",
+        "ready": False,
+        "reason": f"waiting{ESC}\nsecond line",
+        "totals": {
+            **figures,
+            "endpoints": 1,
+            "endpointsUsable": 0,
+            "endpointsByState": {f"down{ESC}": 1},
+            "nodes": 1,
+        },
+        "endpoints": [
+            {
+                **figures,
+                "url": f"http://10.0.0.5:9400/{ESC}",
+                "node": f"gpu-node{ESC}{C1}",
+                "state": "down",
+                "breaker": "open",
+                "included": False,
+                "reason": f"cannot connect{ESC}\r\n{C1}",
+            }
+        ],
+        "nodes": [
+            {
+                **figures,
+                "name": f"gpu-node{ESC}",
+                "endpoint": "http://10.0.0.5:9400",
+                "state": "healthy",
+                "sampledAt": "2025-01-01T00:00:00Z",
+                "notReady": ESC,
+                "gpus": [gpu],
+            }
+        ],
+        "balance": {"memoryUsedFractionByNode": {}, "memoryUsedCv": 0, "memoryUsedSpread": 0},
+    }
+
+
+def no_control_characters(text: str) -> bool:
+    return not any(not ch.isprintable() and ch not in "\n" for ch in text)
+
+
+async def test_status_prints_no_terminal_escapes_from_the_operator() -> None:
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(hostile_status())
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=500, text=f"boom{ESC}{C1}")
+
+    app = web.Application()
+    app.router.add_get("/status", status)
+    app.router.add_get("/broken/status", broken)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        rc, out, err = await modelfleet("status", "--operator", base)
+        assert rc == 1, err
+        assert no_control_characters(out), out
+        assert "gpu-node\\x1b]0;owned\\x07\\x1b[2J\\x9b31m" in out  # shown, defused
+        assert "cannot connect\\x1b]0;owned\\x07\\x1b[2J  \\x9b31m" in out  # one line per reason
+        rc, out, err = await modelfleet("status", "--operator", base, "--json")
+        assert rc == 1, err
+        assert no_control_characters(out), out
+        assert json.loads(out)["endpoints"][0]["node"] == f"gpu-node{ESC}{C1}"  # same data
+        rc, out, err = await modelfleet("status", "--operator", base + "/broken")
+        assert rc == 2
+        assert no_control_characters(err), err
+        assert "answered HTTP 500: boom\\x1b]0;owned" in err
+    finally:
+        await runner.cleanup()
