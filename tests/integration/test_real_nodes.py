@@ -401,14 +401,7 @@ async def test_cpu_other_pods_request_keeps_a_replica_off_the_node(
         md_path(namespace), md("probe", gpu={"count": 1}, placement=on_real_1, engine=engine)
     )
 
-    async def waiting_reason() -> str | None:
-        obj = await kube.get(md_path(namespace, "probe"))
-        for cond in (obj.get("status") or {}).get("conditions") or []:
-            if "lacks what the replica requests" in cond.get("message", ""):
-                return str(cond["message"])
-        return None
-
-    message = await wait_for(waiting_reason, 60, interval=0.5, what="the reason in status")
+    message = await condition_saying(kube, namespace, "probe", "lacks what the replica requests")
     assert "real-1 (cpu 1000m requested" in message, message
     # Waiting, not trying: the kubelet never saw a replica to refuse.
     await asyncio.sleep(3)
@@ -445,14 +438,7 @@ async def test_a_replica_runs_on_gpu_tainted_nodes_with_a_token_secret_and_a_nod
         md_path(namespace), md("gated", gpu={"count": 1}, placement=on_real_1, engine=engine)
     )
 
-    async def told() -> str | None:
-        obj = await kube.get(md_path(namespace, "gated"))
-        for cond in (obj.get("status") or {}).get("conditions") or []:
-            if 'secret "hf" not found' in cond.get("message", ""):
-                return str(cond["message"])
-        return None
-
-    message = await wait_for(told, 90, interval=0.5, what="status to name the missing Secret")
+    message = await condition_saying(kube, namespace, "gated", 'secret "hf" not found', within_s=90)
     assert "CreateContainerConfigError" in message, message
     (instance,) = (await kube.get(md_path(namespace, "gated")))["status"]["instances"]
     assert instance["message"] == 'secret "hf" not found', instance
@@ -486,15 +472,9 @@ async def test_a_gated_model_without_a_token_crash_loops_and_status_says_why(
     gated["spec"]["model"] = "google/gemma-3-4b-it"
     await kube.create(md_path(namespace), gated)
 
-    async def told() -> str | None:
-        obj = await kube.get(md_path(namespace, "gated"))
-        for cond in (obj.get("status") or {}).get("conditions") or []:
-            message = cond.get("message", "")
-            if "CrashLoopBackOff" in message and "401 Client Error" in message:
-                return str(message)
-        return None
-
-    message = await wait_for(told, 120, interval=1, what="status to quote the crash")
+    message = await condition_saying(
+        kube, namespace, "gated", "CrashLoopBackOff", "401 Client Error", within_s=120
+    )
     assert "is gated on the Hugging Face Hub" in message, message
     assert "exit code 1" in message, message
 
@@ -516,14 +496,7 @@ async def test_gpus_a_foreign_pod_holds_are_not_placed_on(
     )
     await kube.create(md_path(namespace), big)
 
-    async def pending_with_reason() -> str | None:
-        obj = await kube.get(md_path(namespace, "big"))
-        for cond in (obj.get("status") or {}).get("conditions") or []:
-            if "in use outside modelfleet" in cond.get("message", ""):
-                return str(cond["message"])
-        return None
-
-    message = await wait_for(pending_with_reason, 60, interval=0.5, what="the reason in status")
+    message = await condition_saying(kube, namespace, "big", "in use outside modelfleet")
     # The device manager chose which two GPUs the foreign pod holds; the reason names those.
     uuids = {g["uuid"]: g["index"] for g in real_nodes.inventory("real-0")}
     held = sorted(uuids[u] for u in await real_nodes.devices_of("real-0", namespace, "foreign"))
@@ -735,6 +708,22 @@ async def test_an_unhealthy_gpu_replaces_the_replica_that_really_uses_it(
         assert await replica_uids(kube, namespace, "other") == other_uids
     finally:
         await real_nodes.set_gpu_health("real-1", 0, None)
+
+
+async def condition_saying(
+    kube: KubeClient, namespace: str, name: str, *texts: str, within_s: float = 60
+) -> str:
+    """The message of the first condition of ModelDeployment `name` that says all of `texts`."""
+
+    async def found() -> str | None:
+        obj = await kube.get(md_path(namespace, name))
+        for cond in (obj.get("status") or {}).get("conditions") or []:
+            message = str(cond.get("message", ""))
+            if all(t in message for t in texts):
+                return message
+        return None
+
+    return await wait_for(found, within_s, interval=0.5, what=f"{name}'s status to say {texts}")
 
 
 async def start_foreign_pod(
