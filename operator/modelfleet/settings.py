@@ -350,12 +350,51 @@ class GatewaySettings(_Settings):
     )
     eject_max_s: float = Field(60.0, gt=0, description="Longest time a replica is skipped.")
     retry_after_s: int = Field(
-        10, ge=1, le=3600, description="Retry-After of a 503 while a model starts, in seconds."
+        10,
+        ge=1,
+        le=3600,
+        description=(
+            "Retry-After of a 503 while a model starts or when the connections are full, in "
+            "seconds."
+        ),
     )
     max_header_bytes: int = Field(
         8190, ge=1024, le=65536, description="Longest request line and header field, in bytes."
     )
     max_headers: int = Field(64, ge=8, le=1024, description="Most request headers accepted.")
+    client_header_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Time a client has to send a whole request head, from connecting or from its first "
+            "byte after an idle pause, in seconds; then 408 and the connection is closed."
+        ),
+    )
+    client_body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Time a client has to send a whole request body (all of it, not between two reads), "
+            "from the end of its head, in seconds; then 408 and the connection is closed."
+        ),
+    )
+    client_idle_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        le=86400,
+        description="How long a kept-alive client connection may sit between requests, in seconds.",
+    )
+    max_client_connections: int = Field(
+        4096,
+        ge=1,
+        le=1000000,
+        description=(
+            "Most client connections open at once; a connection over it gets 503 with "
+            "Retry-After and is closed."
+        ),
+    )
     static_upstreams: str = Field(
         "",
         description=(

@@ -61,6 +61,7 @@ class ProxyConfig:
     """The request path's settings, resolved once."""
 
     max_body_bytes: int
+    body_timeout_s: float
     retries: int
     retry_backoff_s: float
     queue_size: int
@@ -136,9 +137,15 @@ class Proxy:
         if length is not None and length > cfg.max_body_bytes:
             return self._too_large(), UNKNOWN_MODEL
         try:
-            body = await request.read()
+            # The whole body within the deadline, not each read: a client that drips it gives
+            # back its connection and the part buffered so far when the time is up.
+            async with asyncio.timeout(cfg.body_timeout_s):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._too_large(), UNKNOWN_MODEL
+        except TimeoutError:
+            self.metrics.client_timeouts.labels("body").inc()
+            return await self._body_timeout(request), UNKNOWN_MODEL
         try:
             model = extract_model(body)
         except BodyError as exc:
@@ -169,6 +176,24 @@ class Proxy:
             "invalid_request_error",
             "request_too_large",
         )
+
+    async def _body_timeout(self, request: web.Request) -> web.Response:
+        """408, then the connection is closed at once.
+
+        Without the explicit close aiohttp would go on reading and dropping the rest of the
+        body for up to its lingering time (10 s) before closing.
+        """
+        response = error_response(
+            408,
+            f"the request body did not arrive within {self.config.body_timeout_s:g} s",
+            "invalid_request_error",
+            "request_timeout",
+        )
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
+        return response
 
     def _unknown_model(self) -> web.Response:
         known = sorted(self.registry.models)
