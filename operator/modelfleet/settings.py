@@ -11,7 +11,7 @@ import logging
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from modelfleet.api.v1alpha1 import Balancing, PlacementStrategy
@@ -321,6 +321,15 @@ class GatewaySettings(_Settings):
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes."
     )
+    max_buffered_body_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Most request-body bytes all requests in flight may hold together, each counted at "
+            "its Content-Length (max_body_bytes without one) until it ends; a request over it "
+            "gets 503 with Retry-After."
+        ),
+    )
     upstream_connect_timeout_s: float = Field(
         5.0, gt=0, description="Timeout to connect to a replica, in seconds."
     )
@@ -405,6 +414,16 @@ class GatewaySettings(_Settings):
     kubeconfig: str = Field(
         "", description="kubeconfig file; empty: in-cluster config, else $KUBECONFIG."
     )
+
+    @field_validator("max_buffered_body_bytes")
+    @classmethod
+    def _holds_one_whole_body(cls, value: int, info: ValidationInfo) -> int:
+        largest = info.data.get("max_body_bytes")
+        if largest is not None and value < largest:
+            raise ValueError(
+                f"must be at least max_body_bytes ({largest}): a body that big would never fit"
+            )
+        return value
 
 
 class SimSettings(_Settings):

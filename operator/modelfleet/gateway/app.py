@@ -55,6 +55,7 @@ GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 def build_proxy_config(settings: GatewaySettings) -> ProxyConfig:
     return ProxyConfig(
         max_body_bytes=settings.max_body_bytes,
+        max_buffered_body_bytes=settings.max_buffered_body_bytes,
         body_timeout_s=settings.client_body_timeout_s,
         retries=settings.retries,
         retry_backoff_s=settings.retry_backoff_s,

@@ -191,7 +191,7 @@ class ConnectionGuard(asyncio.Protocol):
     def _refuse(self, transport: asyncio.Transport) -> None:
         self._refused = True
         conns = self._connections
-        conns.metrics.client_refusals.inc()
+        conns.metrics.client_refusals.labels("connections").inc()
         transport.write(conns.refusal)
         if len(conns.refused) >= _REFUSED_LINGERING_MAX or not transport.can_write_eof():
             transport.close()

@@ -83,7 +83,9 @@ class GatewayMetrics:
         )
         self.client_refusals = Counter(
             "modelfleet_gateway_client_refusals",
-            "Client connections refused with 503 because max_client_connections were open.",
+            "Clients refused with 503 at a limit: connections (max_client_connections open) or "
+            "bodies (max_buffered_body_bytes reserved).",
+            ["reason"],
             registry=r,
         )
         self.client_timeouts = Counter(

@@ -61,6 +61,7 @@ class ProxyConfig:
     """The request path's settings, resolved once."""
 
     max_body_bytes: int
+    max_buffered_body_bytes: int
     body_timeout_s: float
     retries: int
     retry_backoff_s: float
@@ -116,6 +117,7 @@ class Proxy:
         self.metrics = metrics
         self.usage = usage
         self.upstream = upstream
+        self.buffered_body_bytes = 0  # reserved by the requests in flight (see _handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -136,6 +138,21 @@ class Proxy:
         length = request.content_length
         if length is not None and length > cfg.max_body_bytes:
             return self._too_large(), UNKNOWN_MODEL
+        # Every body in flight together stays under a budget, counted at the size its client
+        # declared (the cap when it declares none) from before the first read to the end of
+        # the request, as long as the body lives (a retry sends it again).
+        reserved = cfg.max_body_bytes if length is None else length
+        if self.buffered_body_bytes + reserved > cfg.max_buffered_body_bytes:
+            self.metrics.client_refusals.labels("bodies").inc()
+            return self._bodies_full(), UNKNOWN_MODEL
+        self.buffered_body_bytes += reserved
+        try:
+            return await self._handle_body(request)
+        finally:
+            self.buffered_body_bytes -= reserved
+
+    async def _handle_body(self, request: web.Request) -> tuple[web.StreamResponse, str]:
+        cfg = self.config
         try:
             # The whole body within the deadline, not each read: a client that drips it gives
             # back its connection and the part buffered so far when the time is up.
@@ -175,6 +192,15 @@ class Proxy:
             f"the request body is larger than this gateway accepts ({limit} bytes)",
             "invalid_request_error",
             "request_too_large",
+        )
+
+    def _bodies_full(self) -> web.Response:
+        return error_response(
+            503,
+            "the gateway holds as many request bodies as it may at once; retry later",
+            "server_error",
+            "gateway_busy",
+            retry_after_s=self.config.retry_after_s,
         )
 
     async def _body_timeout(self, request: web.Request) -> web.Response:

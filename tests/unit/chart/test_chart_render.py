@@ -653,6 +653,7 @@ def test_gateway_client_limits_reach_its_settings(
         "bodyTimeoutSeconds": 120.5,
         "idleTimeoutSeconds": 30,
         "maxConnections": 1000000,  # helm prints a large float as 1e+06 unless made an int
+        "maxBufferedBodyBytes": 536870912,
     }
     objects = render({"gateway": {"clientLimits": limits}})
     env = env_of(pod_spec(one(objects, "Deployment", "-gateway"))["containers"][0])
@@ -664,8 +665,15 @@ def test_gateway_client_limits_reach_its_settings(
     assert settings.client_body_timeout_s == 120.5
     assert settings.client_idle_timeout_s == 30
     assert settings.max_client_connections == 1000000
+    assert settings.max_buffered_body_bytes == 536870912
     validator = Draft7Validator(json.loads((CHART / "values.schema.json").read_text()))
-    for bad in ({"maxConnections": 0}, {"headerTimeoutSeconds": 0}, {"idleTimeout": 5}):
+    bad_values = (
+        {"maxConnections": 0},
+        {"headerTimeoutSeconds": 0},
+        {"maxBufferedBodyBytes": 1.5},
+        {"idleTimeout": 5},
+    )
+    for bad in bad_values:
         assert list(validator.iter_errors({"gateway": {"clientLimits": bad}})), bad
 
 

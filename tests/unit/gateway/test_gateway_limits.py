@@ -157,7 +157,8 @@ async def test_connections_over_the_cap_get_503_with_retry_after(make_fleet: Fle
     assert b"Retry-After: 2" in head
     assert b"Connection: close" in head
     assert json.loads(body)["error"]["code"] == "too_many_connections"
-    assert _sample(fleet, "modelfleet_gateway_client_refusals_total") == 1
+    refusals = {"reason": "connections"}
+    assert _sample(fleet, "modelfleet_gateway_client_refusals_total", refusals) == 1
     assert _open(fleet) == 3
 
     async with fleet.http.get(fleet.url + "/healthz") as resp:  # as an HTTP client sees it
@@ -167,3 +168,35 @@ async def test_connections_over_the_cap_get_503_with_retry_after(make_fleet: Fle
         held_writer.close()
     await wait_until(lambda: _open(fleet) == 0)
     assert (await fleet.chat())[0] == 200
+
+
+async def test_bodies_in_flight_share_a_budget(make_fleet: FleetFactory) -> None:
+    fleet = await _served_fleet(
+        make_fleet, max_body_bytes=4096, max_buffered_body_bytes=6000, retry_after_s=3
+    )
+    proxy = fleet.gateway.gateway.proxy
+    assert proxy is not None
+    _, writer = await _connect(fleet)  # declares 4000 bytes, sends 100, goes silent
+    writer.write(_HEAD + b"Content-Length: 4000\r\n\r\n" + b"{" + b" " * 99)
+    await wait_until(lambda: proxy.buffered_body_bytes == 4000)
+    small = {"model": "gemma3-4b", "prompt": "x"}
+    mid = {"model": "gemma3-4b", "prompt": "x" * 2400}  # 4000 + ~2450 is over 6000
+
+    async def chunks():  # no Content-Length: counted at max_body_bytes
+        yield json.dumps(small).encode()
+
+    assert (await fleet.post("/v1/completions", small))[0] == 200
+    status, headers, data = await fleet.post("/v1/completions", mid)
+    assert status == 503
+    assert headers["Retry-After"] == "3"
+    assert data["error"]["code"] == "gateway_busy"
+    async with fleet.http.post(fleet.url + "/v1/completions", data=chunks()) as resp:
+        assert resp.status == 503
+    refusals = {"reason": "bodies"}
+    assert _sample(fleet, "modelfleet_gateway_client_refusals_total", refusals) == 2
+
+    writer.close()  # the slow client leaves: its reservation goes with it
+    await wait_until(lambda: proxy.buffered_body_bytes == 0)
+    assert (await fleet.post("/v1/completions", mid))[0] == 200
+    async with fleet.http.post(fleet.url + "/v1/completions", data=chunks()) as resp:
+        assert resp.status == 200
