@@ -326,8 +326,8 @@ class GatewaySettings(_Settings):
         ge=1024,
         description=(
             "Most request-body bytes all requests in flight may hold together, each counted at "
-            "its Content-Length (max_body_bytes without one) until it ends; a request over it "
-            "gets 503 with Retry-After."
+            "its Content-Length (max_body_bytes without one) until it ends; a body over 64 KiB "
+            "that does not fit gets 503 with Retry-After (smaller ones always fit)."
         ),
     )
     upstream_connect_timeout_s: float = Field(

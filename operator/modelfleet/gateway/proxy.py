@@ -54,6 +54,10 @@ _SSE = "text/event-stream"
 _BUFFER_LIMIT = 1 << 20
 # How many known models a 404 lists; the error stays small with thousands of models.
 _LIST_LIMIT = 20
+# Bodies up to this size are counted in the body budget but never refused by it, so a few slow
+# clients with large bodies cannot turn ordinary requests away; at most max_client_connections
+# of them are in flight (4096 x 64 KiB = 256 MiB with the defaults).
+_SMALL_BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,10 @@ class Proxy:
         # declared (the cap when it declares none) from before the first read to the end of
         # the request, as long as the body lives (a retry sends it again).
         reserved = cfg.max_body_bytes if length is None else length
-        if self.buffered_body_bytes + reserved > cfg.max_buffered_body_bytes:
+        if (
+            reserved > _SMALL_BODY_BYTES
+            and self.buffered_body_bytes + reserved > cfg.max_buffered_body_bytes
+        ):
             self.metrics.client_refusals.labels("bodies").inc()
             return self._bodies_full(), UNKNOWN_MODEL
         self.buffered_body_bytes += reserved

@@ -170,23 +170,27 @@ async def test_connections_over_the_cap_get_503_with_retry_after(make_fleet: Fle
     assert (await fleet.chat())[0] == 200
 
 
-async def test_bodies_in_flight_share_a_budget(make_fleet: FleetFactory) -> None:
+async def test_large_bodies_in_flight_share_a_budget(make_fleet: FleetFactory) -> None:
+    mib = 1024 * 1024
     fleet = await _served_fleet(
-        make_fleet, max_body_bytes=4096, max_buffered_body_bytes=6000, retry_after_s=3
+        make_fleet, max_body_bytes=mib, max_buffered_body_bytes=3 * mib // 2, retry_after_s=3
     )
     proxy = fleet.gateway.gateway.proxy
     assert proxy is not None
-    _, writer = await _connect(fleet)  # declares 4000 bytes, sends 100, goes silent
-    writer.write(_HEAD + b"Content-Length: 4000\r\n\r\n" + b"{" + b" " * 99)
-    await wait_until(lambda: proxy.buffered_body_bytes == 4000)
+    silent = []
+    for declared in (mib, mib // 2):  # together they fill the budget, then go silent
+        _, writer = await _connect(fleet)
+        writer.write(_HEAD + b"Content-Length: %d\r\n\r\n{" % declared)
+        silent.append(writer)
+    await wait_until(lambda: proxy.buffered_body_bytes == 3 * mib // 2)
     small = {"model": "gemma3-4b", "prompt": "x"}
-    mid = {"model": "gemma3-4b", "prompt": "x" * 2400}  # 4000 + ~2450 is over 6000
+    large = {"model": "gemma3-4b", "prompt": "x" * 100_000}  # over the 64 KiB always let in
 
     async def chunks():  # no Content-Length: counted at max_body_bytes
         yield json.dumps(small).encode()
 
     assert (await fleet.post("/v1/completions", small))[0] == 200
-    status, headers, data = await fleet.post("/v1/completions", mid)
+    status, headers, data = await fleet.post("/v1/completions", large)
     assert status == 503
     assert headers["Retry-After"] == "3"
     assert data["error"]["code"] == "gateway_busy"
@@ -195,8 +199,9 @@ async def test_bodies_in_flight_share_a_budget(make_fleet: FleetFactory) -> None
     refusals = {"reason": "bodies"}
     assert _sample(fleet, "modelfleet_gateway_client_refusals_total", refusals) == 2
 
-    writer.close()  # the slow client leaves: its reservation goes with it
-    await wait_until(lambda: proxy.buffered_body_bytes == 0)
-    assert (await fleet.post("/v1/completions", mid))[0] == 200
+    silent[0].close()  # a silent client leaves: its share goes with it
+    await wait_until(lambda: proxy.buffered_body_bytes == mib // 2)
+    assert (await fleet.post("/v1/completions", large))[0] == 200
     async with fleet.http.post(fleet.url + "/v1/completions", data=chunks()) as resp:
         assert resp.status == 200
+    silent[1].close()
