@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import statistics
@@ -58,15 +59,19 @@ async def open_slow(
     return conns
 
 
-async def closed_by_server(reader: asyncio.StreamReader, deadline: float) -> float | None:
-    """When the gateway closed the connection (monotonic), or None by the deadline."""
+async def closed_by_server(
+    reader: asyncio.StreamReader, deadline: float
+) -> tuple[float | None, str]:
+    """When the gateway closed the connection (monotonic; None: not by the deadline) and the
+    status code it answered first ("" for none)."""
+    first = b""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
             with contextlib.suppress(ConnectionError):
-                while await reader.read(65536):
-                    pass
-            return time.monotonic()
-    return None
+                while chunk := await reader.read(65536):
+                    first = first or chunk
+            return time.monotonic(), first[9:12].decode()
+    return None, first[9:12].decode()
 
 
 async def normal_client(url: str, seconds: float, limit: int = 50000) -> list[float]:
@@ -98,7 +103,8 @@ async def run_wave(
     held_after_load = rss_mib(pid)
     deadline = began + args.timeout + args.grace
     closed_at = await asyncio.gather(*(closed_by_server(r, deadline) for r, _ in conns))
-    closed = [t - began for t in closed_at if t is not None]
+    closed = [t - began for t, _ in closed_at if t is not None]
+    answers = collections.Counter(code or "none" for _, code in closed_at)
     await asyncio.sleep(1.0)
     after = rss_mib(pid)
     latencies.sort()
@@ -107,6 +113,7 @@ async def run_wave(
         "wave": wave,
         "slow_connections": len(conns),
         "closed_by_gateway": len(closed),
+        "answers": dict(sorted(answers.items())),
         "waited_s": round(args.timeout + args.grace, 1),
         "last_closed_s": round(max(closed), 2) if closed else None,
         "sending_took_s": round(sent_s, 2),
