@@ -11,8 +11,9 @@ passes through a `ConnectionGuard`, a thin protocol in front of aiohttp's own, w
   (counted from accepting it, or from the first byte after an idle pause), with a 408 when part
   of a head had arrived.
 
-The body's deadline is the proxy's, the only handler that reads a body (proxy.py). A middleware
-tells the guard when a request is being handled, so a long stream is never cut by these timers.
+The body's deadline and the budget for bodies in flight are the proxy's, the only handler that
+reads a body (proxy.py). A middleware tells the guard when a request is being handled, so a long
+stream is never cut by the head timer.
 """
 
 from __future__ import annotations
