@@ -156,6 +156,10 @@ $(PEERS_VENV)/.installed:
 	-$(PYTHON) -m venv $(PEERS_VENV) && $(PEERS_VENV)/bin/pip install -q --upgrade pip \
 		&& $(PEERS_VENV)/bin/pip install -q $(PEERS) && touch $@
 
+.PHONY: bench-slowloris
+bench-slowloris: $(STAMP) ## Gateway under slow clients: RSS held and freed, a normal client's latency
+	$(BIN)/python benchmarks/bench_slowloris.py $(BENCH_ARGS)
+
 .PHONY: bench-gateway
 bench-gateway: $(STAMP) $(PEERS_VENV)/.installed ## Gateway vs direct, LiteLLM and vllm-router; 5,000 streams
 	$(BIN)/python benchmarks/bench_gateway.py --peers-venv $(PEERS_VENV) $(BENCH_ARGS)

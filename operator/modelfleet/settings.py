@@ -11,7 +11,7 @@ import logging
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from modelfleet.api.gpustats import MAX_MEMORY_MIB, MAX_POLL_INTERVAL_S
@@ -335,6 +335,15 @@ class GatewaySettings(_Settings):
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes."
     )
+    max_buffered_body_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Most request-body bytes all requests in flight may hold together, each counted at "
+            "its Content-Length (max_body_bytes without one) until it ends; a body over 64 KiB "
+            "that does not fit gets 503 with Retry-After (smaller ones always fit)."
+        ),
+    )
     upstream_connect_timeout_s: float = Field(
         5.0, gt=0, description="Timeout to connect to a replica, in seconds."
     )
@@ -364,12 +373,51 @@ class GatewaySettings(_Settings):
     )
     eject_max_s: float = Field(60.0, gt=0, description="Longest time a replica is skipped.")
     retry_after_s: int = Field(
-        10, ge=1, le=3600, description="Retry-After of a 503 while a model starts, in seconds."
+        10,
+        ge=1,
+        le=3600,
+        description=(
+            "Retry-After of a 503 while a model starts or when the connections are full, in "
+            "seconds."
+        ),
     )
     max_header_bytes: int = Field(
         8190, ge=1024, le=65536, description="Longest request line and header field, in bytes."
     )
     max_headers: int = Field(64, ge=8, le=1024, description="Most request headers accepted.")
+    client_header_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Time a client has to send a whole request head, from connecting or from its first "
+            "byte after an idle pause, in seconds; then 408 and the connection is closed."
+        ),
+    )
+    client_body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Time a client has to send a whole request body (all of it, not between two reads), "
+            "from the end of its head, in seconds; then 408 and the connection is closed."
+        ),
+    )
+    client_idle_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        le=86400,
+        description="How long a kept-alive client connection may sit between requests, in seconds.",
+    )
+    max_client_connections: int = Field(
+        4096,
+        ge=1,
+        le=1000000,
+        description=(
+            "Most client connections open at once; a connection over it gets 503 with "
+            "Retry-After and is closed."
+        ),
+    )
     static_upstreams: str = Field(
         "",
         description=(
@@ -380,6 +428,16 @@ class GatewaySettings(_Settings):
     kubeconfig: str = Field(
         "", description="kubeconfig file; empty: in-cluster config, else $KUBECONFIG."
     )
+
+    @field_validator("max_buffered_body_bytes")
+    @classmethod
+    def _holds_one_whole_body(cls, value: int, info: ValidationInfo) -> int:
+        largest = info.data.get("max_body_bytes")
+        if largest is not None and value < largest:
+            raise ValueError(
+                f"must be at least max_body_bytes ({largest}): a body that big would never fit"
+            )
+        return value
 
 
 class SimSettings(_Settings):

@@ -16,6 +16,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from modelfleet.api.ownership import IGNORED_REASONS
 from modelfleet.gateway.balancer import EjectionPolicy
+from modelfleet.gateway.connections import (
+    ClientLimits,
+    Connections,
+    GuardedSite,
+    build_middleware,
+)
 from modelfleet.gateway.documents import ModelList, build_status_document
 from modelfleet.gateway.metrics import GatewayMetrics
 from modelfleet.gateway.proxy import Proxy, ProxyConfig
@@ -38,6 +44,7 @@ class Gateway:
     metrics: GatewayMetrics
     usage: UsageRecorder
     model_list: ModelList
+    connections: Connections
     source: Source | None = None
     proxy: Proxy | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -49,6 +56,8 @@ GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 def build_proxy_config(settings: GatewaySettings) -> ProxyConfig:
     return ProxyConfig(
         max_body_bytes=settings.max_body_bytes,
+        max_buffered_body_bytes=settings.max_buffered_body_bytes,
+        body_timeout_s=settings.client_body_timeout_s,
         retries=settings.retries,
         retry_backoff_s=settings.retry_backoff_s,
         queue_size=settings.queue_size,
@@ -63,6 +72,14 @@ def build_proxy_config(settings: GatewaySettings) -> ProxyConfig:
         # replica (the longest wait between two reads).
         connect_timeout_s=settings.upstream_connect_timeout_s,
         read_timeout_s=settings.upstream_read_timeout_s,
+    )
+
+
+def build_client_limits(settings: GatewaySettings) -> ClientLimits:
+    return ClientLimits(
+        header_timeout_s=settings.client_header_timeout_s,
+        max_connections=settings.max_client_connections,
+        retry_after_s=settings.retry_after_s,
     )
 
 
@@ -85,8 +102,11 @@ def build_app(
     registry = registry or Registry(settings.balancing)
     metrics = metrics or GatewayMetrics()
     usage = UsageRecorder(registry, writer, metrics, interval_s=settings.last_use_interval_s)
-    gateway = Gateway(settings, registry, metrics, usage, ModelList(registry), source)
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    connections = Connections(build_client_limits(settings), metrics)
+    gateway = Gateway(settings, registry, metrics, usage, ModelList(registry), connections, source)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[build_middleware(connections)]
+    )
     app[GATEWAY] = gateway
     app.cleanup_ctx.append(_lifecycle)
 
@@ -176,6 +196,9 @@ def build_runner(app: web.Application, settings: GatewaySettings) -> web.AppRunn
         max_line_size=settings.max_header_bytes,
         max_field_size=settings.max_header_bytes,
         max_headers=settings.max_headers,
+        # aiohttp closes a connection that waits this long for its next request head (from
+        # accepting it, or from the end of the last answer); connections.py adds the rest.
+        keepalive_timeout=settings.client_idle_timeout_s,
     )
 
 
@@ -199,7 +222,7 @@ async def start_gateway(
     """Start serving `app`; port 0 picks a free port."""
     runner = build_runner(app, settings)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    site = GuardedSite(runner, app[GATEWAY].connections, host, port, backlog=4096)
     await site.start()
     port = int(runner.addresses[0][1])
     return RunningGateway(f"http://{host}:{port}", app, runner)

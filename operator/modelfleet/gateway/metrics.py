@@ -87,6 +87,24 @@ class GatewayMetrics:
             ["kind", "result"],
             registry=r,
         )
+        self.client_connections = Gauge(
+            "modelfleet_gateway_client_connections",
+            "Client connections open (accepted, not refused at the cap).",
+            registry=r,
+        )
+        self.client_refusals = Counter(
+            "modelfleet_gateway_client_refusals",
+            "Clients refused with 503 at a limit: connections (max_client_connections open) or "
+            "bodies (max_buffered_body_bytes reserved).",
+            ["reason"],
+            registry=r,
+        )
+        self.client_timeouts = Counter(
+            "modelfleet_gateway_client_timeouts",
+            "Client requests cut off because their head or body did not arrive in time, by phase.",
+            ["phase"],
+            registry=r,
+        )
         self._children: dict[tuple[str, int], Any] = {}
         self._latency_children: dict[str, Any] = {}
 

@@ -54,6 +54,10 @@ _SSE = "text/event-stream"
 _BUFFER_LIMIT = 1 << 20
 # How many known models a 404 lists; the error stays small with thousands of models.
 _LIST_LIMIT = 20
+# Bodies up to this size are counted in the body budget but never refused by it, so a few slow
+# clients with large bodies cannot turn ordinary requests away; at most max_client_connections
+# of them are in flight (4096 x 64 KiB = 256 MiB with the defaults).
+_SMALL_BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class ProxyConfig:
     """The request path's settings, resolved once."""
 
     max_body_bytes: int
+    max_buffered_body_bytes: int
+    body_timeout_s: float
     retries: int
     retry_backoff_s: float
     queue_size: int
@@ -115,6 +121,7 @@ class Proxy:
         self.metrics = metrics
         self.usage = usage
         self.upstream = upstream
+        self.buffered_body_bytes = 0  # reserved by the requests in flight (see _handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -135,10 +142,34 @@ class Proxy:
         length = request.content_length
         if length is not None and length > cfg.max_body_bytes:
             return self._too_large(), UNKNOWN_MODEL
+        # Every body in flight together stays under a budget, counted at the size its client
+        # declared (the cap when it declares none) from before the first read to the end of
+        # the request, as long as the body lives (a retry sends it again).
+        reserved = cfg.max_body_bytes if length is None else length
+        if (
+            reserved > _SMALL_BODY_BYTES
+            and self.buffered_body_bytes + reserved > cfg.max_buffered_body_bytes
+        ):
+            self.metrics.client_refusals.labels("bodies").inc()
+            return self._bodies_full(), UNKNOWN_MODEL
+        self.buffered_body_bytes += reserved
         try:
-            body = await request.read()
+            return await self._handle_body(request)
+        finally:
+            self.buffered_body_bytes -= reserved
+
+    async def _handle_body(self, request: web.Request) -> tuple[web.StreamResponse, str]:
+        cfg = self.config
+        try:
+            # The whole body within the deadline, not each read: a client that drips it gives
+            # back its connection and the part buffered so far when the time is up.
+            async with asyncio.timeout(cfg.body_timeout_s):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._too_large(), UNKNOWN_MODEL
+        except TimeoutError:
+            self.metrics.client_timeouts.labels("body").inc()
+            return await self._body_timeout(request), UNKNOWN_MODEL
         try:
             model = extract_model(body)
         except BodyError as exc:
@@ -169,6 +200,33 @@ class Proxy:
             "invalid_request_error",
             "request_too_large",
         )
+
+    def _bodies_full(self) -> web.Response:
+        return error_response(
+            503,
+            "the gateway holds as many request bodies as it may at once; retry later",
+            "server_error",
+            "gateway_busy",
+            retry_after_s=self.config.retry_after_s,
+        )
+
+    async def _body_timeout(self, request: web.Request) -> web.Response:
+        """408, then the connection is closed at once.
+
+        Without the explicit close aiohttp would go on reading and dropping the rest of the
+        body for up to its lingering time (10 s) before closing.
+        """
+        response = error_response(
+            408,
+            f"the request body did not arrive within {self.config.body_timeout_s:g} s",
+            "invalid_request_error",
+            "request_timeout",
+        )
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
+        return response
 
     def _unknown_model(self) -> web.Response:
         known = sorted(self.registry.models)

@@ -19,6 +19,7 @@ from jsonschema import Draft7Validator
 
 from modelfleet.api.crd import build_crd
 from modelfleet.api.v1alpha1 import ModelDeployment
+from modelfleet.settings import GatewaySettings
 
 K8S_VERSION = "1.36.0"
 CRD_SCHEMA = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
@@ -642,6 +643,38 @@ def test_gateway_deployment_service_and_pdb(render: Render) -> None:
     assert not find(minimal, "Deployment", "-gateway")
     assert not find(minimal, "DaemonSet")
     assert not find(minimal, "PodDisruptionBudget")
+
+
+def test_gateway_client_limits_reach_its_settings(
+    render: Render, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = {
+        "headerTimeoutSeconds": 10,
+        "bodyTimeoutSeconds": 120.5,
+        "idleTimeoutSeconds": 30,
+        "maxConnections": 1000000,  # helm prints a large float as 1e+06 unless made an int
+        "maxBufferedBodyBytes": 536870912,
+    }
+    objects = render({"gateway": {"clientLimits": limits}})
+    env = env_of(pod_spec(one(objects, "Deployment", "-gateway"))["containers"][0])
+    for name, value in env.items():
+        if name.startswith("MODELFLEET_GATEWAY_"):
+            monkeypatch.setenv(name, value)
+    settings = GatewaySettings()
+    assert settings.client_header_timeout_s == 10
+    assert settings.client_body_timeout_s == 120.5
+    assert settings.client_idle_timeout_s == 30
+    assert settings.max_client_connections == 1000000
+    assert settings.max_buffered_body_bytes == 536870912
+    validator = Draft7Validator(json.loads((CHART / "values.schema.json").read_text()))
+    bad_values = (
+        {"maxConnections": 0},
+        {"headerTimeoutSeconds": 0},
+        {"maxBufferedBodyBytes": 1.5},
+        {"idleTimeout": 5},
+    )
+    for bad in bad_values:
+        assert list(validator.iter_errors({"gateway": {"clientLimits": bad}})), bad
 
 
 # ---- NetworkPolicies ----
