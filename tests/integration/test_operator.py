@@ -198,8 +198,18 @@ async def test_operator_killed_mid_reconcile_leaves_no_duplicates(
     pods = await kube.list(pods_path(namespace), labelSelector=f"{L.LABEL_DEPLOYMENT}=m")
     names = sorted(p["metadata"]["name"] for p in pods["items"])
     assert names == [f"m-instance-{n}" for n in range(1, 7)]
-    gpu_ids = [p["metadata"]["annotations"][L.ANN_GPUS] for p in pods["items"]]
-    assert len(set(gpu_ids)) == 6  # no GPU handed out twice
+
+    # No GPU handed out twice: the GPUs the nodes assigned (their device manager chooses; a plan
+    # made by the killed operator may name other ones), as the operator records them.
+    async def assigned() -> list[str] | None:
+        items = (await kube.list(pods_path(namespace), labelSelector=f"{L.LABEL_DEPLOYMENT}=m"))[
+            "items"
+        ]
+        found = [p["metadata"]["annotations"].get(L.ANN_ASSIGNED_GPUS) for p in items]
+        return [str(a) for a in found] if len(found) == 6 and all(found) else None
+
+    gpu_ids = await wait_for(assigned, timeout=30, what="the GPUs the nodes assigned")
+    assert len(set(gpu_ids)) == 6, gpu_ids
 
 
 async def test_two_operators_only_one_acts(
