@@ -170,7 +170,12 @@ def gpu_pod(
         "image": image,
         "imagePullPolicy": "Never",
         "args": args if args is not None else stand_in_args(name, gpus),
-        "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
+        # uid 1000 has no passwd entry in the image: like the operator's replicas, name the user
+        # (the stand-in, as vLLM, cannot start otherwise).
+        "env": [
+            {"name": k, "value": v}
+            for k, v in {"USER": "vllm", "LOGNAME": "vllm", **(env or {})}.items()
+        ],
         "ports": [{"name": "http", "containerPort": 8000}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": 8000}, "periodSeconds": 1},
         "securityContext": {
