@@ -147,7 +147,9 @@ class NodeUsage:
         if new is not None:
             self._add(key, new)
         if self._dirty is not None:
-            self._dirty.update(e[0] for e in (old, new) if e is not None)
+            # Only other pods' changes are news to placement: a replica's own come through the
+            # replica index and the operator's in-flight book, which keep the view current.
+            self._dirty.update(e[0] for e in (old, new) if e is not None and not e[2])
             if len(self._dirty) > 4096:
                 self._dirty = None
         return True

@@ -22,7 +22,6 @@ from modelfleet.placement.model import (
     PlacementSettings,
     ReplicaState,
     Requests,
-    SharingMode,
     Taint,
     Toleration,
 )
@@ -260,16 +259,11 @@ def build_node_state(
     avail.sort(reverse=True)
     if info.gpu_allocatable is not None:
         # The kubelet admits no more devices than its plugin advertises, minus those held: by
-        # Exclusive replicas (a Shared one asks for none), and by other pods, as the agent saw
-        # them on GPUs or, when more, as their requests say (bound, not admitted yet).
+        # replicas and by other pods as the agent saw them on GPUs, plus what other pods bound
+        # there request beyond that (bound, not admitted yet: the agent cannot see them).
         foreign = sum(1 for st in gpus if st.info.foreign_pods)
-        ours = sum(
-            1
-            for st in gpus
-            if not st.info.foreign_pods
-            and any(r.sharing == SharingMode.EXCLUSIVE for r in st.holders)
-        )
-        held_devices = ours + max(foreign, info.others.gpus)
+        held_devices = sum(1 for st in gpus if st.holders or st.info.foreign_pods)
+        held_devices += max(info.others.gpus - foreign, 0)
         free_whole = max(min(free_whole, info.gpu_allocatable - held_devices), 0)
     host = compute_host_free(info, reps)
     solo_whole, solo_shared = _solo_victims(gpus, margin_mib)

@@ -107,3 +107,9 @@ def test_replica_pods_count_only_when_the_operator_does_not_know_them() -> None:
     assert usage.others("a", {("ml", "m-instance-1")}) == Requests(cpu_m=1000, pods=1)
     # One it does not know (another operator's, or not in its index yet) counts as any pod.
     assert usage.others("a", set()) == Requests(cpu_m=3000, pods=2)
+    # A replica's changes are not news for the placement view; another pod's are.
+    usage.take_changed()
+    assert usage.apply("DELETED", pod("m-instance-1", "a", "2", ns="ml", replica=True))
+    assert usage.take_changed() == set()
+    assert usage.apply("DELETED", pod("x", "a"))
+    assert usage.take_changed() == {"a"}
