@@ -60,7 +60,12 @@ async def pod_log(
                 meta = pod["metadata"]
                 dep = meta["labels"][L.LABEL_DEPLOYMENT]
                 log.seen.setdefault(meta["uid"], (meta["name"], dep))
-                log.gpus_by_uid[meta["uid"]] = meta["annotations"].get(L.ANN_GPUS, "")
+                # The GPUs the node's device manager gave it once the operator recorded them
+                # (the plan may name others: the simulated kubelet assigns by its own rule).
+                ann = meta["annotations"]
+                log.gpus_by_uid[meta["uid"]] = ann.get(L.ANN_ASSIGNED_GPUS) or ann.get(
+                    L.ANN_GPUS, ""
+                )
                 if meta.get("deletionTimestamp"):
                     log.deleted[meta["uid"]] = meta["name"]
                 elif pod_ready(pod):
