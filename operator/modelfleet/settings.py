@@ -492,10 +492,8 @@ class SimSettings(_Settings):
 
     @field_validator("gated_models", mode="before")
     @classmethod
-    def _split_gated(cls, value: Any) -> Any:
-        return (
-            [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
-        )
+    def _split_gated(cls, value: Any) -> list[str]:
+        return parse_name_list(value)
 
 
 ALL_SETTINGS: tuple[type[_Settings], ...] = (

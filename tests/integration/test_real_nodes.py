@@ -409,10 +409,7 @@ async def test_cpu_other_pods_request_keeps_a_replica_off_the_node(
     events = await events_of(kube, namespace, "probe")
     assert not [e for e in events if e["reason"] == "AdmissionRejected"], events
 
-    await kube.delete(f"/api/v1/namespaces/{namespace}/pods/foreign")
-    await wait_ready(kube, namespace, "probe", 1, deadline_s=90)
-    (pod,) = await replica_pods(kube, namespace, "probe")
-    assert pod["spec"]["nodeName"] == "real-1"
+    await runs_there_once_foreign_is_gone(kube, namespace, "probe", "real-1")
 
 
 async def test_a_replica_runs_on_gpu_tainted_nodes_with_a_token_secret_and_a_node_cache(
@@ -505,10 +502,7 @@ async def test_gpus_a_foreign_pod_holds_are_not_placed_on(
         assert f"real-0:{index} held by {namespace}/foreign" in message, message
     assert await replica_pods(kube, namespace, "big") == []
     # Once the foreign pod is gone (and the agent has measured again), it fits on real-0.
-    await kube.delete(f"/api/v1/namespaces/{namespace}/pods/foreign")
-    await wait_ready(kube, namespace, "big", 1, deadline_s=90)
-    (pod,) = await replica_pods(kube, namespace, "big")
-    assert pod["spec"]["nodeName"] == "real-0"
+    await runs_there_once_foreign_is_gone(kube, namespace, "big", "real-0")
 
 
 async def test_status_and_placement_follow_the_gpus_the_node_assigned(
@@ -708,6 +702,16 @@ async def test_an_unhealthy_gpu_replaces_the_replica_that_really_uses_it(
         assert await replica_uids(kube, namespace, "other") == other_uids
     finally:
         await real_nodes.set_gpu_health("real-1", 0, None)
+
+
+async def runs_there_once_foreign_is_gone(
+    kube: KubeClient, namespace: str, deployment: str, node: str
+) -> None:
+    """Delete the foreign pod; the one replica of `deployment` then runs, on `node`."""
+    await kube.delete(f"/api/v1/namespaces/{namespace}/pods/foreign")
+    await wait_ready(kube, namespace, deployment, 1, deadline_s=90)
+    (pod,) = await replica_pods(kube, namespace, deployment)
+    assert pod["spec"]["nodeName"] == node
 
 
 async def condition_saying(

@@ -28,7 +28,7 @@ def test_a_pod_with_the_labels_but_no_owner_is_never_routed() -> None:
         [md_obj("g", served="gemma")],
         [
             pod_obj("g-instance-1", "g", 8001),
-            pod_obj("g-instance-9", "g", 6666, served="gemma", ip="10.9.9.9", owners=[]),
+            pod_obj("g-instance-9", "g", 6666, served="gemma", ip="127.0.0.9", owners=[]),
         ],
     )
     assert routed(registry, "gemma") == ["g-instance-1"]

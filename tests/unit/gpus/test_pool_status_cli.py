@@ -242,7 +242,7 @@ def hostile_status() -> dict[str, Any]:
         "endpoints": [
             {
                 **figures,
-                "url": f"http://10.0.0.5:9400/{ESC}",
+                "url": f"http://127.0.0.5:9400/{ESC}",
                 "node": f"gpu-node{ESC}{C1}",
                 "state": "down",
                 "breaker": "open",
@@ -254,7 +254,7 @@ def hostile_status() -> dict[str, Any]:
             {
                 **figures,
                 "name": f"gpu-node{ESC}",
-                "endpoint": "http://10.0.0.5:9400",
+                "endpoint": "http://127.0.0.5:9400",
                 "state": "healthy",
                 "sampledAt": "2025-01-01T00:00:00Z",
                 "notReady": ESC,
