@@ -164,6 +164,51 @@ INVALID = [
         ),
         "spec.engine.env[0].valueFrom",
     ),
+    # Extra volumes: the replica's own names and paths are taken; mounts name a volume.
+    _case(
+        "volume-named-cache",
+        document({"engine": {"volumes": [{"name": "cache", "emptyDir": {}}]}}),
+        "spec.engine.volumes[0].name",
+    ),
+    _case(
+        "volume-name-uppercase",
+        document({"engine": {"volumes": [{"name": "Data", "emptyDir": {}}]}}),
+        "spec.engine.volumes[0].name",
+    ),
+    _case(
+        "volume-names-twice",
+        document({"engine": {"volumes": [{"name": "a", "emptyDir": {}}] * 2}}),
+        "spec.engine.volumes",
+    ),
+    _case(
+        "volume-mount-without-volume",
+        document({"engine": {"volumeMounts": [{"name": "a", "mountPath": "/a"}]}}),
+        "spec.engine.volumeMounts",
+    ),
+    _case(
+        "volume-mount-on-cache",
+        document(
+            {
+                "engine": {
+                    "volumes": [{"name": "a", "emptyDir": {}}],
+                    "volumeMounts": [{"name": "a", "mountPath": "/cache/"}],
+                }
+            }
+        ),
+        "spec.engine.volumeMounts[0].mountPath",
+    ),
+    _case(
+        "volume-mount-relative",
+        document(
+            {
+                "engine": {
+                    "volumes": [{"name": "a", "emptyDir": {}}],
+                    "volumeMounts": [{"name": "a", "mountPath": "data"}],
+                }
+            }
+        ),
+        "spec.engine.volumeMounts[0].mountPath",
+    ),
     # Fields the schema does not know (the API server refuses them with fieldValidation=Strict).
     _case("unknown-field", document({"replicaz": 2}), "spec.replicaz"),
 ]
@@ -228,6 +273,23 @@ VALID = [
             }
         ),
         id="env",
+    ),
+    pytest.param(
+        document(
+            {
+                "engine": {
+                    "volumes": [
+                        {"name": "adapters", "persistentVolumeClaim": {"claimName": "lora"}},
+                        {"name": "config", "configMap": {"name": "chat-templates"}},
+                    ],
+                    "volumeMounts": [
+                        {"name": "adapters", "mountPath": "/adapters", "readOnly": True},
+                        {"name": "config", "mountPath": "/templates", "subPath": "v2"},
+                    ],
+                }
+            }
+        ),
+        id="extra-volumes",
     ),
 ]
 

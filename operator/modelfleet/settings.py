@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from modelfleet.api.gpustats import MAX_MEMORY_MIB, MAX_POLL_INTERVAL_S
-from modelfleet.api.v1alpha1 import Balancing, PlacementStrategy
+from modelfleet.api.v1alpha1 import Balancing, PlacementStrategy, Quantity
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,36 @@ class OperatorSettings(_Settings):
             "not see them. Turn on for dedicated, tainted GPU node pools only (docs/operator.md)."
         ),
     )
+    shared_runtime_class_name: str = Field(
+        "",
+        description=(
+            "RuntimeClass of Shared replicas whose spec.engine names none: the runtime that "
+            "honours NVIDIA_VISIBLE_DEVICES (the GPU Operator's `nvidia`; the chart sets it). "
+            "Empty: none, for nodes whose default runtime is NVIDIA's."
+        ),
+    )
+    replica_run_as_user: int | None = Field(
+        1000,
+        ge=1,
+        description=(
+            "uid (and gid, fsGroup) of the vLLM container. Empty: the Pod names none and the "
+            "platform assigns one (OpenShift's restricted SCC refuses a fixed uid)."
+        ),
+    )
+    replica_cpu_request: Quantity | None = Field(
+        "1",
+        description=(
+            "CPU each replica requests when spec.engine.resources names none, so a replica is "
+            "not BestEffort (first evicted under node pressure). Empty: none."
+        ),
+    )
+    replica_memory_request: Quantity | None = Field(
+        "4Gi",
+        description=(
+            "Memory each replica requests when spec.engine.resources names none (vLLM's own "
+            "process, tokenizer and pinned buffers live in host memory). Empty: none."
+        ),
+    )
     metrics_port: int = Field(
         8080, ge=1, le=65535, description="Port of /metrics, /healthz and /status."
     )
@@ -209,6 +239,13 @@ class OperatorSettings(_Settings):
     @classmethod
     def _split_endpoints(cls, value: Any) -> list[str]:
         return parse_endpoint_list(value)
+
+    @field_validator(
+        "replica_run_as_user", "replica_cpu_request", "replica_memory_request", mode="before"
+    )
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("default_strategy", mode="before")
     @classmethod

@@ -241,3 +241,62 @@ async def test_agent_pod_gone_replicas_replaced_after_the_grace(
     assert events, "no EndpointsDown Event"
     assert node in events[0]["message"]
     await wait_ready(kube, namespace, "m", 2)
+
+
+async def operator_status(operator: Any) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{operator.metrics_port}/status?gpus=false"
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+        session.get(url) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        body: dict[str, Any] = await resp.json()
+        return body
+
+
+async def test_a_gpu_node_without_an_agent_is_reported_and_used_once_its_agent_runs(
+    kube: KubeClient, namespace: str, nodes: list[str], operators: Operators
+) -> None:
+    """A node whose device plugin advertises GPUs but where no agent runs (the agent DaemonSet
+    does not select it, as on a GKE node without GPU Feature Discovery's label): placement
+    cannot use it, and the blocked replica's reason, the operator's /status and its metric say
+    so. Once the agent runs there, the replica is placed on it."""
+    lonely = nodes[0]
+    await kube.patch(
+        f"/api/v1/nodes/{lonely}", {"metadata": {"labels": {TEST_POOL_LABEL: "no-agent"}}}
+    )
+
+    async def agent_gone() -> bool:
+        pods = (await kube.list(pods_path(namespace), labelSelector=AGENTS))["items"]
+        return all(p["spec"].get("nodeName") != lonely for p in pods)
+
+    await wait_for(agent_gone, timeout=30, what=f"no agent pod on {lonely}")
+    operator = operators.start(**FAST)
+    # Two GPUs per node: each replica fills a node, and the third has only the unseen node.
+    await kube.create(md_path(namespace), md("m", replicas=3, gpu={"count": 2}))
+
+    async def blocked_naming_it() -> str | None:
+        obj = await kube.get(md_path(namespace, "m"))
+        for cond in (obj.get("status") or {}).get("conditions") or []:
+            if "without a node-stats agent" in cond.get("message", ""):
+                return str(cond["message"])
+        return None
+
+    message = await wait_for(blocked_naming_it, timeout=60, what="the reason to name it")
+    assert "check the agent DaemonSet's node affinity" in message, message
+    status = await operator_status(operator)
+    assert lonely in status["gpuNodesWithoutAgent"], status["gpuNodesWithoutAgent"]
+    assert {p["spec"]["nodeName"] for p in await replica_pods(kube, namespace, "m")} == set(
+        nodes[1:]
+    )
+
+    await kube.patch(
+        f"/api/v1/nodes/{lonely}", {"metadata": {"labels": {TEST_POOL_LABEL: namespace}}}
+    )
+    await wait_ready(kube, namespace, "m", 3, deadline_s=90)
+    assert lonely in {p["spec"]["nodeName"] for p in await replica_pods(kube, namespace, "m")}
+
+    async def no_longer_listed() -> bool:
+        return lonely not in (await operator_status(operator))["gpuNodesWithoutAgent"]
+
+    await wait_for(no_longer_listed, timeout=30, what=f"{lonely} off the no-agent list")

@@ -91,6 +91,30 @@ def test_bad_number_names_variable_and_meaning(monkeypatch: pytest.MonkeyPatch) 
     assert "Seconds between poll rounds" in text
 
 
+def test_replica_defaults_may_be_emptied(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load(OperatorSettings)
+    assert (s.replica_run_as_user, s.replica_cpu_request, s.replica_memory_request) == (
+        1000,
+        "1",
+        "4Gi",
+    )
+    for name in ("RUN_AS_USER", "CPU_REQUEST", "MEMORY_REQUEST"):
+        monkeypatch.setenv(f"MODELFLEET_REPLICA_{name}", "")
+    s = load(OperatorSettings)
+    assert (s.replica_run_as_user, s.replica_cpu_request, s.replica_memory_request) == (
+        None,
+        None,
+        None,
+    )
+
+
+def test_a_bad_replica_request_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELFLEET_REPLICA_MEMORY_REQUEST", "4 gigs")
+    with pytest.raises(SettingsError) as caught:
+        load(OperatorSettings)
+    assert "MODELFLEET_REPLICA_MEMORY_REQUEST='4 gigs'" in str(caught.value)
+
+
 def test_agent_backend_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODELFLEET_AGENT_BACKEND", "rocm")
     with pytest.raises(

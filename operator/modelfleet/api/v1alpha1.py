@@ -445,6 +445,67 @@ class CacheSpec(_Model):
     )
 
 
+# Volume names and mount paths of the replica Pod that the operator uses itself.
+RESERVED_VOLUMES = ("shm", "cache", "tmp")
+RESERVED_MOUNT_PATHS = ("/dev/shm", "/cache", "/tmp")
+MAX_EXTRA_VOLUMES = 16
+DnsLabel = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+]
+
+
+class ExtraVolume(_Model):
+    """A volume of the replica Pod, as in a Pod spec: a name and one source (configMap, secret,
+    persistentVolumeClaim, csi, ...); the API server checks the source when the Pod is made."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: DnsLabel = Field(..., description="Volume name; shm, cache and tmp are the operator's.")
+
+    invariants = (
+        Invariant(
+            holds=lambda v: v.name not in RESERVED_VOLUMES,
+            cel="!(self.name in " + repr(list(RESERVED_VOLUMES)) + ")",
+            message=(
+                "spec.engine.volumes[*].name: shm, cache and tmp are the replica's own volumes; "
+                "choose another name (the model cache is spec.engine.cache)"
+            ),
+            field_path=".name",
+        ),
+    )
+
+
+class ExtraVolumeMount(_Model):
+    """Where the vLLM container mounts one of spec.engine.volumes."""
+
+    name: DnsLabel = Field(..., description="Name of a volume in spec.engine.volumes.")
+    mount_path: Annotated[str, StringConstraints(max_length=4096, pattern=r"^/.*")] = Field(
+        ..., description="Absolute path in the container."
+    )
+    read_only: bool | None = Field(None, description="Mount read-only.")
+    sub_path: Annotated[str, StringConstraints(max_length=4096)] | None = Field(
+        None, description="Path within the volume to mount instead of its root."
+    )
+
+    invariants = (
+        Invariant(
+            holds=lambda m: m.mount_path.rstrip("/") not in RESERVED_MOUNT_PATHS,
+            cel=(
+                "!((self.mountPath.endsWith('/') ? self.mountPath.substring(0, "
+                "size(self.mountPath) - 1) : self.mountPath) in "
+                + repr(list(RESERVED_MOUNT_PATHS))
+                + ")"
+            ),
+            message=(
+                "spec.engine.volumeMounts[*].mountPath: /dev/shm, /cache and /tmp are "
+                "mounted by the operator; mount the volume elsewhere"
+            ),
+            field_path=".mountPath",
+        ),
+    )
+
+
 class EngineSpec(_Model):
     """The vLLM server container."""
 
@@ -495,6 +556,40 @@ class EngineSpec(_Model):
         description=(
             "PriorityClass of the replica Pods (the kubelet's and the cluster's order, e.g. for "
             "node-pressure eviction); spec.priority orders modelfleet's own evictions."
+        ),
+    )
+    volumes: list[ExtraVolume] = Field(
+        default_factory=list,
+        max_length=MAX_EXTRA_VOLUMES,
+        description="Extra volumes of the replica Pods, as in a Pod spec.",
+    )
+    volume_mounts: list[ExtraVolumeMount] = Field(
+        default_factory=list,
+        max_length=MAX_EXTRA_VOLUMES,
+        description="Where the vLLM container mounts spec.engine.volumes.",
+    )
+
+    invariants = (
+        Invariant(
+            holds=lambda e: len({v.name for v in e.volumes}) == len(e.volumes),
+            cel=(
+                "!has(self.volumes) || "
+                "self.volumes.all(v, self.volumes.exists_one(w, w.name == v.name))"
+            ),
+            message="spec.engine.volumes: two volumes have the same name; names must be unique",
+            field_path=".volumes",
+        ),
+        Invariant(
+            holds=lambda e: {m.name for m in e.volume_mounts} <= {v.name for v in e.volumes},
+            cel=(
+                "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && "
+                "self.volumes.exists(v, v.name == m.name))"
+            ),
+            message=(
+                "spec.engine.volumeMounts: a mount names no volume of spec.engine.volumes; "
+                "add the volume or fix the name"
+            ),
+            field_path=".volumeMounts",
         ),
     )
 

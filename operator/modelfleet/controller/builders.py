@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from modelfleet.api import (
@@ -50,6 +51,20 @@ GPU_TOLERATION: dict[str, Any] = {"key": "nvidia.com/gpu", "operator": "Exists"}
 DEFAULT_STARTUP_S = STARTUP_PERIOD_S * STARTUP_FAILURE_THRESHOLD
 
 
+@dataclass(frozen=True)
+class PodDefaults:
+    """What the operator's settings add to every replica Pod (MODELFLEET_DEFAULT_IMAGE, ...)."""
+
+    image: str = "vllm/vllm-openai:v0.11.0"
+    # None: the Pod names no uid and the platform picks one (OpenShift's SCC).
+    run_as_user: int | None = RUN_AS_USER
+    # RuntimeClass of Shared replicas that name none: the one honouring NVIDIA_VISIBLE_DEVICES.
+    shared_runtime_class_name: str = ""
+    # Requests of a replica whose spec.engine.resources names neither request nor limit.
+    cpu_request: str | None = None
+    memory_request: str | None = None
+
+
 def owner_reference(md: ModelDeployment) -> dict[str, Any]:
     """A controller ownerReference to the ModelDeployment: the garbage collector cleans up."""
     return {
@@ -86,6 +101,8 @@ LATER_ENGINE_FIELDS = (
     "image_pull_secrets",
     "service_account_name",
     "priority_class_name",
+    "volumes",
+    "volume_mounts",
 )
 
 
@@ -121,10 +138,10 @@ def compute_gpu_memory_utilization(footprint_mib: int, gpu_memory_mib: int) -> f
 
 
 def build_engine_args(md: ModelDeployment, placed: Placed) -> list[str]:
-    """The vLLM command line: generated arguments first, then the user's extra args."""
+    """The arguments of `vllm serve` (the vllm-openai image's entrypoint): the model as its
+    positional argument (`--model` is deprecated there), the generated flags, then the user's."""
     spec = md.spec
     args = [
-        "--model",
         spec.model,
         "--served-model-name",
         md.served_name,
@@ -173,11 +190,16 @@ def _env(md: ModelDeployment, placed: Placed) -> list[dict[str, Any]]:
     return env
 
 
-def compute_resources(spec: ModelDeploymentSpec) -> dict[str, Any]:
-    """The engine container's `resources`: spec.engine.resources and, when Exclusive, the GPUs."""
+def compute_resources(spec: ModelDeploymentSpec, defaults: PodDefaults) -> dict[str, Any]:
+    """The engine container's `resources`: spec.engine.resources, the default CPU and memory
+    requests for what it leaves out, and, when Exclusive, the GPUs."""
     res = spec.engine.resources
     limits: dict[str, Any] = {k: str(v) for k, v in res.limits.items()}
     requests: dict[str, Any] = {k: str(v) for k, v in res.requests.items()}
+    for name, default in (("cpu", defaults.cpu_request), ("memory", defaults.memory_request)):
+        # A limit alone is the request too (the API server copies it): no default then.
+        if default is not None and name not in requests and name not in limits:
+            requests[name] = default
     if spec.gpu.sharing == SharingMode.EXCLUSIVE:
         limits["nvidia.com/gpu"] = str(spec.gpu.count)
         requests["nvidia.com/gpu"] = str(spec.gpu.count)
@@ -235,12 +257,32 @@ def _probe(period_s: int, failure_threshold: int, timeout_s: int = 5) -> dict[st
     }
 
 
+def compute_pod_security_context(run_as_user: int | None) -> dict[str, Any]:
+    """The replica Pod's securityContext: non-root always; a fixed uid unless the platform
+    assigns one (`run_as_user` None, as OpenShift's restricted SCC wants)."""
+    out: dict[str, Any] = {"runAsNonRoot": True}
+    if run_as_user is not None:
+        out.update(runAsUser=run_as_user, runAsGroup=run_as_user, fsGroup=run_as_user)
+    out["seccompProfile"] = {"type": "RuntimeDefault"}
+    return out
+
+
+def compute_runtime_class_name(spec: ModelDeploymentSpec, defaults: PodDefaults) -> str:
+    """spec.engine.runtimeClassName; for a Shared replica that names none, the operator's
+    default: NVIDIA_VISIBLE_DEVICES picks its GPUs, and only the NVIDIA runtime reads it."""
+    if spec.engine.runtime_class_name:
+        return spec.engine.runtime_class_name
+    if spec.gpu.sharing == SharingMode.SHARED:
+        return defaults.shared_runtime_class_name
+    return ""
+
+
 def build_replica_pod(
     md: ModelDeployment,
     n: int,
     placed: Placed,
     *,
-    default_image: str,
+    defaults: PodDefaults,
     template_hash: str,
 ) -> dict[str, Any]:
     """Replica `n` of `md`, bound to the node and GPUs of `placed`."""
@@ -264,7 +306,7 @@ def build_replica_pod(
     }
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
-        "image": spec.engine.image or default_image,
+        "image": spec.engine.image or defaults.image,
         "imagePullPolicy": "IfNotPresent",
         "args": build_engine_args(md, placed),
         "env": _env(md, placed),
@@ -272,7 +314,7 @@ def build_replica_pod(
         "startupProbe": _probe(STARTUP_PERIOD_S, compute_startup_threshold(spec)),
         "readinessProbe": _probe(READINESS_PERIOD_S, 3),
         "livenessProbe": _probe(LIVENESS_PERIOD_S, 3),
-        "resources": compute_resources(md.spec),
+        "resources": compute_resources(md.spec, defaults),
         # A run that fails leaves its last log lines as the termination message: status then
         # says why it crash-loops (a 401 for a gated model, CUDA out of memory, ...).
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -286,6 +328,7 @@ def build_replica_pod(
             {"name": "shm", "mountPath": "/dev/shm"},
             {"name": "cache", "mountPath": "/cache"},
             {"name": "tmp", "mountPath": "/tmp"},
+            *(m.model_dump(by_alias=True, exclude_none=True) for m in spec.engine.volume_mounts),
         ],
     }
     pod_spec: dict[str, Any] = {
@@ -294,24 +337,20 @@ def build_replica_pod(
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": 30,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "fsGroup": RUN_AS_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": compute_pod_security_context(defaults.run_as_user),
         "containers": [container],
         "volumes": [
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
             _cache_volume(spec),
             {"name": "tmp", "emptyDir": {}},
+            *(v.model_dump(by_alias=True, exclude_none=True) for v in spec.engine.volumes),
         ],
         "tolerations": compute_tolerations(spec),
     }
     engine = spec.engine
-    if engine.runtime_class_name:
-        pod_spec["runtimeClassName"] = engine.runtime_class_name
+    runtime_class = compute_runtime_class_name(spec, defaults)
+    if runtime_class:
+        pod_spec["runtimeClassName"] = runtime_class
     if engine.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": n} for n in engine.image_pull_secrets]
     if engine.service_account_name:
@@ -333,7 +372,12 @@ def build_replica_pod(
 
 
 def build_replica_record(
-    md: ModelDeployment, n: int, placed: Placed, *, template_hash: str
+    md: ModelDeployment,
+    n: int,
+    placed: Placed,
+    *,
+    template_hash: str,
+    defaults: PodDefaults,
 ) -> ObservedPod:
     """What the watch will show of replica `n` once `build_replica_pod` is created: the record
     the in-flight book keeps until then (built from the same inputs, never parsed back)."""
@@ -351,13 +395,13 @@ def build_replica_record(
         priority=md.spec.priority,
         min_replicas=md.spec.min_replicas,
         owner_uid=md.metadata.uid or "",
-        requests=compute_replica_requests(md.spec),
+        requests=compute_replica_requests(md.spec, defaults),
     )
 
 
-def compute_replica_requests(spec: ModelDeploymentSpec) -> Requests:
+def compute_replica_requests(spec: ModelDeploymentSpec, defaults: PodDefaults) -> Requests:
     """What a replica Pod of `spec` will ask of its node's kubelet."""
-    return compute_pod_requests({"containers": [{"resources": compute_resources(spec)}]})
+    return compute_pod_requests({"containers": [{"resources": compute_resources(spec, defaults)}]})
 
 
 def build_service(md: ModelDeployment) -> dict[str, Any]:

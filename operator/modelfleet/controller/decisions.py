@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from modelfleet.api import ModelDeploymentSpec
+from modelfleet.placement import NO_REQUESTS, Requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,7 @@ class PlacementRequest:
     planned: tuple[Placed, ...] = ()  # decided earlier in the same plan, not yet in the cluster
     released: tuple[str, ...] = ()  # pod names this plan deletes: their GPUs count as free
     may_evict: bool = True
+    requests: Requests = NO_REQUESTS  # CPU, memory and pod slot the replica asks of its node
 
 
 Placer = Callable[[PlacementRequest], Decision]

@@ -114,6 +114,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.closers = [pool.close, session.close, agents.close]
     server: ServerState = memo.server
     server.pool = pool
+    server.gpu_nodes_without_agent = lambda: runtime.gpu_nodes_without_agent
 
 
 async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -126,6 +127,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     server: ServerState | None = memo.get("server")
     if server is not None:
         server.pool = None
+        server.gpu_nodes_without_agent = tuple
     tasks: list[asyncio.Task[None]] = memo.get("tasks", [])
     for task in tasks:
         task.cancel()

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from modelfleet import placement as P
 from modelfleet.api import ModelDeploymentSpec, SharingMode
-from modelfleet.controller.builders import compute_replica_requests, compute_tolerations
+from modelfleet.controller.builders import compute_tolerations
 from modelfleet.controller.decisions import (
     Decision,
     Evict,
@@ -89,6 +89,26 @@ def compute_node_health(
             agent_missing=_missing_longer_than(missing_since.get(name), now, grace),
         )
     return out
+
+
+def compute_gpu_nodes_without_agent(
+    nodes: Mapping[str, NodeFacts],
+    missing_since: Mapping[str, datetime],
+    now: datetime,
+    grace_s: float,
+) -> tuple[str, ...]:
+    """GPU nodes (allocatable nvidia.com/gpu above zero) that no agent has reported for longer
+    than `grace_s`, sorted: placement cannot see their GPUs. A node whose agent exists but does
+    not answer is the pool's (EndpointsDown), not listed here."""
+    grace = timedelta(seconds=grace_s)
+    return tuple(
+        sorted(
+            name
+            for name, facts in nodes.items()
+            if (facts.gpu_allocatable or 0) > 0
+            and _missing_longer_than(missing_since.get(name), now, grace)
+        )
+    )
 
 
 def _missing_longer_than(since: datetime | None, now: datetime | None, grace: timedelta) -> bool:
@@ -264,7 +284,7 @@ def build_replica_request(
         priority=spec.priority,
         min_replicas=spec.min_replicas,
         last_used=last_used,
-        requests=compute_replica_requests(spec),
+        requests=request.requests,
     )
 
 

@@ -106,7 +106,13 @@ async def watch_pool(rt: Runtime, pool: GpuPool) -> None:
         if cluster is None:
             continue
         now = datetime.now(UTC)
-        rt.observe_agents(cluster, snapshot, now)
+        unseen = rt.observe_agents(cluster, snapshot, now)
+        if unseen:
+            log.warning(
+                "GPU nodes without a node-stats agent (placement cannot use their GPUs; check "
+                "the agent DaemonSet's node affinity, tolerations and runtime class): %s",
+                ", ".join(unseen),
+            )
         after = rt.node_health(cluster, snapshot, now)
         changed = compute_health_changes(before, after)
         before = after

@@ -64,6 +64,12 @@ class OperatorMetrics:
             ["reason"],
             registry=registry,
         )
+        self.gpu_nodes_without_agent = Gauge(
+            "modelfleet_gpu_nodes_without_agent",
+            "Nodes with allocatable nvidia.com/gpu that no node-stats agent reports: placement "
+            "cannot use their GPUs (the operator's /status and log name them).",
+            registry=registry,
+        )
         self.leader = Gauge(
             "modelfleet_operator_leader",
             "1 while this operator instance holds the leader Lease and acts, else 0.",

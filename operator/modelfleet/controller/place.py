@@ -9,7 +9,7 @@ is built twice or parsed back.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -17,8 +17,10 @@ from modelfleet.api import ModelDeployment
 from modelfleet.api import labels as L
 from modelfleet.api.times import parse_time
 from modelfleet.controller.builders import (
+    PodDefaults,
     build_replica_pod,
     build_replica_record,
+    compute_replica_requests,
     compute_template_hash,
 )
 from modelfleet.controller.decisions import (
@@ -76,16 +78,18 @@ def place(
     md: ModelDeployment,
     placer: Placer,
     *,
-    default_image: str,
+    defaults: PodDefaults,
     now: datetime,
     deleting: Collection[tuple[str, str]] = frozenset(),
     mark: EvictionMark | None = None,
+    unseen_nodes: Sequence[str] = (),
 ) -> Plan:
     """`plan` with its `to_place` ordinals placed: Pods to create, or an eviction, or a blocker.
 
     `deleting` holds (namespace, name) of every replica Pod in the cluster already terminating,
     so an eviction under way is waited for instead of repeated; `mark` is the deployment's last
-    eviction (it then does not evict back).
+    eviction (it then does not evict back); `unseen_nodes` are GPU nodes no agent reports, named
+    when nothing fits because placement cannot see them.
     """
     out = replace(
         plan,
@@ -95,7 +99,8 @@ def place(
         details=list(plan.details),
         annotations=dict(plan.annotations),
     )
-    template_hash = compute_template_hash(md, default_image)
+    template_hash = compute_template_hash(md, defaults.image)
+    requests = compute_replica_requests(md.spec, defaults)
     footprint = compute_footprint_mib(md)
     may_evict = compute_may_evict(md, mark)
     released = tuple(d.name for d in plan.to_delete)
@@ -111,17 +116,18 @@ def place(
             planned=tuple(c.placed for c in out.to_create),
             released=released,
             may_evict=may_evict,
+            requests=requests,
         )
         decision = placer(request)
         if isinstance(decision, Placed):
-            _add_create(out, md, n, decision, default_image, template_hash)
+            _add_create(out, md, n, decision, defaults, template_hash)
             continue
         if isinstance(decision, Evict):
             _blocked_by_eviction(out, md, pod_name, decision, deleting, may_evict, mark, now)
         elif not may_evict and mark is not None:
             out.blocker = _waits_after_eviction(mark, decision.reason)
         else:
-            _blocked(out, md, pod_name, decision)
+            _blocked(out, md, pod_name, decision, unseen_nodes)
         out.details.append(f"blocked at {pod_name}: {out.blocker.reason if out.blocker else ''}")
         break
     if out.blocker is None and not out.waiting_for:
@@ -134,15 +140,13 @@ def _add_create(
     md: ModelDeployment,
     n: int,
     decision: Placed,
-    default_image: str,
+    defaults: PodDefaults,
     template_hash: str,
 ) -> None:
     namespace, name = md.metadata.namespace or "", md.metadata.name
     pod_name = instance_name(name, n)
-    body = build_replica_pod(
-        md, n, decision, default_image=default_image, template_hash=template_hash
-    )
-    record = build_replica_record(md, n, decision, template_hash=template_hash)
+    body = build_replica_pod(md, n, decision, defaults=defaults, template_hash=template_hash)
+    record = build_replica_record(md, n, decision, template_hash=template_hash, defaults=defaults)
     plan.to_create.append(PodToCreate(n, pod_name, decision, body, record))
     gpus = ",".join(decision.gpu_ids)
     plan.events.append(
@@ -157,15 +161,42 @@ def _add_create(
     plan.details.append(f"create {pod_name} on {decision.node} [{gpus}]")
 
 
-def _blocked(plan: Plan, md: ModelDeployment, pod_name: str, decision: Unplaceable) -> None:
-    plan.blocker = Blocker(decision.code, decision.reason)
+# At most this many unseen nodes are named in a reason; the rest are counted.
+UNSEEN_NAMED = 5
+
+
+def compute_unseen_note(unseen_nodes: Sequence[str]) -> str:
+    """What a blocked replica's reason adds about GPU nodes no agent reports ('' if none)."""
+    if not unseen_nodes:
+        return ""
+    named = ", ".join(unseen_nodes[:UNSEEN_NAMED])
+    more = len(unseen_nodes) - UNSEEN_NAMED
+    if more > 0:
+        named += f" and {more} more"
+    count = len(unseen_nodes)
+    return (
+        f"; {count} GPU node{'s' if count > 1 else ''} without a node-stats agent, which "
+        f"placement cannot use: {named} (check the agent DaemonSet's node affinity, "
+        "tolerations and runtime class: docs/install.md)"
+    )
+
+
+def _blocked(
+    plan: Plan,
+    md: ModelDeployment,
+    pod_name: str,
+    decision: Unplaceable,
+    unseen_nodes: Sequence[str],
+) -> None:
+    reason = decision.reason + compute_unseen_note(unseen_nodes)
+    plan.blocker = Blocker(decision.code, reason)
     plan.events.append(
         EventSpec(
             md.metadata.namespace or "",
             md.metadata.name,
             "Warning",
             decision.code,
-            f"cannot place {pod_name}: {decision.reason}",
+            f"cannot place {pod_name}: {reason}",
         )
     )
 

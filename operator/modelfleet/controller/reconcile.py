@@ -140,7 +140,7 @@ async def _reconcile_locked(
     # Every Pod with its labels: the plan needs their names; the rest reads only its replicas.
     labelled = rt.pods(cluster, key)
     pods = [p for p in labelled if is_replica_of(p, md.metadata.uid or None)]
-    template_hash = compute_template_hash(md, rt.settings.default_image)
+    template_hash = compute_template_hash(md, rt.pod_defaults.image)
     rejections = rt.admission.observe(pods, now)
     plan = compute_plan(md, labelled, rt.node_health(cluster, snapshot, now), now, template_hash)
     taken = compute_name_taken_event(md, holder)
@@ -182,10 +182,11 @@ async def _place(
             plan,
             md,
             placer,
-            default_image=rt.settings.default_image,
+            defaults=rt.pod_defaults,
             now=now,
             deleting=frozenset(p.key for p in everything if p.deleting),
             mark=compute_eviction_mark(md, rt.eviction_mark(key)),
+            unseen_nodes=rt.gpu_nodes_without_agent,
         )
         rt.promise(key, placed, everything, now)
         placer.keep()

@@ -24,6 +24,7 @@ from modelfleet import placement as P
 from modelfleet.api.ownership import ClaimKey, claim_key, served_name
 from modelfleet.controller import inputs
 from modelfleet.controller.admission import AdmissionBackoff
+from modelfleet.controller.builders import PodDefaults
 from modelfleet.controller.execute import EventRecorder
 from modelfleet.controller.inflight import InFlight, Key
 from modelfleet.controller.metrics import OperatorMetrics
@@ -131,7 +132,9 @@ class Runtime:
     _marks: dict[Key, EvictionMark] = field(default_factory=dict)
     _invalid: dict[Key, str] = field(default_factory=dict)  # the last invalid-spec message
     _details: dict[Key, tuple[str, ...]] = field(default_factory=dict)  # the last plan logged
-    # Discovery mode only: since when each node has had no agent pod (updated every poll round).
+    # GPU nodes no agent reports (allocatable nvidia.com/gpu, no endpoint names the node).
+    gpu_nodes_without_agent: tuple[str, ...] = ()
+    # Since when each node has had no agent endpoint (updated every poll round).
     _agent_missing_since: dict[str, datetime] = field(default_factory=dict)
     _backoff_nodes: frozenset[str] = frozenset()  # nodes in admission backoff the view knows
     _assigned: tuple[PoolSnapshot | None, dict[tuple[str, str], tuple[str, ...]]] | None = None
@@ -154,6 +157,19 @@ class Runtime:
         )
 
     @property
+    def pod_defaults(self) -> PodDefaults:
+        s = self.settings
+        return PodDefaults(
+            image=s.default_image,
+            run_as_user=s.replica_run_as_user,
+            shared_runtime_class_name=s.shared_runtime_class_name,
+            cpu_request=None if s.replica_cpu_request is None else str(s.replica_cpu_request),
+            memory_request=(
+                None if s.replica_memory_request is None else str(s.replica_memory_request)
+            ),
+        )
+
+    @property
     def placement_settings(self) -> P.PlacementSettings:
         return P.PlacementSettings(
             default_strategy=self.settings.default_strategy,
@@ -167,18 +183,31 @@ class Runtime:
         grace = inputs.compute_missing_agent_grace_s(
             self.settings.agent_missing_grace_s, self.settings.poll_interval_s
         )
-        return inputs.compute_node_health(
-            cluster.node_facts(), snapshot, self._agent_missing_since, now, grace
-        )
+        # Only a discovered agent's absence says the node lost it: a static endpoint list
+        # may simply not name the node.
+        missing = self._agent_missing_since if self.agent_discovery else {}
+        return inputs.compute_node_health(cluster.node_facts(), snapshot, missing, now, grace)
 
     def observe_agents(
         self, cluster: ClusterState, snapshot: PoolSnapshot | None, now: datetime
-    ) -> None:
-        """After a pool round: since when each node has had no agent pod (discovery only)."""
-        if self.agent_discovery:
-            self._agent_missing_since = inputs.compute_agent_missing_since(
-                self._agent_missing_since, cluster.node_facts(), snapshot, now
-            )
+    ) -> tuple[str, ...] | None:
+        """After a pool round: since when each node has had no agent, and the GPU nodes no
+        agent reports; returns those when they changed since the last round, else None."""
+        nodes = cluster.node_facts()
+        self._agent_missing_since = inputs.compute_agent_missing_since(
+            self._agent_missing_since, nodes, snapshot, now
+        )
+        grace = inputs.compute_missing_agent_grace_s(
+            self.settings.agent_missing_grace_s, self.settings.poll_interval_s
+        )
+        unseen = inputs.compute_gpu_nodes_without_agent(
+            nodes, self._agent_missing_since, now, grace
+        )
+        if unseen == self.gpu_nodes_without_agent:
+            return None
+        self.gpu_nodes_without_agent = unseen
+        self.metrics.gpu_nodes_without_agent.set(len(unseen))
+        return unseen
 
     def pods(self, cluster: ClusterState, key: Key) -> list[ObservedPod]:
         """One deployment's replica Pods: the index, with this process's writes in flight and

@@ -7,6 +7,7 @@ its pool has started.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -23,6 +24,8 @@ class ServerState:
 
     pool: GpuPool | None = None
     role: str = "standby"
+    # The GPU nodes no agent reports, as the leading operator last computed them.
+    gpu_nodes_without_agent: Callable[[], Sequence[str]] = tuple
 
 
 def build_app(state: ServerState, registry: CollectorRegistry = REGISTRY) -> web.Application:
@@ -40,7 +43,7 @@ def build_app(state: ServerState, registry: CollectorRegistry = REGISTRY) -> web
                 {"status": "standby", "reason": "this operator instance is not the leader"},
                 status=503,
             )
-        return await make_status_handler(state.pool)(request)
+        return await make_status_handler(state.pool, state.gpu_nodes_without_agent)(request)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

@@ -8,6 +8,7 @@ changes meaning.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal
 
@@ -118,6 +119,13 @@ class PoolStatus(_Doc):
     endpoints: list[EndpointStatus]
     nodes: list[NodeStatus] = Field(default_factory=list)
     balance: BalanceStatus
+    gpu_nodes_without_agent: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Nodes with allocatable nvidia.com/gpu that no agent reports (operator only): "
+            "placement cannot use their GPUs."
+        ),
+    )
 
 
 def _figures(f: Figures) -> FiguresStatus:
@@ -185,7 +193,11 @@ def _node(n: PoolNode) -> NodeStatus:
 
 
 def build_status(
-    snapshot: PoolSnapshot, source: Literal["operator", "endpoints"], *, with_gpus: bool = True
+    snapshot: PoolSnapshot,
+    source: Literal["operator", "endpoints"],
+    *,
+    with_gpus: bool = True,
+    gpu_nodes_without_agent: Sequence[str] = (),
 ) -> PoolStatus:
     """The status document of a snapshot; `with_gpus=False` leaves out the per-GPU lists."""
     t = snapshot.totals
@@ -221,6 +233,7 @@ def build_status(
             replica_cv=b.replica_cv,
             replica_share_spread=b.replica_share_spread,
         ),
+        gpu_nodes_without_agent=list(gpu_nodes_without_agent),
     )
 
 
@@ -289,6 +302,13 @@ def render_table(status: PoolStatus) -> str:
     )
     if not status.ready:
         lines.append(f"NOT READY  {printable(status.reason)}")
+    if status.gpu_nodes_without_agent:
+        names = printable(", ".join(status.gpu_nodes_without_agent))
+        lines.append(
+            f"NO AGENT  {len(status.gpu_nodes_without_agent)} GPU node(s) that placement cannot "
+            f"use: {names} (check the agent DaemonSet's node affinity, tolerations and runtime "
+            "class)"
+        )
     if reasons:
         lines.append("")
         lines.append("Reasons:")

@@ -9,6 +9,7 @@ from typing import Any
 
 from modelfleet.api import ModelDeployment
 from modelfleet.api.gpustats import GpuReport, GpuStats, PodRef
+from modelfleet.controller.builders import PodDefaults
 from modelfleet.controller.decisions import Decision, Placed, PlacementRequest, Placer
 from modelfleet.controller.observed import NodeFacts, NodeHealth, ObservedPod, instance_name
 from modelfleet.controller.place import compute_eviction_mark, place
@@ -122,6 +123,7 @@ def plan_and_place(
     *,
     template_hash: str = HASH,
     deleting: frozenset[tuple[str, str]] = frozenset(),
+    unseen_nodes: tuple[str, ...] = (),
 ) -> Plan:
     """The two pure planning steps as the reconcile runs them: plan, then place."""
     plan = compute_plan(md, pods, health, now, template_hash)
@@ -131,10 +133,11 @@ def plan_and_place(
         plan,
         md,
         placer,
-        default_image=IMAGE,
+        defaults=PodDefaults(image=IMAGE),
         now=now,
         deleting=deleting,
         mark=compute_eviction_mark(md),
+        unseen_nodes=unseen_nodes,
     )
 
 

@@ -9,6 +9,7 @@ from controller_helpers import make_md
 
 from modelfleet.api import labels as L
 from modelfleet.controller.builders import (
+    PodDefaults,
     build_engine_args,
     build_replica_pod,
     build_service,
@@ -27,11 +28,15 @@ PLACED = Placed(
     reason="most free GPUs",
 )
 IMAGE = "vllm/vllm-openai:v0.11.0"
+# As the operator's settings default them.
+DEFAULTS = PodDefaults(
+    image=IMAGE, shared_runtime_class_name="nvidia", cpu_request="1", memory_request="4Gi"
+)
 
 
 def build(**spec: Any) -> dict[str, Any]:
     md = make_md(**spec)
-    return build_replica_pod(md, 2, PLACED, default_image=IMAGE, template_hash="h1")
+    return build_replica_pod(md, 2, PLACED, defaults=DEFAULTS, template_hash="h1")
 
 
 def container(pod: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +90,7 @@ def test_annotations_carry_placement() -> None:
 def test_discovery_run_has_empty_footprint() -> None:
     md = make_md()
     placed = Placed("n", ("n:0",), ("GPU-0",), 81559, None, "discovery")
-    pod = build_replica_pod(md, 1, placed, default_image=IMAGE, template_hash="h")
+    pod = build_replica_pod(md, 1, placed, defaults=DEFAULTS, template_hash="h")
     assert pod["metadata"]["annotations"][L.ANN_FOOTPRINT_MIB] == ""
 
 
@@ -96,7 +101,6 @@ def test_discovery_run_has_empty_footprint() -> None:
             "exclusive, defaults",
             {"gpu": {"count": 2}},
             [
-                "--model",
                 "google/gemma-3-4b-it",
                 "--served-model-name",
                 "gemma",
@@ -112,7 +116,6 @@ def test_discovery_run_has_empty_footprint() -> None:
             "shared sets memory utilization from the footprint",
             {"gpu": {"count": 2, "memory": "20Gi", "sharing": "Shared"}},
             [
-                "--model",
                 "google/gemma-3-4b-it",
                 "--served-model-name",
                 "gemma",
@@ -134,7 +137,6 @@ def test_discovery_run_has_empty_footprint() -> None:
                 "gpu": {"count": 2},
             },
             [
-                "--model",
                 "google/gemma-3-4b-it",
                 "--served-model-name",
                 "g3",
@@ -294,10 +296,84 @@ def test_pod_settings_for_real_clusters() -> None:
     assert not {"runtimeClassName", "imagePullSecrets", "serviceAccountName"} & set(default["spec"])
 
 
+@pytest.mark.parametrize(
+    ("case", "resources", "requests"),
+    [
+        ("none: the defaults", {}, {"cpu": "1", "memory": "4Gi", "nvidia.com/gpu": "1"}),
+        (
+            "a request of its own stays; the other is defaulted",
+            {"requests": {"cpu": "8"}},
+            {"cpu": "8", "memory": "4Gi", "nvidia.com/gpu": "1"},
+        ),
+        (
+            "a limit alone is the request: no default beside it",
+            {"limits": {"memory": "64Gi"}},
+            {"cpu": "1", "nvidia.com/gpu": "1"},
+        ),
+    ],
+)
+def test_cpu_and_memory_requests_default_so_replicas_are_not_best_effort(
+    case: str, resources: dict[str, Any], requests: dict[str, str]
+) -> None:
+    pod = build(engine={"resources": resources})
+    assert container(pod)["resources"]["requests"] == requests, case
+
+
+def test_without_default_requests_only_the_gpus_are_requested() -> None:
+    md = make_md()
+    pod = build_replica_pod(md, 1, PLACED, defaults=PodDefaults(image=IMAGE), template_hash="h")
+    assert container(pod)["resources"]["requests"] == {"nvidia.com/gpu": "1"}
+
+
+def test_the_platform_may_choose_the_uid() -> None:
+    # OpenShift's restricted SCC assigns a uid from the namespace's range and refuses a fixed one.
+    md = make_md()
+    defaults = PodDefaults(image=IMAGE, run_as_user=None)
+    context = build_replica_pod(md, 1, PLACED, defaults=defaults, template_hash="h")["spec"][
+        "securityContext"
+    ]
+    assert context == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    fixed = build()["spec"]["securityContext"]
+    assert (fixed["runAsUser"], fixed["runAsGroup"], fixed["fsGroup"]) == (1000, 1000, 1000)
+
+
+def test_shared_replicas_run_under_the_runtime_that_reads_visible_devices() -> None:
+    shared = {"sharing": "Shared", "memory": "20Gi"}
+    assert build(gpu=shared)["spec"]["runtimeClassName"] == "nvidia"
+    # The spec's own choice wins; Exclusive replicas get the device plugin's GPUs, no class.
+    own = build(gpu=shared, engine={"runtimeClassName": "nvidia-cdi"})
+    assert own["spec"]["runtimeClassName"] == "nvidia-cdi"
+    assert "runtimeClassName" not in build(gpu={"count": 1})["spec"]
+
+
+def test_extra_volumes_are_mounted_beside_the_replicas_own() -> None:
+    pod = build(
+        engine={
+            "volumes": [
+                {"name": "adapters", "persistentVolumeClaim": {"claimName": "lora"}},
+                {"name": "templates", "configMap": {"name": "chat-templates"}},
+            ],
+            "volumeMounts": [
+                {"name": "adapters", "mountPath": "/adapters", "readOnly": True},
+                {"name": "templates", "mountPath": "/templates"},
+            ],
+        }
+    )
+    volumes = pod["spec"]["volumes"]
+    assert [v["name"] for v in volumes] == ["shm", "cache", "tmp", "adapters", "templates"]
+    assert volumes[3] == {"name": "adapters", "persistentVolumeClaim": {"claimName": "lora"}}
+    assert volumes[4] == {"name": "templates", "configMap": {"name": "chat-templates"}}
+    assert container(pod)["volumeMounts"][3:] == [
+        {"name": "adapters", "mountPath": "/adapters", "readOnly": True},
+        {"name": "templates", "mountPath": "/templates"},
+    ]
+
+
 def test_new_engine_fields_left_unset_keep_the_template_hash() -> None:
     # An operator upgrade must not roll replicas whose spec did not change.
     plain = compute_template_hash(make_md(), IMAGE)
     assert compute_template_hash(make_md(engine={"imagePullSecrets": []}), IMAGE) == plain
+    assert compute_template_hash(make_md(engine={"volumes": []}), IMAGE) == plain
     assert compute_template_hash(make_md(engine={"runtimeClassName": "nvidia"}), IMAGE) != plain
 
 

@@ -14,10 +14,12 @@ from modelfleet.controller.decisions import Evict, Placed, PlacementRequest, Unp
 from modelfleet.controller.inputs import (
     build_placer,
     compute_agent_missing_since,
+    compute_gpu_nodes_without_agent,
     compute_gpu_used_mib,
     compute_missing_agent_grace_s,
     compute_node_health,
 )
+from modelfleet.controller.observed import NodeFacts
 from modelfleet.controller.plan import compute_failure
 
 
@@ -230,3 +232,24 @@ def test_agent_not_ready_node_takes_no_replica_and_loses_none() -> None:
     assert first.gpu_ids == ("b:0",)
     second = placer(request(n=2))
     assert isinstance(second, Unplaceable)
+
+
+def test_gpu_nodes_without_an_agent_are_named_after_the_grace() -> None:
+    def node(name: str, gpus: int | None) -> NodeFacts:
+        return NodeFacts(name=name, ready=True, gpu_allocatable=gpus)
+
+    nodes = {
+        "gke-gpu-1": node("gke-gpu-1", 8),  # the device plugin runs, no agent: named
+        "gke-gpu-2": node("gke-gpu-2", 8),  # missing for less than the grace
+        "cpu-1": node("cpu-1", None),  # no GPUs: an agent is not expected
+        "drained": node("drained", 0),  # every device unhealthy: nothing to place on anyway
+        "gpu-ok": node("gpu-ok", 4),  # has an agent: not in missing_since
+    }
+    since = {
+        "gke-gpu-1": T0 - timedelta(seconds=60),
+        "gke-gpu-2": T0 - timedelta(seconds=10),
+        "cpu-1": T0 - timedelta(seconds=600),
+        "drained": T0 - timedelta(seconds=600),
+    }
+    assert compute_gpu_nodes_without_agent(nodes, since, T0, 30.0) == ("gke-gpu-1",)
+    assert compute_gpu_nodes_without_agent(nodes, since, T0, 5.0) == ("gke-gpu-1", "gke-gpu-2")

@@ -77,6 +77,24 @@ def test_no_capacity_is_actionable() -> None:
     assert any("free H100" in c.message for c in st.conditions)
 
 
+def test_no_capacity_names_the_gpu_nodes_placement_cannot_see() -> None:
+    placer = FreeGpus([], otherwise=lambda r: Unplaceable("no node has a free GPU", "NoCapacity"))
+    md = make_md(replicas=1)
+    unseen = ("gke-gpu-1", "gke-gpu-2")
+    plan = plan_and_place(md, [], nodes("node-a"), placer, NOW, unseen_nodes=unseen)
+    st = compute_status(md, [], plan, NOW)
+    (message,) = {c.message for c in st.conditions if c.reason == "NoCapacity"}
+    assert message.startswith("no node has a free GPU; 2 GPU nodes without a node-stats agent")
+    assert "placement cannot use: gke-gpu-1, gke-gpu-2 (check the agent DaemonSet" in message
+    (event,) = [e for e in plan.events if e.reason == "NoCapacity"]
+    assert "gke-gpu-2" in event.message
+    many = tuple(f"n{i}" for i in range(8))
+    plan = plan_and_place(md, [], nodes("node-a"), placer, NOW, unseen_nodes=many)
+    assert plan.blocker is not None
+    assert "8 GPU nodes" in plan.blocker.message
+    assert "n0, n1, n2, n3, n4 and 3 more" in plan.blocker.message
+
+
 def test_node_lost() -> None:
     st = status_for(
         make_md(replicas=2),

@@ -262,6 +262,7 @@ def hostile_status() -> dict[str, Any]:
             }
         ],
         "balance": {"memoryUsedFractionByNode": {}, "memoryUsedCv": 0, "memoryUsedSpread": 0},
+        "gpuNodesWithoutAgent": ["gpu-node-2", f"gpu-node-3{ESC}"],
     }
 
 
@@ -289,6 +290,10 @@ async def test_status_prints_no_terminal_escapes_from_the_operator() -> None:
         assert no_control_characters(out), out
         assert "gpu-node\\x1b]0;owned\\x07\\x1b[2J\\x9b31m" in out  # shown, defused
         assert "cannot connect\\x1b]0;owned\\x07\\x1b[2J  \\x9b31m" in out  # one line per reason
+        # GPU nodes no agent reports: placement cannot use them, and the table says so.
+        assert (
+            "NO AGENT  2 GPU node(s) that placement cannot use: gpu-node-2, gpu-node-3\\x1b" in out
+        )
         rc, out, err = await modelfleet("status", "--operator", base, "--json")
         assert rc == 1, err
         assert no_control_characters(out), out
