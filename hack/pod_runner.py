@@ -285,6 +285,24 @@ class RunnerOptions:
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
 
+# The replica's volumes that its environment points into (HF_HOME=/cache/huggingface, ...): a
+# program run here has no mounts, so each pod gets a directory of its own in their place, as an
+# emptyDir would be.
+POD_VOLUME_PATHS = ("/cache",)
+
+
+def map_volume_paths(env: Mapping[str, str], root: Path) -> dict[str, str]:
+    """`env` with values under the pod's volume paths moved under `root` (never the host's)."""
+    out = {}
+    for name, value in env.items():
+        for mount in POD_VOLUME_PATHS:
+            if value == mount or value.startswith(mount + "/"):
+                value = str(root / mount.lstrip("/")) + value[len(mount) :]
+                break
+        out[name] = value
+    return out
+
+
 def _open_log(path: Path) -> IO[bytes]:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.open("ab")
@@ -394,8 +412,10 @@ class Supervisor:
     async def _start(self) -> tuple[asyncio.subprocess.Process, str]:
         launch = self.launch
         logfile = _open_log(self.options.log_dir / f"{launch.namespace}_{launch.name}.log")
+        volumes = self.options.log_dir / "volumes" / f"{launch.namespace}_{launch.name}"
         try:
-            env = {**os.environ, **self.options.extra_env, **dict(launch.env)}
+            pod_env = map_volume_paths(dict(launch.env), volumes)
+            env = {**os.environ, **self.options.extra_env, **pod_env}
             argv = [*self.options.command, *launch.argv]
             log.info("%s: starting %s", launch.pod_ref, shlex.join(argv))
             proc = await asyncio.create_subprocess_exec(

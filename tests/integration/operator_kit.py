@@ -197,6 +197,9 @@ class Operators:
             "MODELFLEET_RECHECK_INTERVAL_S": "10",
             # The simulated and fake-driver nodes honour NVIDIA_VISIBLE_DEVICES: Shared works.
             "MODELFLEET_SHARED_MODE": "true",
+            # The real test nodes have this machine's 2 CPUs, shared by every replica there: the
+            # default 1 CPU per replica would leave room for one replica per node.
+            "MODELFLEET_REPLICA_CPU_REQUEST": "100m",
             "MODELFLEET_LEASE_DURATION_S": "4",
             "MODELFLEET_LEASE_RENEW_INTERVAL_S": "1",
             "MODELFLEET_BREAKER_FAILURE_THRESHOLD": "2",

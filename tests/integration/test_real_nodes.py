@@ -425,6 +425,8 @@ async def test_a_replica_runs_on_gpu_tainted_nodes_with_a_token_secret_and_a_nod
     the Secret is there it runs, with the node-local cache directory the kubelet created."""
     operators.start()
     cache = f"/var/lib/model-cache/{namespace}"
+    # Made writable for the replicas' uid by whoever prepares the node, as the docs say.
+    writable_cache_dir(real_nodes, "real-1", cache)
     engine = {
         "image": real_nodes.vllm_sim_image,
         "huggingFaceToken": {"secretName": "hf", "key": "token"},
@@ -446,7 +448,108 @@ async def test_a_replica_runs_on_gpu_tainted_nodes_with_a_token_secret_and_a_nod
     (pod,) = await replica_pods(kube, namespace, "gated")
     assert pod["spec"]["nodeName"] == "real-1"
     assert {"key": "nvidia.com/gpu", "operator": "Exists"} in pod["spec"]["tolerations"]
-    assert real_nodes.in_node("real-1", cache).is_dir()
+    # The weights went into the node's directory, through the cache volume.
+    assert downloaded_by(real_nodes, "real-1", cache, "org/gated") == "gated-instance-1"
+
+
+def writable_cache_dir(real_nodes: RealNodes, node: str, path: str) -> None:
+    """`path` on `node`, owned by the replicas' uid (1000), as a node image or an admin makes it."""
+    where = real_nodes.in_node(node, path)
+    where.mkdir(parents=True, exist_ok=True)
+    os.chown(where, 1000, 1000)
+
+
+def downloaded_by(real_nodes: RealNodes, node: str, cache: str, model: str) -> str | None:
+    """Which replica wrote `model`'s weights into `cache` on `node` (the stand-in's marker)."""
+    snapshot = f"{cache}/huggingface/hub/models--{model.replace('/', '--')}/snapshots/sim"
+    marker = real_nodes.in_node(node, snapshot) / "config.json"
+    if not marker.is_file():
+        return None
+    return str(json.loads(marker.read_text())["downloaded_by"])
+
+
+async def test_a_node_cache_the_replica_cannot_write_is_reported_until_it_can(
+    kube: KubeClient,
+    namespace: str,
+    real_nodes: RealNodes,
+    agents: dict[str, str],
+    operators: Operators,
+) -> None:
+    """The kubelet creates a missing hostPath directory owned by root, mode 0755: vLLM, running
+    as uid 1000, cannot download into it and exits. Status quotes the PermissionError; once the
+    directory is the replica's, the next restart runs."""
+    operators.start()
+    cache = f"/var/lib/model-cache/{namespace}-ro"
+    engine = {"image": real_nodes.vllm_sim_image, "cache": {"hostPath": cache}}
+    on_real_1 = {"nodeSelector": {**REAL_NODE_SELECTOR, "kubernetes.io/hostname": "real-1"}}
+    await kube.create(
+        md_path(namespace), md("locked", gpu={"count": 1}, placement=on_real_1, engine=engine)
+    )
+    message = await condition_saying(
+        kube, namespace, "locked", "PermissionError", "Permission denied", within_s=120
+    )
+    assert "/cache/huggingface" in message, message
+    assert real_nodes.in_node("real-1", cache).stat().st_uid == 0
+
+    writable_cache_dir(real_nodes, "real-1", cache)
+    await wait_ready(kube, namespace, "locked", 1, deadline_s=180)
+    assert downloaded_by(real_nodes, "real-1", cache, "org/locked") == "locked-instance-1"
+
+
+async def test_every_replica_mounts_the_models_cache_claim(
+    kube: KubeClient,
+    namespace: str,
+    real_nodes: RealNodes,
+    agents: dict[str, str],
+    operators: Operators,
+) -> None:
+    """spec.engine.cache.persistentVolumeClaim: every replica mounts the claim at /cache and
+    downloads through it. The PersistentVolume is a hostPath one bound to the claim up front
+    (no provisioner here); on a real cluster it would be ReadWriteMany storage."""
+    path = f"/var/lib/model-cache-pv/{namespace}"
+    for node in ("real-0", "real-1"):
+        writable_cache_dir(real_nodes, node, path)
+    claim = {
+        "metadata": {"name": "weights"},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "volumeName": f"{namespace}-weights",
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }
+    volume = {
+        "metadata": {"name": f"{namespace}-weights"},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "capacity": {"storage": "1Gi"},
+            "storageClassName": "",
+            "persistentVolumeReclaimPolicy": "Delete",
+            "hostPath": {"path": path, "type": "Directory"},
+            "claimRef": {"namespace": namespace, "name": "weights"},
+        },
+    }
+    await kube.create("/api/v1/persistentvolumes", volume)
+    try:
+        await kube.create(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims", claim)
+        operators.start()
+        engine = {"image": real_nodes.vllm_sim_image, "cache": {"persistentVolumeClaim": "weights"}}
+        placement = {"nodeSelector": REAL_NODE_SELECTOR, "spread": True}
+        await kube.create(
+            md_path(namespace),
+            md("shared", replicas=2, gpu={"count": 1}, placement=placement, engine=engine),
+        )
+        await wait_ready(kube, namespace, "shared", 2, deadline_s=180)
+        pods = await replica_pods(kube, namespace, "shared")
+        for pod in pods:
+            (cache,) = [v for v in pod["spec"]["volumes"] if v["name"] == "cache"]
+            assert cache == {"name": "cache", "persistentVolumeClaim": {"claimName": "weights"}}
+            writer = downloaded_by(real_nodes, pod["spec"]["nodeName"], path, "org/shared")
+            assert writer in ("shared-instance-1", "shared-instance-2"), pod["spec"]["nodeName"]
+        bound = await kube.get(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/weights")
+        assert bound["status"]["phase"] == "Bound"
+    finally:
+        await kube.delete(f"/api/v1/persistentvolumes/{namespace}-weights")
 
 
 async def test_a_gated_model_without_a_token_crash_loops_and_status_says_why(

@@ -200,3 +200,16 @@ privileged containers only. */ -}}
 {{- end -}}
 {{- toYaml $p -}}
 {{- end -}}
+
+{{/*
+The RuntimeClass of Shared replicas that name none: operator.sharedRuntimeClassName when set
+(even ""), else the GPU Operator's `nvidia` on that platform and none elsewhere.
+*/}}
+{{- define "modelfleet.sharedRuntimeClassName" -}}
+{{- $value := .Values.operator.sharedRuntimeClassName -}}
+{{- if kindIs "string" $value -}}
+{{- $value -}}
+{{- else if eq .Values.agent.platform "gpu-operator" -}}
+nvidia
+{{- end -}}
+{{- end }}

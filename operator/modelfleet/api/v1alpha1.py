@@ -411,9 +411,10 @@ class CacheSpec(_Model):
     host_path: Annotated[str, StringConstraints(max_length=4096, pattern=r"^/.*")] | None = Field(
         None,
         description=(
-            "A directory on the node (created if missing), shared by every replica there: a "
-            "second replica or a restart on the node does not download again. Needs a namespace "
-            "whose Pod Security level allows hostPath volumes."
+            "A directory on the node, shared by every replica there: a second replica or a "
+            "restart on the node does not download again. It must be writable by the replicas' "
+            "uid (1000 by default): one the kubelet creates is root's, and vLLM then fails to "
+            "download. Needs a namespace whose Pod Security level allows hostPath volumes."
         ),
     )
     size_limit: PositiveQuantity | None = Field(

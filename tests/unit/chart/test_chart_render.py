@@ -864,3 +864,46 @@ def test_rendered_yaml_has_no_duplicate_keys(render_text: Any) -> None:
     for name in VALUE_SETS:
         list(yaml.load_all(render_text(VALUE_SETS[name]), Loader=Strict))
     assert ROOT.is_dir()
+
+
+@pytest.mark.parametrize(
+    ("case", "values", "expected"),
+    [
+        ("GPU Operator: its RuntimeClass", {}, "nvidia"),
+        ("GKE: no NVIDIA runtime at all", {"agent": {"platform": "gke"}}, ""),
+        ("NVIDIA's runtime is the default", {"agent": {"platform": "none"}}, ""),
+        ("set: wins", {"operator": {"sharedRuntimeClassName": "nvidia-legacy"}}, "nvidia-legacy"),
+        ("empty: never one", {"operator": {"sharedRuntimeClassName": ""}}, ""),
+    ],
+)
+def test_shared_replicas_runtime_class_follows_the_platform(
+    render: Render, case: str, values: dict[str, Any], expected: str
+) -> None:
+    operator = one(render(values), "Deployment", "operator")
+    env = env_of(pod_spec(operator)["containers"][0])
+    assert env["MODELFLEET_SHARED_RUNTIME_CLASS_NAME"] == expected, case
+
+
+def test_replica_uid_and_requests_may_be_left_to_the_platform(render: Render) -> None:
+    default = env_of(pod_spec(one(render(), "Deployment", "operator"))["containers"][0])
+    assert default["MODELFLEET_REPLICA_RUN_AS_USER"] == "1000"
+    assert default["MODELFLEET_REPLICA_CPU_REQUEST"] == "1"
+    assert default["MODELFLEET_REPLICA_MEMORY_REQUEST"] == "4Gi"
+    # docs/install.md, OpenShift: every uid left to the SCC.
+    unset = {"runAsUser": None, "runAsGroup": None, "fsGroup": None}
+    openshift = {
+        "operator": {
+            "replicaRunAsUser": None,
+            "replicaRequests": {"cpu": "4"},
+            "podSecurityContext": unset,
+        },
+        "gateway": {"podSecurityContext": unset},
+        "agent": {"podSecurityContext": unset},
+    }
+    objects = render(openshift)
+    env = env_of(pod_spec(one(objects, "Deployment", "operator"))["containers"][0])
+    assert env["MODELFLEET_REPLICA_RUN_AS_USER"] == ""
+    assert env["MODELFLEET_REPLICA_CPU_REQUEST"] == "4"
+    for kind, name in (("Deployment", "operator"), ("Deployment", "gateway"), ("DaemonSet", "")):
+        context = pod_spec(one(objects, kind, name))["securityContext"]
+        assert not {k: v for k, v in context.items() if k in unset and v is not None}, name

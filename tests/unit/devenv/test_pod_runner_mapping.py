@@ -19,6 +19,7 @@ from pod_runner import (
     build_launch,
     build_status_patch,
     desired_launches,
+    map_volume_paths,
     restart_count,
 )
 
@@ -123,6 +124,21 @@ def test_replica_launch_keeps_literal_env_and_resolves_the_named_probe_port() ->
     assert launch.env == (("MODELFLEET_SIM_STARTUP_DELAY_S", "2"),)
     assert launch.probe == Probe(path="/health", port=8000, period_s=5.0, failure_threshold=3)
     assert (launch.kind, launch.container, launch.host) == ("replica", "vllm", "127.9.1.3")
+
+
+def test_a_replicas_cache_paths_land_in_a_directory_of_its_own(tmp_path: Any) -> None:
+    env = {
+        "HF_HOME": "/cache/huggingface",
+        "HOME": "/cache",
+        "CACHEDIR": "/cachedir",  # not under /cache: left alone
+        "TOKEN": "t",
+    }
+    assert map_volume_paths(env, tmp_path) == {
+        "HF_HOME": f"{tmp_path}/cache/huggingface",
+        "HOME": f"{tmp_path}/cache",
+        "CACHEDIR": "/cachedir",
+        "TOKEN": "t",
+    }
 
 
 @pytest.mark.parametrize(

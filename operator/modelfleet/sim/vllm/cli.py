@@ -20,6 +20,7 @@ from modelfleet.sim.vllm.gpumemory import (
     hold_gpu_memory,
 )
 from modelfleet.sim.vllm.server import start_sim
+from modelfleet.sim.vllm.weights import fetch_weights
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,13 @@ def run(args: argparse.Namespace) -> int:
     refusal = check_start(config.model, settings.gated_models, env)
     if refusal:
         log.error("cannot start: %s", refusal)
+        return 1
+    try:
+        log.info(
+            "weights of %s: %s", config.model, fetch_weights(config.model, env, config.instance)
+        )
+    except OSError as exc:
+        log.error("cannot start: %s: %s", type(exc).__name__, exc)
         return 1
     try:
         hold = build_memory_hold(config, env)
