@@ -460,12 +460,13 @@ def writable_cache_dir(real_nodes: RealNodes, node: str, path: str) -> None:
 
 
 def downloaded_by(real_nodes: RealNodes, node: str, cache: str, model: str) -> str | None:
-    """Which replica wrote `model`'s weights into `cache` on `node` (the stand-in's marker)."""
+    """Which replica Pod wrote `model`'s weights into `cache` on `node` (the stand-in's marker
+    holds its host name, which in a Pod is the Pod's name)."""
     snapshot = f"{cache}/huggingface/hub/models--{model.replace('/', '--')}/snapshots/sim"
     marker = real_nodes.in_node(node, snapshot) / "config.json"
     if not marker.is_file():
         return None
-    return str(json.loads(marker.read_text())["downloaded_by"])
+    return str(json.loads(marker.read_text())["host"])
 
 
 async def test_a_node_cache_the_replica_cannot_write_is_reported_until_it_can(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,10 @@ def test_downloaded_once_then_found_in_the_cache(tmp_path: Path) -> None:
     cached = model_cache_dir(env["HF_HOME"], "google/gemma-3-4b-it")
     assert cached == tmp_path / "hf" / "hub" / "models--google--gemma-3-4b-it"
     marker = cached / "snapshots" / "sim" / "config.json"
-    assert "gemma-instance-1" in marker.read_text()
+    assert json.loads(marker.read_text()) == {
+        "host": socket.gethostname(),
+        "instance": "gemma-instance-1",
+    }
     # A second replica on the same cache (a PVC, a node path) does not download again.
     assert fetch_weights("google/gemma-3-4b-it", env, "gemma-instance-2").startswith("found")
     assert "gemma-instance-1" in marker.read_text()
@@ -31,5 +36,5 @@ def test_a_cache_that_cannot_be_written_fails_the_start(tmp_path: Path) -> None:
     # A file where the cache directory should be: the download raises, as it does for a
     # volume the replica's uid may not write (root passes permission checks, so not chmod).
     (tmp_path / "hf").write_text("")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="hf"):
         fetch_weights("org/m", {"HF_HOME": str(tmp_path / "hf")}, "m-instance-1")

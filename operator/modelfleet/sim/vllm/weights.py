@@ -9,7 +9,9 @@ HF_HOME (a stand-in started by hand or by a test) nothing is written.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,6 +37,7 @@ def fetch_weights(model: str, env: Mapping[str, str], instance: str) -> str:
     # Written whole under a temporary name, then renamed: two replicas sharing the cache never
     # read half a file.
     partial = snapshot / f".config.json.{os.getpid()}.incomplete"
-    partial.write_text(f'{{"downloaded_by": "{instance}"}}\n')
+    # The host name: in a Pod, its name (the test tells the replicas apart by it).
+    partial.write_text(json.dumps({"host": socket.gethostname(), "instance": instance}) + "\n")
     partial.replace(marker)
     return f"downloaded into {snapshot}"
