@@ -61,6 +61,7 @@ _QUOTED = r'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\x09\x20-\x7e\x80-\xff])*"'
 _MEDIA_TYPE: Final = re.compile(
     rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))*[ \t]*"
 )
+_MEDIA_TYPES_SEEN: set[str] = set()  # Content-Types that matched, so each is matched once
 
 
 class UpstreamError(Exception):
@@ -116,6 +117,7 @@ class _Conn(asyncio.Protocol):
 
     __slots__ = (
         "_direct",
+        "_fields",
         "_framing",
         "_got_body",
         "_head_timeout",
@@ -123,7 +125,6 @@ class _Conn(asyncio.Protocol):
         "_interim",
         "_left",
         "_loop",
-        "_raw_headers",
         "_read_timeout",
         "_timer",
         "_trailer_bytes",
@@ -168,7 +169,7 @@ class _Conn(asyncio.Protocol):
         self.collect = False  # read() wants the whole body: never pause for it
         self.status = 0
         self.headers: dict[str, str] = {}
-        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._fields: dict[str, str] = {}  # the head being parsed
         self.content_length: int | None = None
         self.chunked = False
         self.keep_alive = True
@@ -289,7 +290,7 @@ class _Conn(asyncio.Protocol):
         if self.state == _DONE:
             raise _Extra
         self.messages += 1
-        self._raw_headers = []
+        self._fields = {}
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.state == _HEAD:
@@ -297,7 +298,11 @@ class _Conn(asyncio.Protocol):
             self._header_bytes += len(name) + len(value) + 4
             if self._header_bytes > _MAX_HEAD:
                 raise _Framing(f"response head over {_MAX_HEAD} bytes")
-            self._raw_headers.append((name, value))
+            key = name.lower().decode("latin-1")
+            fields = self._fields
+            seen = fields.get(key)
+            text = value.decode("latin-1")
+            fields[key] = text if seen is None else f"{seen}, {text}"
             return
         # A trailer: dropped, but counted (data_received counts the lines that span reads).
         self._trailer_bytes += len(name) + len(value) + 4
@@ -310,25 +315,19 @@ class _Conn(asyncio.Protocol):
         status = parser.get_status_code()
         if not 100 <= status <= 599:
             raise _Framing(f"status {status:03d} is outside 100-599")
-        if parser.get_http_version() not in ("1.1", "1.0"):
-            raise _Framing("not an HTTP/1.0 or HTTP/1.1 answer")
         if status < 200:
             if status == 101:
                 raise _Framing("101 Switching Protocols, which this request did not ask for")
             self._interim = True  # 100 Continue and the like: the answer follows
             return
         self._check_protocol()
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in self._raw_headers:
-            name = raw_name.lower().decode("latin-1")
-            value = raw_value.decode("latin-1")
-            seen = headers.get(name)
-            headers[name] = value if seen is None else f"{seen}, {value}"
+        headers = self._fields
         content_type = headers.get("content-type")
-        if content_type is not None and (
-            len(content_type) > _MAX_CONTENT_TYPE or not _MEDIA_TYPE.fullmatch(content_type)
-        ):
-            raise _Framing("Content-Type is not a media type")
+        if content_type is not None and content_type not in _MEDIA_TYPES_SEEN:
+            if len(content_type) > _MAX_CONTENT_TYPE or not _MEDIA_TYPE.fullmatch(content_type):
+                raise _Framing("Content-Type is not a media type")
+            if len(_MEDIA_TYPES_SEEN) < 64:  # replicas send a handful; no more is kept
+                _MEDIA_TYPES_SEEN.add(content_type)
         encoding = headers.get("transfer-encoding")
         if status == 204 or status == 304:
             self.content_length = self._left = 0
@@ -350,9 +349,10 @@ class _Conn(asyncio.Protocol):
         self._wake()  # the head is here
 
     def _check_protocol(self) -> None:
-        """Every head (interim ones included) starts with HTTP/1.; llhttp also takes RTSP, ICE.
+        """Every head (interim ones included) starts with HTTP/1.
 
-        llhttp refuses CR and LF inside a head, so CRLF CRLF ends each of them.
+        llhttp also takes RTSP/1.0, ICE/1.0, HTTP/0.9 and HTTP/2.0 status lines (and no other
+        versions). It refuses CR and LF inside a head, so CRLF CRLF ends each of them.
         """
         parts = self.head_parts
         if self.messages == 1 and len(parts[0]) >= 7:
@@ -482,7 +482,7 @@ class _Conn(asyncio.Protocol):
         self.body_bytes = 0
         self.collect = False
         self.head_bytes = self._header_bytes = 0
-        self.head_parts = []
+        self.head_parts.clear()
         self.messages = 0
         self._interim = False
         self._direct = False
