@@ -122,6 +122,7 @@ class _Conn(asyncio.Protocol):
         "_got_body",
         "_head_timeout",
         "_header_bytes",
+        "_in_head",
         "_interim",
         "_left",
         "_loop",
@@ -178,6 +179,7 @@ class _Conn(asyncio.Protocol):
         self.head_parts: list[bytes] = []
         self.messages = 0
         self._interim = False
+        self._in_head = False  # a head has begun and is not whole yet
         self._direct = False  # body bytes bypass the parser (Content-Length or until close)
         self._framing = 0
         self._trailer_bytes = 0
@@ -269,7 +271,7 @@ class _Conn(asyncio.Protocol):
         if state == _HEAD:
             if self.head_bytes > _MAX_HEAD:
                 self._protocol_error(f"response head over {_MAX_HEAD} bytes")
-            elif self.head_bytes == n:  # the first piece of a head that is not whole
+            elif self._in_head and not self.head_deadline:  # a head began and is not whole
                 self._arm_head_deadline()
         elif state == _BODY_CHUNKED:
             if self._got_body:
@@ -291,6 +293,8 @@ class _Conn(asyncio.Protocol):
             raise _Extra
         self.messages += 1
         self._fields = {}
+        self._in_head = True
+        self.head_deadline = 0.0  # each head has the head timeout from its own first byte
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.state == _HEAD:
@@ -312,6 +316,7 @@ class _Conn(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         assert parser is not None
+        self._in_head = False
         status = parser.get_status_code()
         if not 100 <= status <= 599:
             raise _Framing(f"status {status:03d} is outside 100-599")
@@ -427,7 +432,7 @@ class _Conn(asyncio.Protocol):
         self._timer = self._loop.call_at(now + self._read_timeout, self._check_timer)
 
     def _arm_head_deadline(self) -> None:
-        """The head began and is not whole: it has head_timeout_s from here to be."""
+        """A head began and is not whole: it has head_timeout_s from its first read to be."""
         self.head_deadline = self.last_read + self._head_timeout
         if self.head_deadline < self.last_read + self._read_timeout:
             self._cancel_timer()
@@ -441,9 +446,10 @@ class _Conn(asyncio.Protocol):
         deadline = self.last_read + self._read_timeout
         if self.paused:  # we stopped reading for a slow client: the replica is not silent
             deadline = now + self._read_timeout
-        head_late = self.state == _HEAD and self.head_bytes > 0 and self.head_deadline <= now
+        in_head = self.state == _HEAD and self._in_head and self.head_deadline > 0
+        head_late = in_head and self.head_deadline <= now
         if deadline > now and not head_late:  # data came meanwhile: check again later
-            if self.state == _HEAD and self.head_bytes:
+            if in_head:
                 deadline = min(deadline, self.head_deadline)
             self._timer = self._loop.call_at(deadline, self._check_timer)
             return
@@ -484,7 +490,8 @@ class _Conn(asyncio.Protocol):
         self.head_bytes = self._header_bytes = 0
         self.head_parts.clear()
         self.messages = 0
-        self._interim = False
+        self._interim = self._in_head = False
+        self.head_deadline = 0.0
         self._direct = False
         self.parts.clear()
         if self.parser is None:

@@ -212,6 +212,19 @@ async def test_a_slow_first_byte_is_not_cut_by_the_head_deadline(raw, client) ->
     assert await fetch(client, server) == (200, b"{}")
 
 
+async def test_a_slow_final_head_after_an_interim_one_is_not_cut(raw, client) -> None:
+    # Each head has the head timeout from its own first byte, not from an earlier 100 Continue.
+    async def serve(request: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1.0)  # twice the head timeout
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        return True
+
+    server = await raw(serve)
+    assert await fetch(client, server) == (200, b"{}")
+
+
 async def test_endless_interim_answers_are_cut_off(raw, client) -> None:
     interim = b"HTTP/1.1 100 Continue\r\n\r\n" * 4000  # 100 KiB of 100 Continue
     server = await raw(answering(interim))
