@@ -160,6 +160,10 @@ $(PEERS_VENV)/.installed:
 bench-slowloris: $(STAMP) ## Gateway under slow clients: RSS held and freed, a normal client's latency
 	$(BIN)/python benchmarks/bench_slowloris.py $(BENCH_ARGS)
 
+.PHONY: bench-upstream-parse
+bench-upstream-parse: $(STAMP) ## Gateway upstream client: parse time per answer, an earlier revision's against this one
+	$(BIN)/python benchmarks/bench_upstream_parse.py $(BENCH_ARGS)
+
 .PHONY: bench-gateway
 bench-gateway: $(STAMP) $(PEERS_VENV)/.installed ## Gateway vs direct, LiteLLM and vllm-router; 5,000 streams
 	$(BIN)/python benchmarks/bench_gateway.py --peers-venv $(PEERS_VENV) $(BENCH_ARGS)

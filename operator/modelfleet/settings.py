@@ -385,13 +385,31 @@ class GatewaySettings(_Settings):
         5.0, gt=0, description="Timeout to connect to a replica, in seconds."
     )
     upstream_read_timeout_s: float = Field(
-        600.0, gt=0, description="Longest wait between two bytes from a replica, in seconds."
+        600.0,
+        gt=0,
+        description=(
+            "Longest wait between two bytes from a replica, in seconds; it also bounds the wait "
+            "for the first byte of the answer, which vLLM sends only once a non-streamed "
+            "completion is done."
+        ),
+    )
+    upstream_head_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Time a replica has to send its whole response head from the first byte of it, in "
+            "seconds (a replica writes it at once); then the client gets 504."
+        ),
     )
     retries: int = Field(
         2,
         ge=0,
         le=2,
-        description="Retries before the first byte (connect error, bodiless 502/503).",
+        description=(
+            "Retries on another replica of a request that cannot have reached a replica (no "
+            "connection) or that a replica declined (bodiless 502/503)."
+        ),
     )
     eject_after_failures: int = Field(
         3, ge=1, description="Consecutive failures after which a replica is skipped for a while."

@@ -69,9 +69,11 @@ def build_proxy_config(settings: GatewaySettings) -> ProxyConfig:
             max_s=settings.eject_max_s,
         ),
         # No total timeout: a stream may run for many minutes. The read timeout bounds a silent
-        # replica (the longest wait between two reads).
+        # replica (the longest wait between two reads, the first one included); the head
+        # timeout bounds a head that has begun, so a replica cannot drip it byte by byte.
         connect_timeout_s=settings.upstream_connect_timeout_s,
         read_timeout_s=settings.upstream_read_timeout_s,
+        head_timeout_s=settings.upstream_head_timeout_s,
     )
 
 
@@ -86,7 +88,9 @@ def build_client_limits(settings: GatewaySettings) -> ClientLimits:
 def build_upstream(config: ProxyConfig) -> UpstreamClient:
     """The one upstream client: kept-alive connections pooled per replica."""
     return UpstreamClient(
-        connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.read_timeout_s
+        connect_timeout_s=config.connect_timeout_s,
+        read_timeout_s=config.read_timeout_s,
+        head_timeout_s=config.head_timeout_s,
     )
 
 

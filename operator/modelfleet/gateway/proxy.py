@@ -75,6 +75,7 @@ class ProxyConfig:
     ejection: EjectionPolicy
     connect_timeout_s: float
     read_timeout_s: float
+    head_timeout_s: float
 
 
 def error_response(
@@ -103,6 +104,14 @@ class _Retry(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class _Failed(Exception):
+    """A try failed after the request may have reached the replica: not repeated anywhere."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
 
 
 class Proxy:
@@ -328,6 +337,9 @@ class Proxy:
             replica.requests += 1
             try:
                 upstream = await self._send(replica, path, tail, body, model)
+            except _Failed as exc:
+                replica.outstanding -= 1
+                return exc.response
             except _Retry as exc:
                 replica.outstanding -= 1
                 last_reason = exc.reason
@@ -355,7 +367,14 @@ class Proxy:
     async def _send(
         self, replica: Replica, path: str, tail: bytes, body: bytes, model: str
     ) -> UpstreamResponse:
-        """One try; raises _Retry for a failure before the first byte that may be retried."""
+        """One try; raises _Retry for a failure that may be retried, _Failed for one that may not.
+
+        A request is tried again only when it cannot have reached the replica (no connection,
+        see upstream.py) or the replica declined it with a bodiless 502/503. Once it may have
+        reached the replica (closed without an answer, no answer in time, a malformed head) it
+        may be running there, or may have crashed the replica: sending it on to the next one
+        could run it twice or crash that one too, so the client gets a 502 or 504 instead.
+        """
         head = replica.heads.get(path)
         if head is None:  # request line and Host, built once per replica and path
             head = replica.heads[path] = (
@@ -364,10 +383,11 @@ class Proxy:
         try:
             upstream = await self.upstream.post(replica.address, head + tail, body)
         except UpstreamError as exc:
-            # Refused, reset, closed without an answer, or no answer in time: nothing was sent
-            # back, so another replica may take the request.
             reason = exc.reason
             log.debug("try on replica %s failed: %s", replica.name, exc)
+            if exc.sent:
+                self._failed(replica, model, reason)
+                raise _Failed(self._no_answer(model, exc)) from None
         else:
             if upstream.status in (502, 503) and upstream.content_length == 0:
                 upstream.release()
@@ -380,6 +400,29 @@ class Proxy:
                 return upstream
         self._failed(replica, model, reason)
         raise _Retry(reason)
+
+    def _no_answer(self, model: str, exc: UpstreamError) -> web.Response:
+        """502 or 504 for a request a replica may have received but did not answer properly."""
+        # The replica's address stays in the log; the client learns what went wrong.
+        log.warning("a replica of model %s failed a request it may have received: %s", model, exc)
+        not_resent = "the request was not sent to another replica, since it may be running there"
+        if exc.reason == "timeout":
+            return error_response(
+                504,
+                f"a replica of model {model} did not answer in time; {not_resent}",
+                "server_error",
+                "upstream_timeout",
+            )
+        if exc.reason == "protocol":
+            what = f"sent a malformed answer ({exc.problem})"
+        else:
+            what = "closed the connection without an answer"
+        return error_response(
+            502,
+            f"a replica of model {model} {what}; {not_resent}",
+            "server_error",
+            "upstream_bad_answer",
+        )
 
     def _failed(self, replica: Replica, model: str, reason: str) -> None:
         self.metrics.upstream_errors.labels(model, reason).inc()
@@ -417,6 +460,7 @@ class Proxy:
             if sse:
                 headers["Cache-Control"] = "no-cache"
                 headers["X-Accel-Buffering"] = "no"  # no buffering in an nginx in front
+            upstream.check()  # an error in what came with the head: 502, not a 200 cut short
             response = web.StreamResponse(status=upstream.status, headers=headers)
             await response.prepare(request)
             async for chunk in upstream.iter_chunks():
@@ -430,9 +474,14 @@ class Proxy:
             self._failed(replica, model, "body")
             log.debug("replica %s broke off its answer: %s", replica.name, exc)
             if response is None:
+                what = (
+                    f"sent a malformed answer ({exc.problem})"
+                    if exc.malformed
+                    else "broke off its answer"
+                )
                 return error_response(
                     502,
-                    f"a replica of model {model} broke off its answer; retry later",
+                    f"a replica of model {model} {what}; retry later",
                     "server_error",
                     "upstream_broke_off",
                 )

@@ -3,13 +3,30 @@
 aiohttp's client spent about a third of the gateway's CPU per request building request objects,
 header multidicts and stream readers (benchmarks/RESULTS.md, Gateway). This client does only what
 the proxy needs: POST pre-built header bytes and a body over kept-alive connections pooled per
-replica, parse the status line and the few response headers the proxy reads, and hand the body
-over whole (Content-Length) or piece by piece as it arrives (chunked, or until the replica closes).
+replica, and hand the answer's body over whole (Content-Length) or piece by piece as it arrives
+(chunked, or until the replica closes).
 
-Failures before the response head raise `UpstreamError` with the reason the proxy counts
-(`connect`, `timeout`). A pooled connection that the replica closed while it sat idle (its
-keep-alive timeout) is detected when the request gets no answer at all, and the request is sent
-once more on a fresh connection: the replica cannot have started on it.
+Responses are parsed by llhttp (Node.js's HTTP parser, through httptools), which refuses
+malformed status lines, headers, chunk sizes and conflicting lengths. On top of it this module
+refuses what llhttp lets through: a status outside 100-599, a protocol other than HTTP/1.0 or
+1.1, a Transfer-Encoding other than `chunked`, a 101 that nobody asked for, a Content-Type that
+is not a media type, a head (interim answers included) over 64 KiB or not whole within the head
+timeout of its first byte, and over 64 KiB of chunk framing or trailers without a byte of body.
+Body bytes of a Content-Length answer after the segment that held its head go to the reader as
+they came off the socket, without passing through the parser.
+
+Failures before a usable response head raise `UpstreamError`: its `reason` is what the proxy
+counts (`connect`, `timeout`, `closed`, `protocol`) and `sent` says whether any byte of the
+request may have reached the replica. Failures after the head raise `UpstreamBodyError`.
+
+The resend rule. A request is written at most once per call of `UpstreamClient.post`. A pooled
+connection is checked before a byte is written to it: one the replica has closed (its
+keep-alive timeout: vLLM closes idle connections after 5 s) or that received bytes while idle is
+dropped and another one used, so the request still goes out exactly once. Once any byte is
+written, a close, reset or silence is reported with `sent=True` and never sent again by this
+client: the replica may have read the request and started on it (or crashed on it). To keep the
+stale-connection race small, a connection idle for `keepalive_s` (4 s, under vLLM's 5 s) is not
+reused.
 """
 
 from __future__ import annotations
@@ -17,61 +34,119 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import re
 import socket
 from collections.abc import AsyncIterator
 from typing import Final, cast
 
+import httptools
+
 _IDLE_LIMIT: Final = 1024  # idle connections kept per replica; more are closed when released
 _PAUSE_BYTES: Final = 1 << 20  # stop reading a replica while this much waits for a slow client
 _RESUME_BYTES: Final = 1 << 18
-_MAX_HEAD: Final = 65536  # a longer response head is a protocol error
+_MAX_HEAD: Final = 65536  # the response head, interim (1xx) heads included
+_MAX_FRAMING: Final = 65536  # chunk size lines, extensions and trailers without body between
+_MAX_CONTENT_TYPE: Final = 256
 _SWEEP_S: Final = 5.0
+# Under vLLM's (uvicorn's) 5 s keep-alive timeout, so a pooled connection is not reused as the
+# replica closes it.
+KEEPALIVE_S: Final = 4.0
 
 _HEAD, _BODY_LENGTH, _BODY_CHUNKED, _BODY_EOF, _DONE = range(5)
-_CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _CHUNK_TRAILER = range(4)
+
+# RFC 9110 media type: type "/" subtype *( OWS ";" OWS parameter ), parameters token=token or
+# token=quoted-string.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\x09\x20-\x7e\x80-\xff])*"'
+_MEDIA_TYPE: Final = re.compile(
+    rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))*[ \t]*"
+)
+_MEDIA_TYPES_SEEN: set[str] = set()  # Content-Types that matched, so each is matched once
 
 
 class UpstreamError(Exception):
-    """No response head came back; `reason` is `connect` or `timeout`."""
+    """No usable response head.
 
-    def __init__(self, reason: str, detail: str) -> None:
+    `reason`: `connect` (no connection, or it broke before the request was written), `timeout`,
+    `closed` (closed without a whole head), `protocol` (the head broke HTTP/1.1).
+    `sent`: whether any byte of the request may have reached the replica; when False another
+    replica may take the request, when True it may already be running there.
+    """
+
+    def __init__(self, reason: str, detail: str, *, sent: bool, problem: str = "") -> None:
         super().__init__(detail)
         self.reason = reason
+        self.sent = sent
+        self.problem = problem  # what was wrong with the answer, without the replica's address
 
 
 class UpstreamBodyError(Exception):
-    """The replica broke off (or broke the protocol) after its response head."""
+    """The replica broke off (or broke the protocol) after its response head.
+
+    `malformed` is True when the body's framing was invalid rather than cut.
+    """
+
+    def __init__(self, detail: str, *, malformed: bool = False, problem: str = "") -> None:
+        super().__init__(detail)
+        self.malformed = malformed
+        self.problem = problem  # what was wrong with the answer, without the replica's address
 
 
-class _Stale(Exception):
-    """A pooled connection closed before any byte of the answer: safe to send again."""
+class _Framing(Exception):
+    """Raised inside a parser callback: the answer breaks a rule llhttp does not check."""
+
+
+class _Extra(Exception):
+    """Raised inside a parser callback: bytes after the end of the answer."""
+
+
+def _parser_problem(exc: Exception) -> str:
+    """What was wrong, from an httptools exception (ours when a callback refused)."""
+    cause = exc.__context__
+    if isinstance(cause, _Framing):
+        return str(cause)
+    if isinstance(exc, httptools.HttpParserUpgrade):
+        return "the replica switched protocols"
+    if cause is not None:  # a bug of ours in a callback: say so rather than hide it
+        return f"{type(cause).__name__} while parsing"
+    return str(exc) or type(exc).__name__
 
 
 class _Conn(asyncio.Protocol):
     """One connection to a replica: one request at a time, the response parsed as it arrives."""
 
     __slots__ = (
-        "_chunk_left",
-        "_chunk_state",
+        "_direct",
+        "_fields",
+        "_framing",
+        "_got_body",
+        "_head_timeout",
+        "_header_bytes",
+        "_in_head",
+        "_interim",
         "_left",
         "_loop",
         "_read_timeout",
         "_timer",
+        "_trailer_bytes",
         "body_bytes",
-        "buf",
         "chunked",
         "closed",
         "collect",
         "content_length",
         "error",
+        "head_bytes",
+        "head_deadline",
+        "head_parts",
         "headers",
         "idle_since",
         "keep_alive",
         "last_read",
+        "messages",
+        "parser",
         "parts",
         "paused",
         "pool",
-        "received",
         "state",
         "status",
         "transport",
@@ -82,11 +157,11 @@ class _Conn(asyncio.Protocol):
         self.pool = pool
         self._loop = pool.loop
         self._read_timeout = pool.read_timeout_s
+        self._head_timeout = pool.head_timeout_s
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.parser: httptools.HttpResponseParser | None = None
         self.state = _DONE
         self.closed = False
-        self.received = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.parts: collections.deque[bytes] = collections.deque()
@@ -95,12 +170,22 @@ class _Conn(asyncio.Protocol):
         self.collect = False  # read() wants the whole body: never pause for it
         self.status = 0
         self.headers: dict[str, str] = {}
+        self._fields: dict[str, str] = {}  # the head being parsed
         self.content_length: int | None = None
         self.chunked = False
         self.keep_alive = True
+        self.head_bytes = 0
+        self.head_deadline = 0.0
+        self.head_parts: list[bytes] = []
+        self.messages = 0
+        self._interim = False
+        self._in_head = False  # a head has begun and is not whole yet
+        self._direct = False  # body bytes bypass the parser (Content-Length or until close)
+        self._framing = 0
+        self._trailer_bytes = 0
+        self._header_bytes = 0
+        self._got_body = False
         self._left = 0
-        self._chunk_state = _CHUNK_SIZE
-        self._chunk_left = 0
         self._timer: asyncio.TimerHandle | None = None
         self.last_read = 0.0
         self.idle_since = 0.0
@@ -117,170 +202,184 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._cancel_timer()
-        if self.state == _BODY_EOF:
+        state = self.state
+        if state == _BODY_EOF:
             self.state = _DONE  # the body ran until the replica closed: that is its end
             self.keep_alive = False
-        elif self.state != _DONE:
-            if not self.received:
-                self._fail(_Stale())
-            elif not self.status:
-                self._fail(UpstreamError("connect", f"{self.pool.address} closed mid-head"))
+        elif state != _DONE:
+            address = self.pool.address
+            if not self.status:
+                what = "without an answer" if not self.head_bytes else "in the middle of its head"
+                self._fail(UpstreamError("closed", f"{address} closed {what}", sent=True))
             else:
-                self._fail(UpstreamBodyError(f"{self.pool.address} closed mid-answer"))
+                self._fail(UpstreamBodyError(f"{address} closed mid-answer"))
         self._wake()
 
     def eof_received(self) -> bool:
+        self.closed = True  # seen before connection_lost on asyncio's loop
         return False  # close our side too
 
     def data_received(self, data: bytes) -> None:
-        self.received = True
         self.last_read = self._loop.time()
         state = self.state
-        if state == _BODY_LENGTH and not self.buf:
-            # The common case after the head: body bytes, used as they are (no copy).
-            n = len(data)
-            if n <= self._left:
-                self._left -= n
-                self._push(data)
-                if self._left == 0:
-                    self._finish()
-                return
+        if self._direct and state != _DONE:
+            self._take_direct(data)
+            return
         if state == _DONE:
             # Bytes nobody asked for: the connection is out of step; never reuse it.
             self.keep_alive = False
             if self.transport is not None:
                 self.transport.close()
             return
-        self.buf += data
-        self._parse()
-
-    # ---- parsing ------------------------------------------------------------------------------
-
-    def _parse(self) -> None:
-        buf = self.buf
-        while buf:
-            state = self.state
-            if state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_HEAD:
-                        self._protocol_error("response head too long")
-                    return
-                head = bytes(buf[:end])
-                del buf[: end + 4]
-                if not self._parse_head(head):
-                    return
-            elif state == _BODY_LENGTH:
-                take = min(self._left, len(buf))
-                self._push(bytes(buf[:take]))
-                del buf[:take]
-                self._left -= take
-                if self._left == 0:
-                    self._finish()
-            elif state == _BODY_CHUNKED:
-                if not self._parse_chunked():
-                    return
-            elif state == _BODY_EOF:
-                self._push(bytes(buf))
-                buf.clear()
+        if state == _HEAD:
+            self.head_bytes += len(data)
+            self.head_parts.append(data)
+        self._got_body = False
+        parser = self.parser
+        assert parser is not None
+        try:
+            parser.feed_data(data)
+        except Exception as exc:
+            self.parser = None  # llhttp stays in its error state
+            if self.state == _DONE:
+                self.keep_alive = False  # the answer was whole; what followed was not
             else:
-                self.keep_alive = False
-                if self.transport is not None:
-                    self.transport.close()
-                buf.clear()
-                return
+                self._protocol_error(_parser_problem(exc))
+            return
+        self._check_limits(len(data))
 
-    def _parse_head(self, head: bytes) -> bool:
-        lines = head.split(b"\r\n")
-        line = lines[0]
-        if not line.startswith(b"HTTP/1.") or len(line) < 12 or not line[9:12].isdigit():
-            self._protocol_error("not an HTTP/1.x response")
-            return False
-        status = int(line[9:12])
-        if 100 <= status < 200:
-            return True  # an interim answer (100 Continue); the real one follows
-        headers: dict[str, str] = {}
-        for raw in lines[1:]:
-            name, sep, value = raw.partition(b":")
-            if not sep:
-                self._protocol_error("malformed response header")
-                return False
-            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-        self.status = status
-        self.headers = headers
-        connection = headers.get("connection", "").lower()
-        self.keep_alive = line[7:8] == b"1" and "close" not in connection
+    def _take_direct(self, data: bytes) -> None:
+        """Body bytes after the read that held the head, used as they are (no copy)."""
+        if self.state == _BODY_EOF:
+            self._push(data)
+            return
+        n = len(data)
+        if n < self._left:
+            self._left -= n
+            self._push(data)
+            return
+        if n > self._left:
+            self.keep_alive = False  # more bytes than the answer: out of step
+            data = data[: self._left]
+        self._left = 0
+        self._push(data)
+        self._finish()
+
+    def _check_limits(self, n: int) -> None:
+        """After llhttp took a read of n bytes: the limits it does not know."""
+        state = self.state
+        if state == _HEAD:
+            if self.head_bytes > _MAX_HEAD:
+                self._protocol_error(f"response head over {_MAX_HEAD} bytes")
+            elif self._in_head and not self.head_deadline:  # a head began and is not whole
+                self._arm_head_deadline()
+        elif state == _BODY_CHUNKED:
+            if self._got_body:
+                self._framing = 0
+            else:
+                self._framing += n
+                if self._framing > _MAX_FRAMING:
+                    self._protocol_error(
+                        f"over {_MAX_FRAMING} bytes of chunk framing or trailers without data"
+                    )
+        elif state in (_BODY_LENGTH, _BODY_EOF):
+            self._direct = True
+            self.parser = None  # left mid-answer: the next request gets a fresh one
+
+    # ---- parser callbacks (llhttp through httptools) -------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.state == _DONE:
+            raise _Extra
+        self.messages += 1
+        self._fields = {}
+        self._in_head = True
+        self.head_deadline = 0.0  # each head has the head timeout from its own first byte
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.state == _HEAD:
+            # Counted here too: a head that came whole in one read is not counted by pieces.
+            self._header_bytes += len(name) + len(value) + 4
+            if self._header_bytes > _MAX_HEAD:
+                raise _Framing(f"response head over {_MAX_HEAD} bytes")
+            key = name.lower().decode("latin-1")
+            fields = self._fields
+            seen = fields.get(key)
+            text = value.decode("latin-1")
+            fields[key] = text if seen is None else f"{seen}, {text}"
+            return
+        # A trailer: dropped, but counted (data_received counts the lines that span reads).
+        self._trailer_bytes += len(name) + len(value) + 4
+        if self._trailer_bytes > _MAX_FRAMING:
+            raise _Framing(f"trailers over {_MAX_FRAMING} bytes")
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        assert parser is not None
+        self._in_head = False
+        status = parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise _Framing(f"status {status:03d} is outside 100-599")
+        if status < 200:
+            if status == 101:
+                raise _Framing("101 Switching Protocols, which this request did not ask for")
+            self._interim = True  # 100 Continue and the like: the answer follows
+            return
+        self._check_protocol()
+        headers = self._fields
+        content_type = headers.get("content-type")
+        if content_type is not None and content_type not in _MEDIA_TYPES_SEEN:
+            if len(content_type) > _MAX_CONTENT_TYPE or not _MEDIA_TYPE.fullmatch(content_type):
+                raise _Framing("Content-Type is not a media type")
+            if len(_MEDIA_TYPES_SEEN) < 64:  # replicas send a handful; no more is kept
+                _MEDIA_TYPES_SEEN.add(content_type)
         encoding = headers.get("transfer-encoding")
-        length = headers.get("content-length")
-        if status in (204, 304):
-            self.content_length = 0
-            self.state = _BODY_LENGTH
-            self._left = 0
-        elif encoding is not None and "chunked" in encoding.lower():
+        if status == 204 or status == 304:
+            self.content_length = self._left = 0
+            self.state = _BODY_LENGTH  # no body, whatever the headers say (llhttp agrees)
+        elif encoding is not None:
+            if encoding.strip().lower() != "chunked":
+                raise _Framing("Transfer-Encoding other than chunked")
             self.chunked = True
             self.state = _BODY_CHUNKED
-            self._chunk_state = _CHUNK_SIZE
-        elif length is not None:
-            if not length.isdigit():
-                self._protocol_error("bad Content-Length")
-                return False
-            self.content_length = self._left = int(length)
+            self._framing = self._trailer_bytes = 0
+        elif (length := headers.get("content-length")) is not None:
+            self.content_length = self._left = int(length)  # llhttp checked it: one, digits
             self.state = _BODY_LENGTH
         else:
             self.state = _BODY_EOF
-            self.keep_alive = False
+        self.keep_alive = self.state != _BODY_EOF and parser.should_keep_alive()
+        self.status = status
+        self.headers = headers
         self._wake()  # the head is here
-        if self.state == _BODY_LENGTH and self._left == 0:
-            self._finish()
-        return True
 
-    def _parse_chunked(self) -> bool:
-        """Consume what the buffer holds of a chunked body; False when it needs more bytes."""
-        buf = self.buf
-        while buf:
-            cs = self._chunk_state
-            if cs == _CHUNK_SIZE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > 1024:
-                        self._protocol_error("chunk size line too long")
-                    return False
-                size_text = bytes(buf[:end]).split(b";", 1)[0].strip()
-                del buf[: end + 2]
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    self._protocol_error("bad chunk size")
-                    return False
-                if size == 0:
-                    self._chunk_state = _CHUNK_TRAILER
-                else:
-                    self._chunk_left = size
-                    self._chunk_state = _CHUNK_DATA
-            elif cs == _CHUNK_DATA:
-                take = min(self._chunk_left, len(buf))
-                self._push(bytes(buf[:take]))
-                del buf[:take]
-                self._chunk_left -= take
-                if self._chunk_left == 0:
-                    self._chunk_state = _CHUNK_CRLF
-            elif cs == _CHUNK_CRLF:
-                if len(buf) < 2:
-                    return False
-                if buf[:2] != b"\r\n":
-                    self._protocol_error("chunk not followed by CRLF")
-                    return False
-                del buf[:2]
-                self._chunk_state = _CHUNK_SIZE
-            else:  # trailers: lines until an empty one
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    return False
-                del buf[: end + 2]
-                if end == 0:
-                    self._finish()
-                    return True
-        return False
+    def _check_protocol(self) -> None:
+        """Every head (interim ones included) starts with HTTP/1.
+
+        llhttp also takes RTSP/1.0, ICE/1.0, HTTP/0.9 and HTTP/2.0 status lines (and no other
+        versions). It refuses CR and LF inside a head, so CRLF CRLF ends each of them.
+        """
+        parts = self.head_parts
+        if self.messages == 1 and len(parts[0]) >= 7:
+            if not parts[0].startswith(b"HTTP/1."):
+                raise _Framing("not an HTTP/1.x answer")
+            return
+        heads = b"".join(parts).split(b"\r\n\r\n", self.messages - 1)
+        if not all(head.startswith(b"HTTP/1.") for head in heads):
+            raise _Framing("not an HTTP/1.x answer")
+
+    def on_body(self, body: bytes) -> None:
+        self._got_body = True
+        if self.state == _BODY_LENGTH:
+            self._left -= len(body)
+        self._push(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self.state != _DONE:
+            self._finish()
 
     # ---- state changes ------------------------------------------------------------------------
 
@@ -297,8 +396,6 @@ class _Conn(asyncio.Protocol):
     def _finish(self) -> None:
         self.state = _DONE
         self._cancel_timer()
-        if self.buf:
-            self.keep_alive = False  # more bytes than the answer: out of step
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
@@ -310,7 +407,12 @@ class _Conn(asyncio.Protocol):
         self._wake()
 
     def _protocol_error(self, what: str) -> None:
-        self._fail(UpstreamBodyError(what) if self.status else UpstreamError("connect", what))
+        where = f"{self.pool.address}: {what}"
+        if self.status:
+            self._fail(UpstreamBodyError(where, malformed=True, problem=what))
+        else:
+            self._fail(UpstreamError("protocol", where, sent=True, problem=what))
+        self.parser = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -329,6 +431,13 @@ class _Conn(asyncio.Protocol):
         self.last_read = now = self._loop.time()
         self._timer = self._loop.call_at(now + self._read_timeout, self._check_timer)
 
+    def _arm_head_deadline(self) -> None:
+        """A head began and is not whole: it has head_timeout_s from its first read to be."""
+        self.head_deadline = self.last_read + self._head_timeout
+        if self.head_deadline < self.last_read + self._read_timeout:
+            self._cancel_timer()
+            self._timer = self._loop.call_at(self.head_deadline, self._check_timer)
+
     def _check_timer(self) -> None:
         self._timer = None
         if self.state == _DONE:
@@ -337,11 +446,23 @@ class _Conn(asyncio.Protocol):
         deadline = self.last_read + self._read_timeout
         if self.paused:  # we stopped reading for a slow client: the replica is not silent
             deadline = now + self._read_timeout
-        if deadline > now:  # data came meanwhile: check again later
+        in_head = self.state == _HEAD and self._in_head and self.head_deadline > 0
+        head_late = in_head and self.head_deadline <= now
+        if deadline > now and not head_late:  # data came meanwhile: check again later
+            if in_head:
+                deadline = min(deadline, self.head_deadline)
             self._timer = self._loop.call_at(deadline, self._check_timer)
             return
-        what = f"no data from {self.pool.address} for {self._read_timeout:g}s"
-        self._fail(UpstreamError("timeout", what) if not self.status else UpstreamBodyError(what))
+        address = self.pool.address
+        if head_late:
+            what = f"{address} did not finish its response head within {self._head_timeout:g}s"
+        else:
+            what = f"no data from {address} for {self._read_timeout:g}s"
+        self._fail(
+            UpstreamError("timeout", what, sent=True)
+            if not self.status
+            else UpstreamBodyError(what)
+        )
         if self.transport is not None:
             self.transport.abort()
 
@@ -352,10 +473,13 @@ class _Conn(asyncio.Protocol):
 
     # ---- the request --------------------------------------------------------------------------
 
-    def start(self, payload: bytes, body: bytes) -> None:
-        assert self.transport is not None
+    def start(self, payload: bytes, body: bytes) -> bool:
+        """Write the request; False, with nothing written, when the replica closed it already."""
+        transport = self.transport
+        assert transport is not None
+        if self.closed or transport.is_closing():
+            return False
         self.state = _HEAD
-        self.received = False
         self.error = None
         self.status = 0
         self.content_length = None
@@ -363,16 +487,21 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = True
         self.body_bytes = 0
         self.collect = False
+        self.head_bytes = self._header_bytes = 0
+        self.head_parts.clear()
+        self.messages = 0
+        self._interim = self._in_head = False
+        self.head_deadline = 0.0
+        self._direct = False
         self.parts.clear()
-        self.buf.clear()
-        if self.closed or self.transport.is_closing():
-            self._fail(_Stale())
-            return
+        if self.parser is None:
+            self.parser = httptools.HttpResponseParser(self)
         self._arm_timer()
         if len(body) < 65536:
-            self.transport.write(payload + body)
+            transport.write(payload + body)
         else:
-            self.transport.writelines((payload, body))
+            transport.writelines((payload, body))
+        return True
 
     async def wait_head(self) -> None:
         while self.status == 0 and self.error is None:
@@ -402,6 +531,16 @@ class UpstreamResponse:
     @property
     def content_length(self) -> int | None:
         return self._conn.content_length
+
+    def check(self) -> None:
+        """Raise UpstreamBodyError if the answer already failed (its framing or its connection).
+
+        The proxy calls it before it sends a streamed answer's head on, so that an error in the
+        bytes that came with the head is a 502 rather than a 200 cut short.
+        """
+        error = self._conn.error
+        if error is not None:
+            raise error
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -465,10 +604,26 @@ class UpstreamResponse:
 class _Pool:
     """Idle kept-alive connections to one replica, most recently used first."""
 
-    __slots__ = ("address", "connect_timeout_s", "host", "idle", "loop", "port", "read_timeout_s")
+    __slots__ = (
+        "address",
+        "connect_timeout_s",
+        "head_timeout_s",
+        "host",
+        "idle",
+        "keepalive_s",
+        "loop",
+        "port",
+        "read_timeout_s",
+    )
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, address: str, connect_s: float, read_s: float
+        self,
+        loop: asyncio.AbstractEventLoop,
+        address: str,
+        connect_s: float,
+        read_s: float,
+        head_s: float,
+        keepalive_s: float,
     ) -> None:
         self.loop = loop
         self.address = address
@@ -477,14 +632,27 @@ class _Pool:
         self.port = int(port)
         self.connect_timeout_s = connect_s
         self.read_timeout_s = read_s
+        self.head_timeout_s = head_s
+        self.keepalive_s = keepalive_s
         self.idle: list[_Conn] = []
 
     def take(self) -> _Conn | None:
+        """The most recently used idle connection still inside the keep-alive time."""
         idle = self.idle
+        if not idle:
+            return None
+        cutoff = self.loop.time() - self.keepalive_s
         while idle:
             conn = idle.pop()
-            if not conn.closed:
-                return conn
+            if conn.closed:
+                continue
+            if conn.idle_since < cutoff:
+                conn.abort()  # the rest are older still
+                for old in idle:
+                    old.abort()
+                idle.clear()
+                return None
+            return conn
         return None
 
     async def connect(self) -> _Conn:
@@ -495,10 +663,14 @@ class _Pool:
                 )
         except TimeoutError:
             raise UpstreamError(
-                "timeout", f"connect to {self.address}: no answer in {self.connect_timeout_s:g}s"
+                "timeout",
+                f"connect to {self.address}: no answer in {self.connect_timeout_s:g}s",
+                sent=False,
             ) from None
         except OSError as exc:
-            raise UpstreamError("connect", f"connect to {self.address}: {exc}") from None
+            raise UpstreamError(
+                "connect", f"connect to {self.address}: {exc}", sent=False
+            ) from None
         return conn
 
     def put(self, conn: _Conn) -> None:
@@ -529,10 +701,16 @@ class UpstreamClient:
     """Keep-alive connection pools per replica address; one per gateway process."""
 
     def __init__(
-        self, *, connect_timeout_s: float, read_timeout_s: float, keepalive_s: float = 30.0
+        self,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        head_timeout_s: float = 10.0,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
+        self.head_timeout_s = head_timeout_s
         self.keepalive_s = keepalive_s
         self._pools: dict[str, _Pool] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -542,7 +720,12 @@ class UpstreamClient:
         if pool is None:
             loop = asyncio.get_running_loop()
             pool = self._pools[address] = _Pool(
-                loop, address, self.connect_timeout_s, self.read_timeout_s
+                loop,
+                address,
+                self.connect_timeout_s,
+                self.read_timeout_s,
+                self.head_timeout_s,
+                self.keepalive_s,
             )
             if self._sweeper is None:
                 self._sweeper = loop.call_later(_SWEEP_S, self._sweep)
@@ -559,36 +742,35 @@ class UpstreamClient:
         self._sweeper = loop.call_later(_SWEEP_S, self._sweep) if self._pools else None
 
     def idle_connections(self, address: str) -> int:
+        """Pooled connections to `address` that the replica has not closed."""
         pool = self._pools.get(address)
-        return len(pool.idle) if pool else 0
+        return sum(not conn.closed for conn in pool.idle) if pool else 0
 
     async def post(self, address: str, head: bytes, body: bytes) -> UpstreamResponse:
-        """Send `head` (request line and headers, ending in a blank line) and `body`.
+        """Send `head` (request line and headers, ending in a blank line) and `body`, once.
 
         Returns once the response head is in; raises UpstreamError when none came.
         """
         pool = self._pool(address)
-        conn = pool.take()
-        reused = conn is not None
-        if conn is None:
-            conn = await pool.connect()
         while True:
-            conn.start(head, body)
-            try:
-                await conn.wait_head()
-            except _Stale:
-                if reused:
-                    # The replica closed this idle connection before it saw the request.
-                    reused = False
-                    conn = await pool.connect()
-                    continue
+            conn = pool.take()
+            fresh = conn is None
+            if conn is None:
+                conn = await pool.connect()
+            if conn.start(head, body):
+                break
+            # The replica closed this connection before a byte of the request was written.
+            conn.abort()
+            if fresh:
                 raise UpstreamError(
-                    "connect", f"{address} closed the connection without an answer"
-                ) from None
-            except BaseException:
-                conn.abort()
-                raise
-            return UpstreamResponse(conn)
+                    "connect", f"{address} closed the connection as it opened", sent=False
+                )
+        try:
+            await conn.wait_head()
+        except BaseException:
+            conn.abort()
+            raise
+        return UpstreamResponse(conn)
 
     async def close(self) -> None:
         if self._sweeper is not None:

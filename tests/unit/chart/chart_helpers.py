@@ -27,6 +27,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "priorityClassName": "system-node-critical",
         },
         "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        "admissionPolicies": {
+            "priorityLimit": {
+                "enabled": True,
+                "defaultMax": 0,
+                "namespaceSelector": {"matchLabels": {"tenant": "yes"}},
+            }
+        },
         "networkPolicy": {
             "metricsFrom": [
                 {
