@@ -305,9 +305,13 @@ async def main() -> int:
             await wait_http(url + PATH, 30, proc)
 
         gw_port = free_port()
+        # The concurrency check opens --streams connections at once: above the default cap of
+        # client connections, which would answer the excess 503 by design.
+        gateway_env = {"MODELFLEET_GATEWAY_MAX_CLIENT_CONNECTIONS": str(args.streams + 256)}
         gateway_proc = await spawn(
             [modelfleet, "gateway", "--host", "127.0.0.1", "--port", str(gw_port),
              "--static-upstreams", f"{MODEL}={','.join(replicas)}"],
+            env=gateway_env,
             log=logdir / "gateway.log",
         )  # fmt: skip
         procs.append(gateway_proc)
@@ -323,6 +327,7 @@ async def main() -> int:
             base_proc = await spawn(
                 [args.baseline, "gateway", "--host", "127.0.0.1", "--port", str(base_port),
                  "--static-upstreams", f"{MODEL}={','.join(replicas)}"],
+                env=gateway_env,
                 log=logdir / "gateway-base.log",
             )  # fmt: skip
             procs.append(base_proc)
