@@ -125,6 +125,14 @@ class OperatorSettings(_Settings):
             "Weighted. An unknown value logs a warning and falls back to Availability."
         ),
     )
+    fragmentation_aware: bool = Field(
+        True,
+        description=(
+            "Rank nodes first by how little a placement breaks up free GPUs (keep whole nodes "
+            "whole, fill partly used nodes first, best-fit GPUs), then by the strategy. Off: "
+            "the strategy alone decides (docs/placement.md)."
+        ),
+    )
     endpoint_timeout_s: float = Field(
         2.0, gt=0, le=60, description="Timeout of one request to one agent, in seconds."
     )

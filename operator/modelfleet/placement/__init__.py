@@ -11,7 +11,7 @@ operator adapts the pool snapshot and the replica Pods to the input types, then:
 docs/placement.md describes every strategy, score and rule with worked examples.
 """
 
-from modelfleet.placement.engine import check_request, decide
+from modelfleet.placement.engine import check_request, compute_fragmentation_penalty, decide
 from modelfleet.placement.eviction import eviction_key
 from modelfleet.placement.model import (
     NO_REQUESTS,
@@ -64,6 +64,7 @@ __all__ = [
     "UnplaceableCode",
     "build_view",
     "check_request",
+    "compute_fragmentation_penalty",
     "compute_ledger",
     "decide",
     "eviction_key",

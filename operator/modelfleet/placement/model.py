@@ -230,6 +230,8 @@ class PlacementSettings:
 
     default_strategy: PlacementStrategy = PlacementStrategy.AVAILABILITY
     memory_margin_mib: int = 1024  # kept free on every GPU in Shared mode
+    # Rank nodes first by the free blocks a placement would break up, then by the strategy.
+    fragmentation_aware: bool = True
 
 
 class UnplaceableCode(StrEnum):

@@ -105,6 +105,9 @@ class NodeState:
     # starting Shared replica, largest first
     shared_avail_any: tuple[int, ...]  # the same, starting replicas or not
     shared_free_gpus: float  # sum of available/total over healthy not whole-held GPUs
+    # The most MiB available on a GPU that already carries a Shared replica (none starting):
+    # a Shared replica that fits there breaks no free GPU. -1 when there is none.
+    shared_partial: int
     capacity_mib: int  # memory of the healthy GPUs
     replicas: tuple[PlacedReplica, ...]
     deployments: frozenset[DeploymentRef]
@@ -233,6 +236,7 @@ def build_node_state(
     avail_any: list[int] = []
     free_whole = 0
     free_equiv = 0.0
+    partial = -1
     capacity = 0
     healthy = 0
     for g in sorted(info.gpus, key=lambda g: g.index):
@@ -254,6 +258,8 @@ def build_node_state(
             avail_any.append(available)
             if not any(r.state == ReplicaState.STARTING for r in sh):
                 avail.append(available)
+                if sh and available > partial:
+                    partial = available
             if g.memory_total_mib > 0:
                 free_equiv += max(available, 0) / g.memory_total_mib
     avail.sort(reverse=True)
@@ -277,6 +283,7 @@ def build_node_state(
         shared_avail=tuple(avail),
         shared_avail_any=tuple(avail_any),
         shared_free_gpus=free_equiv,
+        shared_partial=partial,
         capacity_mib=capacity,
         replicas=reps,
         deployments=frozenset(r.deployment for r in reps),

@@ -26,6 +26,7 @@ from modelfleet.placement import (
     Unplaceable,
     UnplaceableCode,
     build_view,
+    compute_fragmentation_penalty,
     compute_ledger,
     decide,
 )
@@ -34,6 +35,9 @@ H100 = "NVIDIA-H100-80GB-HBM3"
 L4 = "NVIDIA-L4"
 MIB = 81920
 SETTINGS = PlacementSettings(memory_margin_mib=1024)
+# The strategies on their own, without fragmentation-aware ranking: the cases that pin down
+# what each strategy's score means.
+PLAIN = PlacementSettings(memory_margin_mib=1024, fragmentation_aware=False)
 
 
 def node(
@@ -130,11 +134,13 @@ def test_empty_cluster_waits_for_stats() -> None:
     assert "no node-stats agent has reported" in d.reason
 
 
-def test_single_node_lowest_free_gpus() -> None:
+def test_single_node_best_fit_gpus() -> None:
+    # a:0 is taken: two GPUs come from the free aligned pair a:2,a:3 (not a:1,a:2, which would
+    # leave two single GPUs).
     view = build_view([node("a", 4)], [rep("x", 1, "a", (0,))], SETTINGS)
     d = placed(decide(view, req(gpu_count=2)))
-    assert (d.node, d.gpu_ids, d.uuids) == ("a", ("a:1", "a:2"), ("GPU-a-1", "GPU-a-2"))
-    assert "lowest free indices" in d.reason
+    assert (d.node, d.gpu_ids, d.uuids) == ("a", ("a:2", "a:3"), ("GPU-a-2", "GPU-a-3"))
+    assert "by best fit (the smallest free block that holds them)" in d.reason
     assert d.replica.state == ReplicaState.STARTING
     assert not d.replica.measured
 
@@ -157,7 +163,7 @@ def test_availability_count_breaks_equal_shares() -> None:
     view = build_view(
         [node("a-small", 4), node("b-big", 8)],
         [rep("x", 1, "a-small", (0, 1)), rep("y", 1, "b-big", (0, 1, 2, 3))],
-        SETTINGS,
+        PLAIN,
     )
     assert placed(decide(view, req())).node == "b-big"
 
@@ -173,13 +179,13 @@ def test_weighted_spreads_in_proportion_to_capacity() -> None:
     view = build_view(
         [node("big", 8), node("small", 4)],
         [rep("x", 1, "big", (0,)), rep("x", 2, "big", (1,)), rep("y", 1, "small", (0,))],
-        SETTINGS,
+        PLAIN,
     )
     d = placed(decide(view, req(strategy=PlacementStrategy.WEIGHTED)))
     assert d.node == "big"
     assert d.score == pytest.approx(640 / 3, abs=0.01)
     # Over a stream, the big node gets twice the replicas of the small one.
-    view = build_view([node("big", 8), node("small", 4)], [], SETTINGS)
+    view = build_view([node("big", 8), node("small", 4)], [], PLAIN)
     counts = {"big": 0, "small": 0}
     for i in range(9):
         r = replace(
@@ -196,7 +202,9 @@ def test_default_strategy_comes_from_settings() -> None:
     view = build_view(
         [node("a"), node("b")],
         [rep("x", 1, "a", (0,))],
-        PlacementSettings(default_strategy=PlacementStrategy.ROUND_ROBIN),
+        PlacementSettings(
+            default_strategy=PlacementStrategy.ROUND_ROBIN, fragmentation_aware=False
+        ),
         cursor="a",
     )
     d = placed(decide(view, req()))
@@ -216,7 +224,7 @@ def test_round_robin_cycles_in_name_order_and_skips_unhealthy() -> None:
         node("n4", stale=True, reason="last sample 40s old"),
         node("n5"),
     ]
-    view = build_view(nodes, [], SETTINGS)
+    view = build_view(nodes, [], PLAIN)
     seen = []
     for i in range(6):
         d = placed(decide(view, req(f"m{i}", strategy=PlacementStrategy.ROUND_ROBIN)))
@@ -396,13 +404,16 @@ def test_nodes_that_hand_out_shared_gpus_take_no_exclusive_replica() -> None:
     assert "2 nodes hand out shared GPUs, which an Exclusive replica does not take" in d.reason
     assert "a: nvidia.com/gpu.replicas=4: each GPU is shared (time-slicing or MPS)" in d.reason
     assert "b: allocates 7 nvidia.com/gpu for the 1 GPUs its agent sees" in d.reason
-    # A Shared replica works in GPU memory, and asks the kubelet for no device: it may go.
-    assert placed(decide(view, shared_req())).node == "a"
+    # A Shared replica works in GPU memory, and asks the kubelet for no device: it may go
+    # (to b, whose one GPU it fits exactly, rather than breaking up a's two).
+    assert placed(decide(view, shared_req())).node == "b"
+    assert placed(decide(build_view([sliced], [], SETTINGS), shared_req())).node == "a"
     # Whole GPUs: as many devices as GPUs (or fewer, unhealthy ones) is fine.
     whole = build_view(
         [node("c", 2, gpu_allocatable=2), node("d", 2, gpu_allocatable=1)], [], SETTINGS
     )
-    assert placed(decide(whole, req())).node == "c"
+    # (d allocates 1 of its 2: one GPU fits there exactly, and c's two stay together.)
+    assert placed(decide(whole, req())).node == "d"
 
 
 def test_memory_of_a_replica_that_just_went_makes_it_wait_not_evict() -> None:
@@ -469,15 +480,106 @@ def test_taints_and_tolerations() -> None:
 
 def test_prefer_no_schedule_lowers_the_choice() -> None:
     soft = node("a", taints=(Taint("spot", "yes", "PreferNoSchedule"),))
-    view = build_view([soft, node("b")], [rep("x", 1, "b", (0, 1, 2, 3, 4, 5))], SETTINGS)
+    view = build_view([soft, node("b")], [rep("x", 1, "b", (0, 1, 2, 3, 4, 5))], PLAIN)
     # b has 2 of 8 free, a has 8 of 8, but a's taint is not tolerated: b still wins.
     assert placed(decide(view, req())).node == "b"
     tolerated = req(tolerations=(Toleration("spot", "Exists"),))
     assert placed(decide(view, tolerated)).node == "a"
-    full_b = build_view([soft, node("b", 1)], [rep("x", 1, "b", (0,))], SETTINGS)
+    full_b = build_view([soft, node("b", 1)], [rep("x", 1, "b", (0,))], PLAIN)
     d = placed(decide(full_b, req()))
     assert d.node == "a"
     assert "PreferNoSchedule" in d.reason
+
+
+# --- fragmentation-aware ranking -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("free", "healthy", "count", "partial", "penalty"),
+    [
+        (8, 8, 1, False, 17),  # a whole 8-GPU node broken up
+        (4, 4, 1, False, 9),  # a whole 4-GPU node: less bad
+        (4, 8, 1, False, 8),  # the block of 4 is lost (3 remain)
+        (5, 8, 1, False, 0),  # 4 stay free together
+        (2, 8, 1, False, 4),
+        (1, 8, 1, False, 0),  # an exact fit
+        (4, 4, 4, False, 0),  # an exact fit of a whole node
+        (5, 8, 4, False, 0),  # the block of 4 is what it needs
+        (7, 8, 3, False, 0),  # 4 stay free together
+        (5, 8, 3, False, 8),
+        (8, 8, 1, True, 0),  # Shared, on a GPU already shared: no free GPU broken
+    ],
+)
+def test_fragmentation_penalty(
+    free: int, healthy: int, count: int, partial: bool, penalty: int
+) -> None:
+    assert compute_fragmentation_penalty(free, healthy, count, partial) == penalty
+
+
+def _doc_example_nodes() -> tuple[list[NodeInfo], list[PlacedReplica]]:
+    # docs/placement.md: a (8 GPUs, all free), b (8 GPUs, 5 free), c (4 GPUs, all free).
+    return [node("a"), node("b"), node("c", 4)], [rep("x", 1, "b", (0, 1, 2))]
+
+
+def test_small_replica_fills_a_partly_used_node_and_keeps_whole_nodes_whole() -> None:
+    nodes, reps = _doc_example_nodes()
+    d = placed(decide(build_view(nodes, reps, SETTINGS), req()))
+    assert d.node == "b"
+    assert d.gpu_ids == ("b:3",)  # the single free GPU of the block 3 (the quad 4-7 stays)
+    assert (
+        "fragmentation: a, the strategy's own pick, would break up a whole free node (8 GPUs); "
+        "b breaks no larger free block"
+    ) in d.reason
+    # The strategy alone takes the emptiest node.
+    plain = placed(decide(build_view(nodes, reps, PLAIN), req()))
+    assert plain.node == "a"
+    assert "fragmentation" not in plain.reason
+
+
+def test_four_gpus_fit_exactly_and_the_eight_gpu_node_stays_whole() -> None:
+    nodes, reps = _doc_example_nodes()
+    view = build_view(nodes, reps, SETTINGS)
+    d = placed(decide(view, req(gpu_count=4)))
+    # b (5 of 8) and c (4 of 4) both break nothing larger; Availability then takes c.
+    assert d.node == "c"
+    assert "the highest share among 2 nodes that fit without breaking up more free GPUs" in (
+        d.reason
+    )
+    # Availability alone would take a (8 of 8 free beats 4 of 4 on the count).
+    assert "a, the strategy's own pick, would break up a whole free node (8 GPUs); c breaks " in (
+        d.reason
+    )
+    view = view.with_placed(d)
+    assert placed(decide(view, req("big", gpu_count=8))).node == "a"
+
+
+def test_an_empty_small_node_is_broken_up_before_an_empty_large_one() -> None:
+    view = build_view([node("a"), node("b", 4)], [], SETTINGS)
+    d = placed(decide(view, req()))
+    assert d.node == "b"
+    assert "a, the strategy's own pick, would break up a whole free node (8 GPUs)" in d.reason
+    assert "b breaks up a smaller whole node (4 GPUs)" in d.reason
+
+
+def test_fragmentation_ranks_every_strategy() -> None:
+    nodes, reps = _doc_example_nodes()
+    for strategy in PlacementStrategy:
+        d = placed(decide(build_view(nodes, reps, SETTINGS), req(strategy=strategy)))
+        assert d.node == "b", strategy
+
+
+def test_shared_replica_joins_a_shared_gpu_before_breaking_a_free_one() -> None:
+    # a: one GPU carries a Shared replica with room; b: entirely free (and emptier).
+    shared = rep("s", 1, "a", (0,), footprint=20480, sharing=SharingMode.SHARED)
+    view = build_view([node("a", 2, used={0: 20480}), node("b", 2)], [shared], SETTINGS)
+    d = placed(decide(view, shared_req()))
+    assert (d.node, d.gpu_ids) == ("a", ("a:0",))
+    plain = placed(decide(build_view(view_nodes(view), [shared], PLAIN), shared_req()))
+    assert plain.node == "b"
+
+
+def view_nodes(view: object) -> list[NodeInfo]:
+    return [n.info for n in view.nodes.values()]  # type: ignore[attr-defined]
 
 
 # --- spread ---------------------------------------------------------------------------------
