@@ -121,8 +121,8 @@ class OperatorSettings(_Settings):
     default_strategy: PlacementStrategy = Field(
         PlacementStrategy.AVAILABILITY,
         description=(
-            "Placement strategy when a ModelDeployment names none: Availability, RoundRobin or "
-            "Weighted. An unknown value logs a warning and falls back to Availability."
+            "Placement strategy when a ModelDeployment names none: Availability, RoundRobin, "
+            "Weighted or BinPack. An unknown value logs a warning and falls back to Availability."
         ),
     )
     fragmentation_aware: bool = Field(

@@ -195,6 +195,7 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:  # noqa: C90
     cursor = view.cursor
     rr = strategy == PlacementStrategy.ROUND_ROBIN
     weighted = strategy == PlacementStrategy.WEIGHTED
+    binpack = strategy == PlacementStrategy.BIN_PACK
     frag = view.settings.fragmentation_aware
     # The key is kept as scalars (rank, score, second) rather than a tuple: this loop runs once
     # per eligible node and tuple building dominated it. rank = cls * FRAG_SCALE - fragmentation
@@ -263,6 +264,10 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:  # noqa: C90
         elif weighted:
             second = float(node.capacity_mib)
             sc = second / (len(node.replicas) + 1)
+        elif binpack:
+            # Most allocated after placing (share), then best fit (fewest GPUs left free).
+            second = -node.shared_free_gpus if shared else float(count - node.whole_free)
+            sc = 1.0 + second / node.healthy_gpus
         else:
             second = node.shared_free_gpus if shared else float(node.whole_free)
             sc = second / node.healthy_gpus
@@ -342,6 +347,14 @@ def _strategy_why(
             f"{nodes}"
         )
         return why, score, cursor
+    if strategy == PlacementStrategy.BIN_PACK:
+        in_use = chosen.healthy_gpus + choice.second
+        if shared:
+            used = f"{in_use:.1f} of {chosen.healthy_gpus} GPUs' memory in use"
+        else:
+            used = f"{in_use:.0f} of {chosen.healthy_gpus} GPUs in use once placed"
+        why = f"bin-packing: {used} ({choice.score:.0%}), the most among {nodes}"
+        return why, choice.score, cursor
     free_text = f"{choice.second:.1f}" if shared else f"{choice.second:.0f}"
     unit = "GPUs' memory" if shared else "GPUs"
     why = (

@@ -582,6 +582,63 @@ def view_nodes(view: object) -> list[NodeInfo]:
     return [n.info for n in view.nodes.values()]  # type: ignore[attr-defined]
 
 
+# --- BinPack -------------------------------------------------------------------------------
+
+BINPACK = PlacementStrategy.BIN_PACK
+
+
+def test_binpack_takes_the_fullest_node_that_fits() -> None:
+    # docs/placement.md: a 6 of 8 in use, b 2 of 4, c empty. Two GPUs fill a or b exactly.
+    nodes = [node("a"), node("b", 4), node("c")]
+    reps = [rep("x", 1, "a", (0, 1, 2, 3, 4, 5)), rep("y", 1, "b", (0, 1))]
+    for settings in (SETTINGS, PLAIN):
+        d = placed(decide(build_view(nodes, reps, settings), req(gpu_count=2, strategy=BINPACK)))
+        assert d.node == "a"
+        assert d.strategy == BINPACK
+        assert d.score == 1.0
+        assert "bin-packing: 8 of 8 GPUs in use once placed (100%)" in d.reason
+
+
+def test_binpack_is_most_allocated_then_best_fit() -> None:
+    # One GPU: a would be 7 of 8 (88%), b 3 of 4 (75%): a, the fuller share.
+    nodes = [node("a"), node("b", 4)]
+    reps = [rep("x", 1, "a", (0, 1, 2, 3, 4, 5)), rep("y", 1, "b", (0, 1))]
+    d = placed(decide(build_view(nodes, reps, PLAIN), req(strategy=BINPACK)))
+    assert d.node == "a"
+    # Availability, for contrast, takes the larger free share (b: 2 of 4 against 2 of 8).
+    assert placed(decide(build_view(nodes, reps, PLAIN), req())).node == "b"
+    # Equal shares once placed (a 6 of 8, b 3 of 4): best fit, the one with fewer GPUs left.
+    reps = [rep("x", 1, "a", (0, 1, 2, 3, 4)), rep("y", 1, "b", (0, 1))]
+    d = placed(decide(build_view(nodes, reps, PLAIN), req(strategy=BINPACK)))
+    assert d.node == "b"
+
+
+def test_binpack_fills_a_node_before_opening_another() -> None:
+    view = build_view([node("a", 4), node("b", 4)], [], SETTINGS)
+    seen = []
+    for i in range(8):
+        d = placed(decide(view, req(f"m{i}", strategy=BINPACK)))
+        seen.append(d.node)
+        view = view.with_placed(d)
+    assert seen == ["a"] * 4 + ["b"] * 4
+
+
+def test_binpack_still_spreads_replicas_of_one_deployment() -> None:
+    view = build_view([node("a", 4), node("b", 4)], [rep("m", 1, "a", (0,))], SETTINGS)
+    d = placed(decide(view, req("m", strategy=BINPACK)))
+    assert d.node == "b"
+    assert "spread: no other replica of ml/m there" in d.reason
+
+
+def test_binpack_shared_replica_goes_to_the_fullest_gpu_memory() -> None:
+    shared = rep("s", 1, "a", (0,), footprint=40960, sharing=SharingMode.SHARED)
+    view = build_view([node("a", 2, used={0: 40960}), node("b", 1)], [shared], PLAIN)
+    d = placed(decide(view, shared_req(strategy=BINPACK)))
+    assert (d.node, d.gpu_ids) == ("a", ("a:0",))
+    assert "bin-packing:" in d.reason
+    assert "GPUs' memory in use" in d.reason
+
+
 # --- spread ---------------------------------------------------------------------------------
 
 
