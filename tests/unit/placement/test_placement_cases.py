@@ -656,7 +656,36 @@ def test_spread_prefers_nodes_without_the_deployment() -> None:
 
 def test_spread_is_a_preference_not_a_rule() -> None:
     view = build_view([node("a", 2)], [rep("m", 1, "a", (0,))], SETTINGS)
-    assert placed(decide(view, req("m"))).node == "a"
+    d = placed(decide(view, req("m")))
+    assert d.node == "a"
+    assert "spread not possible: every node that fits already runs a replica of ml/m" in d.reason
+
+
+def test_spread_comes_before_fragmentation_for_every_strategy() -> None:
+    # a is partly used by m's first replica: fragmentation alone would put the second there too,
+    # but a node without a replica of m fits (b, empty), so the replicas stay apart.
+    for strategy in PlacementStrategy:
+        view = build_view([node("a"), node("b")], [rep("m", 1, "a", (0,))], SETTINGS)
+        d = placed(decide(view, req("m", strategy=strategy)))
+        assert d.node == "b", strategy
+        assert "spread: no other replica of ml/m there" in d.reason
+        # Once every node runs one, the third goes where fragmentation says, and says why.
+        view = view.with_placed(d)
+        third = placed(decide(view, replace(req("m", strategy=strategy), pod="m-instance-3")))
+        assert "spread not possible" in third.reason
+
+
+def test_spread_over_a_stream_of_replicas() -> None:
+    # Three deployments of three replicas each on four 8-GPU nodes, default settings: no two
+    # replicas of one deployment share a node, however the packing goes.
+    view = build_view([node(f"n{i}") for i in range(4)], [], SETTINGS)
+    for name in ("m1", "m2", "m3"):
+        for n in range(1, 4):
+            d = placed(decide(view, replace(req(name, gpu_count=2), pod=f"{name}-instance-{n}")))
+            view = view.with_placed(d)
+    for name in ("m1", "m2", "m3"):
+        nodes = [r.node for r in view.replicas.values() if r.deployment == dep(name)]
+        assert len(set(nodes)) == 3, (name, nodes)
 
 
 # --- capacity, fragmentation ----------------------------------------------------------------
