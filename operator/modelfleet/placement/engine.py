@@ -501,6 +501,71 @@ def _settling_memory(nodes: Sequence[tuple[NodeState, bool]], count: int) -> Unp
     return None
 
 
+def _could_fit_when_fresh(
+    node: NodeState, request: ReplicaRequest, need: int | None, margin: int
+) -> bool:
+    """Whether `node`, whose agent is stale or unreachable, could take the replica by what is
+    known without its agent: its GPUs (last reported, else the Node's allocatable count), the
+    replicas placed there (terminating ones are going) and what other pods there request."""
+    info = node.info
+    if request.product is not None and node.product not in (None, request.product):
+        return False
+    if node.host_known and node.host_short(request.requests):
+        return False
+    holding = [r for r in node.replicas if r.state != ReplicaState.TERMINATING]
+    held = {g for r in holding if r.whole_gpus for g in r.gpu_ids}
+    gpus = [g for g in info.gpus if request.product is None or g.product == request.product]
+    foreign = sum(1 for g in gpus if g.foreign_pods)
+    devices_held = len(held) + foreign + max(info.others.gpus - foreign, 0)
+    if gpus:
+        # A whole-GPU replica needs a GPU nothing is on; a Shared one, one nothing holds whole.
+        busy = held if need is not None else held | {g for r in holding for g in r.gpu_ids}
+        free = sum(1 for g in gpus if g.gpu_id not in busy and not g.foreign_pods)
+        if info.gpu_allocatable is not None:
+            free = min(free, info.gpu_allocatable - devices_held)
+    else:
+        free = (info.gpu_allocatable or 0) - devices_held
+    if need is None or not gpus:
+        return free >= request.gpu_count
+    promised: dict[str, int] = {}
+    for r in holding:
+        if not r.whole_gpus:
+            for g in r.gpu_ids:
+                promised[g] = promised.get(g, 0) + (r.footprint_mib or 0)
+    room = [
+        g
+        for g in gpus
+        if g.gpu_id not in held
+        and not g.foreign_pods
+        and g.memory_total_mib - promised.get(g.gpu_id, 0) - margin >= need
+    ]
+    return len(room) >= request.gpu_count
+
+
+def _waiting_for_stale(
+    view: ClusterView, request: ReplicaRequest, stale: Sequence[str], need: int | None
+) -> Unplaceable | None:
+    """Wait, rather than evict, when a node whose agent is stale or unreachable could take the
+    replica: nothing fits on the nodes with fresh figures, but a monitoring blip must not cost
+    another model its replicas. (A node that is lost, NotReady or gone, is never stale.)"""
+    margin = view.settings.memory_margin_mib
+    fit = [
+        view.nodes[name]
+        for name in stale
+        if _could_fit_when_fresh(view.nodes[name], request, need, margin)
+    ]
+    if not fit:
+        return None
+    shown = _examples([f"{n.info.name} ({n.info.reason or 'stats are stale'})" for n in fit])
+    k = len(fit)
+    return Unplaceable(
+        UnplaceableCode.WAITING_FOR_STATS,
+        f"no node with fresh GPU stats has room; {k} node{'s' if k > 1 else ''} whose agent is "
+        f"stale or unreachable could take it by what is known ({shown}): waiting for "
+        f"{'their' if k > 1 else 'its'} stats rather than evicting",
+    )
+
+
 def _host_short(nodes: Sequence[tuple[NodeState, bool]], request: ReplicaRequest) -> str:
     """The nodes whose GPUs would do but whose kubelet lacks the CPU, memory or a pod slot."""
     count = request.gpu_count
@@ -560,6 +625,9 @@ def _no_fit(
         (_product_node(view.nodes[name], request.product, margin), prefer)
         for name, prefer in elig.nodes
     ]
+    stale = _waiting_for_stale(view, request, elig.stale, need)
+    if stale is not None:
+        return stale
     what = f"{request.product} GPU" if request.product else "GPU"
     largest = max(nodes, key=lambda n: n[0].healthy_gpus)[0]
     if largest.healthy_gpus < count:

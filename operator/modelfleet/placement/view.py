@@ -314,6 +314,9 @@ class Eligibility:
     nodes: tuple[tuple[str, bool], ...]  # (node, has an untolerated PreferNoSchedule taint)
     excluded: Mapping[str, tuple[str, ...]]  # stage -> "node: why" for each node excluded there
     largest_gpu_mib: int = 0  # the most memory one GPU (of the product) has on these nodes
+    # Nodes that pass every other stage but whose agent is stale or unreachable: a replica that
+    # could go there waits for them rather than evicting elsewhere.
+    stale: tuple[str, ...] = ()
 
 
 # The stages a node passes, in the order the reasons are reported.
@@ -436,6 +439,7 @@ class ClusterView:
         keys = ((product, selector, tolerations, False), (product, selector, tolerations, True))
         ok: tuple[list[tuple[str, bool]], list[tuple[str, bool]]] = ([], [])
         excluded: tuple[dict[str, list[str]], dict[str, list[str]]] = ({}, {})
+        stale: tuple[list[str], list[str]] = ([], [])
         for name in self.order:
             node = self.nodes[name]
             why = _exclusion(node, keys[0])
@@ -451,12 +455,17 @@ class ClusterView:
                     ok[i].append((name, prefer))
                 else:
                     excluded[i].setdefault(w[0], []).append(w[1])
+                    if w[0] == STAGE_STALE:
+                        stale[i].append(name)
         if len(self._eligibility) > 4096:  # bounded: two entries per kind of request
             self._eligibility.clear()
         for i, k in enumerate(keys):
             largest = _largest_gpu_mib((self.nodes[n] for n, _ in ok[i]), product)
             self._eligibility[k] = Eligibility(
-                tuple(ok[i]), {st: tuple(v) for st, v in excluded[i].items()}, largest
+                tuple(ok[i]),
+                {st: tuple(v) for st, v in excluded[i].items()},
+                largest,
+                tuple(stale[i]),
             )
         return self._eligibility[key]
 

@@ -280,6 +280,78 @@ def test_stale_node_waits_for_stats() -> None:
     assert "45s old" in d.reason
 
 
+def _unreachable(name: str = "b", gpus: int = 8, **kw: object) -> NodeInfo:
+    """A Ready node whose agent does not answer: no GPU figures, the Node's allocatable."""
+    return NodeInfo(
+        name=name,
+        stale=True,
+        reason="agent down: connection refused",
+        gpu_allocatable=gpus,
+        labels={PRODUCT_LABEL: H100},
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_stale_node_that_could_take_it_waits_rather_than_evicting() -> None:
+    # a is fresh and full with a replica eviction may take; b's agent does not answer, and by
+    # what is known (8 GPUs allocatable, nothing placed there) b would take the replica.
+    full = rep("old", 1, "a", (0, 1))
+    view = build_view([node("a", 2), _unreachable()], [full], SETTINGS)
+    d = unplaceable(decide(view, req()), UnplaceableCode.WAITING_FOR_STATS)
+    assert (
+        "no node with fresh GPU stats has room; 1 node whose agent is stale or unreachable "
+        "could take it by what is known (b (agent down: connection refused)): waiting for its "
+        "stats rather than evicting"
+    ) in d.reason
+    # The same cluster without b evicts.
+    evict(decide(build_view([node("a", 2)], [full], SETTINGS), req()))
+    # A stale node whose last figures show room (NVML not ready) counts the same.
+    stale = node("b", 2, stale=True, reason="agent not ready: NVML does not answer")
+    view = build_view([node("a", 2), stale], [full], SETTINGS)
+    d = unplaceable(decide(view, req(gpu_count=2)), UnplaceableCode.WAITING_FOR_STATS)
+    assert "b (agent not ready: NVML does not answer)" in d.reason
+
+
+def test_stale_node_with_no_room_by_what_is_known_does_not_block_eviction() -> None:
+    full = rep("old", 1, "a", (0, 1))
+    on_b = rep("busy", 1, "b", tuple(range(8)), priority=5)
+    view = build_view([node("a", 2), _unreachable()], [full, on_b], SETTINGS)
+    d = evict(decide(view, req()))
+    assert d.node == "a"
+    # Other pods' GPU requests there count too.
+    crowded = _unreachable(others=Requests(gpus=8, pods=1))
+    evict(decide(build_view([node("a", 2), crowded], [full], SETTINGS), req()))
+    # A request the stale node could never match (nodeSelector) does not wait for it either.
+    evict(
+        decide(
+            build_view([node("a", 2, labels={"pool": "x"}), _unreachable()], [full], SETTINGS),
+            req(node_selector={"pool": "x"}),
+        )
+    )
+    # Replicas terminating there are going: the replica waits for them and the agent.
+    going = replace(on_b, state=ReplicaState.TERMINATING)
+    view = build_view([node("a", 2), _unreachable()], [full, going], SETTINGS)
+    unplaceable(decide(view, req()), UnplaceableCode.WAITING_FOR_STATS)
+
+
+def test_lost_node_is_not_waited_for() -> None:
+    # NotReady (or gone) is lost, not stale: the node-lost rules replace its replicas, and a
+    # replica that needs room evicts rather than waiting for it.
+    full = rep("old", 1, "a", (0, 1))
+    lost = replace(_unreachable(), stale=False, healthy=False, reason="node is NotReady")
+    evict(decide(build_view([node("a", 2), lost], [full], SETTINGS), req()))
+
+
+def test_stale_node_shared_replica_waits_only_where_memory_was_free() -> None:
+    full = rep("old", 1, "a", (0,))
+    promised = rep("s", 1, "b", (0,), footprint=60000, sharing=SharingMode.SHARED, measured=False)
+    stale = node("b", 1, stale=True, reason="last sample 40s old")
+    view = build_view([node("a", 1), stale], [full, promised], SETTINGS)
+    # 81920 - 60000 - 1024 = 20896 MiB would be left on b:0 by what is known.
+    unplaceable(decide(view, shared_req(memory=20480)), UnplaceableCode.WAITING_FOR_STATS)
+    evict(decide(view, shared_req(memory=30720)))
+
+
 def test_cordoned_node_is_excluded() -> None:
     view = build_view([node("a", schedulable=False), node("b")], [], SETTINGS)
     assert placed(decide(view, req())).node == "b"
