@@ -56,7 +56,8 @@ def check_request(request: ReplicaRequest) -> None:
             raise PlacementInputError(f"{name}: {what} is {value} MiB; it must be positive")
 
 
-def _static_key(request: ReplicaRequest) -> StaticKey:
+def compute_static_key(request: ReplicaRequest) -> StaticKey:
+    """What decides which nodes a request may use before any capacity is looked at."""
     return (
         request.product,
         frozenset(request.node_selector.items()),
@@ -176,7 +177,7 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:  # noqa: C90
             UnplaceableCode.WAITING_FOR_STATS,
             "no GPU node is known yet: no node-stats agent has reported",
         )
-    elig = view.eligibility(_static_key(request))
+    elig = view.eligibility(compute_static_key(request))
     if not elig.nodes:
         return _no_eligible_node(view, request, elig)
     too_large = _larger_than_any_node(request, elig)
