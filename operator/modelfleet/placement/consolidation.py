@@ -17,8 +17,9 @@ Rules (docs/placement.md, "Consolidation"):
   count per interval and passes what is left);
 - a moved replica goes where `decide` would place it (same strategy, spread, selector, product,
   taints, host resources), never back onto the node being emptied;
-- among plans, fewest moves first, then fewest GPUs moved, then the least valuable replicas
-  (lower priority, then least recently used), then the node name.
+- among plans, fewest moves first, then fewest GPUs moved; between nodes that tie on those,
+  the one whose first mover is the least valuable (lower priority, then least recently used),
+  then the node name.
 """
 
 from __future__ import annotations
@@ -79,18 +80,6 @@ class _Candidate:
     movable: tuple[tuple[int, PlacedReplica], ...]  # (GPUs its move frees, replica), best first
 
 
-def _frees(rep: PlacedReplica, node: NodeState) -> int:
-    """GPUs of `node` that moving `rep` alone leaves free (nobody else and nothing else on them)."""
-    return sum(
-        1
-        for g in node.gpus
-        if g.info.healthy
-        and not g.used_elsewhere
-        and not g.info.foreign_pods
-        and g.replicas() == (rep,)
-    )
-
-
 def _movable(
     rep: PlacedReplica,
     request: ReplicaRequest,
@@ -128,12 +117,14 @@ def _candidates(
         deficit = count - node.whole_free
         if deficit <= 0 or node.healthy_gpus < count:
             continue
+        if sum(gain for gain, _ in node.solo_whole) < deficit:
+            continue  # even moving everything there would not free enough
+        # solo_whole: per replica, the GPUs of the node that only it holds (view.py).
         movable = sorted(
             (
                 (gain, r)
-                for r in node.replicas
+                for gain, r in node.solo_whole
                 if _movable(r, request, view, templates, budgets, default_budget)
-                and (gain := _frees(r, node)) > 0
             ),
             key=lambda t: (-t[0], eviction_key(t[1])),
         )
@@ -146,7 +137,9 @@ def _candidates(
         if total < deficit:
             continue
         out.append(_Candidate(bound, deficit, node, tuple(movable)))
-    out.sort(key=lambda c: (c.lower_bound, c.deficit, c.node.info.name))
+    out.sort(
+        key=lambda c: (c.lower_bound, c.deficit, eviction_key(c.movable[0][1]), c.node.info.name)
+    )
     return out
 
 
@@ -170,24 +163,32 @@ def _block(view: ClusterView, node: NodeState) -> ClusterView:
 
 
 def _move_request(rep: PlacedReplica, template: ReplicaRequest) -> ReplicaRequest:
-    """The request that places a copy of `rep`: its deployment's, with its own size and name."""
+    """The request that places a copy of `rep`: its deployment's, with its own size, sharing
+    and footprint, and a name of its own (both run for a while)."""
     return replace(
         template,
         pod=rep.pod + _MOVING,
         gpu_count=len(rep.gpu_ids),
+        sharing=rep.sharing,
+        memory_mib=rep.footprint_mib,
+        measured_footprint_mib=None,
         priority=rep.priority,
         last_used=rep.last_used,
     )
 
 
 def _fits_somewhere(view: ClusterView, request: ReplicaRequest) -> bool:
-    """Whether some node the request may use has its GPUs free as whole GPUs (a quick bound)."""
+    """Whether some node the request may use has room for its GPUs (a quick bound)."""
     count = request.gpu_count
     nodes = view.nodes
-    return any(
-        nodes[name].whole_free >= count
-        for name, _ in view.eligibility(compute_static_key(request)).nodes
-    )
+    eligible = view.eligibility(compute_static_key(request)).nodes
+    need = request.footprint_mib
+    if request.sharing == SharingMode.SHARED and need is not None:
+        return any(
+            len(av := nodes[name].shared_avail) >= count and av[count - 1] >= need
+            for name, _ in eligible
+        )
+    return any(nodes[name].whole_free >= count for name, _ in eligible)
 
 
 def _host_after_moves(node: NodeState, moves: Sequence[Move], request: ReplicaRequest) -> bool:
@@ -303,8 +304,10 @@ def plan_consolidation(
         )
     best: tuple[_Cost, list[Move], list[GpuState], NodeState] | None = None
     for candidate in _candidates(view, request, templates, budgets, default_budget):
-        if best is not None and candidate.lower_bound > best[0][0]:
-            break  # no later node can take fewer moves
+        # A node takes at least `lower_bound` moves of at least `deficit` GPUs: once that is no
+        # better than the best plan, no later node (in this order) is better either.
+        if best is not None and (candidate.lower_bound, candidate.deficit) >= best[0][:2]:
+            break
         limit = max_moves if best is None else min(max_moves, best[0][0])
         found = _try_node(view, request, candidate, templates, budgets, default_budget, limit)
         if found is None:
