@@ -16,6 +16,7 @@ from modelfleet.placement import (
     PlacedReplica,
     ReplicaRequest,
     ReplicaState,
+    SharingMode,
     Unplaceable,
     UnplaceableCode,
     build_view,
@@ -206,3 +207,19 @@ def test_shared_requests_are_not_planned() -> None:
     view = build_view([node("a", 1)], [rep("x", 1, "a", (0,))], SETTINGS)
     d = refused(plan_consolidation(view, shared_req(), templates("x")))
     assert "Shared" in d.reason
+
+
+def test_a_shared_replica_alone_on_a_gpu_moves_by_its_footprint() -> None:
+    # a: s (Shared, 20 GiB) alone on a:0, a:1 free; b:0 carries another Shared replica with
+    # room, b:1 is free (2 GPUs free in total). A 2-GPU replica needs all of a: s moves to b:0,
+    # where it fits by memory (joining a shared GPU breaks no free one), and b:1 stays free.
+    s = rep("s", 1, "a", (0,), footprint=20480, sharing=SharingMode.SHARED)
+    t = rep("t", 1, "b", (0,), footprint=20480, sharing=SharingMode.SHARED)
+    nodes = [node("a", 2, used={0: 20480}), node("b", 2, used={0: 20480})]
+    view = build_view(nodes, [s, t], SETTINGS)
+    spec = {dep("s"): shared_req("s", memory=20480)}
+    c = plan(plan_consolidation(view, req(gpu_count=2), spec))
+    assert [(m.replica.pod, m.node, m.gpu_ids) for m in c.moves] == [
+        ("s-instance-1", "b", ("b:0",))
+    ]
+    assert c.gpu_ids == ("a:0", "a:1")

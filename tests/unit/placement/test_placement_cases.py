@@ -145,6 +145,21 @@ def test_single_node_best_fit_gpus() -> None:
     assert not d.replica.measured
 
 
+def test_best_fit_gpus_take_single_free_gpus_before_breaking_a_pair() -> None:
+    # 8 GPUs, 0, 2, 5 and 6 taken: 1, 3, 4 and 7 are free, no aligned pair among them. A 2-GPU
+    # replica takes the free GPUs in the smallest free blocks (all of size 1), lowest first.
+    taken = [rep("x", 1, "a", (0, 2, 5, 6))]
+    d = placed(decide(build_view([node("a")], taken, SETTINGS), req(gpu_count=2)))
+    assert d.gpu_ids == ("a:1", "a:3")
+    # 0 and 4 taken: one GPU is a:1, whose pair 0-1 is broken already (so is a:5's), keeping
+    # 2-3 and 6-7 free as pairs; two GPUs take the first free aligned pair.
+    taken = [rep("x", 1, "a", (0, 4))]
+    d = placed(decide(build_view([node("a")], taken, SETTINGS), req()))
+    assert d.gpu_ids == ("a:1",)
+    d = placed(decide(build_view([node("a")], taken, SETTINGS), req(gpu_count=2)))
+    assert d.gpu_ids == ("a:2", "a:3")
+
+
 def test_availability_prefers_share_over_count_on_heterogeneous_nodes() -> None:
     # big: 4 of 8 free (50%); small: 3 of 4 free (75%): the share wins although 4 > 3.
     view = build_view(
