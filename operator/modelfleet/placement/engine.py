@@ -204,7 +204,7 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:  # noqa: C90
     # penalty (compute_fragmentation_penalty, inlined), cls = 2 * spread ok + no soft taint.
     # With fragmentation on, the best node by (cls, score, second) alone is tracked beside it
     # ("plain"), so that the reason can say when fragmentation decided.
-    best_rank, best_score, best_second, best_cls = -1, 0.0, 0.0, -1
+    best_rank, best_score, best_second, best_cls = -FRAG_SCALE, 0.0, 0.0, -1
     plain_cls, plain_score, plain_second = -1, 0.0, 0.0
     chosen: NodeState | None = None
     plain: NodeState | None = None

@@ -648,6 +648,17 @@ def test_an_empty_small_node_is_broken_up_before_an_empty_large_one() -> None:
     assert "b breaks up a smaller whole node (4 GPUs)" in d.reason
 
 
+def test_the_lowest_class_with_a_penalty_still_places() -> None:
+    # Every node that fits runs a replica of m already and carries an untolerated
+    # PreferNoSchedule taint (the lowest class), and placing there breaks a free block.
+    soft = (Taint("spot", "yes", "PreferNoSchedule"),)
+    view = build_view([node("a", taints=soft)], [rep("m", 1, "a", (0, 1, 2, 3))], SETTINGS)
+    d = placed(decide(view, req("m")))
+    assert d.node == "a"
+    assert "spread not possible" in d.reason
+    assert "PreferNoSchedule" in d.reason
+
+
 def test_fragmentation_ranks_every_strategy() -> None:
     nodes, reps = _doc_example_nodes()
     for strategy in PlacementStrategy:
