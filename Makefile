@@ -115,11 +115,11 @@ pod-runner: $(STAMP) ## Run the programs behind agent and replica pods on simula
 	$(BIN)/python hack/pod_runner.py --kubeconfig .cluster/kubeconfig
 
 .PHONY: bench-placement
-bench-placement: $(STAMP) ## Placement speed: decisions/s and p99 at 1,000 nodes x 8 GPUs, 4,000 replicas
+bench-placement: $(STAMP) ## Placement speed: decisions/s and p99 at 1,000 nodes x 8 GPUs, 4,000 replicas; consolidation plan p99
 	$(BIN)/python benchmarks/bench_placement.py
 
 .PHONY: bench-placement-quality
-bench-placement-quality: $(STAMP) ## Placement quality: GPUs in use at the first failure, per strategy
+bench-placement-quality: $(STAMP) ## Placement quality: GPUs in use at the first failure per strategy, with and without fragmentation ranking and consolidation
 	$(BIN)/python benchmarks/bench_placement_quality.py
 
 .PHONY: gpu-proof

@@ -121,8 +121,16 @@ class OperatorSettings(_Settings):
     default_strategy: PlacementStrategy = Field(
         PlacementStrategy.AVAILABILITY,
         description=(
-            "Placement strategy when a ModelDeployment names none: Availability, RoundRobin or "
-            "Weighted. An unknown value logs a warning and falls back to Availability."
+            "Placement strategy when a ModelDeployment names none: Availability, RoundRobin, "
+            "Weighted or BinPack. An unknown value logs a warning and falls back to Availability."
+        ),
+    )
+    fragmentation_aware: bool = Field(
+        True,
+        description=(
+            "Rank nodes first by how little a placement breaks up free GPUs (keep whole nodes "
+            "whole, fill partly used nodes first, best-fit GPUs), then by the strategy. Off: "
+            "the strategy alone decides (docs/placement.md)."
         ),
     )
     endpoint_timeout_s: float = Field(

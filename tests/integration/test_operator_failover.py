@@ -300,3 +300,64 @@ async def test_a_gpu_node_without_an_agent_is_reported_and_used_once_its_agent_r
         return lonely not in (await operator_status(operator))["gpuNodesWithoutAgent"]
 
     await wait_for(no_longer_listed, timeout=30, what=f"{lonely} off the no-agent list")
+
+
+async def test_silent_agent_makes_the_replacement_wait_and_evicts_nobody(
+    kube: KubeClient, namespace: str, nodes: list[str], operators: Operators
+) -> None:
+    # Three 2-GPU nodes, full: `low` (priority 0, two replicas) on two of them, `svc` (priority
+    # 10) on the third. svc's agent stops answering: its replica is replaced (EndpointsDown),
+    # and the replacement could go only to that node, whose agent is silent. It waits, and
+    # `low`, which eviction would otherwise take, keeps both replicas all along. Once the agent
+    # answers again, svc runs there again.
+    operators.start(**FAST)
+    two = {"count": 2}
+    await kube.create(md_path(namespace), md("low", replicas=2, priority=0, gpu=two))
+    await wait_ready(kube, namespace, "low", 2)
+    await kube.create(md_path(namespace), md("svc", replicas=1, priority=10, gpu=two))
+    await wait_ready(kube, namespace, "svc", 1)
+    [old] = await replica_pods(kube, namespace, "svc")
+    node = old["spec"]["nodeName"]
+    low_uids = {p["metadata"]["uid"] for p in await replica_pods(kube, namespace, "low")}
+    lost: list[str] = []
+
+    async def watch_low() -> None:
+        while True:  # bounded by the test's timeout; cancelled at the end
+            listing = await kube.list(
+                pods_path(namespace), labelSelector=f"{L.LABEL_DEPLOYMENT}=low"
+            )
+            live = {
+                p["metadata"]["uid"]
+                for p in listing["items"]
+                if not p["metadata"].get("deletionTimestamp")
+            }
+            lost.extend(sorted(low_uids - live))
+            await asyncio.sleep(0.1)
+
+    watcher = asyncio.create_task(watch_low())
+    try:
+        agent = await agent_pod(kube, namespace, node)
+        await set_faults(agent, {"failStatus": 503})
+
+        async def waits_for_the_agent() -> bool:
+            obj = await kube.get(md_path(namespace, "svc"))
+            return any(
+                c["reason"] == "WaitingForStats"
+                and "whose agent is stale or unreachable could take it" in c["message"]
+                for c in (obj.get("status") or {}).get("conditions") or []
+            )
+
+        await wait_for(waits_for_the_agent, timeout=60, what="svc waits for the silent agent")
+        assert await replica_pods(kube, namespace, "svc") == []
+        assert lost == [], f"low lost replicas {lost} while svc's agent was silent"
+        await set_faults(agent, {"failStatus": None})
+        await wait_ready(kube, namespace, "svc", 1)
+        [new] = await replica_pods(kube, namespace, "svc")
+        assert new["metadata"]["uid"] != old["metadata"]["uid"]
+        assert new["spec"]["nodeName"] == node
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    assert lost == [], f"low lost replicas {lost} while svc's agent was silent"
+    await wait_ready(kube, namespace, "low", 2)

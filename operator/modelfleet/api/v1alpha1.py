@@ -203,6 +203,7 @@ class PlacementStrategy(StrEnum):
     AVAILABILITY = "Availability"
     ROUND_ROBIN = "RoundRobin"
     WEIGHTED = "Weighted"
+    BIN_PACK = "BinPack"
 
 
 class Balancing(StrEnum):
@@ -322,8 +323,8 @@ class PlacementSpec(_Model):
     strategy: PlacementStrategy | None = Field(
         None,
         description=(
-            "Availability (most free GPUs, by share), RoundRobin or Weighted (by capacity). "
-            "Empty means the operator's default."
+            "Availability (most free GPUs, by share), RoundRobin, Weighted (by capacity) or "
+            "BinPack (most allocated, best fit). Empty means the operator's default."
         ),
     )
     node_selector: dict[str, LabelValue] = Field(

@@ -190,6 +190,46 @@ def build_node_infos(
                 others=usage.others(pnode.name, replicas) if usage is not None else P.Requests(),
             )
         )
+    out.extend(
+        _unreachable_node_infos(nodes, snapshot, {n.name for n in out}, rejected, replicas, usage)
+    )
+    return out
+
+
+def _unreachable_node_infos(
+    nodes: Mapping[str, NodeFacts],
+    snapshot: PoolSnapshot,
+    seen: AbstractSet[str],
+    rejected: Mapping[str, str],
+    replicas: AbstractSet[tuple[str, str]],
+    usage: NodeUsage | None,
+) -> list[P.NodeInfo]:
+    """Ready nodes whose agent is stale or does not answer: not in the pool, but placement must
+    know them as stale (never placed on), so that a replica that could go there waits for the
+    agent rather than evicting elsewhere. A NotReady or deleted node is lost instead (its
+    replicas are replaced), and nothing waits for it."""
+    out = []
+    for ep in snapshot.endpoints:
+        if ep.included or ep.node is None or ep.node in seen:
+            continue
+        facts = nodes.get(ep.node)
+        if facts is None or not facts.ready:
+            continue
+        seen = seen | {ep.node}
+        out.append(
+            P.NodeInfo(
+                name=ep.node,
+                schedulable=facts.schedulable,
+                labels=dict(facts.labels),
+                taints=tuple(P.Taint(k, v, e) for k, v, e in facts.taints),
+                stale=True,
+                reason=f"agent {ep.state.value}" + (f": {ep.reason}" if ep.reason else ""),
+                rejected=rejected.get(ep.node, ""),
+                gpu_allocatable=facts.gpu_allocatable,
+                allocatable=facts.allocatable,
+                others=usage.others(ep.node, replicas) if usage is not None else P.Requests(),
+            )
+        )
     return out
 
 

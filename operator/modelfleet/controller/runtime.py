@@ -174,6 +174,7 @@ class Runtime:
         return P.PlacementSettings(
             default_strategy=self.settings.default_strategy,
             memory_margin_mib=self.settings.memory_margin_mib,
+            fragmentation_aware=self.settings.fragmentation_aware,
         )
 
     def node_health(

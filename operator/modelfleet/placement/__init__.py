@@ -8,10 +8,15 @@ operator adapts the pool snapshot and the replica Pods to the input types, then:
     view = view.with_placed(decision)       # after creating the Pod of a Placed decision
     view = view.with_evicted(decision)      # after deleting the victims of an Evict decision
 
+When nothing fits but enough GPUs are free in total, `plan_consolidation(view, request,
+templates, budgets)` returns the fewest make-before-break moves that make room (Consolidation),
+or why none can (Unplaceable).
+
 docs/placement.md describes every strategy, score and rule with worked examples.
 """
 
-from modelfleet.placement.engine import check_request, decide
+from modelfleet.placement.consolidation import Consolidation, Move, plan_consolidation
+from modelfleet.placement.engine import check_request, compute_fragmentation_penalty, decide
 from modelfleet.placement.eviction import eviction_key
 from modelfleet.placement.model import (
     NO_REQUESTS,
@@ -43,11 +48,13 @@ __all__ = [
     "ONE_POD",
     "PRODUCT_LABEL",
     "ClusterView",
+    "Consolidation",
     "Decision",
     "DeploymentRef",
     "Evict",
     "GpuInfo",
     "LedgerEntry",
+    "Move",
     "NodeInfo",
     "Placed",
     "PlacedReplica",
@@ -64,7 +71,9 @@ __all__ = [
     "UnplaceableCode",
     "build_view",
     "check_request",
+    "compute_fragmentation_penalty",
     "compute_ledger",
     "decide",
     "eviction_key",
+    "plan_consolidation",
 ]

@@ -56,7 +56,8 @@ def check_request(request: ReplicaRequest) -> None:
             raise PlacementInputError(f"{name}: {what} is {value} MiB; it must be positive")
 
 
-def _static_key(request: ReplicaRequest) -> StaticKey:
+def compute_static_key(request: ReplicaRequest) -> StaticKey:
+    """What decides which nodes a request may use before any capacity is looked at."""
     return (
         request.product,
         frozenset(request.node_selector.items()),
@@ -73,10 +74,57 @@ def _product_node(node: NodeState, product: str | None, margin: int) -> NodeStat
     return build_node_state(replace(node.info, gpus=gpus), node.replicas, margin)
 
 
+def _free_block(free: set[int], start: int, size: int, limit: int) -> int:
+    """The largest aligned block of free indices (at most `limit` wide) that contains the
+    aligned block [start, start + size)."""
+    while size * 2 <= limit:
+        outer = start - start % (size * 2)
+        if not all(i in free for i in range(outer, outer + size * 2)):
+            break
+        start, size = outer, size * 2
+    return size
+
+
 def _whole_gpus(node: NodeState, count: int) -> list[GpuState]:
-    # Lowest free indices: whole GPUs do not fragment memory, and a low, contiguous block keeps
-    # the high indices free together for the next multi-GPU replica (NVLink pairs are adjacent).
-    return [g for g in node.gpus if g.free_whole][:count]
+    """`count` free GPUs by best fit: from the smallest aligned block of free GPUs that holds
+    them, so larger aligned blocks (NVLink pairs and quads are adjacent, aligned indices) stay
+    free for the next multi-GPU replica. Ties: the lowest index."""
+    free_gpus = [g for g in node.gpus if g.free_whole]
+    if len(free_gpus) <= count:
+        return free_gpus[:count]
+    by_index = {g.info.index: g for g in free_gpus}
+    free = set(by_index)
+    limit = 1 << max(g.info.index for g in node.gpus).bit_length()  # indices fit below it
+    size = 1 << (count - 1).bit_length()  # the aligned block that holds `count`
+    blocks = [
+        (_free_block(free, start, size, limit), start)
+        for start in range(0, limit, size)
+        if all(i in free for i in range(start, start + size))
+    ]
+    if blocks:
+        _, start = min(blocks)
+        return [by_index[i] for i in range(start, start + count)]
+    # No aligned block is free as a whole: the GPUs in the smallest free blocks first.
+    ranked = sorted(free, key=lambda i: (_free_block(free, i, 1, limit), i))
+    return [by_index[i] for i in sorted(ranked[:count])]
+
+
+def compute_fragmentation_penalty(
+    whole_free: int, healthy: int, count: int, partial_fits: bool = False
+) -> int:
+    """How much placing `count` GPUs on a node breaks up its free GPUs: 0 when it breaks no
+    block a larger replica could use, else twice the size of the largest free block it breaks
+    (the largest power of two at most `whole_free`), plus one when the node was entirely free.
+    `partial_fits`: a Shared replica fits on a GPU already shared, breaking no free GPU.
+
+    `decide` inlines the same arithmetic in its per-node loop; the two are tested together.
+    """
+    if partial_fits or whole_free <= count:
+        return 0
+    if whole_free == healthy:
+        return 2 * whole_free + 1
+    block = 1 << (whole_free.bit_length() - 1)
+    return 2 * block if block > count and whole_free - count < block else 0
 
 
 def _best_fit_gpus(node: NodeState, count: int, footprint: int) -> list[GpuState]:
@@ -99,9 +147,10 @@ def _fmt_gpus(gpus: Sequence[GpuState]) -> str:
 
 
 # The one function over the complexity bar, on purpose: its per-node scoring loop is the hot path
-# `make bench-placement` measures (1,000 nodes x 8 GPUs: ~2,950 decisions/s, p99 1.3 ms of CPU on
-# the 2-core CI machine, benchmarks/RESULTS.md); it keeps the key as scalars and calls nothing per
-# node. Everything outside the loop lives in helpers.
+# `make bench-placement` measures (1,000 nodes x 8 GPUs, with fragmentation-aware ranking: ~4,300
+# decisions/s, p99 0.6 ms of CPU on the 2-core CI machine, benchmarks/RESULTS.md); it keeps the
+# key as scalars and calls nothing per node (the fragmentation penalty is inlined). Everything
+# outside the loop lives in helpers.
 def decide(view: ClusterView, request: ReplicaRequest) -> Decision:  # noqa: C901
     """Place `request` on `view`: Placed, Evict or Unplaceable, each with a reason."""
     check_request(request)
@@ -129,7 +178,7 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:  # noqa: C90
             UnplaceableCode.WAITING_FOR_STATS,
             "no GPU node is known yet: no node-stats agent has reported",
         )
-    elig = view.eligibility(_static_key(request))
+    elig = view.eligibility(compute_static_key(request))
     if not elig.nodes:
         return _no_eligible_node(view, request, elig)
     too_large = _larger_than_any_node(request, elig)
@@ -141,18 +190,26 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:  # noqa: C90
     nodes = view.nodes
     spread = request.spread
     # One pass over the eligible nodes (name order). A node's key is (spread ok, no untolerated
-    # PreferNoSchedule taint, the strategy's score, its second signal); the highest key wins and,
-    # as only a strictly higher key replaces the best, ties go to the lowest node name.
-    # Round-robin's score is "after the cursor" and its second signal the negated position, so
-    # the first node after the cursor wins, else (wrapping) the first node.
+    # PreferNoSchedule taint, fragmentation, the strategy's score, its second signal); the
+    # highest key wins and, as only a strictly higher key replaces the best, ties go to the
+    # lowest node name. Round-robin's score is "after the cursor" and its second signal the
+    # negated position, so the first node after the cursor wins, else (wrapping) the first node.
     cursor = view.cursor
     rr = strategy == PlacementStrategy.ROUND_ROBIN
     weighted = strategy == PlacementStrategy.WEIGHTED
-    # The key is kept as scalars (cls, score, second) rather than a tuple: this loop runs once
-    # per eligible node and tuple building dominated it. cls = 2 * spread ok + no soft taint.
-    best_cls, best_score, best_second = -1, 0.0, 0.0
+    binpack = strategy == PlacementStrategy.BIN_PACK
+    frag = view.settings.fragmentation_aware
+    # The key is kept as scalars (rank, score, second) rather than a tuple: this loop runs once
+    # per eligible node and tuple building dominated it. rank = cls * FRAG_SCALE - fragmentation
+    # penalty (compute_fragmentation_penalty, inlined), cls = 2 * spread ok + no soft taint.
+    # With fragmentation on, the best node by (cls, score, second) alone is tracked beside it
+    # ("plain"), so that the reason can say when fragmentation decided.
+    best_rank, best_score, best_second, best_cls = -FRAG_SCALE, 0.0, 0.0, -1
+    plain_cls, plain_score, plain_second = -1, 0.0, 0.0
     chosen: NodeState | None = None
-    fits = top = short = 0
+    plain: NodeState | None = None
+    fits = top = short = colocated = 0
+    unit = 1 if shared else count
     cpu, mem, pods = request.requests.cpu_m, request.requests.memory_bytes, request.requests.pods
     host_free_only_pods = cpu <= 0 and mem <= 0
     i = -1
@@ -184,31 +241,75 @@ def decide(view: ClusterView, request: ReplicaRequest) -> Decision:  # noqa: C90
             short += 1
             continue
         fits += 1
-        cls = (2 if not spread or dep not in node.deployments else 0) + (0 if prefer else 1)
-        if cls < best_cls:
-            continue
+        if not spread or dep not in node.deployments:
+            cls = 2 if prefer else 3
+        else:
+            colocated += 1
+            cls = 0 if prefer else 1
+        if frag:
+            f = node.whole_free
+            if f <= unit or (shared and node.shared_partial >= need):
+                rank = cls * FRAG_SCALE
+            elif f == node.healthy_gpus:
+                rank = cls * FRAG_SCALE - 2 * f - 1
+            else:
+                block = 1 << (f.bit_length() - 1)
+                rank = cls * FRAG_SCALE - (2 * block if block > unit and f - unit < block else 0)
+            if rank < best_rank and cls < plain_cls:
+                continue
+        else:
+            rank = cls * FRAG_SCALE
+            if rank < best_rank:
+                continue
         if rr:
             sc, second = (1.0 if cursor is None or name > cursor else 0.0), float(-i)
         elif weighted:
             second = float(node.capacity_mib)
             sc = second / (len(node.replicas) + 1)
+        elif binpack:
+            # Most allocated after placing (share), then best fit (fewest GPUs left free).
+            second = -node.shared_free_gpus if shared else float(count - node.whole_free)
+            sc = 1.0 + second / node.healthy_gpus
         else:
             second = node.shared_free_gpus if shared else float(node.whole_free)
             sc = second / node.healthy_gpus
-        if cls > best_cls:
-            best_cls, best_score, best_second, chosen, top = cls, sc, second, node, 1
-            continue
-        top += 1
-        if sc > best_score or (sc == best_score and second > best_second):
-            best_score, best_second, chosen = sc, second, node
+        if rank > best_rank:
+            best_rank, best_score, best_second, chosen, top = rank, sc, second, node, 1
+            best_cls = cls
+        elif rank == best_rank:
+            top += 1
+            if sc > best_score or (sc == best_score and second > best_second):
+                best_score, best_second, chosen = sc, second, node
+        if frag:
+            if cls > plain_cls:
+                plain_cls, plain_score, plain_second, plain = cls, sc, second, node
+            elif cls == plain_cls and (
+                sc > plain_score or (sc == plain_score and second > plain_second)
+            ):
+                plain_score, plain_second, plain = sc, second, node
     if chosen is None:
         return _no_fit(view, request, elig, footprint, short > 0)
     return _placed(
         view,
         request,
         chosen,
-        _Choice(strategy, best_score, best_second, best_cls, top, fits, discovery, cursor),
+        _Choice(
+            strategy,
+            best_score,
+            best_second,
+            best_cls,
+            top,
+            fits,
+            colocated,
+            discovery,
+            cursor,
+            plain if plain is not chosen else None,
+        ),
     )
+
+
+# Fragmentation penalties stay below this, so the rank keeps the class first.
+FRAG_SCALE = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,10 +320,80 @@ class _Choice:
     score: float
     second: float
     cls: int  # 2 * spread ok + no untolerated PreferNoSchedule taint
-    top: int  # nodes of the best class
+    top: int  # nodes of the best class and fragmentation penalty
     fits: int  # nodes that fit at all
+    colocated: int  # nodes that fit but already run a replica of the deployment (spread on)
     discovery: bool
     cursor: str | None
+    plain: NodeState | None  # the strategy's own pick, when fragmentation chose another node
+
+
+def _strategy_why(
+    chosen: NodeState, choice: _Choice, shared: bool, what: str
+) -> tuple[str, float, str | None]:
+    """The strategy's words for `chosen`, its score, and the cursor to return."""
+    strategy, top, cursor = choice.strategy, choice.top, choice.cursor
+    nodes = f"{top} node{'s' if top > 1 else ''} {what}"
+    if strategy == PlacementStrategy.ROUND_ROBIN:
+        why = (
+            f"round-robin: the next node after {cursor} that fits"
+            if cursor is not None
+            else "round-robin: the first node that fits"
+        )
+        return why, 0.0, chosen.info.name
+    if strategy == PlacementStrategy.WEIGHTED:
+        score = chosen.capacity_mib / 1024 / (len(chosen.replicas) + 1)
+        why = (
+            f"weighted: {chosen.capacity_mib // 1024} GiB of GPU memory for "
+            f"{len(chosen.replicas) + 1} replicas, {score:.1f} GiB per replica, the most among "
+            f"{nodes}"
+        )
+        return why, score, cursor
+    if strategy == PlacementStrategy.BIN_PACK:
+        in_use = chosen.healthy_gpus + choice.second
+        if shared:
+            used = f"{in_use:.1f} of {chosen.healthy_gpus} GPUs' memory in use"
+        else:
+            used = f"{in_use:.0f} of {chosen.healthy_gpus} GPUs in use once placed"
+        why = f"bin-packing: {used} ({choice.score:.0%}), the most among {nodes}"
+        return why, choice.score, cursor
+    free_text = f"{choice.second:.1f}" if shared else f"{choice.second:.0f}"
+    unit = "GPUs' memory" if shared else "GPUs"
+    why = (
+        f"availability: {free_text} of {chosen.healthy_gpus} {unit} free "
+        f"({choice.score:.0%}), the highest share among {nodes}"
+    )
+    return why, choice.score, cursor
+
+
+def _penalty(node: NodeState, request: ReplicaRequest, need: int, shared: bool) -> int:
+    partial = shared and node.shared_partial >= need
+    unit = 1 if shared else request.gpu_count
+    return compute_fragmentation_penalty(node.whole_free, node.healthy_gpus, unit, partial)
+
+
+def _describe_break(node: NodeState, penalty: int) -> str:
+    if penalty % 2:
+        return f"would break up a whole free node ({node.whole_free} GPUs)"
+    return f"would break up a block of {penalty // 2} free GPUs"
+
+
+def _fragmentation_note(
+    chosen: NodeState, plain: NodeState, request: ReplicaRequest, need: int, shared: bool
+) -> str:
+    """Why fragmentation overruled the strategy's own pick."""
+    mine = _penalty(chosen, request, need, shared)
+    theirs = _penalty(plain, request, need, shared)
+    if mine == 0:
+        kept = "breaks no larger free block"
+    elif mine % 2:
+        kept = f"breaks up a smaller whole node ({chosen.whole_free} GPUs)"
+    else:
+        kept = f"breaks up a smaller block ({mine // 2} free GPUs)"
+    return (
+        f"fragmentation: {plain.info.name}, the strategy's own pick, "
+        f"{_describe_break(plain, theirs)}; {chosen.info.name} {kept}"
+    )
 
 
 def _placed(
@@ -234,35 +405,10 @@ def _placed(
     footprint = request.footprint_mib
     shared = request.sharing == SharingMode.SHARED and footprint is not None
     need = footprint if shared and footprint is not None else 0
-    strategy, top, cursor = choice.strategy, choice.top, choice.cursor
-    rr = strategy == PlacementStrategy.ROUND_ROBIN
-    weighted = strategy == PlacementStrategy.WEIGHTED
-    best_spread, best_soft = choice.cls >= 2, choice.cls % 2 == 1
-    spread, fits, discovery = request.spread, choice.fits, choice.discovery
-    best_score, best_second = choice.score, choice.second
-    if rr:
-        score = 0.0
-        why = (
-            f"round-robin: the next node after {cursor} that fits"
-            if cursor is not None
-            else "round-robin: the first node that fits"
-        )
-        cursor = chosen.info.name
-    elif weighted:
-        score = chosen.capacity_mib / 1024 / (len(chosen.replicas) + 1)
-        why = (
-            f"weighted: {chosen.capacity_mib // 1024} GiB of GPU memory for "
-            f"{len(chosen.replicas) + 1} replicas, {score:.1f} GiB per replica, the most among "
-            f"{top} nodes that fit"
-        )
-    else:
-        score = best_score
-        free_text = f"{best_second:.1f}" if shared else f"{best_second:.0f}"
-        unit = "GPUs' memory" if shared else "GPUs"
-        why = (
-            f"availability: {free_text} of {chosen.healthy_gpus} {unit} free "
-            f"({score:.0%}), the highest share among {top} nodes that fit"
-        )
+    strategy = choice.strategy
+    frag = view.settings.fragmentation_aware
+    what = "that fit without breaking up more free GPUs" if frag else "that fit"
+    why, score, cursor = _strategy_why(chosen, choice, shared, what)
     if shared:
         gpus = _best_fit_gpus(chosen, count, need)
         gpu_why = (
@@ -271,13 +417,20 @@ def _placed(
         )
     else:
         gpus = _whole_gpus(chosen, count)
-        gpu_why = f"GPU {_fmt_gpus(gpus)}, the lowest free indices"
+        gpu_why = f"GPU {_fmt_gpus(gpus)} by best fit (the smallest free block that holds them)"
     notes = []
-    if spread and best_spread and top < fits:
-        notes.append(f"spread: no other replica of {dep} there")
-    if not best_soft:
+    if choice.plain is not None:
+        notes.append(_fragmentation_note(chosen, choice.plain, request, need, shared))
+    if request.spread and view.counts.get(dep, 0) > 0:
+        if choice.cls < 2:
+            notes.append(
+                f"spread not possible: every node that fits already runs a replica of {dep}"
+            )
+        elif choice.colocated:
+            notes.append(f"spread: no other replica of {dep} there")
+    if choice.cls % 2 == 0:
         notes.append("only nodes with an untolerated PreferNoSchedule taint fit")
-    if discovery:
+    if choice.discovery:
         notes.append(
             "discovery run: holds whole GPUs until its memory is measured"
             if request.sharing == SharingMode.SHARED
@@ -306,7 +459,7 @@ def _placed(
         score=round(score, 4),
         cursor=cursor,
         strategy=strategy,
-        discovery=discovery,
+        discovery=choice.discovery,
         replica=replica,
     )
 
@@ -348,6 +501,71 @@ def _settling_memory(nodes: Sequence[tuple[NodeState, bool]], count: int) -> Unp
                 f"measured free ({shown}); waiting for the next sample rather than evicting",
             )
     return None
+
+
+def _could_fit_when_fresh(
+    node: NodeState, request: ReplicaRequest, need: int | None, margin: int
+) -> bool:
+    """Whether `node`, whose agent is stale or unreachable, could take the replica by what is
+    known without its agent: its GPUs (last reported, else the Node's allocatable count), the
+    replicas placed there (terminating ones are going) and what other pods there request."""
+    info = node.info
+    if request.product is not None and node.product not in (None, request.product):
+        return False
+    if node.host_known and node.host_short(request.requests):
+        return False
+    holding = [r for r in node.replicas if r.state != ReplicaState.TERMINATING]
+    held = {g for r in holding if r.whole_gpus for g in r.gpu_ids}
+    gpus = [g for g in info.gpus if request.product is None or g.product == request.product]
+    foreign = sum(1 for g in gpus if g.foreign_pods)
+    devices_held = len(held) + foreign + max(info.others.gpus - foreign, 0)
+    if gpus:
+        # A whole-GPU replica needs a GPU nothing is on; a Shared one, one nothing holds whole.
+        busy = held if need is not None else held | {g for r in holding for g in r.gpu_ids}
+        free = sum(1 for g in gpus if g.gpu_id not in busy and not g.foreign_pods)
+        if info.gpu_allocatable is not None:
+            free = min(free, info.gpu_allocatable - devices_held)
+    else:
+        free = (info.gpu_allocatable or 0) - devices_held
+    if need is None or not gpus:
+        return free >= request.gpu_count
+    promised: dict[str, int] = {}
+    for r in holding:
+        if not r.whole_gpus:
+            for g in r.gpu_ids:
+                promised[g] = promised.get(g, 0) + (r.footprint_mib or 0)
+    room = [
+        g
+        for g in gpus
+        if g.gpu_id not in held
+        and not g.foreign_pods
+        and g.memory_total_mib - promised.get(g.gpu_id, 0) - margin >= need
+    ]
+    return len(room) >= request.gpu_count
+
+
+def _waiting_for_stale(
+    view: ClusterView, request: ReplicaRequest, stale: Sequence[str], need: int | None
+) -> Unplaceable | None:
+    """Wait, rather than evict, when a node whose agent is stale or unreachable could take the
+    replica: nothing fits on the nodes with fresh figures, but a monitoring blip must not cost
+    another model its replicas. (A node that is lost, NotReady or gone, is never stale.)"""
+    margin = view.settings.memory_margin_mib
+    fit = [
+        view.nodes[name]
+        for name in stale
+        if _could_fit_when_fresh(view.nodes[name], request, need, margin)
+    ]
+    if not fit:
+        return None
+    shown = _examples([f"{n.info.name} ({n.info.reason or 'stats are stale'})" for n in fit])
+    k = len(fit)
+    return Unplaceable(
+        UnplaceableCode.WAITING_FOR_STATS,
+        f"no node with fresh GPU stats has room; {k} node{'s' if k > 1 else ''} whose agent is "
+        f"stale or unreachable could take it by what is known ({shown}): waiting for "
+        f"{'their' if k > 1 else 'its'} stats rather than evicting",
+    )
 
 
 def _host_short(nodes: Sequence[tuple[NodeState, bool]], request: ReplicaRequest) -> str:
@@ -409,6 +627,9 @@ def _no_fit(
         (_product_node(view.nodes[name], request.product, margin), prefer)
         for name, prefer in elig.nodes
     ]
+    stale = _waiting_for_stale(view, request, elig.stale, need)
+    if stale is not None:
+        return stale
     what = f"{request.product} GPU" if request.product else "GPU"
     largest = max(nodes, key=lambda n: n[0].healthy_gpus)[0]
     if largest.healthy_gpus < count:

@@ -151,7 +151,11 @@ class NodeInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[Taint, ...] = ()
     healthy: bool = True  # the agent answers and the node is Ready
-    stale: bool = False  # the last sample is too old to trust
+    # The agent's figures cannot be trusted now (its sample is too old, it does not answer, or
+    # it cannot read the GPUs) while the Node is Ready: nothing is placed there, and a replica
+    # that could go there waits for it rather than evicting elsewhere. (A Node that is NotReady
+    # or gone is lost, not stale: `healthy` false, and nothing waits for it.)
+    stale: bool = False
     reason: str = ""  # why it is unhealthy or stale
     # Why no replica may go there for now: its kubelet rejected one at admission (backoff).
     rejected: str = ""
@@ -230,6 +234,8 @@ class PlacementSettings:
 
     default_strategy: PlacementStrategy = PlacementStrategy.AVAILABILITY
     memory_margin_mib: int = 1024  # kept free on every GPU in Shared mode
+    # Rank nodes first by the free blocks a placement would break up, then by the strategy.
+    fragmentation_aware: bool = True
 
 
 class UnplaceableCode(StrEnum):

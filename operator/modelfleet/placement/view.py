@@ -105,6 +105,9 @@ class NodeState:
     # starting Shared replica, largest first
     shared_avail_any: tuple[int, ...]  # the same, starting replicas or not
     shared_free_gpus: float  # sum of available/total over healthy not whole-held GPUs
+    # The most MiB available on a GPU that already carries a Shared replica (none starting):
+    # a Shared replica that fits there breaks no free GPU. -1 when there is none.
+    shared_partial: int
     capacity_mib: int  # memory of the healthy GPUs
     replicas: tuple[PlacedReplica, ...]
     deployments: frozenset[DeploymentRef]
@@ -233,6 +236,7 @@ def build_node_state(
     avail_any: list[int] = []
     free_whole = 0
     free_equiv = 0.0
+    partial = -1
     capacity = 0
     healthy = 0
     for g in sorted(info.gpus, key=lambda g: g.index):
@@ -254,6 +258,8 @@ def build_node_state(
             avail_any.append(available)
             if not any(r.state == ReplicaState.STARTING for r in sh):
                 avail.append(available)
+                if sh and available > partial:
+                    partial = available
             if g.memory_total_mib > 0:
                 free_equiv += max(available, 0) / g.memory_total_mib
     avail.sort(reverse=True)
@@ -277,6 +283,7 @@ def build_node_state(
         shared_avail=tuple(avail),
         shared_avail_any=tuple(avail_any),
         shared_free_gpus=free_equiv,
+        shared_partial=partial,
         capacity_mib=capacity,
         replicas=reps,
         deployments=frozenset(r.deployment for r in reps),
@@ -307,6 +314,9 @@ class Eligibility:
     nodes: tuple[tuple[str, bool], ...]  # (node, has an untolerated PreferNoSchedule taint)
     excluded: Mapping[str, tuple[str, ...]]  # stage -> "node: why" for each node excluded there
     largest_gpu_mib: int = 0  # the most memory one GPU (of the product) has on these nodes
+    # Nodes that pass every other stage but whose agent is stale or unreachable: a replica that
+    # could go there waits for them rather than evicting elsewhere.
+    stale: tuple[str, ...] = ()
 
 
 # The stages a node passes, in the order the reasons are reported.
@@ -429,6 +439,7 @@ class ClusterView:
         keys = ((product, selector, tolerations, False), (product, selector, tolerations, True))
         ok: tuple[list[tuple[str, bool]], list[tuple[str, bool]]] = ([], [])
         excluded: tuple[dict[str, list[str]], dict[str, list[str]]] = ({}, {})
+        stale: tuple[list[str], list[str]] = ([], [])
         for name in self.order:
             node = self.nodes[name]
             why = _exclusion(node, keys[0])
@@ -444,12 +455,17 @@ class ClusterView:
                     ok[i].append((name, prefer))
                 else:
                     excluded[i].setdefault(w[0], []).append(w[1])
+                    if w[0] == STAGE_STALE:
+                        stale[i].append(name)
         if len(self._eligibility) > 4096:  # bounded: two entries per kind of request
             self._eligibility.clear()
         for i, k in enumerate(keys):
             largest = _largest_gpu_mib((self.nodes[n] for n, _ in ok[i]), product)
             self._eligibility[k] = Eligibility(
-                tuple(ok[i]), {st: tuple(v) for st, v in excluded[i].items()}, largest
+                tuple(ok[i]),
+                {st: tuple(v) for st, v in excluded[i].items()},
+                largest,
+                tuple(stale[i]),
             )
         return self._eligibility[key]
 

@@ -253,3 +253,26 @@ def test_gpu_nodes_without_an_agent_are_named_after_the_grace() -> None:
     }
     assert compute_gpu_nodes_without_agent(nodes, since, T0, 30.0) == ("gke-gpu-1",)
     assert compute_gpu_nodes_without_agent(nodes, since, T0, 5.0) == ("gke-gpu-1", "gke-gpu-2")
+
+
+def test_node_whose_agent_is_down_is_waited_for_not_evicted_around() -> None:
+    # Node a is full with a replica eviction may take; node b's agent stopped answering while
+    # b is Ready. Placement knows b as stale and waits for it rather than evicting on a.
+    old = pod(1, deployment="old", node="a", gpus=("a:0",))
+    snap = snapshot(report("a", 1), report("b", 2), down=("b",))
+    nodes = {
+        "a": facts("a")["a"],
+        "b": replace(facts("b")["b"], gpu_allocatable=2),
+    }
+    placer = build_placer(nodes, [old], {("ns", "old"): 1.0}, snap, P.PlacementSettings())
+    stale = placer.view.nodes["b"].info
+    assert stale.stale
+    assert stale.reason.startswith("agent down")
+    decision = placer(request())
+    assert isinstance(decision, Unplaceable), decision
+    assert "waiting for its stats rather than evicting" in decision.reason
+    # Once b is NotReady it is lost, not stale: nothing waits for it.
+    nodes["b"] = replace(nodes["b"], ready=False)
+    placer = build_placer(nodes, [old], {("ns", "old"): 1.0}, snap, P.PlacementSettings())
+    assert "b" not in placer.view.nodes
+    assert isinstance(placer(request()), Evict)

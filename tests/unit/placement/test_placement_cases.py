@@ -26,6 +26,7 @@ from modelfleet.placement import (
     Unplaceable,
     UnplaceableCode,
     build_view,
+    compute_fragmentation_penalty,
     compute_ledger,
     decide,
 )
@@ -34,6 +35,9 @@ H100 = "NVIDIA-H100-80GB-HBM3"
 L4 = "NVIDIA-L4"
 MIB = 81920
 SETTINGS = PlacementSettings(memory_margin_mib=1024)
+# The strategies on their own, without fragmentation-aware ranking: the cases that pin down
+# what each strategy's score means.
+PLAIN = PlacementSettings(memory_margin_mib=1024, fragmentation_aware=False)
 
 
 def node(
@@ -130,13 +134,30 @@ def test_empty_cluster_waits_for_stats() -> None:
     assert "no node-stats agent has reported" in d.reason
 
 
-def test_single_node_lowest_free_gpus() -> None:
+def test_single_node_best_fit_gpus() -> None:
+    # a:0 is taken: two GPUs come from the free aligned pair a:2,a:3 (not a:1,a:2, which would
+    # leave two single GPUs).
     view = build_view([node("a", 4)], [rep("x", 1, "a", (0,))], SETTINGS)
     d = placed(decide(view, req(gpu_count=2)))
-    assert (d.node, d.gpu_ids, d.uuids) == ("a", ("a:1", "a:2"), ("GPU-a-1", "GPU-a-2"))
-    assert "lowest free indices" in d.reason
+    assert (d.node, d.gpu_ids, d.uuids) == ("a", ("a:2", "a:3"), ("GPU-a-2", "GPU-a-3"))
+    assert "by best fit (the smallest free block that holds them)" in d.reason
     assert d.replica.state == ReplicaState.STARTING
     assert not d.replica.measured
+
+
+def test_best_fit_gpus_take_single_free_gpus_before_breaking_a_pair() -> None:
+    # 8 GPUs, 0, 2, 5 and 6 taken: 1, 3, 4 and 7 are free, no aligned pair among them. A 2-GPU
+    # replica takes the free GPUs in the smallest free blocks (all of size 1), lowest first.
+    taken = [rep("x", 1, "a", (0, 2, 5, 6))]
+    d = placed(decide(build_view([node("a")], taken, SETTINGS), req(gpu_count=2)))
+    assert d.gpu_ids == ("a:1", "a:3")
+    # 0 and 4 taken: one GPU is a:1, whose pair 0-1 is broken already (so is a:5's), keeping
+    # 2-3 and 6-7 free as pairs; two GPUs take the first free aligned pair.
+    taken = [rep("x", 1, "a", (0, 4))]
+    d = placed(decide(build_view([node("a")], taken, SETTINGS), req()))
+    assert d.gpu_ids == ("a:1",)
+    d = placed(decide(build_view([node("a")], taken, SETTINGS), req(gpu_count=2)))
+    assert d.gpu_ids == ("a:2", "a:3")
 
 
 def test_availability_prefers_share_over_count_on_heterogeneous_nodes() -> None:
@@ -157,7 +178,7 @@ def test_availability_count_breaks_equal_shares() -> None:
     view = build_view(
         [node("a-small", 4), node("b-big", 8)],
         [rep("x", 1, "a-small", (0, 1)), rep("y", 1, "b-big", (0, 1, 2, 3))],
-        SETTINGS,
+        PLAIN,
     )
     assert placed(decide(view, req())).node == "b-big"
 
@@ -173,13 +194,13 @@ def test_weighted_spreads_in_proportion_to_capacity() -> None:
     view = build_view(
         [node("big", 8), node("small", 4)],
         [rep("x", 1, "big", (0,)), rep("x", 2, "big", (1,)), rep("y", 1, "small", (0,))],
-        SETTINGS,
+        PLAIN,
     )
     d = placed(decide(view, req(strategy=PlacementStrategy.WEIGHTED)))
     assert d.node == "big"
     assert d.score == pytest.approx(640 / 3, abs=0.01)
     # Over a stream, the big node gets twice the replicas of the small one.
-    view = build_view([node("big", 8), node("small", 4)], [], SETTINGS)
+    view = build_view([node("big", 8), node("small", 4)], [], PLAIN)
     counts = {"big": 0, "small": 0}
     for i in range(9):
         r = replace(
@@ -196,7 +217,9 @@ def test_default_strategy_comes_from_settings() -> None:
     view = build_view(
         [node("a"), node("b")],
         [rep("x", 1, "a", (0,))],
-        PlacementSettings(default_strategy=PlacementStrategy.ROUND_ROBIN),
+        PlacementSettings(
+            default_strategy=PlacementStrategy.ROUND_ROBIN, fragmentation_aware=False
+        ),
         cursor="a",
     )
     d = placed(decide(view, req()))
@@ -216,7 +239,7 @@ def test_round_robin_cycles_in_name_order_and_skips_unhealthy() -> None:
         node("n4", stale=True, reason="last sample 40s old"),
         node("n5"),
     ]
-    view = build_view(nodes, [], SETTINGS)
+    view = build_view(nodes, [], PLAIN)
     seen = []
     for i in range(6):
         d = placed(decide(view, req(f"m{i}", strategy=PlacementStrategy.ROUND_ROBIN)))
@@ -270,6 +293,78 @@ def test_stale_node_waits_for_stats() -> None:
     d = unplaceable(decide(view, req()), UnplaceableCode.WAITING_FOR_STATS)
     assert "stale" in d.reason
     assert "45s old" in d.reason
+
+
+def _unreachable(name: str = "b", gpus: int = 8, **kw: object) -> NodeInfo:
+    """A Ready node whose agent does not answer: no GPU figures, the Node's allocatable."""
+    return NodeInfo(
+        name=name,
+        stale=True,
+        reason="agent down: connection refused",
+        gpu_allocatable=gpus,
+        labels={PRODUCT_LABEL: H100},
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_stale_node_that_could_take_it_waits_rather_than_evicting() -> None:
+    # a is fresh and full with a replica eviction may take; b's agent does not answer, and by
+    # what is known (8 GPUs allocatable, nothing placed there) b would take the replica.
+    full = rep("old", 1, "a", (0, 1))
+    view = build_view([node("a", 2), _unreachable()], [full], SETTINGS)
+    d = unplaceable(decide(view, req()), UnplaceableCode.WAITING_FOR_STATS)
+    assert (
+        "no node with fresh GPU stats has room; 1 node whose agent is stale or unreachable "
+        "could take it by what is known (b (agent down: connection refused)): waiting for its "
+        "stats rather than evicting"
+    ) in d.reason
+    # The same cluster without b evicts.
+    evict(decide(build_view([node("a", 2)], [full], SETTINGS), req()))
+    # A stale node whose last figures show room (NVML not ready) counts the same.
+    stale = node("b", 2, stale=True, reason="agent not ready: NVML does not answer")
+    view = build_view([node("a", 2), stale], [full], SETTINGS)
+    d = unplaceable(decide(view, req(gpu_count=2)), UnplaceableCode.WAITING_FOR_STATS)
+    assert "b (agent not ready: NVML does not answer)" in d.reason
+
+
+def test_stale_node_with_no_room_by_what_is_known_does_not_block_eviction() -> None:
+    full = rep("old", 1, "a", (0, 1))
+    on_b = rep("busy", 1, "b", tuple(range(8)), priority=5)
+    view = build_view([node("a", 2), _unreachable()], [full, on_b], SETTINGS)
+    d = evict(decide(view, req()))
+    assert d.node == "a"
+    # Other pods' GPU requests there count too.
+    crowded = _unreachable(others=Requests(gpus=8, pods=1))
+    evict(decide(build_view([node("a", 2), crowded], [full], SETTINGS), req()))
+    # A request the stale node could never match (nodeSelector) does not wait for it either.
+    evict(
+        decide(
+            build_view([node("a", 2, labels={"pool": "x"}), _unreachable()], [full], SETTINGS),
+            req(node_selector={"pool": "x"}),
+        )
+    )
+    # Replicas terminating there are going: the replica waits for them and the agent.
+    going = replace(on_b, state=ReplicaState.TERMINATING)
+    view = build_view([node("a", 2), _unreachable()], [full, going], SETTINGS)
+    unplaceable(decide(view, req()), UnplaceableCode.WAITING_FOR_STATS)
+
+
+def test_lost_node_is_not_waited_for() -> None:
+    # NotReady (or gone) is lost, not stale: the node-lost rules replace its replicas, and a
+    # replica that needs room evicts rather than waiting for it.
+    full = rep("old", 1, "a", (0, 1))
+    lost = replace(_unreachable(), stale=False, healthy=False, reason="node is NotReady")
+    evict(decide(build_view([node("a", 2), lost], [full], SETTINGS), req()))
+
+
+def test_stale_node_shared_replica_waits_only_where_memory_was_free() -> None:
+    full = rep("old", 1, "a", (0,))
+    promised = rep("s", 1, "b", (0,), footprint=60000, sharing=SharingMode.SHARED, measured=False)
+    stale = node("b", 1, stale=True, reason="last sample 40s old")
+    view = build_view([node("a", 1), stale], [full, promised], SETTINGS)
+    # 81920 - 60000 - 1024 = 20896 MiB would be left on b:0 by what is known.
+    unplaceable(decide(view, shared_req(memory=20480)), UnplaceableCode.WAITING_FOR_STATS)
+    evict(decide(view, shared_req(memory=30720)))
 
 
 def test_cordoned_node_is_excluded() -> None:
@@ -396,13 +491,16 @@ def test_nodes_that_hand_out_shared_gpus_take_no_exclusive_replica() -> None:
     assert "2 nodes hand out shared GPUs, which an Exclusive replica does not take" in d.reason
     assert "a: nvidia.com/gpu.replicas=4: each GPU is shared (time-slicing or MPS)" in d.reason
     assert "b: allocates 7 nvidia.com/gpu for the 1 GPUs its agent sees" in d.reason
-    # A Shared replica works in GPU memory, and asks the kubelet for no device: it may go.
-    assert placed(decide(view, shared_req())).node == "a"
+    # A Shared replica works in GPU memory, and asks the kubelet for no device: it may go
+    # (to b, whose one GPU it fits exactly, rather than breaking up a's two).
+    assert placed(decide(view, shared_req())).node == "b"
+    assert placed(decide(build_view([sliced], [], SETTINGS), shared_req())).node == "a"
     # Whole GPUs: as many devices as GPUs (or fewer, unhealthy ones) is fine.
     whole = build_view(
         [node("c", 2, gpu_allocatable=2), node("d", 2, gpu_allocatable=1)], [], SETTINGS
     )
-    assert placed(decide(whole, req())).node == "c"
+    # (d allocates 1 of its 2: one GPU fits there exactly, and c's two stay together.)
+    assert placed(decide(whole, req())).node == "d"
 
 
 def test_memory_of_a_replica_that_just_went_makes_it_wait_not_evict() -> None:
@@ -469,15 +567,174 @@ def test_taints_and_tolerations() -> None:
 
 def test_prefer_no_schedule_lowers_the_choice() -> None:
     soft = node("a", taints=(Taint("spot", "yes", "PreferNoSchedule"),))
-    view = build_view([soft, node("b")], [rep("x", 1, "b", (0, 1, 2, 3, 4, 5))], SETTINGS)
+    view = build_view([soft, node("b")], [rep("x", 1, "b", (0, 1, 2, 3, 4, 5))], PLAIN)
     # b has 2 of 8 free, a has 8 of 8, but a's taint is not tolerated: b still wins.
     assert placed(decide(view, req())).node == "b"
     tolerated = req(tolerations=(Toleration("spot", "Exists"),))
     assert placed(decide(view, tolerated)).node == "a"
-    full_b = build_view([soft, node("b", 1)], [rep("x", 1, "b", (0,))], SETTINGS)
+    full_b = build_view([soft, node("b", 1)], [rep("x", 1, "b", (0,))], PLAIN)
     d = placed(decide(full_b, req()))
     assert d.node == "a"
     assert "PreferNoSchedule" in d.reason
+
+
+# --- fragmentation-aware ranking -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("free", "healthy", "count", "partial", "penalty"),
+    [
+        (8, 8, 1, False, 17),  # a whole 8-GPU node broken up
+        (4, 4, 1, False, 9),  # a whole 4-GPU node: less bad
+        (4, 8, 1, False, 8),  # the block of 4 is lost (3 remain)
+        (5, 8, 1, False, 0),  # 4 stay free together
+        (2, 8, 1, False, 4),
+        (1, 8, 1, False, 0),  # an exact fit
+        (4, 4, 4, False, 0),  # an exact fit of a whole node
+        (5, 8, 4, False, 0),  # the block of 4 is what it needs
+        (7, 8, 3, False, 0),  # 4 stay free together
+        (5, 8, 3, False, 8),
+        (8, 8, 1, True, 0),  # Shared, on a GPU already shared: no free GPU broken
+    ],
+)
+def test_fragmentation_penalty(
+    free: int, healthy: int, count: int, partial: bool, penalty: int
+) -> None:
+    assert compute_fragmentation_penalty(free, healthy, count, partial) == penalty
+
+
+def _doc_example_nodes() -> tuple[list[NodeInfo], list[PlacedReplica]]:
+    # docs/placement.md: a (8 GPUs, all free), b (8 GPUs, 5 free), c (4 GPUs, all free).
+    return [node("a"), node("b"), node("c", 4)], [rep("x", 1, "b", (0, 1, 2))]
+
+
+def test_small_replica_fills_a_partly_used_node_and_keeps_whole_nodes_whole() -> None:
+    nodes, reps = _doc_example_nodes()
+    d = placed(decide(build_view(nodes, reps, SETTINGS), req()))
+    assert d.node == "b"
+    assert d.gpu_ids == ("b:3",)  # the single free GPU of the block 3 (the quad 4-7 stays)
+    assert (
+        "fragmentation: a, the strategy's own pick, would break up a whole free node (8 GPUs); "
+        "b breaks no larger free block"
+    ) in d.reason
+    # The strategy alone takes the emptiest node.
+    plain = placed(decide(build_view(nodes, reps, PLAIN), req()))
+    assert plain.node == "a"
+    assert "fragmentation" not in plain.reason
+
+
+def test_four_gpus_fit_exactly_and_the_eight_gpu_node_stays_whole() -> None:
+    nodes, reps = _doc_example_nodes()
+    view = build_view(nodes, reps, SETTINGS)
+    d = placed(decide(view, req(gpu_count=4)))
+    # b (5 of 8) and c (4 of 4) both break nothing larger; Availability then takes c.
+    assert d.node == "c"
+    assert "the highest share among 2 nodes that fit without breaking up more free GPUs" in (
+        d.reason
+    )
+    # Availability alone would take a (8 of 8 free beats 4 of 4 on the count).
+    assert "a, the strategy's own pick, would break up a whole free node (8 GPUs); c breaks " in (
+        d.reason
+    )
+    view = view.with_placed(d)
+    assert placed(decide(view, req("big", gpu_count=8))).node == "a"
+
+
+def test_an_empty_small_node_is_broken_up_before_an_empty_large_one() -> None:
+    view = build_view([node("a"), node("b", 4)], [], SETTINGS)
+    d = placed(decide(view, req()))
+    assert d.node == "b"
+    assert "a, the strategy's own pick, would break up a whole free node (8 GPUs)" in d.reason
+    assert "b breaks up a smaller whole node (4 GPUs)" in d.reason
+
+
+def test_the_lowest_class_with_a_penalty_still_places() -> None:
+    # Every node that fits runs a replica of m already and carries an untolerated
+    # PreferNoSchedule taint (the lowest class), and placing there breaks a free block.
+    soft = (Taint("spot", "yes", "PreferNoSchedule"),)
+    view = build_view([node("a", taints=soft)], [rep("m", 1, "a", (0, 1, 2, 3))], SETTINGS)
+    d = placed(decide(view, req("m")))
+    assert d.node == "a"
+    assert "spread not possible" in d.reason
+    assert "PreferNoSchedule" in d.reason
+
+
+def test_fragmentation_ranks_every_strategy() -> None:
+    nodes, reps = _doc_example_nodes()
+    for strategy in PlacementStrategy:
+        d = placed(decide(build_view(nodes, reps, SETTINGS), req(strategy=strategy)))
+        assert d.node == "b", strategy
+
+
+def test_shared_replica_joins_a_shared_gpu_before_breaking_a_free_one() -> None:
+    # a: one GPU carries a Shared replica with room; b: entirely free (and emptier).
+    shared = rep("s", 1, "a", (0,), footprint=20480, sharing=SharingMode.SHARED)
+    view = build_view([node("a", 2, used={0: 20480}), node("b", 2)], [shared], SETTINGS)
+    d = placed(decide(view, shared_req()))
+    assert (d.node, d.gpu_ids) == ("a", ("a:0",))
+    plain = placed(decide(build_view(view_nodes(view), [shared], PLAIN), shared_req()))
+    assert plain.node == "b"
+
+
+def view_nodes(view: object) -> list[NodeInfo]:
+    return [n.info for n in view.nodes.values()]  # type: ignore[attr-defined]
+
+
+# --- BinPack -------------------------------------------------------------------------------
+
+BINPACK = PlacementStrategy.BIN_PACK
+
+
+def test_binpack_takes_the_fullest_node_that_fits() -> None:
+    # docs/placement.md: a 6 of 8 in use, b 2 of 4, c empty. Two GPUs fill a or b exactly.
+    nodes = [node("a"), node("b", 4), node("c")]
+    reps = [rep("x", 1, "a", (0, 1, 2, 3, 4, 5)), rep("y", 1, "b", (0, 1))]
+    for settings in (SETTINGS, PLAIN):
+        d = placed(decide(build_view(nodes, reps, settings), req(gpu_count=2, strategy=BINPACK)))
+        assert d.node == "a"
+        assert d.strategy == BINPACK
+        assert d.score == 1.0
+        assert "bin-packing: 8 of 8 GPUs in use once placed (100%)" in d.reason
+
+
+def test_binpack_is_most_allocated_then_best_fit() -> None:
+    # One GPU: a would be 7 of 8 (88%), b 3 of 4 (75%): a, the fuller share.
+    nodes = [node("a"), node("b", 4)]
+    reps = [rep("x", 1, "a", (0, 1, 2, 3, 4, 5)), rep("y", 1, "b", (0, 1))]
+    d = placed(decide(build_view(nodes, reps, PLAIN), req(strategy=BINPACK)))
+    assert d.node == "a"
+    # Availability, for contrast, takes the larger free share (b: 2 of 4 against 2 of 8).
+    assert placed(decide(build_view(nodes, reps, PLAIN), req())).node == "b"
+    # Equal shares once placed (a 6 of 8, b 3 of 4): best fit, the one with fewer GPUs left.
+    reps = [rep("x", 1, "a", (0, 1, 2, 3, 4)), rep("y", 1, "b", (0, 1))]
+    d = placed(decide(build_view(nodes, reps, PLAIN), req(strategy=BINPACK)))
+    assert d.node == "b"
+
+
+def test_binpack_fills_a_node_before_opening_another() -> None:
+    view = build_view([node("a", 4), node("b", 4)], [], SETTINGS)
+    seen = []
+    for i in range(8):
+        d = placed(decide(view, req(f"m{i}", strategy=BINPACK)))
+        seen.append(d.node)
+        view = view.with_placed(d)
+    assert seen == ["a"] * 4 + ["b"] * 4
+
+
+def test_binpack_still_spreads_replicas_of_one_deployment() -> None:
+    view = build_view([node("a", 4), node("b", 4)], [rep("m", 1, "a", (0,))], SETTINGS)
+    d = placed(decide(view, req("m", strategy=BINPACK)))
+    assert d.node == "b"
+    assert "spread: no other replica of ml/m there" in d.reason
+
+
+def test_binpack_shared_replica_goes_to_the_fullest_gpu_memory() -> None:
+    shared = rep("s", 1, "a", (0,), footprint=40960, sharing=SharingMode.SHARED)
+    view = build_view([node("a", 2, used={0: 40960}), node("b", 1)], [shared], PLAIN)
+    d = placed(decide(view, shared_req(strategy=BINPACK)))
+    assert (d.node, d.gpu_ids) == ("a", ("a:0",))
+    assert "bin-packing:" in d.reason
+    assert "GPUs' memory in use" in d.reason
 
 
 # --- spread ---------------------------------------------------------------------------------
@@ -497,7 +754,36 @@ def test_spread_prefers_nodes_without_the_deployment() -> None:
 
 def test_spread_is_a_preference_not_a_rule() -> None:
     view = build_view([node("a", 2)], [rep("m", 1, "a", (0,))], SETTINGS)
-    assert placed(decide(view, req("m"))).node == "a"
+    d = placed(decide(view, req("m")))
+    assert d.node == "a"
+    assert "spread not possible: every node that fits already runs a replica of ml/m" in d.reason
+
+
+def test_spread_comes_before_fragmentation_for_every_strategy() -> None:
+    # a is partly used by m's first replica: fragmentation alone would put the second there too,
+    # but a node without a replica of m fits (b, empty), so the replicas stay apart.
+    for strategy in PlacementStrategy:
+        view = build_view([node("a"), node("b")], [rep("m", 1, "a", (0,))], SETTINGS)
+        d = placed(decide(view, req("m", strategy=strategy)))
+        assert d.node == "b", strategy
+        assert "spread: no other replica of ml/m there" in d.reason
+        # Once every node runs one, the third goes where fragmentation says, and says why.
+        view = view.with_placed(d)
+        third = placed(decide(view, replace(req("m", strategy=strategy), pod="m-instance-3")))
+        assert "spread not possible" in third.reason
+
+
+def test_spread_over_a_stream_of_replicas() -> None:
+    # Three deployments of three replicas each on four 8-GPU nodes, default settings: no two
+    # replicas of one deployment share a node, however the packing goes.
+    view = build_view([node(f"n{i}") for i in range(4)], [], SETTINGS)
+    for name in ("m1", "m2", "m3"):
+        for n in range(1, 4):
+            d = placed(decide(view, replace(req(name, gpu_count=2), pod=f"{name}-instance-{n}")))
+            view = view.with_placed(d)
+    for name in ("m1", "m2", "m3"):
+        nodes = [r.node for r in view.replicas.values() if r.deployment == dep(name)]
+        assert len(set(nodes)) == 3, (name, nodes)
 
 
 # --- capacity, fragmentation ----------------------------------------------------------------

@@ -21,8 +21,10 @@ from modelfleet.placement import (
     ReplicaState,
     SharingMode,
     build_view,
+    compute_fragmentation_penalty,
     decide,
 )
+from modelfleet.placement.engine import compute_static_key
 from modelfleet.placement.view import IDLE_MEMORY_MIB
 
 MARGIN = 512
@@ -225,7 +227,9 @@ def test_round_robin_visits_every_eligible_node_before_repeating(
                 schedulable=why != "cordoned",
             )
         )
-    view = build_view(nodes, [], SETTINGS, cursor=cursor)
+    # Plain round-robin: with fragmentation-aware ranking, partly used nodes come first.
+    plain = replace(SETTINGS, fragmentation_aware=False)
+    view = build_view(nodes, [], plain, cursor=cursor)
     seen = []
     for i in range(2 * healthy):
         r = ReplicaRequest(
@@ -273,3 +277,42 @@ def test_eviction_never_breaks_a_floor_or_a_priority(
     ) or not any(foreign):
         assert isinstance(after, Placed), after
         assert after.node == decision.node
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams(), st.data())
+def test_fragmentation_ranking_picks_the_least_penalty_and_never_loses_a_fit(
+    stream: tuple[list[NodeInfo], list[ReplicaRequest]], data: st.DataObject
+) -> None:
+    # Whatever the cluster and strategy, a whole-GPU placement goes to a node whose penalty
+    # (compute_fragmentation_penalty, which decide inlines) is the least among the nodes of its
+    # spread class that fit; and the ranking never turns a fit into a wait.
+    nodes, reqs = stream
+    view = run_stream(nodes, reqs, [])
+    probe = replace(data.draw(requests(999)), sharing=SharingMode.EXCLUSIVE, memory_mib=None)
+    decision = decide(view, probe)
+    plain = decide(replace(view, settings=replace(view.settings, fragmentation_aware=False)), probe)
+    assert isinstance(decision, Placed) == isinstance(plain, Placed)
+    if not isinstance(decision, Placed):
+        return
+    count = probe.gpu_count
+
+    def spread_ok(name: str) -> bool:
+        return not probe.spread or probe.deployment not in view.nodes[name].deployments
+
+    def penalty(name: str) -> int:
+        n = view.nodes[name]
+        return compute_fragmentation_penalty(n.whole_free, n.healthy_gpus, count)
+
+    fitting = [
+        name
+        for name, _ in view.eligibility(compute_static_key(probe)).nodes
+        if view.nodes[name].whole_free >= count
+    ]
+    same_class = [n for n in fitting if spread_ok(n) == spread_ok(decision.node)]
+    assert any(spread_ok(n) for n in fitting) == spread_ok(decision.node)
+    assert penalty(decision.node) == min(penalty(n) for n in same_class)
+    if "fragmentation:" in decision.reason:
+        assert isinstance(plain, Placed)
+        assert plain.node != decision.node
+        assert penalty(plain.node) > penalty(decision.node)
