@@ -481,6 +481,24 @@ class SimSettings(_Settings):
     embedding_dim: int = Field(
         32, ge=1, le=8192, description="Length of the vectors /v1/embeddings returns."
     )
+    cost_model: Literal["", "a100-40gb-llama-3.1-8b"] = Field(
+        "",
+        description=(
+            "Engine cost model: a100-40gb-llama-3.1-8b answers like vLLM serving "
+            "Llama-3.1-8B-Instruct on one A100 40GB (continuous batching, prefill and decode "
+            "time, a paged KV cache with prefix caching and preemption; docs/gateway.md). "
+            "Empty: answers after the fixed delays token_latency_s and request_latency_s."
+        ),
+    )
+    kv_cache_blocks: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description=(
+            "KV-cache size of the cost model in 16-token blocks; 0: what "
+            "--gpu-memory-utilization leaves on the modelled GPU after weights and activations."
+        ),
+    )
     gated_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description=(
