@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -12,6 +13,7 @@ from gwharness import md_obj, pod_obj
 from modelfleet.api.v1alpha1 import Balancing
 from modelfleet.enginemetrics import EngineMetricsError, parse_engine_load
 from modelfleet.gateway.balancer import Replica, Route, build_route, pick_replica
+from modelfleet.gateway.metrics import GatewayMetrics
 from modelfleet.gateway.proxy import AffinityTracker, compute_routing_key
 from modelfleet.gateway.registry import Registry
 from modelfleet.gateway.routing import (
@@ -312,3 +314,30 @@ def test_engine_load_parser_never_raises_anything_else_on_noise() -> None:
         noise = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 200)))
         with contextlib.suppress(EngineMetricsError):
             parse_engine_load(VLLM_TEXT[: rng.randint(0, len(VLLM_TEXT))] + noise)
+
+
+def test_per_replica_figures_and_affinity_results_are_metrics() -> None:
+    route = hashed_route(Balancing.PREFIX_HASH, n=2, engine_load=True)
+    first, second = route.replicas
+    first.requests, first.outstanding, first.completion_tokens = 7, 2, 40
+    second.engine_waiting, second.engine_kv_cache, second.engine_at = 3.0, 0.5, time.monotonic()
+    metrics = GatewayMetrics()
+    metrics.watch_replicas(lambda: {"m": route}, 1.5)
+    metrics.observe_affinity("m", "hit")
+    metrics.observe_affinity("m", "hit")
+    metrics.observe_affinity("m", "new")
+
+    def value(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    names = {"model": "m", "replica": "m-instance-0"}
+    assert value("modelfleet_gateway_replica_requests_total", **names) == 7
+    assert value("modelfleet_gateway_replica_in_flight", **names) == 2
+    assert value("modelfleet_gateway_replica_tokens_total", **names, kind="completion") == 40
+    assert value("modelfleet_gateway_replica_engine_waiting", **names) is None  # never scraped
+    other = {"model": "m", "replica": "m-instance-1"}
+    assert value("modelfleet_gateway_replica_engine_waiting", **other) == 3
+    assert value("modelfleet_gateway_replica_engine_kv_cache_usage", **other) == 0.5
+    assert value("modelfleet_gateway_affinity_requests_total", model="m", result="hit") == 2
+    route.replicas = [second]  # the replica left: its series go with it
+    assert value("modelfleet_gateway_replica_requests_total", **names) is None
