@@ -337,7 +337,7 @@ class GatewaySettings(_Settings):
         ),
     )
     load_factor: float = Field(
-        1.25,
+        1.5,
         ge=1.0,
         le=10.0,
         description=(

@@ -250,7 +250,7 @@ class RoutingSpec(_Model):
         description=(
             "PrefixHash and SessionAffinity: a replica takes a request only while its load is "
             "below this factor times the average; beyond it the request goes to the next "
-            "replica on the ring. Empty: the gateway's default (1.25)."
+            "replica on the ring. Empty: the gateway's default (1.5)."
         ),
     )
     engine_load: bool | None = Field(

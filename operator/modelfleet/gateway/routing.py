@@ -29,7 +29,7 @@ from modelfleet.api.v1alpha1 import Balancing
 
 VNODES = 128  # points per replica on the ring: spreads keys within a few % for a handful
 DEFAULT_PREFIX_CHARS = 256
-DEFAULT_LOAD_FACTOR = 1.25
+DEFAULT_LOAD_FACTOR = 1.5
 SESSION_HEADER = "x-session-id"
 _MAX_SESSION_CHARS = 256
 
