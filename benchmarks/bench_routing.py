@@ -2,15 +2,15 @@
 
 Four `modelfleet sim-vllm` processes on 127.0.0.1 model Llama-3.1-8B-Instruct on an A100 40GB
 (MODELFLEET_SIM_COST_MODEL: continuous batching, prefill and decode time, a paged KV cache with
-prefix caching); each runs at --gpu-memory-utilization 0.55, which leaves 2,304 KV blocks
-(36,864 tokens). In front of the same four: one modelfleet gateway per policy, and vllm-router
+prefix caching); each runs at --gpu-memory-utilization 0.6, which leaves 3,328 KV blocks
+(53,248 tokens). In front of the same four: one modelfleet gateway per policy, and vllm-router
 with its cache-aware policy from the benchmark's own environment.
 
 Workloads, each a closed loop of `--users` clients sending streamed chat completions:
 - shared-prefix: every user has a long system prompt of its own and a conversation that grows
   turn by turn (each turn: a new user message, the answer appended), starting over after
-  `--turns` turns. All users' prefixes together (~120k tokens) exceed one replica's cache
-  several times, but a quarter of them fit: a replica only hits its cache when it keeps seeing
+  `--turns` turns. All users' prefixes together (~160k tokens) exceed one replica's cache
+  three times, but a quarter of them fit: a replica only hits its cache when it keeps seeing
   the same users. Users wait `--think` seconds on average between requests, so a replica's
   in-flight count says nothing of which users it served last.
 - control: every request a fresh prompt of the same length; no prefix is ever shared.
@@ -31,6 +31,7 @@ import contextlib
 import random
 import re
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -357,7 +358,7 @@ def report(
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--peers-venv", default="benchmarks/.peers-venv")
-    parser.add_argument("--users", type=int, default=96)
+    parser.add_argument("--users", type=int, default=128)
     parser.add_argument("--system-words", type=int, default=1000, help="tokens of a system prompt")
     parser.add_argument("--user-words", type=int, default=50, help="tokens of a user message")
     parser.add_argument(
@@ -386,7 +387,7 @@ async def main() -> int:
             procs.append(
                 await spawn(
                     [modelfleet, "sim-vllm", "--model", ENGINE_MODEL, "--served-model-name",
-                     MODEL, "--port", str(port), "--gpu-memory-utilization", "0.55",
+                     MODEL, "--port", str(port), "--gpu-memory-utilization", "0.6",
                      "--stream-interval", "8"],
                     env={"POD_NAME": f"replica-{i + 1}", "MODELFLEET_SIM_COST_MODEL": COST_MODEL},
                     log=logdir / f"sim-{i + 1}.log",
@@ -469,7 +470,12 @@ async def main() -> int:
     return report(results, targets, logdir)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt  # asyncio.run then cancels main(), which stops every process
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
     with contextlib.suppress(ImportError):
         import uvloop
 
