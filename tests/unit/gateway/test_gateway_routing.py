@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import socket
 import time
 from collections import Counter
 
@@ -13,6 +14,7 @@ from gwharness import md_obj, pod_obj
 from modelfleet.api.v1alpha1 import Balancing
 from modelfleet.enginemetrics import EngineMetricsError, parse_engine_load
 from modelfleet.gateway.balancer import Replica, Route, build_route, pick_replica
+from modelfleet.gateway.engineload import scrape_replica
 from modelfleet.gateway.metrics import GatewayMetrics
 from modelfleet.gateway.proxy import AffinityTracker, compute_routing_key
 from modelfleet.gateway.registry import Registry
@@ -25,6 +27,17 @@ from modelfleet.gateway.routing import (
     extract_session,
     hash_key,
 )
+from modelfleet.gateway.upstream import UpstreamClient
+from modelfleet.sim.vllm.config import SimConfig
+from modelfleet.sim.vllm.engine import A100_LLAMA_3_1_8B
+from modelfleet.sim.vllm.server import start_sim
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
 
 KEYS = [hash_key(f"conversation-{i}".encode()) for i in range(20_000)]
 
@@ -341,3 +354,29 @@ def test_per_replica_figures_and_affinity_results_are_metrics() -> None:
     assert value("modelfleet_gateway_affinity_requests_total", model="m", result="hit") == 2
     route.replicas = [second]  # the replica left: its series go with it
     assert value("modelfleet_gateway_replica_requests_total", **names) is None
+
+
+async def test_the_scraper_reads_a_stand_ins_engine_queue_and_ignores_other_servers() -> None:
+    config = SimConfig(
+        model="m", served_names=("m",), instance="sim", port=0, cost_model=A100_LLAMA_3_1_8B.name
+    )
+    sim = await start_sim(config)
+    client = UpstreamClient(connect_timeout_s=1, read_timeout_s=1)
+    assert sim.state.engine is not None
+    jobs = [sim.state.engine.submit([f"w{i}" for i in range(500)], 50) for _ in range(3)]
+    try:
+        replica = Replica("sim", f"127.0.0.1:{config.port}")
+        assert await scrape_replica(client, replica, 1.0)
+        assert replica.engine_running + replica.engine_waiting == 3
+        assert 0 < replica.engine_kv_cache < 1
+        assert time.monotonic() - replica.engine_at < 1
+        # Something that is not a vLLM server: the figures stay as they were, and age.
+        other = Replica("other", f"127.0.0.1:{config.port}")
+        other.address = f"127.0.0.1:{free_port()}"
+        assert not await scrape_replica(client, other, 0.5)
+        assert other.engine_at < 0
+    finally:
+        for job in jobs:
+            sim.state.engine.release(job)
+        await client.close()
+        await sim.stop()
