@@ -22,9 +22,6 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
-AFFINITY_RESULTS = ("hit", "moved", "new")
-
-
 class ReplicaCollector(Collector):
     """Per-replica figures read from the routes at scrape time, so the request path pays
     nothing for them and a replica's series go when it leaves. `replica` is the Pod name (the

@@ -157,7 +157,7 @@ def test_chat_and_completions_prefixes_are_normalized_alike() -> None:
 
 
 def test_the_prefix_is_the_conversation_start_cut_at_its_length() -> None:
-    system = "You are a support agent for ACME. " * 20
+    system = "You answer questions about ACME orders. " * 20
     turn1 = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]}
     turn2 = {
         "messages": [
