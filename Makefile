@@ -156,6 +156,10 @@ $(PEERS_VENV)/.installed:
 	-$(PYTHON) -m venv $(PEERS_VENV) && $(PEERS_VENV)/bin/pip install -q --upgrade pip \
 		&& $(PEERS_VENV)/bin/pip install -q $(PEERS) && touch $@
 
+.PHONY: bench-routing
+bench-routing: $(STAMP) $(PEERS_VENV)/.installed ## Routing policies and vllm-router's cache-aware on 4 calibrated stand-ins: TTFT, tokens/s, prefix hits
+	$(BIN)/python benchmarks/bench_routing.py --peers-venv $(PEERS_VENV) $(BENCH_ARGS)
+
 .PHONY: bench-slowloris
 bench-slowloris: $(STAMP) ## Gateway under slow clients: RSS held and freed, a normal client's latency
 	$(BIN)/python benchmarks/bench_slowloris.py $(BENCH_ARGS)

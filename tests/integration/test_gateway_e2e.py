@@ -27,6 +27,7 @@ from operator_kit import (
 
 from modelfleet.api import labels as L
 from modelfleet.api.headers import INSTANCE_HEADER
+from modelfleet.gateway.routing import DEFAULT_PREFIX_CHARS, Ring, extract_prefix, hash_key
 from modelfleet.kube.client import KubeClient
 from modelfleet.kube.paths import md_path
 
@@ -286,3 +287,80 @@ async def test_a_model_switched_off_by_its_spec_is_refused_at_once_and_serves_on
     assert instance == "dormant-instance-1"
     assert text.startswith("good morning")
     await wait_ready(kube, namespace, "dormant", 1)
+
+
+def conversation_for(owner: str, names: list[str], avoid: str = "") -> str:
+    """A system prompt whose prefix the ring gives to `owner` among `names` (and, with
+    `avoid`, never to `avoid` once `owner` is gone): what any gateway computes alone."""
+    for i in range(10_000):
+        # Longer than the prefix the gateway hashes, so every turn hashes the same text.
+        system = f"You are assistant number {i} of the support desk. " + "Answer briefly. " * 20
+        key = hash_key((extract_prefix({"prompt": system}, DEFAULT_PREFIX_CHARS) or "").encode())
+        ring = Ring(names)
+        if ring.names[ring.owner(key) or 0] == owner:
+            return system
+    raise AssertionError(f"no prompt found for {owner}")
+
+
+async def test_prefix_routing_keeps_conversations_on_their_replicas_and_moves_only_the_lost_one(
+    kube: KubeClient,
+    namespace: str,
+    gpus: Any,
+    operators: Operators,
+    http: httpx.AsyncClient,
+    ai: openai.AsyncOpenAI,
+) -> None:
+    await gpus(3, 1)
+    operators.start()
+    await kube.create(md_path(namespace), md("chat", replicas=3, routing={"policy": "PrefixHash"}))
+    await wait_ready(kube, namespace, "chat", 3)
+    names = ["chat-instance-1", "chat-instance-2", "chat-instance-3"]
+
+    async def routed() -> bool:
+        return await gateway_instances(http, "chat") == names
+
+    await wait_for(routed, timeout=15, what="the gateway routing to the three replicas")
+    status = (await http.get("/gateway/status")).json()
+    assert status["balancing"] == {"chat": "PrefixHash"}
+
+    # Conversation A belongs to instance-3 (the one scaling down removes), B to instance-1.
+    systems = {"A": conversation_for(names[2], names), "B": conversation_for(names[0], names)}
+    histories: dict[str, list[dict[str, str]]] = {k: [] for k in systems}
+
+    async def turn(name: str, text: str) -> str:
+        history = histories[name]
+        history.append({"role": "user", "content": text})
+        messages = [{"role": "system", "content": systems[name]}, *history]
+        raw = await ai.chat.completions.with_raw_response.create(
+            model="chat",
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=8,
+        )
+        answer = raw.parse().choices[0].message.content or ""
+        history.append({"role": "assistant", "content": answer})
+        return raw.headers[INSTANCE_HEADER]
+
+    for i in range(4):  # the conversations grow; each stays where its prefix lives
+        assert await turn("A", f"question {i} about my order") == names[2]
+        assert await turn("B", f"question {i} about my invoice") == names[0]
+
+    # One replica goes away: only the conversation it held moves, to the next replica on the
+    # ring, and stays there; the other never moves.
+    await kube.patch(md_path(namespace, "chat"), {"spec": {"replicas": 2}})
+
+    async def shrunk() -> bool:
+        return await gateway_instances(http, "chat") == names[:2]
+
+    await wait_for(shrunk, timeout=30, what="the gateway dropping chat-instance-3")
+    ring = Ring(names[:2])
+    key = hash_key((extract_prefix({"prompt": systems["A"]}, DEFAULT_PREFIX_CHARS) or "").encode())
+    moved_to = ring.names[ring.owner(key) or 0]
+    for i in range(3):
+        assert await turn("A", f"follow-up {i}") == moved_to
+        assert await turn("B", f"follow-up {i}") == names[0]
+
+    metrics = (await http.get("/metrics")).text
+    assert 'modelfleet_gateway_affinity_requests_total{model="chat",result="moved"} 1.0' in metrics
+    assert f'modelfleet_gateway_replica_requests_total{{model="chat",replica="{names[0]}"}}' in (
+        metrics
+    )
