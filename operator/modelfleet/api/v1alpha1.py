@@ -773,7 +773,13 @@ class ModelDeploymentStatus(_Model):
     ready_replicas: int = Field(0, description="Replica Pods that are ready to serve.")
     instances: list[Instance] = Field(default_factory=list, description="Every replica Pod.")
     footprint: Quantity | None = Field(
-        None, description="GPU memory one replica was measured to use (the discovery run)."
+        None,
+        description=(
+            "GPU memory per GPU the first replica was measured to hold, when spec.gpu.memory is "
+            "not set. vLLM preallocates --gpu-memory-utilization (0.9 by default) of each GPU "
+            "it gets, so this is that preallocation, not the least the model needs: it is shown, "
+            "never used to share a GPU (Shared replicas declare spec.gpu.memory)."
+        ),
     )
     conditions: list[Condition] = Field(
         default_factory=list, description="Available, Progressing and Degraded."
