@@ -209,6 +209,11 @@ INVALID = [
         ),
         "spec.engine.volumeMounts[0].mountPath",
     ),
+    _case(
+        "hold-timeout-not-a-duration",
+        document({"routing": {"holdTimeout": "soon"}}),
+        "spec.routing.holdTimeout",
+    ),
     # Fields the schema does not know (the API server refuses them with fieldValidation=Strict).
     _case("unknown-field", document({"replicaz": 2}), "spec.replicaz"),
 ]
@@ -238,6 +243,7 @@ VALID = [
         id="limits",
     ),
     pytest.param(document({"idleTimeout": "1h30m"}), id="idle-timeout"),
+    pytest.param(document({"routing": {"holdTimeout": "45m"}}), id="hold-timeout"),
     pytest.param(document({"gpu": {"memory": "1" * 64}}), id="memory-64-characters"),
     pytest.param(document({"priority": -1000}), id="priority-lowest"),
     pytest.param(

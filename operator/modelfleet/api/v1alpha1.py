@@ -262,6 +262,15 @@ class RoutingSpec(_Model):
             "does). Empty: the gateway's default (false)."
         ),
     )
+    hold_timeout: Duration | None = Field(
+        None,
+        description=(
+            "How long the gateway holds a request for this model while no replica is ready "
+            "(a scale-up from zero, a first start that pulls the image and downloads the "
+            "weights) before it answers 503. Empty: the gateway's default "
+            "(MODELFLEET_GATEWAY_COLD_START_TIMEOUT_S, 10m)."
+        ),
+    )
 
 
 class GpuSpec(_Model):

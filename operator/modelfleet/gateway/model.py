@@ -13,6 +13,7 @@ from typing import Any
 
 from modelfleet.api import labels
 from modelfleet.api.ownership import NEVER, ClaimKey, claim_key, controller_uid, served_name
+from modelfleet.api.units import parse_duration
 from modelfleet.api.v1alpha1 import Balancing
 
 _BALANCING = frozenset(b.value for b in Balancing)
@@ -28,6 +29,7 @@ class RoutingOverrides:
     prefix_chars: int | None = None
     load_factor: float | None = None
     engine_load: bool | None = None
+    hold_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,18 @@ def parse_routing(raw: Any) -> RoutingOverrides | None:
         prefix_chars=int(chars) if chars is not None else None,
         load_factor=factor,
         engine_load=engine if isinstance(engine, bool) else None,
+        hold_timeout_s=_duration(raw.get("holdTimeout")),
     )
+
+
+def _duration(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None
 
 
 def _pod_ready(obj: dict[str, Any]) -> bool:

@@ -355,7 +355,8 @@ class Proxy:
         gauge = self.metrics.queue_depth.labels(model)
         gauge.inc()
         try:
-            route = await registry.wait_for_replica(model, cfg.cold_start_timeout_s)
+            hold_s = registry.hold_timeout_s(model, cfg.cold_start_timeout_s)
+            route = await registry.wait_for_replica(model, hold_s)
         finally:
             registry.release(model)
             gauge.dec()
@@ -368,7 +369,8 @@ class Proxy:
         self.metrics.queue_rejections.labels(model, "timeout").inc()
         return error_response(
             503,
-            f"model {model} has no ready replica yet (it is starting); retry later",
+            f"model {model} has no ready replica yet (it is starting; held {hold_s:g} s, "
+            "its spec.routing.holdTimeout or the gateway's default); retry later",
             "server_error",
             "model_not_ready",
             retry_after_s=cfg.retry_after_s,

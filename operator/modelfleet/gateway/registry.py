@@ -140,6 +140,16 @@ class Registry:
                 return False
         return True
 
+    def hold_timeout_s(self, model: str, default_s: float) -> float:
+        """How long a request for `model` may wait for a ready replica: the longest
+        spec.routing.holdTimeout among the ModelDeployments serving it, else `default_s`."""
+        own = [
+            d.routing.hold_timeout_s
+            for d in self.models.get(model, ())
+            if d.routing is not None and d.routing.hold_timeout_s is not None
+        ]
+        return max(own) if own else default_s
+
     def desired_replicas(self, model: str) -> int:
         return sum(d.replicas for d in self.models.get(model, ()))
 

@@ -268,6 +268,25 @@ async def test_cold_start_timeout_and_full_queue_answer_503(make_fleet: FleetFac
     assert len(demand) == 1
 
 
+async def test_a_models_own_hold_timeout_replaces_the_gateways(make_fleet: FleetFactory) -> None:
+    # A first start that pulls the image and downloads the weights may outlast the gateway's
+    # default hold: the ModelDeployment says how long its requests wait.
+    patient = md_obj("llama-70b", replicas=1)
+    patient["spec"]["routing"] = {"holdTimeout": "30s"}
+    fleet = await make_fleet([md_obj("gemma3-4b", replicas=1), patient], cold_start_timeout_s=0.3)
+    assert fleet.registry.hold_timeout_s("llama-70b", 0.3) == 30.0
+    assert fleet.registry.hold_timeout_s("gemma3-4b", 0.3) == 0.3
+    held = asyncio.create_task(fleet.post("/v1/completions", {"model": "llama-70b", "prompt": "x"}))
+    status, _, data = await fleet.post("/v1/completions", {"model": "gemma3-4b", "prompt": "x"})
+    assert (status, data["error"]["code"]) == (503, "model_not_ready")
+    assert "held 0.3 s" in data["error"]["message"]
+    assert not held.done()  # past the gateway's 0.3 s, still held for its own 30 s
+    await fleet.add_sim("llama-70b-instance-1", served="llama-70b")
+    fleet.add_pod("llama-70b-instance-1", deployment="llama-70b")
+    status, headers, _ = await asyncio.wait_for(held, 5)
+    assert (status, headers["x-modelfleet-instance"]) == (200, "llama-70b-instance-1")
+
+
 async def test_model_switched_off_by_its_spec_is_refused_at_once_then_served_once_scaled_up(
     make_fleet: FleetFactory,
 ) -> None:
