@@ -16,17 +16,19 @@ costs one rejection, not a loop.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from modelfleet.api.units import format_duration
-from modelfleet.controller.observed import ObservedPod
+from modelfleet.controller.observed import NodeHealth, ObservedPod
 from modelfleet.controller.plan import EventSpec, Reason
 
 BASE_BACKOFF = timedelta(seconds=30)
 MAX_BACKOFF = timedelta(minutes=10)
 _SEEN_LIMIT = 4096  # rejected Pod UIDs remembered, so each one counts once
+# The reason of a backoff started by an unhealthy GPU the device manager handed out.
+UNHEALTHY_ASSIGNED = "AssignedUnhealthyGpu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +46,17 @@ class Rejection:
     def until(self) -> datetime:
         return self.at + self.delay
 
+    @property
+    def what(self) -> str:
+        if self.reason == UNHEALTHY_ASSIGNED:
+            return "gave a replica an unhealthy GPU"
+        return "rejected a replica at admission"
+
     def describe(self, now: datetime) -> str:
         """For placement reasons and status: what happened and when it is tried again."""
         left = max(self.until - now, timedelta(0))
         return (
-            f"rejected a replica at admission ({self.reason}: {self.message or 'no message'}); "
+            f"{self.what} ({self.reason}: {self.message or 'no message'}); "
             f"no replica goes there for {format_duration(left)}"
         )
 
@@ -82,15 +90,48 @@ class AdmissionBackoff:
                 del self._latest[latest.node]
         return new
 
-    def record(self, pod: ObservedPod, now: datetime) -> Rejection:
+    def observe_unhealthy_assignments(
+        self, pods: Iterable[ObservedPod], health: Mapping[str, NodeHealth], now: datetime
+    ) -> list[Rejection]:
+        """Replicas the node's device manager handed a GPU its agent reports unhealthy, which
+        placement had not planned: the device plugin still advertises that GPU, so any replica
+        placed on the node may get it again. The node backs off like one that rejected a
+        replica; without it, the replacement is placed there again and replaced again, in a
+        loop. Each Pod counts once. Returns the new ones."""
+        new: list[Rejection] = []
+        for pod in pods:
+            node = health.get(pod.node or "")
+            if node is None or not pod.uid or pod.uid in self._seen or pod.deleting:
+                continue
+            handed = [g for g in pod.assigned_gpus if g in node.unhealthy_gpus]
+            if not handed or any(g in pod.gpu_ids for g in handed):
+                continue
+            self._remember(pod.uid)
+            new.append(
+                self.record(
+                    pod,
+                    now,
+                    reason=UNHEALTHY_ASSIGNED,
+                    message=(
+                        f"its device manager assigned {', '.join(handed)}, which the agent "
+                        f"reports unhealthy, instead of the planned {', '.join(pod.gpu_ids)}; "
+                        "the device plugin still advertises the GPU"
+                    ),
+                )
+            )
+        return new
+
+    def record(
+        self, pod: ObservedPod, now: datetime, *, reason: str = "", message: str = ""
+    ) -> Rejection:
         node = pod.node or ""
         previous = self._latest.get(node)
         delay = self.base if previous is None else min(previous.delay * 2, self.ceiling)
         rejection = Rejection(
             node=node,
             pod=f"{pod.namespace}/{pod.name}",
-            reason=pod.reason,
-            message=pod.message,
+            reason=reason or pod.reason,
+            message=message or pod.message,
             at=now,
             delay=delay,
         )
@@ -115,7 +156,8 @@ def build_rejection_event(deployment: tuple[str, str], rejection: Rejection) -> 
         deployment[1],
         "Warning",
         Reason.ADMISSION_REJECTED,
-        f"node {r.node} rejected {r.pod} at admission ({r.reason}: {r.message or 'no message'}); "
+        f"node {r.node} {r.what.replace('a replica', r.pod)} "
+        f"({r.reason}: {r.message or 'no message'}); "
         f"no replica goes there for {format_duration(r.delay)}: the replacement goes to another "
         "node or waits",
     )

@@ -141,8 +141,10 @@ async def _reconcile_locked(
     labelled = rt.pods(cluster, key)
     pods = [p for p in labelled if is_replica_of(p, md.metadata.uid or None)]
     template_hash = compute_template_hash(md, rt.pod_defaults.image)
+    health = rt.node_health(cluster, snapshot, now)
     rejections = rt.admission.observe(pods, now)
-    plan = compute_plan(md, labelled, rt.node_health(cluster, snapshot, now), now, template_hash)
+    rejections += rt.admission.observe_unhealthy_assignments(pods, health, now)
+    plan = compute_plan(md, labelled, health, now, template_hash)
     taken = compute_name_taken_event(md, holder)
     if taken is not None:
         plan.events.append(taken)

@@ -13,7 +13,7 @@ from modelfleet.controller.admission import (
     AdmissionBackoff,
     build_rejection_event,
 )
-from modelfleet.controller.observed import ObservedPod, parse_pod
+from modelfleet.controller.observed import NodeHealth, ObservedPod, parse_pod
 
 T0 = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 MESSAGE = (
@@ -125,3 +125,38 @@ def test_the_event_names_the_node_the_reason_and_what_happens_next() -> None:
         "node real-1 rejected ns/m-instance-a at admission (UnexpectedAdmissionError: Pod was"
     )
     assert "no replica goes there for 30s" in event.message
+
+
+def test_a_node_that_hands_out_an_unhealthy_gpu_backs_off() -> None:
+    # Placement planned real-1:1 (real-1:0 is unhealthy by its agent), but the device plugin
+    # still advertises GPU 0 and the device manager gave it: placed there again, the
+    # replacement would get it again, in a loop.
+    health = {"real-1": NodeHealth(agent_known=True, unhealthy_gpus=frozenset({"real-1:0"}))}
+    book = AdmissionBackoff()
+    handed = pod("b", phase="Running", gpu_ids=("real-1:1",), assigned_gpus=("real-1:0",))
+    (r,) = book.observe_unhealthy_assignments([handed], health, T0)
+    assert (r.node, r.reason, r.delay) == ("real-1", "AssignedUnhealthyGpu", BASE_BACKOFF)
+    why = book.blocked(T0)["real-1"]
+    assert why.startswith("gave a replica an unhealthy GPU (AssignedUnhealthyGpu: its device")
+    assert "assigned real-1:0, which the agent reports unhealthy, instead of the planned" in why
+    event = build_rejection_event(("ns", "m"), r)
+    assert event.message.startswith("node real-1 gave ns/m-instance-b an unhealthy GPU (")
+    # Once per Pod.
+    assert book.observe_unhealthy_assignments([handed], health, T0) == []
+
+
+@pytest.mark.parametrize(
+    ("case", "planned", "assigned"),
+    [
+        # The GPU failed under a replica placed on it: placement chose it while it was healthy.
+        ("planned there, failed later", ("real-1:0",), ("real-1:0",)),
+        ("assigned a healthy GPU", ("real-1:1",), ("real-1:2",)),
+        ("assignment not known yet", ("real-1:1",), ()),
+    ],
+)
+def test_other_replicas_on_a_node_with_an_unhealthy_gpu_start_no_backoff(
+    case: str, planned: tuple[str, ...], assigned: tuple[str, ...]
+) -> None:
+    health = {"real-1": NodeHealth(agent_known=True, unhealthy_gpus=frozenset({"real-1:0"}))}
+    one = pod("c", phase="Running", gpu_ids=planned, assigned_gpus=assigned)
+    assert AdmissionBackoff().observe_unhealthy_assignments([one], health, T0) == [], case
