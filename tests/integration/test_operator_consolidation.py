@@ -68,6 +68,12 @@ async def test_a_large_model_gets_room_by_consolidation_not_eviction(
         pod_log(kube, namespace, {"small": 2}) as log,
         condition_log(kube, namespace, "big", big_reasons),
     ):
+
+        async def first_listing() -> bool:
+            return log.samples >= 1
+
+        # Both replicas are seen Ready before `big` exists: from then on, one fewer is a failure.
+        await wait_for(first_listing, timeout=30, interval=0.05, what="the first Pod listing")
         await kube.create(md_path(namespace), md("big", replicas=1, priority=10, gpu={"count": 4}))
         await wait_ready(kube, namespace, "big", 1, deadline_s=120)
         await wait_ready(kube, namespace, "small", 2)

@@ -17,9 +17,10 @@ show it, plus what this process wrote and the watches do not show yet (`InFlight
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,7 +35,14 @@ from modelfleet.controller.consolidate import (
     build_consolidator,
     compute_moves_under_way,
 )
-from modelfleet.controller.decisions import Decision, Evict, Placed
+from modelfleet.controller.decisions import (
+    Consolidate,
+    Decision,
+    Evict,
+    Placed,
+    PlacementRequest,
+    Unplaceable,
+)
 from modelfleet.controller.execute import Executed, ServiceWanted, apply_invalid, execute
 from modelfleet.controller.inflight import Key
 from modelfleet.controller.metrics import OperatorMetrics
@@ -49,6 +57,7 @@ from modelfleet.controller.status import (
     compute_status,
     describe_invalid,
 )
+from modelfleet.controller.views import LazyPlacer
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +214,7 @@ def _consolidating(
     cluster: ClusterState,
     key: Key,
     everything: list[ObservedPod],
-    placer: Any,
+    placer: LazyPlacer,
     now: datetime,
 ) -> Consolidating:
     """What `place` needs to try a consolidation before an eviction (built lazily: the
@@ -220,43 +229,40 @@ def _consolidating(
     )
     deployments = _Deployments(cluster)
 
-    def consolidate(request: Any) -> Any:
-        engine = placer.engine()
-        return build_consolidator(engine, deployments, everything, settings, rt.pod_defaults, now)(
-            request
-        )
+    def consolidate(request: PlacementRequest) -> Consolidate | Unplaceable:
+        engine = placer.engine()  # `place` asks only after the placer has answered
+        run = build_consolidator(engine, deployments, everything, settings, rt.pod_defaults, now)
+        return run(request)
 
     mine = f"{key[0]}/{key[1]}"
     under_way = [p for p in compute_moves_under_way(everything) if p.move_for == mine]
     return Consolidating(consolidate, deployments, under_way, settings.move_timeout)
 
 
-class _Deployments(dict[Key, ModelDeployment]):
+class _Deployments(Mapping[Key, ModelDeployment]):
     """Every valid ModelDeployment in the indices, parsed on first use."""
 
     def __init__(self, cluster: ClusterState) -> None:
-        super().__init__()
         self._cluster = cluster
-        self._loaded = False
+        self._parsed: dict[Key, ModelDeployment] | None = None
 
-    def _load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        for k, entries in self._cluster.deployments.items():
-            for entry in entries:
-                try:
-                    self[k] = ModelDeployment.model_validate(entry.body)
-                except ValidationError:
-                    continue
+    def _all(self) -> dict[Key, ModelDeployment]:
+        if self._parsed is None:
+            self._parsed = {}
+            for k, entries in self._cluster.deployments.items():
+                for entry in entries:
+                    with contextlib.suppress(ValidationError):
+                        self._parsed[k] = ModelDeployment.model_validate(entry.body)
+        return self._parsed
 
     def __getitem__(self, k: Key) -> ModelDeployment:
-        self._load()
-        return super().__getitem__(k)
+        return self._all()[k]
 
-    def items(self) -> Any:
-        self._load()
-        return super().items()
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
 
 
 def _service_wanted(md: ModelDeployment, cluster: ClusterState, key: Key) -> ServiceWanted:
