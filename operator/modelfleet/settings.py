@@ -133,6 +133,41 @@ class OperatorSettings(_Settings):
             "the strategy alone decides (docs/placement.md)."
         ),
     )
+    consolidation: bool = Field(
+        True,
+        description=(
+            "When a whole-GPU replica fits nowhere, move a few Ready replicas of lower-or-equal "
+            "priority (make-before-break) to gather the GPUs it needs before evicting anything "
+            "(docs/placement.md, Consolidation). Off: eviction alone."
+        ),
+    )
+    consolidation_moves_per_interval: int = Field(
+        1,
+        ge=0,
+        le=100,
+        description=(
+            "Consolidation moves of one ModelDeployment's replicas per "
+            "consolidation_interval_s; 0 never moves any (eviction alone)."
+        ),
+    )
+    consolidation_interval_s: float = Field(
+        600.0,
+        gt=0,
+        le=86400,
+        description="The window in which consolidation_moves_per_interval is counted, seconds.",
+    )
+    consolidation_max_moves: int = Field(
+        4, ge=1, le=16, description="The most replica moves one consolidation may take."
+    )
+    consolidation_move_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        le=86400,
+        description=(
+            "How long a moved replica's copy may take to become Ready; past it the copy is "
+            "deleted and the old replica kept. Set it above the model's cold start."
+        ),
+    )
     endpoint_timeout_s: float = Field(
         2.0, gt=0, le=60, description="Timeout of one request to one agent, in seconds."
     )

@@ -42,3 +42,17 @@ ANN_EVICTED_BY = f"{PREFIX}/evicted-by"  # <namespace>/<name> of the deployment 
 # On the deployment that evicted: the GPUs the eviction freed, held for it until it places its
 # replica or the time passes. JSON {"gpus": ["<node>:<i>", ...], "until": RFC 3339}.
 ANN_RESERVATION = f"{PREFIX}/reservation"
+# On a deployment whose replica's move was abandoned (its copy never became Ready): when, RFC 3339.
+# It counts against the deployment's move budget, so a copy that cannot start is not retried at
+# once.
+ANN_MOVE_ABANDONED_AT = f"{PREFIX}/move-abandoned-at"
+# On a consolidation copy (a replica started elsewhere so that its old Pod can go): the old Pod's
+# name and UID, the <namespace>/<name> of the deployment the move makes room for, the time the
+# copy was decided and the deadline by which it must be Ready (RFC 3339). Until the copy is Ready
+# the old Pod keeps serving; then the old Pod is deleted. A copy not Ready by the deadline is
+# deleted instead (docs/placement.md, Consolidation).
+ANN_MOVE_OF = f"{PREFIX}/move-of"
+ANN_MOVE_OF_UID = f"{PREFIX}/move-of-uid"
+ANN_MOVE_FOR = f"{PREFIX}/move-for"
+ANN_MOVED_AT = f"{PREFIX}/moved-at"
+ANN_MOVE_DEADLINE = f"{PREFIX}/move-deadline"

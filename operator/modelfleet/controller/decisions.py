@@ -56,6 +56,30 @@ Decision = Placed | Evict | Unplaceable
 
 
 @dataclass(frozen=True, slots=True)
+class Move:
+    """Start replica `ordinal` of `deployment` (a copy of its Pod `pod`) on `placed`; delete
+    `pod` once the copy is Ready."""
+
+    namespace: str
+    deployment: str
+    deployment_uid: str
+    pod: str
+    pod_uid: str
+    ordinal: int  # the copy's n: a free instance number of its deployment
+    placed: Placed
+
+
+@dataclass(frozen=True, slots=True)
+class Consolidate:
+    """Nothing fits now; these moves, run make-before-break, free `gpu_ids` on `node`."""
+
+    moves: tuple[Move, ...]
+    node: str
+    gpu_ids: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class PlacementRequest:
     """One replica to place, with what this plan already decided for its siblings."""
 

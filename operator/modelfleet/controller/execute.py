@@ -6,6 +6,9 @@
    after this point still holds the freed GPUs), then each victim's deployment is marked as
    evicted (so its own reconcile, woken by the deletion, does not evict back), then the victim
    Pods are deleted;
+   or the consolidation: the reservation first, then the copies of the moved replicas (each
+   names the Pod it replaces; that Pod is deleted by its own deployment's plan once the copy is
+   Ready);
 2. the Pods to create, concurrently;
 3. the Pods to delete;
 4. on replica Pods, the GPUs their node assigned (`modelfleet.io/assigned-gpus`);
@@ -283,6 +286,7 @@ class Executed:
     create_failures: list[str] = field(default_factory=list)  # "<pod>: <why>"
     deleted: list[str] = field(default_factory=list)
     evicted: list[str] = field(default_factory=list)  # <namespace>/<pod>
+    copies: list[str] = field(default_factory=list)  # consolidation copies created, <ns>/<pod>
     status_written: bool = False
 
 
@@ -314,6 +318,7 @@ async def execute(
     done = Executed()
     key = (md.metadata.namespace or "", md.metadata.name)
     victim_uids = await _evict(client, inflight, md, plan, now, done)
+    victim_uids.update(await _consolidate(client, inflight, md, plan, done))
     await asyncio.gather(*(_create(client, inflight, c, done) for c in plan.to_create))
     for gone in plan.to_delete:
         await delete_pod(client, gone.namespace, gone.name, force=gone.force, uid=gone.uid)
@@ -376,6 +381,24 @@ async def _evict(
                 (victim_md.get("metadata") or {}).get("uid", "")
             )
     return uids
+
+
+async def _consolidate(
+    client: KubeClient, inflight: InFlight, md: ModelDeployment, plan: Plan, done: Executed
+) -> dict[tuple[str, str], str]:
+    """Step 1 for a consolidation; returns the moved deployments' UIDs, for their Events."""
+    moving = plan.consolidation
+    if moving is None:
+        return {}
+    reservation = Reservation(moving.node, moving.gpu_ids, moving.reserved_until)
+    await apply_annotations(client, md, {L.ANN_RESERVATION: format_reservation(reservation)})
+    made = Executed()
+    await asyncio.gather(*(_create(client, inflight, c, made) for c in moving.copies))
+    done.copies.extend(
+        f"{c.record.namespace}/{c.name}" for c in moving.copies if c.name in made.created
+    )
+    done.create_failures.extend(made.create_failures)
+    return {(m.namespace, m.deployment): m.deployment_uid for m in moving.moves}
 
 
 async def _create(

@@ -383,6 +383,24 @@ class EnginePlacer:
             )
         return convert_decision(decision)
 
+    def consolidate(
+        self,
+        request: PlacementRequest,
+        templates: Mapping[P.DeploymentRef, P.ReplicaRequest],
+        budgets: Mapping[P.DeploymentRef, int],
+        default_budget: int,
+        max_moves: int,
+    ) -> P.Consolidation | P.Unplaceable:
+        """The fewest moves that make room for `request` (placement.plan_consolidation)."""
+        engine_request = build_replica_request(
+            request,
+            request.footprint_mib if request.spec.gpu.memory is None else None,
+            self.last_used.get((request.namespace, request.deployment), 0.0),
+        )
+        return P.plan_consolidation(
+            self.view, engine_request, templates, budgets, default_budget, max_moves
+        )
+
 
 def build_reservations(
     reservations: Mapping[tuple[str, str], tuple[str, tuple[str, ...]]],

@@ -41,6 +41,13 @@ class OperatorMetrics:
             "Replica Pods deleted to make room for another ModelDeployment.",
             registry=registry,
         )
+        self.consolidation_moves = Counter(
+            "modelfleet_consolidation_moves_total",
+            "Consolidation moves, by result: started (copy created), completed (old Pod deleted "
+            "once the copy was Ready) or abandoned (the copy was not Ready in time).",
+            ["result"],
+            registry=registry,
+        )
         self.replacements = Counter(
             "modelfleet_replica_replacements_total",
             "Replica Pods deleted because they could no longer serve where they ran.",

@@ -98,6 +98,14 @@ class ObservedPod:
     assigned_gpus: tuple[str, ...] = ()
     recorded_assigned: tuple[str, ...] = ()  # the Pod's ANN_ASSIGNED_GPUS
     requests: Requests = ONE_POD  # what it asks of the kubelet (nodeusage.py)
+    # A consolidation copy (labels.ANN_MOVE_OF): the Pod it replaces, by name and UID, the
+    # deployment (<namespace>/<name>) the move makes room for, when it was decided, and by when
+    # it must be Ready. All empty for any other replica.
+    move_of: str = ""
+    move_of_uid: str = ""
+    move_for: str = ""
+    moved_at: datetime | None = None
+    move_deadline: datetime | None = None
 
     @property
     def gpus(self) -> tuple[str, ...]:
@@ -184,6 +192,11 @@ def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
         assigned_gpus=_split(ann.get(L.ANN_ASSIGNED_GPUS)),
         recorded_assigned=_split(ann.get(L.ANN_ASSIGNED_GPUS)),
         requests=compute_pod_requests(pod.get("spec") or {}),
+        move_of=str(ann.get(L.ANN_MOVE_OF, "")),
+        move_of_uid=str(ann.get(L.ANN_MOVE_OF_UID, "")),
+        move_for=str(ann.get(L.ANN_MOVE_FOR, "")),
+        moved_at=parse_time(ann.get(L.ANN_MOVED_AT)),
+        move_deadline=parse_time(ann.get(L.ANN_MOVE_DEADLINE)),
     )
 
 

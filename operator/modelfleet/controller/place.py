@@ -9,13 +9,13 @@ is built twice or parsed back.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from modelfleet.api import ModelDeployment
+from modelfleet.api import ModelDeployment, SharingMode
 from modelfleet.api import labels as L
-from modelfleet.api.times import parse_time
+from modelfleet.api.times import format_time, parse_time
 from modelfleet.controller.builders import (
     PodDefaults,
     build_replica_pod,
@@ -24,16 +24,18 @@ from modelfleet.controller.builders import (
     compute_template_hash,
 )
 from modelfleet.controller.decisions import (
+    Consolidate,
     Evict,
     Placed,
     PlacementRequest,
     Placer,
     Unplaceable,
 )
-from modelfleet.controller.observed import instance_name
+from modelfleet.controller.observed import ObservedPod, instance_name
 from modelfleet.controller.plan import (
     RESERVATION_TTL,
     Blocker,
+    Consolidation,
     EventSpec,
     Eviction,
     Plan,
@@ -42,6 +44,16 @@ from modelfleet.controller.plan import (
     compute_footprint_mib,
     compute_settled_annotations,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Consolidating:
+    """What `place` needs to make room by moving other replicas (controller/consolidate.py)."""
+
+    consolidator: Callable[[PlacementRequest], Consolidate | Unplaceable]
+    deployments: Mapping[tuple[str, str], ModelDeployment]  # every deployment a move may name
+    under_way: Sequence[ObservedPod] = ()  # copies started for this deployment, old Pod still there
+    move_timeout: timedelta = timedelta(minutes=15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +95,15 @@ def place(
     deleting: Collection[tuple[str, str]] = frozenset(),
     mark: EvictionMark | None = None,
     unseen_nodes: Sequence[str] = (),
+    consolidating: Consolidating | None = None,
 ) -> Plan:
     """`plan` with its `to_place` ordinals placed: Pods to create, or an eviction, or a blocker.
 
     `deleting` holds (namespace, name) of every replica Pod in the cluster already terminating,
     so an eviction under way is waited for instead of repeated; `mark` is the deployment's last
     eviction (it then does not evict back); `unseen_nodes` are GPU nodes no agent reports, named
-    when nothing fits because placement cannot see them.
+    when nothing fits because placement cannot see them; `consolidating`, when given, is tried
+    before any eviction (and a deployment whose moves are under way waits for them).
     """
     out = replace(
         plan,
@@ -122,7 +136,15 @@ def place(
         if isinstance(decision, Placed):
             _add_create(out, md, n, decision, defaults, template_hash)
             continue
-        if isinstance(decision, Evict):
+        if consolidating is not None and consolidating.under_way:
+            out.blocker = _waits_for_moves(pod_name, consolidating.under_way)
+        elif (
+            consolidating is not None
+            and _may_consolidate(md, decision, deleting)
+            and isinstance(found := consolidating.consolidator(request), Consolidate)
+        ):
+            _plan_consolidation(out, md, pod_name, found, consolidating, defaults, now)
+        elif isinstance(decision, Evict):
             _blocked_by_eviction(out, md, pod_name, decision, deleting, may_evict, mark, now)
         elif not may_evict and mark is not None:
             out.blocker = _waits_after_eviction(mark, decision.reason)
@@ -133,6 +155,100 @@ def place(
     if out.blocker is None and not out.waiting_for:
         out.annotations.update(compute_settled_annotations(md))
     return out
+
+
+def _may_consolidate(
+    md: ModelDeployment, decision: Evict | Unplaceable, deleting: Collection[tuple[str, str]]
+) -> bool:
+    """Whole-GPU replicas that found no room (an eviction already under way is waited for)."""
+    if md.spec.gpu.sharing != SharingMode.EXCLUSIVE:
+        return False
+    if isinstance(decision, Evict):
+        return not all((v.namespace, v.pod) in deleting for v in decision.victims)
+    return decision.code == "NoCapacity"
+
+
+def _waits_for_moves(pod_name: str, under_way: Sequence[ObservedPod]) -> Blocker:
+    moves = ", ".join(f"{c.namespace}/{c.move_of} to {c.node} as {c.name}" for c in under_way)
+    return Blocker(
+        Reason.CONSOLIDATING,
+        f"{pod_name} waits for a consolidation: {len(under_way)} replica move"
+        f"{'s' if len(under_way) > 1 else ''} under way ({moves}); each old replica goes once "
+        "its copy is Ready",
+    )
+
+
+def _plan_consolidation(
+    plan: Plan,
+    md: ModelDeployment,
+    pod_name: str,
+    found: Consolidate,
+    consolidating: Consolidating,
+    defaults: PodDefaults,
+    now: datetime,
+) -> None:
+    """Start a copy of each moved replica; the GPUs they free are reserved for `pod_name`."""
+    namespace, name = md.metadata.namespace or "", md.metadata.name
+    deadline = now + consolidating.move_timeout
+    extra = {
+        L.ANN_MOVE_FOR: f"{namespace}/{name}",
+        L.ANN_MOVED_AT: format_time(now),
+        L.ANN_MOVE_DEADLINE: format_time(deadline),
+    }
+    copies = []
+    for move in found.moves:
+        other = consolidating.deployments[(move.namespace, move.deployment)]
+        template_hash = compute_template_hash(other, defaults.image)
+        body = build_replica_pod(
+            other, move.ordinal, move.placed, defaults=defaults, template_hash=template_hash
+        )
+        annotations = {
+            **body["metadata"]["annotations"],
+            **extra,
+            L.ANN_MOVE_OF: move.pod,
+            L.ANN_MOVE_OF_UID: move.pod_uid,
+        }
+        body = {**body, "metadata": {**body["metadata"], "annotations": annotations}}
+        record = replace(
+            build_replica_record(
+                other, move.ordinal, move.placed, template_hash=template_hash, defaults=defaults
+            ),
+            move_of=move.pod,
+            move_of_uid=move.pod_uid,
+            move_for=f"{namespace}/{name}",
+            moved_at=now,
+            move_deadline=deadline,
+        )
+        copy_name = instance_name(move.deployment, move.ordinal)
+        copies.append(PodToCreate(move.ordinal, copy_name, move.placed, body, record))
+        text = (
+            f"moving {move.pod} to {move.placed.node} (GPUs {','.join(move.placed.gpu_ids)}) as "
+            f"{copy_name} to make room for {namespace}/{name}; {move.pod} keeps serving until "
+            f"{copy_name} is Ready"
+        )
+        plan.events.append(EventSpec(move.namespace, move.deployment, "Normal", Reason.MOVED, text))
+        plan.details.append(text)
+    plan.consolidation = Consolidation(
+        found.moves,
+        tuple(copies),
+        pod_name,
+        found.node,
+        found.gpu_ids,
+        found.reason,
+        deadline + RESERVATION_TTL,
+    )
+    plan.blocker = Blocker(
+        Reason.CONSOLIDATING, f"{pod_name} waits for a consolidation: {found.reason}"
+    )
+    plan.events.append(
+        EventSpec(
+            namespace,
+            name,
+            "Normal",
+            Reason.CONSOLIDATING,
+            f"consolidating for {pod_name}: {found.reason}",
+        )
+    )
 
 
 def _add_create(

@@ -21,7 +21,8 @@ from typing import Any
 
 from modelfleet.api import ModelDeployment, parse_duration, quantity_to_mib
 from modelfleet.api import labels as L
-from modelfleet.controller.decisions import Placed, Victim
+from modelfleet.api.times import format_time
+from modelfleet.controller.decisions import Move, Placed, Victim
 from modelfleet.controller.observed import (
     NodeHealth,
     ObservedPod,
@@ -55,6 +56,9 @@ class Reason(StrEnum):
     PLACED = "Placed"
     EVICTING = "Evicting"  # this deployment waits for replicas it evicted to go
     EVICTED = "Evicted"  # this deployment lost replicas to another and waits for room
+    CONSOLIDATING = "Consolidating"  # this deployment waits for other replicas to move
+    MOVED = "Moved"  # a replica was moved to make room for another deployment (its old Pod goes)
+    MOVE_ABANDONED = "MoveAbandoned"  # a move's copy was not Ready in time: the copy goes
     INVALID_SPEC = "InvalidSpec"  # the operator cannot run the spec the API server let in
     SHARED_MODE_OFF = "SharedModeDisabled"  # spec.gpu.sharing Shared, and the operator forbids it
     CREATE_FAILED = "CreateFailed"  # the API refused a replica Pod; the next pass tries again
@@ -148,6 +152,24 @@ class Eviction:
     reserved_until: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class Consolidation:
+    """Copies of other deployments' replicas to start (make-before-break) so that `for_pod` fits
+    on `node`, on `gpu_ids`, which are reserved for this deployment until `reserved_until`.
+
+    The old replicas are deleted by their own deployments' plans once the copies are Ready
+    (`compute_plan`); `copies[i]` is the Pod of `moves[i]`.
+    """
+
+    moves: tuple[Move, ...]
+    copies: tuple[PodToCreate, ...]
+    for_pod: str
+    node: str
+    gpu_ids: tuple[str, ...]
+    reason: str
+    reserved_until: datetime
+
+
 @dataclass
 class Plan:
     """What one reconcile will do, and what the status needs to explain it.
@@ -162,6 +184,7 @@ class Plan:
     to_create: list[PodToCreate] = field(default_factory=list)
     to_delete: list[PodToDelete] = field(default_factory=list)
     eviction: Eviction | None = None
+    consolidation: Consolidation | None = None
     events: list[EventSpec] = field(default_factory=list)
     details: list[str] = field(default_factory=list)
     blocker: Blocker | None = None
@@ -180,7 +203,12 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not (
-            self.to_create or self.to_delete or self.victims or self.annotations or self.assignments
+            self.to_create
+            or self.to_delete
+            or self.victims
+            or self.annotations
+            or self.assignments
+            or self.consolidation
         )
 
 
@@ -278,9 +306,10 @@ def compute_plan(
     target, target_reason = compute_target(md, now, ours)
     plan = Plan(target=target, target_reason=target_reason)
     healthy, terminating = _plan_replacements(plan, md, ours, nodes, now)
+    moving = _plan_moves(plan, md, ours, healthy, terminating, now)
     _plan_scale_down(plan, md, healthy)
     _plan_scale_up(plan, {p.ordinal for p in pods}, terminating, len(healthy))
-    if not plan.to_place and not plan.waiting_for:
+    if not plan.to_place and not plan.waiting_for and not moving:
         _plan_rollout(plan, md, healthy, template_hash)
         plan.annotations.update(compute_settled_annotations(md))
     return plan
@@ -342,6 +371,70 @@ def _plan_replacements(
         plan.details.append(f"replace {pod.name}: {failure.message}")
         terminating.add(pod.ordinal)
     return healthy, terminating
+
+
+def compute_move_state(copy: ObservedPod, ours: Sequence[ObservedPod]) -> ObservedPod | None:
+    """The Pod a consolidation copy replaces, while it still exists; None once it is gone (the
+    copy is then an ordinary replica) or for any other replica."""
+    if not copy.move_of:
+        return None
+    for pod in ours:
+        if pod.name == copy.move_of and (not copy.move_of_uid or pod.uid == copy.move_of_uid):
+            return pod
+    return None
+
+
+def _plan_moves(
+    plan: Plan,
+    md: ModelDeployment,
+    ours: Sequence[ObservedPod],
+    healthy: list[ObservedPod],
+    terminating: set[int],
+    now: datetime,
+) -> int:
+    """Consolidation moves of this deployment's replicas, make-before-break: once a copy is
+    Ready its old Pod is deleted; a copy not Ready by its deadline (or broken) is deleted and
+    the old Pod kept. A move under way counts once (the old Pod): its copy is neither scaled
+    down nor rolled. Returns the moves still under way."""
+    namespace, name = md.metadata.namespace or "", md.metadata.name
+    under_way = 0
+    for copy in [p for p in healthy if p.move_of]:
+        old = compute_move_state(copy, ours)
+        if old is None or old.deleting:
+            continue
+        if copy.ready:
+            text = (
+                f"moved {old.name} from {old.node} to {copy.node} as {copy.name} to make room "
+                f"for {copy.move_for}; {old.name} goes now that {copy.name} is Ready"
+            )
+            plan.to_delete.append(
+                PodToDelete(namespace, old.name, name, Reason.MOVED, text, uid=old.uid)
+            )
+            plan.events.append(EventSpec(namespace, name, "Normal", Reason.MOVED, text))
+            plan.details.append(text)
+            if old in healthy:
+                healthy.remove(old)
+            terminating.add(old.ordinal)
+            continue
+        late = copy.move_deadline is not None and now >= copy.move_deadline
+        if late or copy.waiting_reason in BROKEN_WAITING:
+            why = "was not Ready by its deadline" if late else f"is {copy.waiting_reason}"
+            text = (
+                f"abandoning the move of {old.name} (for {copy.move_for}): its copy {copy.name} "
+                f"on {copy.node} {why}; {old.name} keeps serving"
+            )
+            plan.to_delete.append(
+                PodToDelete(namespace, copy.name, name, Reason.MOVE_ABANDONED, text, uid=copy.uid)
+            )
+            plan.events.append(EventSpec(namespace, name, "Warning", Reason.MOVE_ABANDONED, text))
+            plan.details.append(text)
+            plan.annotations[L.ANN_MOVE_ABANDONED_AT] = format_time(now)
+            healthy.remove(copy)
+            continue
+        under_way += 1
+        healthy.remove(copy)
+        plan.details.append(f"{copy.name} starts on {copy.node} to replace {old.name}")
+    return under_way
 
 
 def _plan_scale_down(plan: Plan, md: ModelDeployment, healthy: list[ObservedPod]) -> None:

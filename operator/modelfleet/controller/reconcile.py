@@ -17,10 +17,11 @@ show it, plus what this process wrote and the watches do not show yet (`InFlight
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,12 +30,24 @@ from modelfleet.api import ModelDeployment, SharingMode
 from modelfleet.controller import inputs
 from modelfleet.controller.admission import build_assignment_event, build_rejection_event
 from modelfleet.controller.builders import build_service, compute_template_hash
-from modelfleet.controller.decisions import Decision, Evict, Placed
+from modelfleet.controller.consolidate import (
+    ConsolidationSettings,
+    build_consolidator,
+    compute_moves_under_way,
+)
+from modelfleet.controller.decisions import (
+    Consolidate,
+    Decision,
+    Evict,
+    Placed,
+    PlacementRequest,
+    Unplaceable,
+)
 from modelfleet.controller.execute import Executed, ServiceWanted, apply_invalid, execute
 from modelfleet.controller.inflight import Key
 from modelfleet.controller.metrics import OperatorMetrics
-from modelfleet.controller.observed import compute_assignment_records, is_replica_of
-from modelfleet.controller.place import compute_eviction_mark, place
+from modelfleet.controller.observed import ObservedPod, compute_assignment_records, is_replica_of
+from modelfleet.controller.place import Consolidating, compute_eviction_mark, place
 from modelfleet.controller.plan import AssignmentRecord, EventSpec, Plan, Reason, compute_plan
 from modelfleet.controller.runtime import ClusterState, Runtime
 from modelfleet.controller.status import (
@@ -44,6 +57,7 @@ from modelfleet.controller.status import (
     compute_status,
     describe_invalid,
 )
+from modelfleet.controller.views import LazyPlacer
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +203,68 @@ async def _place(
             deleting=frozenset(p.key for p in everything if p.deleting),
             mark=compute_eviction_mark(md, rt.eviction_mark(key)),
             unseen_nodes=rt.gpu_nodes_without_agent,
+            consolidating=_consolidating(rt, cluster, key, everything, placer, now),
         )
         rt.promise(key, placed, everything, now)
         placer.keep()
     _count_decisions(rt.metrics, placer.decisions)
     return placed
+
+
+def _consolidating(
+    rt: Runtime,
+    cluster: ClusterState,
+    key: Key,
+    everything: list[ObservedPod],
+    placer: LazyPlacer,
+    now: datetime,
+) -> Consolidating:
+    """What `place` needs to try a consolidation before an eviction (built lazily: the
+    deployments are parsed only if a replica finds no room)."""
+    s = rt.settings
+    settings = ConsolidationSettings(
+        enabled=s.consolidation,
+        moves_per_interval=s.consolidation_moves_per_interval,
+        interval=timedelta(seconds=s.consolidation_interval_s),
+        max_moves=s.consolidation_max_moves,
+        move_timeout=timedelta(seconds=s.consolidation_move_timeout_s),
+    )
+    deployments = _Deployments(cluster)
+
+    def consolidate(request: PlacementRequest) -> Consolidate | Unplaceable:
+        engine = placer.engine()  # `place` asks only after the placer has answered
+        run = build_consolidator(engine, deployments, everything, settings, rt.pod_defaults, now)
+        return run(request)
+
+    mine = f"{key[0]}/{key[1]}"
+    under_way = [p for p in compute_moves_under_way(everything) if p.move_for == mine]
+    return Consolidating(consolidate, deployments, under_way, settings.move_timeout)
+
+
+class _Deployments(Mapping[Key, ModelDeployment]):
+    """Every valid ModelDeployment in the indices, parsed on first use."""
+
+    def __init__(self, cluster: ClusterState) -> None:
+        self._cluster = cluster
+        self._parsed: dict[Key, ModelDeployment] | None = None
+
+    def _all(self) -> dict[Key, ModelDeployment]:
+        if self._parsed is None:
+            self._parsed = {}
+            for k, entries in self._cluster.deployments.items():
+                for entry in entries:
+                    with contextlib.suppress(ValidationError):
+                        self._parsed[k] = ModelDeployment.model_validate(entry.body)
+        return self._parsed
+
+    def __getitem__(self, k: Key) -> ModelDeployment:
+        return self._all()[k]
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
 
 
 def _service_wanted(md: ModelDeployment, cluster: ClusterState, key: Key) -> ServiceWanted:
@@ -206,6 +277,13 @@ def _service_wanted(md: ModelDeployment, cluster: ClusterState, key: Key) -> Ser
 def _record(metrics: OperatorMetrics, key: Key, plan: Plan, ready: int, done: Executed) -> None:
     metrics.set_pending(key, max(0, plan.target - ready))
     metrics.evictions.inc(len(done.evicted))
+    if done.copies:
+        metrics.consolidation_moves.labels("started").inc(len(done.copies))
+    for d in plan.to_delete:
+        if d.reason == Reason.MOVED:
+            metrics.consolidation_moves.labels("completed").inc()
+        elif d.reason == Reason.MOVE_ABANDONED:
+            metrics.consolidation_moves.labels("abandoned").inc()
     metrics.count_replacements(d.reason for d in plan.to_delete)
 
 

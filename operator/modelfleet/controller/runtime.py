@@ -299,6 +299,14 @@ class Runtime:
         next decision (of any deployment) already sees it."""
         for create in plan.to_create:
             self.inflight.record_created(create.record)
+        moving = plan.consolidation
+        if moving is not None:
+            for copy in moving.copies:
+                self.inflight.record_created(copy.record)
+            self.reservations.hold(
+                key, Reservation(moving.node, moving.gpu_ids, moving.reserved_until)
+            )
+            self.views.invalidate()  # the copies hold their new GPUs, the freed ones are held
         eviction = plan.eviction
         if eviction is None:
             return
@@ -325,7 +333,7 @@ class Runtime:
             self.blocked.add(key)
             return
         self.blocked.discard(key)
-        if plan.eviction is None and self.reservations.release(key):
+        if plan.eviction is None and plan.consolidation is None and self.reservations.release(key):
             self.views.invalidate()
         if not plan.waiting_for:
             self._marks.pop(key, None)

@@ -172,7 +172,7 @@ def _progressing(plan: Plan, live: list[Instance], ready: int) -> Condition:
     failures = [d for d in plan.to_delete if isinstance(d.reason, FailureKind)]
     starting = [i for i in live if i.phase in ("Pending", "Starting")]
     kind = ConditionType.PROGRESSING
-    if blocker is not None and blocker.reason != Reason.EVICTING:
+    if blocker is not None and blocker.reason not in (Reason.EVICTING, Reason.CONSOLIDATING):
         return _cond(kind, False, blocker.reason, blocker.message)
     if plan.rolling:
         return _cond(kind, True, "RollingUpdate", "replacing replicas one at a time")

@@ -111,6 +111,11 @@ class LazyPlacer:
         self.decisions.append(decision)
         return decision
 
+    def engine(self) -> inputs.EnginePlacer:
+        """The placer over the view this one placed on (after its first request)."""
+        assert self._inner is not None, "engine() before the first placement request"
+        return self._inner
+
     def keep(self) -> None:
         """Keep the view, with this placer's placements, for the next reconcile."""
         if self._inner is None:
