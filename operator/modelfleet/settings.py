@@ -359,8 +359,44 @@ class GatewaySettings(_Settings):
     balancing: Balancing = Field(
         Balancing.ROUND_ROBIN,
         description=(
-            "Default balancing across a model's replicas: RoundRobin or LeastOutstanding; a "
-            "ModelDeployment may override it with the annotation modelfleet.io/balancing."
+            "Default routing policy across a model's replicas: RoundRobin, LeastOutstanding, "
+            "PrefixHash, LoadAware or SessionAffinity (docs/gateway.md); a ModelDeployment "
+            "overrides it with spec.routing.policy (or the annotation modelfleet.io/balancing)."
+        ),
+    )
+    prefix_chars: int = Field(
+        256,
+        ge=16,
+        le=65536,
+        description=(
+            "PrefixHash: characters of the normalized prompt that choose the replica, unless "
+            "spec.routing.prefixChars says otherwise."
+        ),
+    )
+    load_factor: float = Field(
+        1.25,
+        ge=1.0,
+        le=10.0,
+        description=(
+            "PrefixHash and SessionAffinity: the bound on a replica's load, as a factor of the "
+            "average, beyond which a request goes to the next replica on the ring."
+        ),
+    )
+    engine_load: bool = Field(
+        False,
+        description=(
+            "PrefixHash and SessionAffinity: count the engine queue scraped from each "
+            "replica's /metrics in its load, unless spec.routing.engineLoad says otherwise."
+        ),
+    )
+    engine_metrics_interval_s: float = Field(
+        0.5,
+        ge=0.05,
+        le=60,
+        description=(
+            "How often the replicas of models that route by engine load are scraped "
+            "(GET /metrics, one at a time per replica, each bounded by this interval); figures "
+            "older than three intervals are ignored."
         ),
     )
     queue_size: int = Field(
@@ -517,6 +553,24 @@ class SimSettings(_Settings):
     )
     embedding_dim: int = Field(
         32, ge=1, le=8192, description="Length of the vectors /v1/embeddings returns."
+    )
+    cost_model: Literal["", "a100-40gb-llama-3.1-8b"] = Field(
+        "",
+        description=(
+            "Engine cost model: a100-40gb-llama-3.1-8b answers like vLLM serving "
+            "Llama-3.1-8B-Instruct on one A100 40GB (continuous batching, prefill and decode "
+            "time, a paged KV cache with prefix caching and preemption; docs/gateway.md). "
+            "Empty: answers after the fixed delays token_latency_s and request_latency_s."
+        ),
+    )
+    kv_cache_blocks: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description=(
+            "KV-cache size of the cost model in 16-token blocks; 0: what "
+            "--gpu-memory-utilization leaves on the modelled GPU after weights and activations."
+        ),
     )
     gated_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -21,6 +21,7 @@ from modelfleet.api.v1alpha1 import (
     ModelDeploymentStatus,
     PlacementSpec,
     PlacementStrategy,
+    RoutingSpec,
     SharingMode,
     Toleration,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "ModelDeploymentStatus",
     "PlacementSpec",
     "PlacementStrategy",
+    "RoutingSpec",
     "SharingMode",
     "Toleration",
     "parse_duration",

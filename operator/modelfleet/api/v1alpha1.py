@@ -206,11 +206,61 @@ class PlacementStrategy(StrEnum):
 
 
 class Balancing(StrEnum):
-    """How the gateway spreads a model's requests over its ready replicas (the gateway's
-    setting, or the annotation modelfleet.io/balancing on a ModelDeployment)."""
+    """How the gateway spreads a model's requests over its ready replicas (spec.routing.policy,
+    else the annotation modelfleet.io/balancing, else the gateway's setting)."""
 
     ROUND_ROBIN = "RoundRobin"
     LEAST_OUTSTANDING = "LeastOutstanding"
+    # Consistent hashing with bounded load over the prompt's first characters.
+    PREFIX_HASH = "PrefixHash"
+    # The least loaded replica by the engine's own queue (scraped) and the gateway's in-flight.
+    LOAD_AWARE = "LoadAware"
+    # Consistent hashing with bounded load over x-session-id or the OpenAI `user` field.
+    SESSION_AFFINITY = "SessionAffinity"
+
+
+class RoutingSpec(_Model):
+    """How the gateway chooses among this model's replicas; every field empty: the gateway's
+    defaults (docs/gateway.md, Routing)."""
+
+    policy: Balancing | None = Field(
+        None,
+        description=(
+            "RoundRobin, LeastOutstanding, PrefixHash (requests that share a prompt prefix go "
+            "to the same replica, whose KV cache holds it), LoadAware (the replica with the "
+            "shortest engine queue) or SessionAffinity (x-session-id header or the OpenAI user "
+            "field); empty: the gateway's default."
+        ),
+    )
+    prefix_chars: int | None = Field(
+        None,
+        ge=16,
+        le=65536,
+        description=(
+            "PrefixHash: how many characters of the prompt (chat messages' contents in order, "
+            "or the completion prompt, whitespace collapsed) choose the replica; longer than a "
+            "system prompt that all users share, so that conversations spread. Empty: the "
+            "gateway's default (256)."
+        ),
+    )
+    load_factor: float | None = Field(
+        None,
+        ge=1.0,
+        le=10.0,
+        description=(
+            "PrefixHash and SessionAffinity: a replica takes a request only while its load is "
+            "below this factor times the average; beyond it the request goes to the next "
+            "replica on the ring. Empty: the gateway's default (1.25)."
+        ),
+    )
+    engine_load: bool | None = Field(
+        None,
+        description=(
+            "PrefixHash and SessionAffinity: count each replica's engine queue, scraped from its "
+            "/metrics, in its load beside the gateway's own in-flight requests (LoadAware always "
+            "does). Empty: the gateway's default (false)."
+        ),
+    )
 
 
 class GpuSpec(_Model):
@@ -631,6 +681,10 @@ class ModelDeploymentSpec(_Model):
         description="Scale down to minReplicas after this long without requests, e.g. 30m.",
     )
     engine: EngineSpec = Field(default_factory=EngineSpec, description="The vLLM container.")
+    routing: RoutingSpec = Field(
+        default_factory=RoutingSpec,
+        description="How the gateway spreads requests over the replicas (policy and its knobs).",
+    )
 
     invariants = (
         Invariant(

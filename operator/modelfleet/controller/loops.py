@@ -29,6 +29,7 @@ from modelfleet.controller.observed import NodeHealth
 from modelfleet.controller.reconcile import reconcile
 from modelfleet.controller.runtime import Runtime, pods_on_nodes
 from modelfleet.gpus.pool import GpuPool
+from modelfleet.gpus.snapshot import compute_replica_counts
 from modelfleet.kube.client import ApiError, list_and_watch
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,12 @@ async def watch_pool(rt: Runtime, pool: GpuPool) -> None:
         cluster = rt.cluster
         if cluster is None:
             continue
+        # The replica-share balance figures of the next snapshots (and their metrics).
+        pool.set_replica_counts(
+            compute_replica_counts(
+                p.node for pods in cluster.pods.values() for p in pods if not p.deleting
+            )
+        )
         now = datetime.now(UTC)
         unseen = rt.observe_agents(cluster, snapshot, now)
         if unseen:

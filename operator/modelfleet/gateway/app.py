@@ -23,9 +23,11 @@ from modelfleet.gateway.connections import (
     build_middleware,
 )
 from modelfleet.gateway.documents import ModelList, build_status_document
+from modelfleet.gateway.engineload import run_engine_scraper, stale_after
 from modelfleet.gateway.metrics import GatewayMetrics
 from modelfleet.gateway.proxy import Proxy, ProxyConfig
 from modelfleet.gateway.registry import Registry
+from modelfleet.gateway.routing import RoutingConfig
 from modelfleet.gateway.upstream import UpstreamClient
 from modelfleet.gateway.usage import AnnotationWriter, UsageRecorder
 from modelfleet.settings import GatewaySettings
@@ -75,6 +77,20 @@ def build_proxy_config(settings: GatewaySettings) -> ProxyConfig:
     )
 
 
+def build_registry(settings: GatewaySettings) -> Registry:
+    """The registry, with the gateway's routing defaults for models that set none."""
+    return Registry(
+        settings.balancing,
+        RoutingConfig(
+            policy=settings.balancing,
+            prefix_chars=settings.prefix_chars,
+            load_factor=settings.load_factor,
+            engine_load=settings.engine_load,
+        ),
+        engine_fresh_s=stale_after(settings.engine_metrics_interval_s),
+    )
+
+
 def build_client_limits(settings: GatewaySettings) -> ClientLimits:
     return ClientLimits(
         header_timeout_s=settings.client_header_timeout_s,
@@ -99,8 +115,9 @@ def build_app(
     metrics: GatewayMetrics | None = None,
 ) -> web.Application:
     """The gateway application; `source` fills the registry (None: the caller fills it)."""
-    registry = registry or Registry(settings.balancing)
+    registry = registry or build_registry(settings)
     metrics = metrics or GatewayMetrics()
+    metrics.watch_replicas(lambda: registry.routes, registry.engine_fresh_s)
     usage = UsageRecorder(registry, writer, metrics, interval_s=settings.last_use_interval_s)
     connections = Connections(build_client_limits(settings), metrics)
     gateway = Gateway(settings, registry, metrics, usage, ModelList(registry), connections, source)
@@ -130,6 +147,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     upstream = build_upstream(config)
     gateway.proxy = Proxy(config, gateway.registry, gateway.metrics, gateway.usage, upstream)
     gateway.tasks.append(asyncio.create_task(gateway.usage.run(), name="usage"))
+    gateway.tasks.append(
+        asyncio.create_task(
+            run_engine_scraper(gateway.registry, gateway.settings.engine_metrics_interval_s),
+            name="engine-load",
+        )
+    )
     if gateway.source is not None:
         gateway.tasks.append(asyncio.create_task(gateway.source(gateway.registry), name="source"))
     try:

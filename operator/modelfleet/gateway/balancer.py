@@ -1,7 +1,8 @@
 """Replicas, per-model routes and the balancing decisions (no I/O; time is passed in).
 
 A Route is rebuilt whenever the model's ready Pods change, but Replica objects are carried over
-by address, so outstanding counts, failure streaks and ejections survive the rebuild.
+by address, so outstanding counts, failure streaks, ejections, engine figures and counters
+survive the rebuild. The hashed policies (routing.py) get a ring over the replicas' names.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from modelfleet.api.v1alpha1 import Balancing
+from modelfleet.gateway.routing import Ring, RoutingConfig, choose_bounded, compute_load
 
 
 @dataclass(eq=False)
@@ -26,9 +28,22 @@ class Replica:
     ejections: int = 0  # consecutive ejections; grows the ejection time, reset by a success
     ejected_until: float = 0.0
     requests: int = 0
+    prompt_tokens: int = 0  # from the answers' usage, where they carry one
+    completion_tokens: int = 0
+    # The engine's own figures from its /metrics (engineload.py), and when they were read.
+    engine_running: float = 0.0
+    engine_waiting: float = 0.0
+    engine_kv_cache: float = 0.0
+    engine_at: float = -1e18
 
     def __post_init__(self) -> None:
         self.base_url = f"http://{self.address}"
+
+    def load(self, now: float, fresh_s: float) -> float:
+        """In-flight requests, combined with the engine's queue while its figures are fresh."""
+        if now - self.engine_at > fresh_s:
+            return float(self.outstanding)
+        return compute_load(self.outstanding, (self.engine_running, self.engine_waiting))
 
 
 @dataclass(frozen=True)
@@ -46,12 +61,45 @@ class Route:
 
     model: str
     replicas: list[Replica]
-    balancing: Balancing = Balancing.ROUND_ROBIN
+    config: RoutingConfig = field(default_factory=RoutingConfig)
     counter: int = 0
+    ring: Ring | None = None  # for the hashed policies
+    # Engine figures older than this are ignored (set from the scrape interval).
+    engine_fresh_s: float = 0.0
+
+    @property
+    def balancing(self) -> Balancing:
+        return self.config.policy
+
+    def loads(self, now: float) -> list[float]:
+        fresh = self.engine_fresh_s if self.config.uses_engine_load else -1.0
+        return [r.load(now, fresh) for r in self.replicas]
 
 
-def pick_replica(route: Route, now: float, exclude: tuple[Replica, ...] = ()) -> Replica | None:
+def _least_loaded(
+    route: Route, loads: list[float], start: int, now: float, exclude: tuple[Replica, ...]
+) -> Replica | None:
+    """The healthy, untried replica with the lowest load; ties go round from `start`."""
+    replicas = route.replicas
+    count = len(replicas)
+    best: int | None = None
+    for i in range(count):
+        index = (start + i) % count
+        candidate = replicas[index]
+        if candidate.ejected_until > now or candidate in exclude:
+            continue
+        if best is None or loads[index] < loads[best]:
+            best = index
+    return None if best is None else replicas[best]
+
+
+def pick_replica(
+    route: Route, now: float, exclude: tuple[Replica, ...] = (), key: int | None = None
+) -> Replica | None:
     """The replica for the next request, or None when the route has none.
+
+    `key` is the request's position on the ring (prefix or session) for the hashed policies;
+    a hashed policy without one (no prompt, no session) takes the least loaded replica.
 
     Ejected replicas are skipped while others are left; when all are ejected (or excluded after a
     failed try), they are used anyway, since refusing every request helps nobody.
@@ -62,16 +110,18 @@ def pick_replica(route: Route, now: float, exclude: tuple[Replica, ...] = ()) ->
         return None
     start = route.counter
     route.counter = start + 1
-    if route.balancing == Balancing.LEAST_OUTSTANDING:
-        best: Replica | None = None
-        for i in range(count):
-            candidate = replicas[(start + i) % count]
-            if candidate.ejected_until > now or candidate in exclude:
-                continue
-            if best is None or candidate.outstanding < best.outstanding:
-                best = candidate
-        if best is not None:
-            return best
+    policy = route.config.policy
+    chosen: Replica | None = None
+    if key is not None and route.ring is not None:
+        eligible = [r.ejected_until <= now and r not in exclude for r in replicas]
+        index = choose_bounded(
+            route.ring, key, route.loads(now), eligible, route.config.load_factor
+        )
+        chosen = None if index is None else replicas[index]
+    elif policy == Balancing.LEAST_OUTSTANDING:
+        chosen = _least_loaded(route, [float(r.outstanding) for r in replicas], start, now, exclude)
+    elif policy == Balancing.LOAD_AWARE or route.config.hashed:
+        chosen = _least_loaded(route, route.loads(now), start, now, exclude)
     else:
         for i in range(count):
             candidate = replicas[(start + i) % count]
@@ -79,6 +129,8 @@ def pick_replica(route: Route, now: float, exclude: tuple[Replica, ...] = ()) ->
                 # Keep the counter on this replica so the next request takes the one after it.
                 route.counter = start + i + 1
                 return candidate
+    if chosen is not None:
+        return chosen
     # Panic mode: nothing healthy and untried is left.
     fallback = [r for r in replicas if r not in exclude] or replicas
     return min(fallback, key=lambda r: (r.ejected_until, r.outstanding))
@@ -109,10 +161,12 @@ def record_failure(replica: Replica, now: float, policy: EjectionPolicy) -> bool
 def build_route(
     model: str,
     addresses: list[tuple[str, str, str]],
-    balancing: Balancing,
+    config: RoutingConfig,
     previous: Route | None,
+    engine_fresh_s: float = 0.0,
 ) -> Route:
-    """A Route over (name, address, namespace) triples, in that order, reusing old Replicas."""
+    """A Route over (name, address, namespace) triples, in that order, reusing old Replicas
+    (and the old ring while the names are the same)."""
     old = {r.address: r for r in previous.replicas} if previous else {}
     replicas = []
     for name, address, namespace in addresses:
@@ -120,9 +174,16 @@ def build_route(
         if replica is None or replica.name != name:
             replica = Replica(name=name, address=address, namespace=namespace)
         replicas.append(replica)
+    ring = None
+    if config.hashed:
+        names = tuple(r.name for r in replicas)
+        old_ring = previous.ring if previous else None
+        ring = old_ring if old_ring is not None and old_ring.names == names else Ring(names)
     return Route(
         model=model,
         replicas=replicas,
-        balancing=balancing,
+        config=config,
         counter=previous.counter if previous else 0,
+        ring=ring,
+        engine_fresh_s=engine_fresh_s,
     )

@@ -10,8 +10,7 @@ from functools import partial
 
 from modelfleet.aio import install_uvloop
 from modelfleet.api.v1alpha1 import Balancing
-from modelfleet.gateway.app import build_app, start_gateway
-from modelfleet.gateway.registry import Registry
+from modelfleet.gateway.app import build_app, build_registry, start_gateway
 from modelfleet.gateway.sources import (
     StaticUpstreamsError,
     parse_static_upstreams,
@@ -38,13 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--balancing",
         choices=[b.value for b in Balancing],
         default=None,
-        help="default balancing (default: settings, RoundRobin)",
+        help="default routing policy (default: settings, RoundRobin)",
     )
 
 
 async def serve(settings: GatewaySettings) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
-    registry = Registry(settings.balancing)
+    registry = build_registry(settings)
     kube: KubeClient | None = None
     if settings.static_upstreams:
         registry.set_static(parse_static_upstreams(settings.static_upstreams))

@@ -3,11 +3,16 @@ gateway knows (anything else is counted as "unknown"), `code` only HTTP status c
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from modelfleet.api.ownership import IGNORED_REASONS
+from modelfleet.gateway.balancer import Route
 
 UNKNOWN_MODEL = "unknown"
 # Proxy overhead is sub-millisecond; model latency runs to minutes.
@@ -17,12 +22,76 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+AFFINITY_RESULTS = ("hit", "moved", "new")
+
+
+class ReplicaCollector(Collector):
+    """Per-replica figures read from the routes at scrape time, so the request path pays
+    nothing for them and a replica's series go when it leaves. `replica` is the Pod name (the
+    upstream address for static upstreams): as bounded as the replicas themselves."""
+
+    def __init__(self, routes: Callable[[], Mapping[str, Route]], fresh_s: float) -> None:
+        self.routes = routes
+        self.fresh_s = fresh_s
+
+    def collect(self) -> Iterator[Any]:
+        labels = ["model", "replica"]
+        requests = CounterMetricFamily(
+            "modelfleet_gateway_replica_requests",
+            "Requests sent to each replica (tries included), since it joined the route.",
+            labels=labels,
+        )
+        tokens = CounterMetricFamily(
+            "modelfleet_gateway_replica_tokens",
+            "Tokens of the answers from each replica, by kind (prompt, completion), from the "
+            "answers' usage (streams only when they carry it: stream_options.include_usage).",
+            labels=[*labels, "kind"],
+        )
+        in_flight = GaugeMetricFamily(
+            "modelfleet_gateway_replica_in_flight",
+            "Requests in flight to each replica from this gateway.",
+            labels=labels,
+        )
+        engine_waiting = GaugeMetricFamily(
+            "modelfleet_gateway_replica_engine_waiting",
+            "Requests waiting in each replica's engine, as last scraped (fresh figures only; "
+            "only models that route by engine load are scraped).",
+            labels=labels,
+        )
+        engine_kv = GaugeMetricFamily(
+            "modelfleet_gateway_replica_engine_kv_cache_usage",
+            "KV-cache usage (0..1) of each replica's engine, as last scraped (fresh only).",
+            labels=labels,
+        )
+        now = time.monotonic()
+        for model, route in self.routes().items():
+            for replica in route.replicas:
+                values = [model, replica.name]
+                requests.add_metric(values, replica.requests)
+                tokens.add_metric([*values, "prompt"], replica.prompt_tokens)
+                tokens.add_metric([*values, "completion"], replica.completion_tokens)
+                in_flight.add_metric(values, replica.outstanding)
+                if now - replica.engine_at <= self.fresh_s:
+                    engine_waiting.add_metric(values, replica.engine_waiting)
+                    engine_kv.add_metric(values, replica.engine_kv_cache)
+        yield from (requests, tokens, in_flight, engine_waiting, engine_kv)
+
+
 class GatewayMetrics:
     """The gateway's metrics in their own registry, with label children cached per model."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.affinity = Counter(
+            "modelfleet_gateway_affinity_requests",
+            "Requests routed by a hashed policy (PrefixHash, SessionAffinity), by result: hit "
+            "(the replica its key went to last, where its prefix is probably cached), moved "
+            "(another one: bounded load, or the replica left) or new (a key not seen lately). "
+            "hit / all is the router-side prefix hit ratio.",
+            ["model", "result"],
+            registry=r,
+        )
         self.requests = Counter(
             "modelfleet_gateway_requests",
             "Requests answered, by served model and HTTP status code.",
@@ -107,6 +176,20 @@ class GatewayMetrics:
         )
         self._children: dict[tuple[str, int], Any] = {}
         self._latency_children: dict[str, Any] = {}
+        self._affinity_children: dict[tuple[str, str], Any] = {}
+        self._replicas: ReplicaCollector | None = None
+
+    def watch_replicas(self, routes: Callable[[], Mapping[str, Route]], fresh_s: float) -> None:
+        """Export per-replica figures from these routes (once per registry)."""
+        if self._replicas is None:
+            self._replicas = ReplicaCollector(routes, fresh_s)
+            self.registry.register(self._replicas)
+
+    def observe_affinity(self, model: str, result: str) -> None:
+        child = self._affinity_children.get((model, result))
+        if child is None:
+            child = self._affinity_children[(model, result)] = self.affinity.labels(model, result)
+        child.inc()
 
     def observe(self, model: str, code: int, seconds: float) -> None:
         """Count one answered request; the hot path, so label children are cached."""

@@ -21,6 +21,16 @@ DEFAULT_ENGINE_PORT = 8000
 
 
 @dataclass(frozen=True)
+class RoutingOverrides:
+    """spec.routing as written: None for each field left to the gateway's default."""
+
+    policy: Balancing | None = None
+    prefix_chars: int | None = None
+    load_factor: float | None = None
+    engine_load: bool | None = None
+
+
+@dataclass(frozen=True)
 class DeploymentInfo:
     """What the gateway needs from one ModelDeployment."""
 
@@ -32,6 +42,7 @@ class DeploymentInfo:
     port: int
     uid: str = ""  # a Pod is its replica only when the Pod's controller has this UID
     claim: ClaimKey = (NEVER, "", "")  # its claim on the served name: the oldest holds it
+    routing: RoutingOverrides | None = None  # spec.routing, when it sets anything
 
     @property
     def key(self) -> tuple[str, str]:
@@ -67,6 +78,9 @@ def parse_deployment(obj: dict[str, Any]) -> DeploymentInfo | None:
         return None
     spec = obj.get("spec") or {}
     balancing = (meta.get("annotations") or {}).get(labels.ANN_BALANCING)
+    routing = parse_routing(spec.get("routing"))
+    if routing is not None and routing.policy is not None:
+        balancing = routing.policy  # spec.routing.policy wins over the older annotation
     replicas = spec.get("replicas", 1)
     port = (spec.get("engine") or {}).get("port") or DEFAULT_ENGINE_PORT
     return DeploymentInfo(
@@ -78,6 +92,30 @@ def parse_deployment(obj: dict[str, Any]) -> DeploymentInfo | None:
         port=port if isinstance(port, int) else DEFAULT_ENGINE_PORT,
         uid=str(meta.get("uid") or ""),
         claim=claim_key(obj),
+        routing=routing,
+    )
+
+
+def _number(value: Any, low: float, high: float) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if low <= value <= high else None
+
+
+def parse_routing(raw: Any) -> RoutingOverrides | None:
+    """spec.routing of a ModelDeployment object; fields out of range are left to the defaults
+    (the API server's schema refuses them first; this only guards against older objects)."""
+    if not isinstance(raw, dict) or not raw:
+        return None
+    policy = raw.get("policy")
+    chars = _number(raw.get("prefixChars"), 16, 65536)
+    factor = _number(raw.get("loadFactor"), 1.0, 10.0)
+    engine = raw.get("engineLoad")
+    return RoutingOverrides(
+        policy=Balancing(policy) if policy in _BALANCING else None,
+        prefix_chars=int(chars) if chars is not None else None,
+        load_factor=factor,
+        engine_load=engine if isinstance(engine, bool) else None,
     )
 
 

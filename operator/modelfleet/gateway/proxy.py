@@ -10,14 +10,18 @@ connections pooled per replica carries all upstream traffic.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from modelfleet.api.headers import INSTANCE_HEADER, SHOULD_RETRY_HEADER
+from modelfleet.api.v1alpha1 import Balancing
 from modelfleet.gateway.balancer import (
     EjectionPolicy,
     Replica,
@@ -34,6 +38,13 @@ from modelfleet.gateway.model import (
     extract_model,
 )
 from modelfleet.gateway.registry import Registry
+from modelfleet.gateway.routing import (
+    SESSION_HEADER,
+    RoutingConfig,
+    extract_prefix,
+    extract_session,
+    hash_key,
+)
 from modelfleet.gateway.upstream import (
     UpstreamBodyError,
     UpstreamClient,
@@ -58,6 +69,65 @@ _LIST_LIMIT = 20
 # clients with large bodies cannot turn ordinary requests away; at most max_client_connections
 # of them are in flight (4096 x 64 KiB = 256 MiB with the defaults).
 _SMALL_BODY_BYTES = 64 * 1024
+# The usage figures of an answer (the whole JSON body, or a stream's usage chunk).
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+# Routing keys remembered for the router-side hit ratio; beyond this the oldest are forgotten.
+_AFFINITY_KEYS = 65536
+
+
+def _json_doc(body: bytes) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def compute_routing_key(
+    config: RoutingConfig, body: bytes, session_header: str | None
+) -> int | None:
+    """The request's position on the ring for the hashed policies; None for the others, or
+    when the request has no prompt (no session) to hash."""
+    if not config.hashed:
+        return None
+    if config.policy == Balancing.SESSION_AFFINITY:
+        session = extract_session(session_header, None if session_header else _json_doc(body))
+        return hash_key(session.encode()) if session else None
+    doc = _json_doc(body)
+    prefix = extract_prefix(doc, config.prefix_chars) if doc is not None else None
+    return hash_key(prefix.encode()) if prefix else None
+
+
+def _count_usage(replica: Replica, data: bytes) -> None:
+    prompt = _PROMPT_TOKENS.search(data)
+    completion = _COMPLETION_TOKENS.search(data)
+    if prompt:
+        replica.prompt_tokens += int(prompt.group(1))
+    if completion:
+        replica.completion_tokens += int(completion.group(1))
+
+
+class AffinityTracker:
+    """Which replica each routing key went to last: the router's view of prefix-cache hits.
+
+    A request whose key last went to the same replica probably finds its prefix cached there
+    ("hit"); one sent elsewhere (bounded load, the replica left) starts cold ("moved"); a key
+    not seen (or forgotten) is "new".
+    """
+
+    def __init__(self, limit: int = _AFFINITY_KEYS) -> None:
+        self.limit = limit
+        self.last: dict[int, str] = {}
+
+    def record(self, key: int, replica: str) -> str:
+        last = self.last.pop(key, None)
+        if last is None and len(self.last) >= self.limit:
+            del self.last[next(iter(self.last))]  # the least recently seen key
+        self.last[key] = replica
+        if last is None:
+            return "new"
+        return "hit" if last == replica else "moved"
 
 
 @dataclass(frozen=True)
@@ -122,6 +192,7 @@ class Proxy:
         self.usage = usage
         self.upstream = upstream
         self.buffered_body_bytes = 0  # reserved by the requests in flight (see _handle)
+        self.affinity = AffinityTracker()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -319,10 +390,17 @@ class Proxy:
         path = request.path
         tried: tuple[Replica, ...] = ()
         last_reason = ""
+        key = (
+            compute_routing_key(route.config, body, request.headers.get(SESSION_HEADER))
+            if route.config.hashed
+            else None
+        )
         for attempt in range(cfg.retries + 1):
-            replica = pick_replica(route, time.monotonic(), tried)
+            replica = pick_replica(route, time.monotonic(), tried, key)
             if replica is None:
                 break
+            if key is not None and attempt == 0:
+                self.metrics.observe_affinity(model, self.affinity.record(key, replica.name))
             tried += (replica,)
             replica.outstanding += 1
             replica.requests += 1
@@ -413,6 +491,8 @@ class Proxy:
         try:
             if length is not None and length <= _BUFFER_LIMIT and not sse:
                 data = await upstream.read()
+                if upstream.status == 200:
+                    _count_usage(replica, data)
                 return web.Response(status=upstream.status, body=data, headers=headers)
             if sse:
                 headers["Cache-Control"] = "no-cache"
@@ -420,6 +500,8 @@ class Proxy:
             response = web.StreamResponse(status=upstream.status, headers=headers)
             await response.prepare(request)
             async for chunk in upstream.iter_chunks():
+                if b'"completion_tokens"' in chunk:  # a stream's usage chunk
+                    _count_usage(replica, chunk)
                 await response.write(chunk)
             await response.write_eof()
             return response

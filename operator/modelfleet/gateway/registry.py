@@ -25,6 +25,7 @@ from modelfleet.gateway.model import (
     parse_deployment,
     parse_replica_pod,
 )
+from modelfleet.gateway.routing import RoutingConfig
 
 Key = tuple[str, str]
 
@@ -37,8 +38,15 @@ def _natural(text: str) -> list[Any]:
 class Registry:
     """Deployments and ready Pods in, one Route per served model out."""
 
-    def __init__(self, default_balancing: Balancing = Balancing.ROUND_ROBIN) -> None:
+    def __init__(
+        self,
+        default_balancing: Balancing = Balancing.ROUND_ROBIN,
+        default_routing: RoutingConfig | None = None,
+        engine_fresh_s: float = 3.0,
+    ) -> None:
         self.default_balancing = default_balancing
+        self.default_routing = default_routing or RoutingConfig(policy=default_balancing)
+        self.engine_fresh_s = engine_fresh_s  # engine figures older than this are ignored
         self.deployments: dict[Key, DeploymentInfo] = {}
         self.pods: dict[Key, PodEndpoint] = {}
         self.routes: dict[str, Route] = {}
@@ -255,11 +263,22 @@ class Registry:
         for model in set(self.routes) | set(self._pods_by_model) | set(models):
             self._rebuild_model(model)
 
-    def _balancing(self, model: str) -> Balancing:
+    def routing(self, model: str) -> RoutingConfig:
+        """The model's routing: its holder's spec.routing (or annotation) over the defaults."""
+        base = self.default_routing
         for info in self.models.get(model, ()):
-            if info.balancing:
-                return info.balancing
-        return self.default_balancing
+            spec = info.routing
+            return RoutingConfig(
+                policy=info.balancing or self.default_balancing,
+                prefix_chars=(spec and spec.prefix_chars) or base.prefix_chars,
+                load_factor=(spec and spec.load_factor) or base.load_factor,
+                engine_load=base.engine_load
+                if spec is None or spec.engine_load is None
+                else spec.engine_load,
+            )
+        return RoutingConfig(
+            self.default_balancing, base.prefix_chars, base.load_factor, base.engine_load
+        )
 
     def _rebuild_model(self, model: str) -> None:
         self.generation += 1
@@ -273,7 +292,9 @@ class Registry:
             ((p.name, p.address, p.namespace) for p in pods.values()),
             key=lambda t: (_natural(t[0]), t[1]),
         )
-        route = build_route(model, triples, self._balancing(model), self.routes.get(model))
+        route = build_route(
+            model, triples, self.routing(model), self.routes.get(model), self.engine_fresh_s
+        )
         self.routes[model] = route
         if route.replicas or self.is_switched_off(model):
             self._wake(model)

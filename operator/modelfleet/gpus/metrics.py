@@ -60,6 +60,45 @@ class PoolMetrics:
             ["from_state", "to_state"],
             registry=registry,
         )
+        self.node_memory_used = Gauge(
+            "modelfleet_pool_node_memory_used_ratio",
+            "Fraction of each usable node's GPU memory in use.",
+            ["node"],
+            registry=registry,
+        )
+        self.balance_memory_cv = Gauge(
+            "modelfleet_pool_balance_memory_used_cv",
+            "Coefficient of variation (population std dev / mean) of the nodes' memory-used "
+            "fractions: 0 is perfectly even.",
+            registry=registry,
+        )
+        self.balance_memory_spread = Gauge(
+            "modelfleet_pool_balance_memory_used_spread",
+            "Largest minus smallest memory-used fraction over the usable nodes.",
+            registry=registry,
+        )
+        self.node_replicas = Gauge(
+            "modelfleet_pool_node_replicas",
+            "Replica Pods on each usable node, as the operator last counted them.",
+            ["node"],
+            registry=registry,
+        )
+        self.node_replica_share = Gauge(
+            "modelfleet_pool_node_replica_share",
+            "Each usable node's share (0..1) of all replicas.",
+            ["node"],
+            registry=registry,
+        )
+        self.balance_replica_cv = Gauge(
+            "modelfleet_pool_balance_replicas_cv",
+            "Coefficient of variation of the replica counts over the usable nodes.",
+            registry=registry,
+        )
+        self.balance_replica_spread = Gauge(
+            "modelfleet_pool_balance_replica_share_spread",
+            "Largest minus smallest replica share over the usable nodes.",
+            registry=registry,
+        )
         self.failures = Counter(
             "modelfleet_pool_endpoint_failures",
             "Failed poll rounds of one endpoint (after retries), by failure kind.",
@@ -77,6 +116,26 @@ class PoolMetrics:
         self.gpus_free.set(f.gpus_free)
         self.memory.set(f.memory_total_mib * 1024 * 1024)
         self.memory_free.set(f.memory_free_mib * 1024 * 1024)
+        self.observe_balance(snapshot)
+
+    def observe_balance(self, snapshot: PoolSnapshot) -> None:
+        """The snapshot's balance figures; nodes that left lose their series."""
+        b = snapshot.balance
+        self.node_memory_used.clear()
+        for node, used in b.memory_used_fraction_by_node.items():
+            self.node_memory_used.labels(node=node).set(used)
+        self.balance_memory_cv.set(b.memory_used_cv)
+        self.balance_memory_spread.set(b.memory_used_spread)
+        self.node_replicas.clear()
+        self.node_replica_share.clear()
+        if b.replicas_by_node is None or b.replica_share_by_node is None:
+            return
+        for node, count in b.replicas_by_node.items():
+            self.node_replicas.labels(node=node).set(count)
+        for node, share in b.replica_share_by_node.items():
+            self.node_replica_share.labels(node=node).set(share)
+        self.balance_replica_cv.set(b.replica_cv or 0.0)
+        self.balance_replica_spread.set(b.replica_share_spread or 0.0)
 
 
 _default: PoolMetrics | None = None

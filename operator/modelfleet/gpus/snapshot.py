@@ -193,6 +193,15 @@ def _spread_and_cv(values: Sequence[float]) -> tuple[float, float]:
     return max(values) - min(values), cv
 
 
+def compute_replica_counts(nodes: Iterable[str | None]) -> dict[str, int]:
+    """Replicas per node from each replica's node (None: not bound yet, not counted)."""
+    counts: dict[str, int] = {}
+    for node in nodes:
+        if node:
+            counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
 def compute_balance(
     nodes: Sequence[PoolNode], replicas_by_node: Mapping[str, int] | None = None
 ) -> Balance:

@@ -39,6 +39,7 @@ from modelfleet.gateway.model import (
     parse_replica_pod,
 )
 from modelfleet.gateway.registry import Registry
+from modelfleet.gateway.routing import RoutingConfig
 from modelfleet.gateway.sources import StaticUpstreamsError, parse_static_upstreams
 from modelfleet.gateway.usage import KubeAnnotationWriter, UsageRecorder
 from modelfleet.kube.client import ClusterConfig, KubeClient
@@ -281,7 +282,8 @@ def test_status_document_reports_queues_ejections_and_switched_off() -> None:
 
 
 def _route(n: int, balancing: str = "RoundRobin") -> Route:
-    return Route("m", [Replica(f"r{i}", f"127.0.0.1:{8000 + i}") for i in range(n)], balancing)
+    replicas = [Replica(f"r{i}", f"127.0.0.1:{8000 + i}") for i in range(n)]
+    return Route("m", replicas, RoutingConfig(Balancing(balancing)))
 
 
 def test_round_robin_and_skipping_ejected() -> None:

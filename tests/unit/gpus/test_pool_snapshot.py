@@ -9,14 +9,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pool_fakes import make_report
+from prometheus_client import CollectorRegistry
 
 from modelfleet.gpus.breaker import BreakerState
 from modelfleet.gpus.health import EndpointState
+from modelfleet.gpus.metrics import PoolMetrics
 from modelfleet.gpus.snapshot import (
     EndpointSample,
     PoolSnapshot,
     build_snapshot,
     compute_conflicts,
+    compute_replica_counts,
 )
 
 T = datetime(2025, 1, 1, 12, tzinfo=UTC)
@@ -151,6 +154,33 @@ def test_balance_memory_and_replicas() -> None:
     even = build_snapshot(samples[:1], taken_at=T)
     assert even.balance.memory_used_cv == 0.0
     assert even.balance.replica_share_by_node is None
+
+
+def test_balance_figures_are_metrics_and_nodes_that_left_lose_theirs() -> None:
+    samples = [
+        sample("http://a:1", "node-a", report=make_report("node-a", 2, 1000, [500, 500])),
+        sample("http://b:1", "node-b", report=make_report("node-b", 2, 1000, [0, 0])),
+    ]
+    counts = compute_replica_counts(["node-a", "node-a", None, "node-b", "node-a"])
+    assert counts == {"node-a": 3, "node-b": 1}  # an unbound replica counts nowhere
+    registry = CollectorRegistry()
+    metrics = PoolMetrics(registry)
+    metrics.observe_snapshot(build_snapshot(samples, taken_at=T, replicas_by_node=counts))
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("modelfleet_pool_node_replicas", node="node-a") == 3
+    assert value("modelfleet_pool_node_replica_share", node="node-b") == 0.25
+    assert value("modelfleet_pool_balance_replicas_cv") == pytest.approx(0.5)
+    assert value("modelfleet_pool_balance_replica_share_spread") == 0.5
+    assert value("modelfleet_pool_node_memory_used_ratio", node="node-a") == 0.5
+    assert value("modelfleet_pool_balance_memory_used_cv") == pytest.approx(1.0)
+    assert value("modelfleet_pool_balance_memory_used_spread") == 0.5
+    metrics.observe_snapshot(build_snapshot(samples[:1], taken_at=T, replicas_by_node=counts))
+    assert value("modelfleet_pool_node_replicas", node="node-b") is None
+    assert value("modelfleet_pool_node_memory_used_ratio", node="node-b") is None
+    assert value("modelfleet_pool_node_replica_share", node="node-a") == 1.0
 
 
 def test_conflicts_keep_the_owner_then_the_smaller_url() -> None:

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument(
+        "--stream-interval", type=int, default=1, help="tokens per streamed chunk after the first"
+    )
 
 
 def build_config(args: argparse.Namespace, settings: SimSettings, env: dict[str, str]) -> SimConfig:
@@ -69,6 +72,9 @@ def build_config(args: argparse.Namespace, settings: SimSettings, env: dict[str,
         fail_status=settings.fail_status,
         fail_body=settings.fail_body,
         embedding_dim=settings.embedding_dim,
+        cost_model=settings.cost_model,
+        kv_cache_blocks=settings.kv_cache_blocks,
+        stream_interval=max(1, args.stream_interval),
     )
 
 

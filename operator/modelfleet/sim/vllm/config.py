@@ -25,3 +25,7 @@ class SimConfig:
     fail_status: int = 503
     fail_body: bool = False
     embedding_dim: int = 32
+    # The engine cost model (engine.COST_MODELS), or "" for the fixed delays above.
+    cost_model: str = ""
+    kv_cache_blocks: int = 0  # 0: what gpu_memory_utilization leaves on the modelled GPU
+    stream_interval: int = 1  # tokens per streamed chunk after the first (vLLM --stream-interval)

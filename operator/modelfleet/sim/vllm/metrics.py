@@ -24,6 +24,9 @@ class SimMetrics:
     success: Counter
     e2e: Histogram
     ttft: Histogram
+    prefix_queries: Counter
+    prefix_hits: Counter
+    preemptions: Counter
 
 
 def build_metrics(model_name: str) -> SimMetrics:
@@ -69,7 +72,27 @@ def build_metrics(model_name: str) -> SimMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         ),
+        prefix_queries=Counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            labels,
+            registry=registry,
+        ),
+        prefix_hits=Counter(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            labels,
+            registry=registry,
+        ),
+        preemptions=Counter(
+            "vllm:num_preemptions",
+            "Cumulative number of preemptions from the engine.",
+            labels,
+            registry=registry,
+        ),
     )
+    for counter in (metrics.prefix_queries, metrics.prefix_hits, metrics.preemptions):
+        counter.labels(model_name)
     for gauge_metric in (metrics.running, metrics.waiting, metrics.gpu_cache, metrics.kv_cache):
         gauge_metric.labels(model_name).set(0)
     return metrics

@@ -14,6 +14,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from modelfleet.api.headers import INSTANCE_HEADER
+from modelfleet.sim.vllm.batching import Request
 from modelfleet.sim.vllm.config import SimConfig
 from modelfleet.sim.vllm.shapes import (
     SimError,
@@ -104,15 +105,18 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     created = int(time.time())
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     state.begin()
+    job = state.engine.submit(prompt_words, len(tokens)) if state.engine is not None else None
     try:
         if body.get("stream"):
             options = body.get("stream_options") or {}
             include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-            return await _stream(
-                request, state, kind, rid, model, created, tokens, finish, n, usage,
-                include_usage, started,
-            )  # fmt: skip
-        if state.config.request_latency_s:
+            sse = _Sse(kind, rid, model, created, n, include_usage)
+            return await _stream(request, state, sse, tokens, finish, usage, started, job)
+        if job is not None:
+            while not job.done:
+                await job.wait()
+            _observe_ttft(state, job, started)
+        elif state.config.request_latency_s:
             await asyncio.sleep(state.config.request_latency_s)
         text = " ".join(tokens)
         build = build_chat_response if kind == "chat" else build_completion_response
@@ -120,66 +124,123 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         state.record(usage["prompt_tokens"], usage["completion_tokens"], finish, started)
         return response
     finally:
+        if job is not None:
+            assert state.engine is not None
+            state.engine.release(job)
         state.end()
+
+
+def _observe_ttft(state: SimState, job: Request, started: float) -> None:
+    if job.first_token_at is not None:
+        state.metrics.ttft.labels(state.label).observe(job.first_token_at - started)
+
+
+@dataclass
+class _Sse:
+    """The SSE events of one streamed answer, as bytes."""
+
+    kind: str
+    rid: str
+    model: str
+    created: int
+    n: int
+    include_usage: bool
+
+    def event(self, payload: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+    def role(self) -> bytes:
+        if self.kind != "chat":
+            return b""
+        delta = {"role": "assistant", "content": ""}
+        return b"".join(self._chunk(i, delta, "", None) for i in range(self.n))
+
+    def pieces(self, pieces: list[str]) -> bytes:
+        return b"".join(
+            self._chunk(i, {"content": piece}, piece, None)
+            for piece in pieces
+            for i in range(self.n)
+        )
+
+    def finish(self, reason: str) -> bytes:
+        return b"".join(self._chunk(i, {}, "", reason) for i in range(self.n))
+
+    def usage(self, usage: dict[str, int]) -> bytes:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return self.event(
+            {
+                "id": self.rid,
+                "object": obj,
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage,
+            }
+        )
+
+    def _chunk(self, i: int, delta: dict[str, str], text: str, finish: str | None) -> bytes:
+        if self.kind == "chat":
+            chunk = build_chat_chunk(
+                self.rid, self.model, self.created, i, delta, finish, self.include_usage
+            )
+        else:
+            chunk = build_completion_chunk(
+                self.rid, self.model, self.created, i, text, finish, self.include_usage
+            )
+        return self.event(chunk)
+
+
+async def _relay_engine(
+    response: web.StreamResponse, sse: _Sse, pieces: list[str], job: Request, state: SimState,
+    started: float,
+) -> None:  # fmt: skip
+    """Tokens as the engine produces them: role and first token together (as vLLM sends them
+    once the first step is done), then a chunk every `stream_interval` tokens."""
+    interval = max(1, state.config.stream_interval)
+    sent = 0
+    head = sse.role()
+    while not job.done or sent < min(job.produced, len(pieces)):
+        if not job.done or job.produced == 0:
+            await job.wait()
+        ready = min(job.produced, len(pieces))
+        if head and job.produced:
+            await response.write(head)
+            head = b""
+        if ready > sent and (sent == 0 or ready - sent >= interval or job.done):
+            await response.write(sse.pieces(pieces[sent:ready]))
+            if sent == 0:
+                _observe_ttft(state, job, started)
+            sent = ready
+    if head:
+        await response.write(head)
 
 
 async def _stream(
     request: web.Request,
     state: SimState,
-    kind: str,
-    rid: str,
-    model: str,
-    created: int,
+    sse: _Sse,
     tokens: list[str],
     finish: str,
-    n: int,
     usage: dict[str, int],
-    include_usage: bool,
     started: float,
+    job: Request | None = None,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **state.headers})
     await response.prepare(request)
-
-    async def send(payload: dict[str, Any]) -> None:
-        await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-
-    chat = kind == "chat"
-    if chat:
-        for i in range(n):
-            delta = {"role": "assistant", "content": ""}
-            await send(build_chat_chunk(rid, model, created, i, delta, None, include_usage))
-    first = True
-    for piece in token_pieces(tokens):
-        if state.config.token_latency_s:
-            await asyncio.sleep(state.config.token_latency_s)
-        for i in range(n):
-            if chat:
-                chunk = build_chat_chunk(
-                    rid, model, created, i, {"content": piece}, None, include_usage
-                )
-            else:
-                chunk = build_completion_chunk(rid, model, created, i, piece, None, include_usage)
-            await send(chunk)
-        if first:
-            state.metrics.ttft.labels(state.label).observe(time.perf_counter() - started)
-            first = False
-    for i in range(n):
-        if chat:
-            await send(build_chat_chunk(rid, model, created, i, {}, finish, include_usage))
-        else:
-            await send(build_completion_chunk(rid, model, created, i, "", finish, include_usage))
-    if include_usage:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        await send(
-            {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": usage,
-            }
-        )
+    pieces = token_pieces(tokens)
+    if job is not None:
+        await _relay_engine(response, sse, pieces, job, state, started)
+    else:
+        await response.write(sse.role())
+        for i, piece in enumerate(pieces):
+            if state.config.token_latency_s:
+                await asyncio.sleep(state.config.token_latency_s)
+            await response.write(sse.pieces([piece]))
+            if i == 0:
+                state.metrics.ttft.labels(state.label).observe(time.perf_counter() - started)
+    await response.write(sse.finish(finish))
+    if sse.include_usage:
+        await response.write(sse.usage(usage))
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     state.record(usage["prompt_tokens"], usage["completion_tokens"], finish, started)
@@ -252,6 +313,8 @@ async def handle_info(request: web.Request) -> web.StreamResponse:
             "ready": state.ready,
             "running": state.running,
             "served": state.served,
+            "cost_model": cfg.cost_model or None,
+            "kv_cache_blocks": state.engine.engine.model.num_blocks if state.engine else None,
         },
     )
 
@@ -259,7 +322,13 @@ async def handle_info(request: web.Request) -> web.StreamResponse:
 def build_app(config: SimConfig) -> web.Application:
     """The stand-in's aiohttp application (not started)."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app[STATE] = SimState(config)
+    app[STATE] = state = SimState(config)
+
+    async def close_engine(_: web.Application) -> None:
+        if state.engine is not None:
+            await state.engine.close()
+
+    app.on_cleanup.append(close_engine)
     app.router.add_post("/v1/chat/completions", handle_chat)
     app.router.add_post("/v1/completions", handle_completions)
     app.router.add_post("/v1/embeddings", handle_embeddings)
