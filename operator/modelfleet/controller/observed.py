@@ -98,6 +98,7 @@ class ObservedPod:
     assigned_gpus: tuple[str, ...] = ()
     recorded_assigned: tuple[str, ...] = ()  # the Pod's ANN_ASSIGNED_GPUS
     requests: Requests = ONE_POD  # what it asks of the kubelet (nodeusage.py)
+    ip: str = ""  # status.podIP: where the autoscaler scrapes the engine's /metrics
 
     @property
     def gpus(self) -> tuple[str, ...]:
@@ -183,6 +184,7 @@ def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
         message=str(status.get("message") or ""),
         assigned_gpus=_split(ann.get(L.ANN_ASSIGNED_GPUS)),
         recorded_assigned=_split(ann.get(L.ANN_ASSIGNED_GPUS)),
+        ip=str(status.get("podIP") or ""),
         requests=compute_pod_requests(pod.get("spec") or {}),
     )
 

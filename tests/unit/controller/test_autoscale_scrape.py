@@ -1,16 +1,23 @@
-"""The autoscaler's scraper against real HTTP servers on loopback serving the stand-in's metrics."""
+"""The autoscaler's scraper and loop against real HTTP servers on loopback: the engines serve
+the stand-in's metrics, the API server is the controller tests' small fake."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client import generate_latest
+from fake_api import serve_fake_api
+from prometheus_client import CollectorRegistry, generate_latest
 
+from modelfleet.controller.autoscale_loop import Autoscaler
 from modelfleet.controller.autoscale_scrape import EngineScraper
+from modelfleet.controller.metrics import OperatorMetrics
+from modelfleet.controller.observed import ObservedPod
+from modelfleet.kube.paths import md_path
 from modelfleet.sim.vllm.metrics import SimMetrics, build_metrics
 
 
@@ -127,3 +134,80 @@ async def test_concurrency_and_time_are_bounded(served: tuple[Engine, str]) -> N
         await slow.scrape({f"r{i}": url for i in range(6)})
         assert asyncio.get_running_loop().time() - started < 0.9
         assert slow.failures == 6
+
+
+def _deployment(port: int, *, enabled: bool = True, replicas: int = 2) -> dict[str, Any]:
+    return {
+        "apiVersion": "modelfleet.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "m", "namespace": "ns"},
+        "spec": {
+            "model": "org/m",
+            "replicas": replicas,
+            "engine": {"port": port},
+            "autoscaling": {"enabled": enabled, "maxReplicas": 8, "targetPerReplica": 16},
+        },
+    }
+
+
+def _replicas(count: int) -> list[ObservedPod]:
+    return [
+        ObservedPod(
+            name=f"m-instance-{i}",
+            namespace="ns",
+            deployment="m",
+            ordinal=i,
+            ready=True,
+            ip="127.0.0.1",
+        )
+        for i in range(count)
+    ]
+
+
+async def test_a_round_writes_the_decision_through_the_scale_subresource(
+    served: tuple[Engine, str],
+) -> None:
+    engine, url = served
+    engine.set(running=16, waiting=21)  # 74 over 2 replicas at target 16: 5
+    port = int(url.split(":")[2].split("/")[0])
+    key = ("ns", "m")
+    async with serve_fake_api() as (fake, client), aiohttp.ClientSession() as session:
+        fake.objects[md_path("ns", "m")] = _deployment(port)
+        metrics = OperatorMetrics(CollectorRegistry())
+        autoscaler = Autoscaler(client, EngineScraper(session), metrics)
+        written = await autoscaler.round({key: _deployment(port)}, {key: _replicas(2)}, now=0.0)
+        assert written == {key: 5}
+        assert metrics.autoscaler_desired.labels("ns", "m")._value.get() == 5
+        assert metrics.autoscaler_load.labels("ns", "m")._value.get() == 74
+        assert metrics.autoscaler_scales.labels("up")._value.get() == 1
+        assert fake.objects[md_path("ns", "m")]["spec"]["replicas"] == 5
+        assert ("PATCH", md_path("ns", "m") + "/scale") in fake.requests
+        assert autoscaler.decisions[key].reason == (
+            "scaling up: 42 requests waiting and 32 requests running over 2 replicas, target 16"
+        )
+        # Same load on the count it chose: nothing more is written.
+        engine.set(running=16, waiting=0)
+        fake.requests.clear()
+        written = await autoscaler.round(
+            {key: _deployment(port, replicas=5)}, {key: _replicas(5)}, now=10.0
+        )
+        assert written == {}
+        assert not [r for r in fake.requests if r[0] == "PATCH"]
+
+
+async def test_autoscaling_off_leaves_the_count_to_whoever_writes_scale(
+    served: tuple[Engine, str],
+) -> None:
+    engine, url = served
+    engine.set(running=256, waiting=256)
+    port = int(url.split(":")[2].split("/")[0])
+    key = ("ns", "m")
+    async with serve_fake_api() as (fake, client), aiohttp.ClientSession() as session:
+        fake.objects[md_path("ns", "m")] = _deployment(port, enabled=False)
+        autoscaler = Autoscaler(client, EngineScraper(session))
+        written = await autoscaler.round(
+            {key: _deployment(port, enabled=False)}, {key: _replicas(2)}, now=0.0
+        )
+        assert written == {}
+        assert engine.most_in_flight == 0  # not even scraped
+        assert fake.requests == []
