@@ -126,6 +126,10 @@ bench-placement-quality: $(STAMP) ## Placement quality: GPUs in use at the first
 gpu-proof: $(STAMP) ## On a machine with an NVIDIA GPU: the agent's NVML backend against nvidia-smi, idle and under load
 	PYTHON=$(BIN)/python bash hack/gpu-proof.sh .gpu-proof
 
+.PHONY: bench-autoscaling
+bench-autoscaling: $(STAMP) ## Autoscaler decision over load traces (no cluster): step to ready, GPU-s vs static, flaps
+	$(BIN)/python benchmarks/bench_autoscaling.py
+
 .PHONY: bench-agent
 bench-agent: $(STAMP) ## Agent: sample cost per GPU and /v1/gpus latency p50/p99 (8 GPUs)
 	$(BIN)/python benchmarks/bench_agent.py

@@ -123,6 +123,42 @@ INVALID = [
     # Rules across fields.
     _case("min-above-replicas", document({"replicas": 1, "minReplicas": 2}), "spec.minReplicas"),
     _case(
+        "autoscaling-without-max",
+        document({"autoscaling": {"enabled": True}}),
+        "spec.autoscaling.maxReplicas",
+    ),
+    _case(
+        "autoscaling-min-above-max",
+        document({"autoscaling": {"minReplicas": 4, "maxReplicas": 2}}),
+        "spec.autoscaling.minReplicas",
+    ),
+    _case(
+        "autoscaling-below-eviction-floor",
+        document(
+            {
+                "replicas": 3,
+                "minReplicas": 3,
+                "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8},
+            }
+        ),
+        "spec.autoscaling.minReplicas",
+    ),
+    _case(
+        "autoscaling-min-zero",
+        document({"autoscaling": {"minReplicas": 0, "maxReplicas": 2}}),
+        "spec.autoscaling.minReplicas",
+    ),
+    _case(
+        "autoscaling-target-zero",
+        document({"autoscaling": {"targetPerReplica": 0}}),
+        "spec.autoscaling.targetPerReplica",
+    ),
+    _case(
+        "autoscaling-window-word",
+        document({"autoscaling": {"scaleDownWindow": "later"}}),
+        "spec.autoscaling.scaleDownWindow",
+    ),
+    _case(
         "shared-without-memory",
         document({"gpu": {"sharing": "Shared"}}),
         "spec.gpu.memory",
@@ -244,6 +280,24 @@ VALID = [
     ),
     pytest.param(document({"idleTimeout": "1h30m"}), id="idle-timeout"),
     pytest.param(document({"routing": {"holdTimeout": "45m"}}), id="hold-timeout"),
+    pytest.param(
+        document(
+            {
+                "minReplicas": 1,
+                "idleTimeout": "10m",
+                "autoscaling": {
+                    "enabled": True,
+                    "minReplicas": 1,
+                    "maxReplicas": 8,
+                    "targetPerReplica": 16,
+                    "scaleUpWindow": "0s",
+                    "scaleDownWindow": "5m",
+                },
+            }
+        ),
+        id="autoscaling",
+    ),
+    pytest.param(document({"autoscaling": {"enabled": False}}), id="autoscaling-off"),
     pytest.param(document({"gpu": {"memory": "1" * 64}}), id="memory-64-characters"),
     pytest.param(document({"priority": -1000}), id="priority-lowest"),
     pytest.param(

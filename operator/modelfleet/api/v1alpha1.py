@@ -655,6 +655,84 @@ class EngineSpec(_Model):
     )
 
 
+# vLLM's default --max-num-seqs: the most requests one engine batches at once.
+DEFAULT_BATCH_CAPACITY = 256
+
+
+class AutoscalingSpec(_Model):
+    """The built-in autoscaler: spec.replicas follows the engines' load (docs/operator.md,
+    Autoscaling). Off: spec.replicas is left to people or to an external autoscaler (/scale)."""
+
+    enabled: bool = Field(
+        False,
+        description=(
+            "Let the operator set spec.replicas from the load; off, it never writes spec.replicas "
+            "and HPA or KEDA may drive the scale subresource."
+        ),
+    )
+    min_replicas: int = Field(
+        1,
+        ge=1,
+        le=MAX_REPLICAS,
+        description=(
+            "Fewest replicas the autoscaler sets; at least spec.minReplicas (the eviction floor). "
+            "Scaling to zero stays the idle rule's (spec.idleTimeout)."
+        ),
+    )
+    max_replicas: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_REPLICAS,
+        description="Most replicas the autoscaler sets; required when enabled.",
+    )
+    target_per_replica: int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description=(
+            "Requests (running plus waiting in the engine) one replica should carry; empty: the "
+            "engine's batch capacity (--max-num-seqs in engine.args, else vLLM's 256)."
+        ),
+    )
+    scale_up_window: Duration | None = Field(
+        None,
+        description=(
+            "Scale up only to the lowest count wanted over this window, e.g. 30s; empty: 0s "
+            "(at once)."
+        ),
+    )
+    scale_down_window: Duration | None = Field(
+        None,
+        description=(
+            "Scale down only to the highest count wanted over this window, e.g. 5m; empty: 5m."
+        ),
+    )
+
+    invariants = (
+        Invariant(
+            holds=lambda a: not a.enabled or a.max_replicas is not None,
+            cel="!has(self.enabled) || !self.enabled || has(self.maxReplicas)",
+            message=(
+                "spec.autoscaling.maxReplicas is required when spec.autoscaling.enabled is true: "
+                "set the most replicas the autoscaler may run"
+            ),
+            field_path=".maxReplicas",
+        ),
+        Invariant(
+            holds=lambda a: a.max_replicas is None or a.min_replicas <= a.max_replicas,
+            cel=(
+                "!has(self.maxReplicas) || !has(self.minReplicas) || "
+                "self.minReplicas <= self.maxReplicas"
+            ),
+            message=(
+                "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas: "
+                "lower minReplicas or raise maxReplicas"
+            ),
+            field_path=".minReplicas",
+        ),
+    )
+
+
 class ModelDeploymentSpec(_Model):
     """What to run: a model, how many parallel instances, and what each needs."""
 
@@ -695,6 +773,10 @@ class ModelDeploymentSpec(_Model):
         default_factory=RoutingSpec,
         description="How the gateway spreads requests over the replicas (policy and its knobs).",
     )
+    autoscaling: AutoscalingSpec = Field(
+        default_factory=AutoscalingSpec,
+        description="Replicas that follow the load, between bounds (off by default).",
+    )
 
     invariants = (
         Invariant(
@@ -708,7 +790,32 @@ class ModelDeploymentSpec(_Model):
             ),
             field_path=".minReplicas",
         ),
+        Invariant(
+            holds=lambda spec: _floor_within_autoscaling(spec.min_replicas, spec.autoscaling),
+            cel=(
+                "!has(self.autoscaling) || !has(self.autoscaling.enabled) || "
+                "!self.autoscaling.enabled || !has(self.minReplicas) || "
+                "self.minReplicas <= (has(self.autoscaling.minReplicas) ? "
+                "self.autoscaling.minReplicas : 1)"
+            ),
+            message=(
+                "spec.minReplicas (the eviction floor) must not exceed "
+                "spec.autoscaling.minReplicas: the autoscaler never goes below the floor; "
+                "raise autoscaling.minReplicas or lower minReplicas"
+            ),
+            field_path=".autoscaling.minReplicas",
+        ),
     )
+
+
+def _floor_within_autoscaling(min_replicas: int, autoscaling: AutoscalingSpec) -> bool:
+    if autoscaling.enabled and min_replicas > autoscaling.min_replicas:
+        raise ValueError(
+            f"spec.minReplicas ({min_replicas}, the eviction floor) must not exceed "
+            f"spec.autoscaling.minReplicas ({autoscaling.min_replicas}): the autoscaler never "
+            "goes below the floor; raise autoscaling.minReplicas or lower minReplicas"
+        )
+    return True
 
 
 def _min_not_above_replicas(min_replicas: int, replicas: int) -> bool:

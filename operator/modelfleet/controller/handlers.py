@@ -21,6 +21,8 @@ import kopf
 from modelfleet.api import API_GROUP, API_VERSION, PLURAL
 from modelfleet.api import labels as L
 from modelfleet.api.ownership import ClaimKey, claim_key, served_name
+from modelfleet.controller.autoscale_loop import Autoscaler, autoscale_forever
+from modelfleet.controller.autoscale_scrape import EngineScraper
 from modelfleet.controller.execute import EventRecorder
 from modelfleet.controller.loops import (
     recheck_forever,
@@ -107,6 +109,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         asyncio.create_task(recheck_forever(runtime, config.recheck_interval_s), name="recheck"),
         asyncio.create_task(watch_pool(runtime, pool), name="pool-watch"),
     ]
+    # The built-in autoscaler: only models with spec.autoscaling.enabled (docs/operator.md).
+    autoscaler = Autoscaler(client, EngineScraper(agents), metrics)
+    memo.tasks.append(
+        asyncio.create_task(
+            autoscale_forever(autoscaler, lambda: runtime.cluster), name="autoscaler"
+        )
+    )
     if runtime.usage is not None:
         memo.tasks.append(
             asyncio.create_task(watch_node_usage(runtime, runtime.usage), name="node-usage")

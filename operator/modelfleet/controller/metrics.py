@@ -89,6 +89,28 @@ class OperatorMetrics:
             ["method"],
             registry=registry,
         )
+        # The built-in autoscaler, per autoscaled ModelDeployment (labels removed when it goes).
+        self.autoscaler_desired = Gauge(
+            "modelfleet_autoscaler_desired_replicas",
+            "Replicas the built-in autoscaler decided on in its last round.",
+            ["namespace", "deployment"],
+            registry=registry,
+        )
+        self.autoscaler_load = Gauge(
+            "modelfleet_autoscaler_load_requests",
+            "The load the autoscaler saw: engine running plus waiting requests over the replicas "
+            "with fresh figures, plus requests the gateway holds.",
+            ["namespace", "deployment"],
+            registry=registry,
+        )
+        self.autoscaler_scales = Counter(
+            "modelfleet_autoscaler_scale_writes_total",
+            "spec.replicas written through the scale subresource by the autoscaler, by direction.",
+            ["direction"],
+            registry=registry,
+        )
+        for direction in ("up", "down"):
+            self.autoscaler_scales.labels(direction)
         for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
             self.api_requests.labels(method)
         for result in RESULTS:

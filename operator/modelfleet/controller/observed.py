@@ -106,6 +106,7 @@ class ObservedPod:
     move_for: str = ""
     moved_at: datetime | None = None
     move_deadline: datetime | None = None
+    ip: str = ""  # status.podIP: where the autoscaler scrapes the engine's /metrics
 
     @property
     def gpus(self) -> tuple[str, ...]:
@@ -191,6 +192,7 @@ def parse_pod(pod: Mapping[str, Any]) -> ObservedPod | None:
         message=str(status.get("message") or ""),
         assigned_gpus=_split(ann.get(L.ANN_ASSIGNED_GPUS)),
         recorded_assigned=_split(ann.get(L.ANN_ASSIGNED_GPUS)),
+        ip=str(status.get("podIP") or ""),
         requests=compute_pod_requests(pod.get("spec") or {}),
         move_of=str(ann.get(L.ANN_MOVE_OF, "")),
         move_of_uid=str(ann.get(L.ANN_MOVE_OF_UID, "")),

@@ -49,8 +49,9 @@ class FakeApi:
             body["metadata"].setdefault("uid", f"uid-{name}-{len(self.requests)}")
             self.objects[key] = body
             return web.json_response(body, status=201)
-        if request.method == "PATCH" and path.endswith("/status") and path not in self.objects:
-            path = path.removesuffix("/status")  # the status subresource patches the object
+        subresource = path.endswith(("/status", "/scale"))
+        if request.method == "PATCH" and subresource and path not in self.objects:
+            path = path.rsplit("/", 1)[0]  # a subresource patches the object
         if path not in self.objects:
             return self._status(404, "NotFound")
         if request.method == "GET":
