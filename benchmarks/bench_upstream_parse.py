@@ -31,7 +31,7 @@ MODULE = "operator/modelfleet/gateway/upstream.py"
 # The commit this benchmark's parser change branched from: the hand-written parser.
 DEFAULT_BASELINE = "0e29aa9"
 
-REQUEST = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 10.0.0.1:8000\r\nContent-Length: 2\r\n\r\n"
+REQUEST = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Length: 2\r\n\r\n"
 COMPLETION = json.dumps(
     {
         "id": "chatcmpl-0a1b2c3d4e5f",
@@ -134,7 +134,7 @@ def load(rev: str | None) -> ModuleType:
 
 def make_conn(module: ModuleType, loop: asyncio.AbstractEventLoop) -> Any:
     client = module.UpstreamClient(connect_timeout_s=5, read_timeout_s=600)
-    pool = client._pool("10.0.0.1:8000")
+    pool = client._pool("127.0.0.1:8000")
     conn = module._Conn(pool)
     conn.connection_made(NullTransport())
     return conn
