@@ -396,7 +396,6 @@ def _plan_moves(
     Ready its old Pod is deleted; a copy not Ready by its deadline (or broken) is deleted and
     the old Pod kept. A move under way counts once (the old Pod): its copy is neither scaled
     down nor rolled. Returns the moves still under way."""
-    namespace, name = md.metadata.namespace or "", md.metadata.name
     under_way = 0
     for copy in [p for p in healthy if p.move_of]:
         old = compute_move_state(copy, ours)
@@ -407,11 +406,7 @@ def _plan_moves(
                 f"moved {old.name} from {old.node} to {copy.node} as {copy.name} to make room "
                 f"for {copy.move_for}; {old.name} goes now that {copy.name} is Ready"
             )
-            plan.to_delete.append(
-                PodToDelete(namespace, old.name, name, Reason.MOVED, text, uid=old.uid)
-            )
-            plan.events.append(EventSpec(namespace, name, "Normal", Reason.MOVED, text))
-            plan.details.append(text)
+            _delete_for_move(plan, old, "Normal", Reason.MOVED, text)
             if old in healthy:
                 healthy.remove(old)
             terminating.add(old.ordinal)
@@ -423,11 +418,7 @@ def _plan_moves(
                 f"abandoning the move of {old.name} (for {copy.move_for}): its copy {copy.name} "
                 f"on {copy.node} {why}; {old.name} keeps serving"
             )
-            plan.to_delete.append(
-                PodToDelete(namespace, copy.name, name, Reason.MOVE_ABANDONED, text, uid=copy.uid)
-            )
-            plan.events.append(EventSpec(namespace, name, "Warning", Reason.MOVE_ABANDONED, text))
-            plan.details.append(text)
+            _delete_for_move(plan, copy, "Warning", Reason.MOVE_ABANDONED, text)
             plan.annotations[L.ANN_MOVE_ABANDONED_AT] = format_time(now)
             healthy.remove(copy)
             continue
@@ -503,3 +494,12 @@ def _plan_rollout(
         )
         plan.events.append(EventSpec(namespace, name, "Normal", Reason.ROLLING_UPDATE, text))
         plan.details.append(text)
+
+
+def _delete_for_move(plan: Plan, pod: ObservedPod, kind: str, reason: Reason, text: str) -> None:
+    """One step of a move: delete `pod` (by UID), with an Event and a detail saying why."""
+    plan.to_delete.append(
+        PodToDelete(pod.namespace, pod.name, pod.deployment, reason, text, uid=pod.uid)
+    )
+    plan.events.append(EventSpec(pod.namespace, pod.deployment, kind, reason, text))
+    plan.details.append(text)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
 import pytest
 import uvloop
 from gwharness import Fleet, FleetFactory, RecordingWriter, md_obj
+from gwrawhttp import RawServer, Serve
 
 from modelfleet.gateway.app import build_app, start_gateway
 from modelfleet.gateway.registry import Registry
@@ -49,3 +50,18 @@ async def make_fleet() -> AsyncIterator[FleetFactory]:
         await fleet.gateway.stop()
         for sim in fleet.sims.values():
             await sim.stop()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Callable[[Serve], Awaitable[RawServer]]]:
+    """raw(handler) -> a RawServer on 127.0.0.1 answering with `handler`; all stop after."""
+    servers: list[RawServer] = []
+
+    async def start(handler: Serve) -> RawServer:
+        server = await RawServer(handler).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()

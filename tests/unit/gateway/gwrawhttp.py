@@ -100,3 +100,12 @@ def response(
 
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# The head of the request the upstream tests send; head_for() adds the Content-Length.
+HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: replica\r\nContent-Type: application/json\r\n"
+Serve = Callable[[Request, asyncio.StreamWriter], Awaitable[bool]]
+
+
+def head_for(body: bytes) -> bytes:
+    return HEAD + b"Content-Length: %d\r\n\r\n" % len(body)

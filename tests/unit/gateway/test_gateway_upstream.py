@@ -7,34 +7,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from gwharness import FleetFactory, wait_until
-from gwrawhttp import RawServer, Request, chunk, response
+from gwrawhttp import RawServer, Request, chunk, head_for, response
 
 from modelfleet.gateway.upstream import UpstreamBodyError, UpstreamClient, UpstreamError
-
-HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: replica\r\nContent-Type: application/json\r\n"
-Serve = Callable[[Request, asyncio.StreamWriter], Awaitable[bool]]
-
-
-def head_for(body: bytes) -> bytes:
-    return HEAD + b"Content-Length: %d\r\n\r\n" % len(body)
-
-
-@pytest.fixture
-async def raw() -> AsyncIterator[Callable[[Serve], Awaitable[RawServer]]]:
-    servers: list[RawServer] = []
-
-    async def start(handler: Serve) -> RawServer:
-        server = await RawServer(handler).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.stop()
 
 
 @pytest.fixture

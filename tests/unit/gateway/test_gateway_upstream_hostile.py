@@ -7,37 +7,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from gwharness import FleetFactory
-from gwrawhttp import RawServer, Request, chunk
+from gwrawhttp import RawServer, Request, Serve, chunk, head_for
 
 from modelfleet.gateway.upstream import UpstreamBodyError, UpstreamClient, UpstreamError
 
-HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: replica\r\nContent-Type: application/json\r\n"
-Serve = Callable[[Request, asyncio.StreamWriter], Awaitable[bool]]
 # Every hostile exchange is over well before this; the old client hung forever on some.
 DEADLINE_S = 4.0
-
-
-def head_for(body: bytes) -> bytes:
-    return HEAD + b"Content-Length: %d\r\n\r\n" % len(body)
-
-
-@pytest.fixture
-async def raw() -> AsyncIterator[Callable[[Serve], Awaitable[RawServer]]]:
-    servers: list[RawServer] = []
-
-    async def start(handler: Serve) -> RawServer:
-        server = await RawServer(handler).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.stop()
 
 
 @pytest.fixture
