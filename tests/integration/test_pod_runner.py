@@ -303,11 +303,17 @@ async def test_gpu_pod_over_capacity_is_rejected_like_a_kubelet(
         # Refused before it started: no IP, no container, and it stays refused.
         assert "podIP" not in four["status"]
         assert "sim.modelfleet.io/devices" not in (four["metadata"].get("annotations") or {})
-        events = await kube.list(
-            f"/api/v1/namespaces/{namespace}/events",
-            fieldSelector="involvedObject.name=four",
-        )
-        assert [e["reason"] for e in events["items"]] == ["UnexpectedAdmissionError"]
+
+        # The kubelet posts its Event after the status: wait for it, then take all there are.
+        async def reasons() -> list[str]:
+            events = await kube.list(
+                f"/api/v1/namespaces/{namespace}/events",
+                fieldSelector="involvedObject.name=four",
+            )
+            return [e["reason"] for e in events["items"]]
+
+        await wait_for(reasons, timeout=10, what="the rejection Event")
+        assert await reasons() == ["UnexpectedAdmissionError"]
         # Three fit: the free devices go lowest index first.
         await kube.create(pods_path(namespace), gpu_pod("three", node, 3))
         three = await wait_for(lambda: running("three"), timeout=30, what="three Running")
