@@ -192,6 +192,13 @@ def build_crd() -> dict[str, Any]:
                         {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
                         {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
                         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+                        {
+                            "name": "Desired",
+                            "type": "integer",
+                            "jsonPath": ".status.autoscaling.desiredReplicas",
+                            "description": "Replicas the built-in autoscaler decided on.",
+                            "priority": 1,
+                        },
                         {"name": "Status", "type": "string", "jsonPath": ".status.phase"},
                         {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
                         {

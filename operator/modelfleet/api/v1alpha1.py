@@ -833,6 +833,8 @@ class ConditionType(StrEnum):
     DEGRADED = "Degraded"
     # The gateway routes the served name here: no older ModelDeployment claims the same name.
     ROUTED = "Routed"
+    # In status.autoscaling: the autoscaler cannot raise the count (maxReplicas, or placement).
+    SCALING_LIMITED = "ScalingLimited"
 
 
 class ConditionStatus(StrEnum):
@@ -882,6 +884,41 @@ class Instance(_Model):
     started_at: Timestamp | None = Field(None, description="When it became ready.")
 
 
+class AutoscalingSignal(_Model):
+    """The load figures one autoscaler decision was made from."""
+
+    running: float = Field(0, description="Requests the engines were running, summed.")
+    waiting: float = Field(0, description="Requests waiting in the engines' queues, summed.")
+    held: int = Field(
+        0, description="Requests the gateway held for the model, which had no ready replica."
+    )
+    replicas_measured: int = Field(
+        0, description="Ready replicas whose engine figures were fresh this round."
+    )
+    target: int = Field(0, description="Requests one replica should carry (the policy's target).")
+
+
+class AutoscalingStatus(_Model):
+    """The built-in autoscaler's last decision, in the manner of a HorizontalPodAutoscaler's
+    status. Written only by the autoscaler, through the status subresource."""
+
+    desired_replicas: int = Field(0, description="Replicas the autoscaler decided on.")
+    signal: AutoscalingSignal = Field(
+        default_factory=AutoscalingSignal, description="The figures the decision was made from."
+    )
+    reason: str = Field("", description="The decision in words, with its figures.")
+    last_scale_time: Timestamp | None = Field(
+        None, description="When the autoscaler last changed spec.replicas."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description=(
+            "ScalingLimited: True when the count cannot grow (maxReplicas, or replicas already "
+            "asked for that placement cannot place)."
+        ),
+    )
+
+
 class ModelDeploymentStatus(_Model):
     """What the operator observed and did."""
 
@@ -906,6 +943,13 @@ class ModelDeploymentStatus(_Model):
     selector: str = Field("", description="Label selector of the replica Pods (scale subresource).")
     phase: str = Field("", description="Short state for kubectl: Ready, Progressing, Pending, ...")
     reason: str = Field("", description="Short reason behind phase.")
+    autoscaling: AutoscalingStatus | None = Field(
+        None,
+        description=(
+            "The built-in autoscaler's last decision (spec.autoscaling.enabled); written by the "
+            "autoscaler alone, never by the reconcile."
+        ),
+    )
 
 
 class ObjectMeta(BaseModel):

@@ -10,6 +10,11 @@ to send them to. What the target implies is ceil(load / target); the windows the
 way the Horizontal Pod Autoscaler's stabilization does: a scale-up goes only as far as the lowest
 recommendation within the scale-up window, a scale-down only as far as the highest within the
 scale-down window, so a short dip or spike changes nothing.
+
+A count the autoscaler already raised but that is not placed yet (the reconcile's status says
+placement is blocked, or it has not acted on the new count) holds any further scale-up: a model
+that cannot grow says so (`compute_autoscaling_status`, condition ScalingLimited) instead of
+asking for ever more replicas that cannot run.
 """
 
 from __future__ import annotations
@@ -18,9 +23,20 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from modelfleet.api.units import parse_duration
-from modelfleet.api.v1alpha1 import DEFAULT_BATCH_CAPACITY, ModelDeploymentSpec
+from modelfleet.api.v1alpha1 import (
+    DEFAULT_BATCH_CAPACITY,
+    AutoscalingSignal,
+    AutoscalingStatus,
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    ModelDeployment,
+    ModelDeploymentSpec,
+)
+from modelfleet.controller.plan import EventSpec
 
 DEFAULT_SCALE_UP_WINDOW = "0s"
 DEFAULT_SCALE_DOWN_WINDOW = "5m"
@@ -92,11 +108,52 @@ class Recommendation:
 
 
 @dataclass(frozen=True, slots=True)
+class Unplaced:
+    """Replicas spec.replicas asks for that do not exist yet, and why, from the reconcile's status.
+
+    `reason` is the placement's CamelCase reason (NoCapacity, NoMatchingNode, Evicted, ...), or
+    empty while the reconcile has not yet acted on the count (the status describes an older
+    generation).
+    """
+
+    count: int
+    reason: str = ""
+    message: str = ""
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self.reason)
+
+
+# The Progressing reason of a reconcile that has nothing left to do.
+_COMPLETE = "Complete"
+
+
+def compute_unplaced(md: ModelDeployment) -> Unplaced | None:
+    """What of spec.replicas is still unplaced, read from the status the reconcile wrote."""
+    status, want = md.status, md.spec.replicas
+    missing = want - status.replicas
+    if missing <= 0:
+        return None
+    if status.observed_generation != md.metadata.generation:
+        return Unplaced(missing)
+    for cond in status.conditions:
+        if (
+            cond.type == ConditionType.PROGRESSING
+            and cond.status == ConditionStatus.FALSE
+            and cond.reason not in ("", _COMPLETE)
+        ):
+            return Unplaced(missing, cond.reason, cond.message)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     desired: int
     wanted: int  # what the load implies this round, within the bounds, before the windows
     reason: str
     history: tuple[Recommendation, ...]
+    held_back: bool = False  # a scale-up waits for replicas already asked for to be placed
 
 
 def _plural(n: float, word: str) -> str:
@@ -134,12 +191,14 @@ def decide(
     policy: Policy,
     history: Sequence[Recommendation],
     now: float,
+    unplaced: Unplaced | None = None,
 ) -> Decision:
     """The replicas to run: what the load implies, held back by the windows and the bounds.
 
     `current` is spec.replicas; `history` the recommendations of earlier rounds (the returned
     decision carries the new one, pruned to the longer window). Without fresh figures nothing
-    changes except a count outside the bounds, which is brought back within them.
+    changes except a count outside the bounds, which is brought back within them. While
+    `unplaced` replicas of the current count wait for placement, the count does not go up.
     """
     keep = max(policy.scale_up_window, policy.scale_down_window)
     past = tuple(r for r in history if now - r.at <= keep)
@@ -178,6 +237,18 @@ def decide(
     else:
         desired = current
         reason = f"steady: {what}"
+    held_back = False
+    if unplaced is not None and desired > current:
+        held_back, desired = True, current
+        why = (
+            f"placement says {unplaced.reason}: {unplaced.message}"
+            if unplaced.blocked
+            else "the operator has not acted on the count yet"
+        )
+        reason = (
+            f"limited at {current}: {what}; {_plural(unplaced.count, 'replica')} already asked "
+            f"for not placed ({why})"
+        )
     clamped = min(policy.max_replicas, max(policy.min_replicas, desired))
     if clamped != desired:
         reason = (
@@ -185,4 +256,97 @@ def decide(
         )
     elif wanted == policy.max_replicas and desired == current == policy.max_replicas:
         reason = f"at maxReplicas={policy.max_replicas}: {what}"
-    return Decision(clamped, wanted, reason, history_out)
+    return Decision(clamped, wanted, reason, history_out, held_back)
+
+
+def compute_signal_status(signal: Signal, policy: Policy) -> AutoscalingSignal:
+    return AutoscalingSignal(
+        running=signal.running,
+        waiting=signal.waiting,
+        held=signal.held,
+        replicas_measured=signal.reporting,
+        target=policy.target,
+    )
+
+
+def _limited_condition(
+    decision: Decision, signal: Signal, policy: Policy, unplaced: Unplaced | None, current: int
+) -> Condition:
+    kind = ConditionType.SCALING_LIMITED.value
+    if unplaced is not None and unplaced.blocked:
+        return Condition(
+            type=kind,
+            status=ConditionStatus.TRUE,
+            reason=unplaced.reason,
+            message=(
+                f"{unplaced.count} of {current} replicas cannot be placed: {unplaced.message}; "
+                "the autoscaler does not raise spec.replicas until they are"
+            ),
+        )
+    asks = math.ceil(signal.load / policy.target) if signal.known and signal.load > 0 else 0
+    if asks > policy.max_replicas and decision.desired == policy.max_replicas:
+        return Condition(
+            type=kind,
+            status=ConditionStatus.TRUE,
+            reason="TooManyReplicas",
+            message=(
+                f"the load asks for {asks} replicas; spec.autoscaling.maxReplicas is "
+                f"{policy.max_replicas}"
+            ),
+        )
+    return Condition(
+        type=kind,
+        status=ConditionStatus.FALSE,
+        reason="DesiredWithinRange",
+        message="the desired count is within the bounds and placed",
+    )
+
+
+def compute_autoscaling_status(
+    *,
+    decision: Decision,
+    signal: Signal,
+    policy: Policy,
+    current: int,
+    unplaced: Unplaced | None,
+    previous: AutoscalingStatus | None,
+    now: datetime,
+    scaled: bool,
+) -> AutoscalingStatus:
+    """status.autoscaling after one round; `scaled`: spec.replicas was written this round.
+
+    A condition keeps its lastTransitionTime while its status stays the same.
+    """
+    stamp = now.replace(microsecond=0)
+    cond = _limited_condition(decision, signal, policy, unplaced, current)
+    before = next(
+        (c for c in (previous.conditions if previous else ()) if c.type == cond.type), None
+    )
+    since = (
+        before.last_transition_time
+        if before is not None and before.status == cond.status and before.last_transition_time
+        else stamp
+    )
+    last_scale = stamp if scaled else (previous.last_scale_time if previous else None)
+    return AutoscalingStatus(
+        desired_replicas=decision.desired,
+        signal=compute_signal_status(signal, policy),
+        reason=decision.reason,
+        last_scale_time=last_scale,
+        conditions=[cond.model_copy(update={"last_transition_time": since})],
+    )
+
+
+def compute_limited_event(
+    md: ModelDeployment, new: AutoscalingStatus, previous: AutoscalingStatus | None
+) -> EventSpec | None:
+    """A Warning when the count becomes limited by placement (once per change of reason, not per
+    round: the status read back says whether it was already reported)."""
+    cond = next((c for c in new.conditions if c.type == ConditionType.SCALING_LIMITED), None)
+    if cond is None or cond.status != ConditionStatus.TRUE or cond.reason == "TooManyReplicas":
+        return None
+    for old in previous.conditions if previous else ():
+        if old.type == cond.type and old.status == cond.status and old.reason == cond.reason:
+            return None
+    namespace, name = md.metadata.namespace or "", md.metadata.name
+    return EventSpec(namespace, name, "Warning", ConditionType.SCALING_LIMITED.value, cond.message)

@@ -110,7 +110,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         asyncio.create_task(watch_pool(runtime, pool), name="pool-watch"),
     ]
     # The built-in autoscaler: only models with spec.autoscaling.enabled (docs/operator.md).
-    autoscaler = Autoscaler(client, EngineScraper(agents), metrics)
+    autoscaler = Autoscaler(client, EngineScraper(agents), metrics, runtime.events)
     memo.tasks.append(
         asyncio.create_task(
             autoscale_forever(autoscaler, lambda: runtime.cluster), name="autoscaler"

@@ -286,8 +286,13 @@ def status_changed(old: ModelDeploymentStatus, new: ModelDeploymentStatus) -> bo
 
 
 def dump_status(status: ModelDeploymentStatus) -> dict[str, object]:
-    """The status as the API server stores it (camelCase, no nulls)."""
-    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    """The reconcile's part of the status as the API server stores it (camelCase, no nulls).
+
+    status.autoscaling is the autoscaler's (autoscale_loop.py) and left out: the reconcile writes
+    a merge patch of what this returns, so it never sends back the autoscaler's decision as it
+    read it (which would undo a newer one) and never drops it either.
+    """
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"autoscaling"})
 
 
 def describe_invalid(errors: Sequence[Mapping[str, Any]]) -> str:

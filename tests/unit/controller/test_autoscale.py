@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
-from modelfleet.api.v1alpha1 import DEFAULT_BATCH_CAPACITY, ModelDeploymentSpec
+from modelfleet.api.v1alpha1 import (
+    DEFAULT_BATCH_CAPACITY,
+    AutoscalingStatus,
+    ModelDeployment,
+    ModelDeploymentSpec,
+)
 from modelfleet.controller.autoscale import (
     Decision,
     Policy,
     Recommendation,
     Signal,
+    Unplaced,
     batch_capacity,
+    compute_autoscaling_status,
+    compute_limited_event,
+    compute_unplaced,
     decide,
 )
 
@@ -150,3 +161,203 @@ def test_policy_from_spec_keeps_the_eviction_floor_and_defaults() -> None:
     )
     policy = Policy.from_spec(spec)
     assert policy == Policy(2, 6, 48, scale_up_window=0.0, scale_down_window=300.0)
+
+
+# --- a model that cannot grow ----------------------------------------------------------------
+
+NO_ROOM = Unplaced(2, "NoCapacity", "no node has a free GPU; nothing lower may be evicted")
+
+
+def test_limited_by_placement_the_count_does_not_climb() -> None:
+    decision = decide(
+        signal=Signal(waiting=60, running=32, reporting=2),
+        current=4,
+        policy=POLICY,
+        history=(),
+        now=0.0,
+        unplaced=NO_ROOM,
+    )
+    assert decision.desired == 4
+    assert decision.held_back
+    assert decision.wanted == 6  # what it would ask for: recorded for the windows all the same
+    assert decision.reason == (
+        "limited at 4: 60 requests waiting and 32 requests running over 4 replicas, target 16; "
+        "2 replicas already asked for not placed (placement says NoCapacity: no node has a free "
+        "GPU; nothing lower may be evicted)"
+    )
+
+
+def test_a_count_not_yet_acted_on_holds_a_further_scale_up() -> None:
+    decision = decide(
+        signal=Signal(waiting=100, reporting=1),
+        current=3,
+        policy=POLICY,
+        history=(),
+        now=0.0,
+        unplaced=Unplaced(2),
+    )
+    assert decision.desired == 3
+    assert decision.reason.endswith("(the operator has not acted on the count yet)")
+
+
+def test_limited_a_scale_down_still_goes_through() -> None:
+    policy = Policy(1, 8, 16, scale_up_window=0.0, scale_down_window=0.0)
+    decision = decide(
+        signal=Signal(running=10, reporting=2),
+        current=4,
+        policy=policy,
+        history=(),
+        now=0.0,
+        unplaced=NO_ROOM,
+    )
+    assert (decision.desired, decision.held_back) == (1, False)
+    assert decision.reason.startswith("scaling down")
+
+
+def _md(
+    *,
+    replicas: int,
+    generation: int = 3,
+    observed: int = 3,
+    existing: int = 2,
+    progressing: tuple[str, str, str] = ("False", "NoCapacity", "no room"),
+    autoscaling: dict[str, Any] | None = None,
+) -> ModelDeployment:
+    status, reason, message = progressing
+    return ModelDeployment.model_validate(
+        {
+            "metadata": {"name": "chat", "namespace": "ns", "generation": generation},
+            "spec": {
+                "model": "org/chat",
+                "replicas": replicas,
+                "autoscaling": {"enabled": True, "maxReplicas": 8},
+            },
+            "status": {
+                "replicas": existing,
+                "observedGeneration": observed,
+                "conditions": [
+                    {"type": "Progressing", "status": status, "reason": reason, "message": message}
+                ],
+                **({"autoscaling": autoscaling} if autoscaling else {}),
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("md", "expected"),
+    [
+        pytest.param(_md(replicas=4), Unplaced(2, "NoCapacity", "no room"), id="blocked"),
+        pytest.param(_md(replicas=2), None, id="all-placed"),
+        pytest.param(_md(replicas=4, generation=4), Unplaced(2), id="not-yet-acted-on"),
+        pytest.param(
+            _md(replicas=4, progressing=("True", "ScalingUp", "2/4 replicas exist")),
+            None,
+            id="placing",
+        ),
+        pytest.param(
+            _md(replicas=4, existing=0, progressing=("False", "Complete", "0/0 replicas ready")),
+            None,
+            id="idle-at-zero",
+        ),
+    ],
+)
+def test_unplaced_is_read_from_the_reconciles_status(
+    md: ModelDeployment, expected: Unplaced | None
+) -> None:
+    assert compute_unplaced(md) == expected
+
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def _status(
+    decision: Decision,
+    signal: Signal,
+    *,
+    current: int,
+    unplaced: Unplaced | None = None,
+    previous: AutoscalingStatus | None = None,
+    now: datetime = NOW,
+    scaled: bool = False,
+) -> AutoscalingStatus:
+    return compute_autoscaling_status(
+        decision=decision,
+        signal=signal,
+        policy=POLICY,
+        current=current,
+        unplaced=unplaced,
+        previous=previous,
+        now=now,
+        scaled=scaled,
+    )
+
+
+def test_status_carries_the_decision_its_figures_and_the_last_scale() -> None:
+    signal = Signal(waiting=41, running=32, reporting=2)
+    decision = decide(signal=signal, current=2, policy=POLICY, history=(), now=0.0)
+    status = _status(decision, signal, current=2, scaled=True)
+    dumped = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert dumped["desiredReplicas"] == 5
+    assert dumped["signal"] == {
+        "running": 32,
+        "waiting": 41,
+        "held": 0,
+        "replicasMeasured": 2,
+        "target": 16,
+    }
+    assert dumped["reason"] == (
+        "scaling up: 41 requests waiting and 32 requests running over 2 replicas, target 16"
+    )
+    assert dumped["lastScaleTime"] == "2026-01-02T03:04:05Z"
+    [cond] = dumped["conditions"]
+    assert (cond["type"], cond["status"], cond["reason"]) == (
+        "ScalingLimited",
+        "False",
+        "DesiredWithinRange",
+    )
+    # A later round that does not scale keeps the last scale time and the transition time.
+    later = _status(decision, signal, current=5, previous=status, now=NOW + timedelta(minutes=1))
+    assert later.last_scale_time == status.last_scale_time
+    assert later.conditions[0].last_transition_time == status.conditions[0].last_transition_time
+
+
+def test_status_says_limited_by_placement_and_the_event_comes_once() -> None:
+    signal = Signal(waiting=60, running=32, reporting=2)
+    decision = decide(
+        signal=signal, current=4, policy=POLICY, history=(), now=0.0, unplaced=NO_ROOM
+    )
+    md = _md(replicas=4)
+    status = _status(decision, signal, current=4, unplaced=NO_ROOM)
+    [cond] = status.conditions
+    assert (cond.status, cond.reason) == ("True", "NoCapacity")
+    assert cond.message == (
+        "2 of 4 replicas cannot be placed: no node has a free GPU; nothing lower may be "
+        "evicted; the autoscaler does not raise spec.replicas until they are"
+    )
+    event = compute_limited_event(md, status, None)
+    assert event is not None
+    assert (event.type, event.reason, event.message) == ("Warning", "ScalingLimited", cond.message)
+    # The next round reads its own status back: same reason, no second Event.
+    again = _status(decision, signal, current=4, unplaced=NO_ROOM, previous=status)
+    assert compute_limited_event(md, again, status) is None
+    assert again.conditions[0].last_transition_time == cond.last_transition_time
+
+
+def test_status_says_limited_by_max_replicas_without_an_event() -> None:
+    signal = Signal(waiting=1000, reporting=8)
+    decision = decide(signal=signal, current=8, policy=POLICY, history=(), now=0.0)
+    status = _status(decision, signal, current=8)
+    [cond] = status.conditions
+    assert (cond.status, cond.reason) == ("True", "TooManyReplicas")
+    assert cond.message == ("the load asks for 63 replicas; spec.autoscaling.maxReplicas is 8")
+    assert compute_limited_event(_md(replicas=8), status, None) is None
+
+
+def test_held_requests_at_zero_are_shown_and_bounded_by_max() -> None:
+    signal = Signal(held=400)
+    decision = decide(signal=signal, current=1, policy=POLICY, history=(), now=0.0)
+    assert decision.desired == 8  # ceil(400 / 16) = 25, within maxReplicas 8
+    status = _status(decision, signal, current=1, scaled=True)
+    assert status.signal.held == 400
+    assert status.signal.replicas_measured == 0

@@ -188,10 +188,11 @@ async def test_a_round_writes_the_decision_through_the_scale_subresource(
         # Same load on the count it chose: nothing more is written.
         engine.set(running=16, waiting=0)
         fake.requests.clear()
-        written = await autoscaler.round(
-            {key: _deployment(port, replicas=5)}, {key: _replicas(5)}, now=10.0
-        )
+        stored = fake.objects[md_path("ns", "m")]
+        assert stored["status"]["autoscaling"]["desiredReplicas"] == 5
+        written = await autoscaler.round({key: stored}, {key: _replicas(5)}, now=10.0)
         assert written == {}
+        # Only the figures changed, within STATUS_REFRESH_S of the last write: nothing written.
         assert not [r for r in fake.requests if r[0] == "PATCH"]
 
 
