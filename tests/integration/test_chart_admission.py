@@ -19,6 +19,7 @@ import pytest
 from clusterkit import ROOT, Cluster, helm, kubectl, wait_for
 
 from modelfleet.api import labels
+from modelfleet.api.held import HELD_PREFIX, held_key
 from modelfleet.kube.client import ApiError, KubeClient
 
 pytestmark = pytest.mark.integration
@@ -98,17 +99,29 @@ async def test_gateway_writes_its_usage_annotations_and_nothing_else(
     assert f"ValidatingAdmissionPolicy '{release}-modelfleet-gateway-usage-only'" in said
     assert (
         f"the gateway ({release}-modelfleet-gateway) may change only the annotations "
-        f"{labels.ANN_LAST_REQUEST} and {labels.ANN_DEMAND} on a ModelDeployment, "
-        "not its spec or status"
+        f"{labels.ANN_LAST_REQUEST}, {labels.ANN_DEMAND} and {HELD_PREFIX}* on a "
+        "ModelDeployment, not its spec or status"
     ) in said
 
+    # Each gateway replica's held-request count goes beside the usage annotations...
+    held = {held_key("gw-a"): "3 2026-12-04T10:00:00.000Z", held_key("gw-b"): "1 x"}
     usage = {labels.ANN_LAST_REQUEST: "2026-12-04T10:00:00.000Z", labels.ANN_DEMAND: "now"}
     accepted, said = await patch_as(
-        cluster, gateway, namespace, "gemma", {"metadata": {"annotations": usage}}
+        cluster, gateway, namespace, "gemma", {"metadata": {"annotations": usage | held}}
+    )
+    assert accepted, said
+    # ...and is removed by it when nothing is held.
+    gone = {held_key("gw-b"): None}
+    accepted, said = await patch_as(
+        cluster, gateway, namespace, "gemma", {"metadata": {"annotations": gone}}
     )
     assert accepted, said
     before = await kube.get(f"{MD_PATH.format(ns=namespace)}/gemma")
-    assert before["metadata"]["annotations"] == {"owner": "team-a", **usage}
+    assert before["metadata"]["annotations"] == {
+        "owner": "team-a",
+        **usage,
+        held_key("gw-a"): held[held_key("gw-a")],
+    }
 
     refused = {
         "another annotation": {"metadata": {"annotations": {labels.ANN_BALANCING: "x"}}},

@@ -32,7 +32,8 @@
 {{- define "modelfleet.gatewayRules" -}}
 # Which models exist and their balancing annotation; patch records the last request time and
 # the demand for a model scaled to zero (annotations modelfleet.io/last-request-time and
-# modelfleet.io/demand-time), which drive idle scale-down and LRU eviction.
+# modelfleet.io/demand-time), which drive idle scale-down and LRU eviction, and the requests each
+# gateway replica holds (held.modelfleet.io/<pod>), which the autoscaler reads.
 - apiGroups: ["modelfleet.io"]
   resources: ["modeldeployments"]
   verbs: ["get", "list", "watch", "patch"]

@@ -149,7 +149,7 @@ class GatewayMetrics:
             self.ignored_pods.labels(reason)
         self.annotation_writes = Counter(
             "modelfleet_gateway_annotation_writes",
-            "Writes of last-use and demand annotations, by kind and result.",
+            "Writes of last-use, demand and held-request annotations, by kind and result.",
             ["kind", "result"],
             registry=r,
         )

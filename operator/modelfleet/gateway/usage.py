@@ -1,8 +1,14 @@
-"""Last use and demand, written to ModelDeployment annotations in the background.
+"""Last use, demand and held requests, written to ModelDeployment annotations in the background.
 
 The request path only stores a float in a dict (`touch`) or adds a name to a set (`demand`); a
 background task turns those into annotation patches, at most one last-use write per model per
 interval, so a busy model costs the API server one write every `last_use_interval_s`.
+
+The requests this gateway replica holds for a model with no ready replica (the registry's queue)
+go to the annotation `held.modelfleet.io/<this pod>` (api/held.py), which the autoscaler adds up
+over the gateway replicas: written at once for the first request of a burst (with demand-time),
+then at most every HELD_INTERVAL_S while the count changes, refreshed every HELD_REFRESH_S while
+it stays, and removed once nothing is held.
 """
 
 from __future__ import annotations
@@ -10,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import aiohttp
 
 from modelfleet.api import labels
+from modelfleet.api.held import format_held, held_key
 from modelfleet.api.times import format_time_ms
 from modelfleet.gateway.metrics import GatewayMetrics
 from modelfleet.gateway.registry import Registry
@@ -25,9 +33,16 @@ from modelfleet.kube.paths import md_path
 
 log = logging.getLogger(__name__)
 
+# A changing held count is written at most this often per model; one that stays is refreshed this
+# often, well within the autoscaler's freshness (30 s, controller/autoscale_loop.py).
+HELD_INTERVAL_S = 2.0
+HELD_REFRESH_S = 10.0
+
 
 class AnnotationWriter(Protocol):
-    async def annotate(self, namespace: str, name: str, values: dict[str, str]) -> None: ...
+    async def annotate(
+        self, namespace: str, name: str, values: Mapping[str, str | None]
+    ) -> None: ...
 
 
 class KubeAnnotationWriter:
@@ -36,8 +51,9 @@ class KubeAnnotationWriter:
     def __init__(self, kube: KubeClient) -> None:
         self.kube = kube
 
-    async def annotate(self, namespace: str, name: str, values: dict[str, str]) -> None:
-        await self.kube.patch(md_path(namespace, name), {"metadata": {"annotations": values}})
+    async def annotate(self, namespace: str, name: str, values: Mapping[str, str | None]) -> None:
+        """A None value removes the annotation (JSON merge patch)."""
+        await self.kube.patch(md_path(namespace, name), {"metadata": {"annotations": dict(values)}})
 
 
 class UsageRecorder:
@@ -51,6 +67,7 @@ class UsageRecorder:
         *,
         interval_s: float,
         clock: Callable[[], float] = time.time,
+        identity: str | None = None,
     ) -> None:
         self.registry = registry
         self.writer = writer
@@ -62,6 +79,10 @@ class UsageRecorder:
         self._written_at: dict[str, float] = {}  # model -> when it was written
         self._demand: set[str] = set()
         self._wake = asyncio.Event()
+        # This replica's held-count annotation: its Pod name is its hostname.
+        self.held_key = held_key(identity or socket.gethostname())
+        self._held: dict[str, int] = {}  # model -> count last written (absent: none written)
+        self._held_at: dict[str, float] = {}  # model -> when
 
     def touch(self, model: str) -> None:
         """Hot path: remember that `model` was asked for now."""
@@ -82,11 +103,26 @@ class UsageRecorder:
 
     async def flush(self) -> None:
         now = self.clock()
-        for model in sorted(self._demand):
-            self._demand.discard(model)
-            ok = await self._write(model, {labels.ANN_DEMAND: format_time_ms(now)}, "demand")
-            if not ok:
-                self._demand.add(model)  # try again on the next tick
+        demand, self._demand = self._demand, set()
+        held = self._held_due(now)
+        for model in sorted(demand | held.keys()):
+            values: dict[str, str | None] = {}
+            if model in demand:
+                values[labels.ANN_DEMAND] = format_time_ms(now)
+            count = held.get(model)
+            if count is not None:
+                values[self.held_key] = format_held(count, now) if count else None
+            if not await self._write(model, values, "demand" if model in demand else "held"):
+                if model in demand:
+                    self._demand.add(model)  # try again on the next tick
+                continue
+            if count is None:
+                continue
+            if count:
+                self._held[model], self._held_at[model] = count, now
+            else:
+                self._held.pop(model, None)
+                self._held_at.pop(model, None)
         for model, last in list(self.last_request.items()):
             if last <= self._written.get(model, 0.0):
                 continue
@@ -96,7 +132,20 @@ class UsageRecorder:
                 self._written[model] = last
                 self._written_at[model] = now
 
-    async def _write(self, model: str, values: dict[str, str], kind: str) -> bool:
+    def _held_due(self, now: float) -> dict[str, int]:
+        """The held counts to write now, by model (0: remove this replica's annotation)."""
+        queued = self.registry.queue_depths()
+        due: dict[str, int] = {}
+        for model in queued.keys() | self._held.keys():
+            count, last = queued.get(model, 0), self._held.get(model)
+            since = now - self._held_at.get(model, float("-inf"))
+            # (A model with nothing written yet is in `queued`: its first count goes at once.)
+            wait = HELD_INTERVAL_S if count != last else HELD_REFRESH_S
+            if last is None or since >= wait:
+                due[model] = count
+        return due
+
+    async def _write(self, model: str, values: Mapping[str, str | None], kind: str) -> bool:
         deployments = self.registry.models.get(model, [])
         if self.writer is None or not deployments:
             return True  # static upstreams: nothing to write to

@@ -12,6 +12,7 @@ from typing import Any
 from chart_helpers import CHART, NAMESPACE, RELEASE, Render, find, one
 
 from modelfleet.api import labels
+from modelfleet.api.held import HELD_PREFIX
 
 POLICY = "ValidatingAdmissionPolicy"
 BINDING = "ValidatingAdmissionPolicyBinding"
@@ -40,13 +41,19 @@ def test_gateway_usage_policy_is_on_by_default_and_binds_to_its_service_account(
     # The annotations it lets through are the ones the gateway writes, and no others.
     usage = next(v for v in spec["variables"] if v["name"] == "usage")["expression"]
     assert usage == f"['{labels.ANN_LAST_REQUEST}', '{labels.ANN_DEMAND}']"
+    held = next(v for v in spec["variables"] if v["name"] == "held")["expression"]
+    assert held == f"'{HELD_PREFIX}'"
     expressions = " ".join(v["expression"] for v in spec["validations"])
     assert "object.spec == oldObject.spec" in expressions
     assert "!has(request.subResource)" in expressions
     for field in ("labels", "finalizers", "ownerReferences"):
         assert f"object.metadata.{field}" in expressions
+    assert "k.startsWith(variables.held)" in expressions
     for validation in spec["validations"]:
-        assert validation["message"].startswith(f"the gateway ({account}) may change only")
+        assert validation["message"].startswith(
+            f"the gateway ({account}) may change only the annotations {labels.ANN_LAST_REQUEST}, "
+            f"{labels.ANN_DEMAND} and {HELD_PREFIX}* on a ModelDeployment"
+        )
 
 
 def test_gateway_usage_policy_follows_its_switches_and_service_account_name(
