@@ -59,7 +59,10 @@ def test_subresources_and_columns() -> None:
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     assert version["subresources"]["scale"]["labelSelectorPath"] == ".status.selector"
     names = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert names == ["Model", "Replicas", "Ready", "Status", "Reason", "Age"]
+    assert names == ["Model", "Replicas", "Ready", "Desired", "Status", "Reason", "Age"]
+    # The autoscaler's desired count shows in the wide listing only.
+    wide = [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority", 0) > 0]
+    assert wide == ["Desired"]
     assert "md" not in build_crd()["spec"]["names"]["shortNames"]
 
 
