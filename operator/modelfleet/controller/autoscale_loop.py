@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from modelfleet.api import labels as L
 from modelfleet.api.held import stale_held_keys, sum_held
 from modelfleet.api.times import parse_time
-from modelfleet.api.v1alpha1 import AutoscalingStatus, ModelDeployment
+from modelfleet.api.v1alpha1 import AutoscalingStatus, ConditionStatus, ModelDeployment
 from modelfleet.controller.autoscale import (
     Decision,
     Policy,
@@ -77,6 +77,9 @@ class Autoscaler:
         self.decisions: dict[Key, Decision] = {}
         self.signals: dict[Key, Signal] = {}
         self.status_written_at: dict[Key, float] = {}
+        # The ScalingLimited Event last posted per model (its message): a status read back from a
+        # watch that lags a round behind does not post it again.
+        self.limited_posted: dict[Key, str] = {}
 
     def _forget(self, key: Key) -> None:
         if self.metrics is not None:
@@ -87,6 +90,7 @@ class Autoscaler:
         self.decisions.pop(key, None)
         self.signals.pop(key, None)
         self.status_written_at.pop(key, None)
+        self.limited_posted.pop(key, None)
 
     async def round(
         self,
@@ -187,7 +191,12 @@ class Autoscaler:
             log.warning("autoscaler could not write the status of %s/%s: %s", *key, exc)
             return
         self.status_written_at[key] = now
-        if event is not None and self.events is not None:
+        if event is None:
+            if not _is_limited(status):
+                self.limited_posted.pop(key, None)
+            return
+        if self.limited_posted.get(key) != event.message and self.events is not None:
+            self.limited_posted[key] = event.message
             await self.events.post(event, md.metadata.uid, datetime.now(UTC))
 
     async def _clear_status(self, key: Key) -> None:
@@ -209,6 +218,10 @@ class Autoscaler:
             await self.client.patch(path, {"metadata": {"annotations": dict.fromkeys(stale)}})
         except ApiError as exc:
             log.warning("could not remove stale held counts of %s: %s", md.metadata.name, exc)
+
+
+def _is_limited(status: AutoscalingStatus) -> bool:
+    return any(c.status == ConditionStatus.TRUE for c in status.conditions)
 
 
 def _dump(status: AutoscalingStatus, *, figures: bool = True) -> dict[str, Any]:

@@ -3,6 +3,7 @@ loop against the controller tests' fake API server (real HTTP on loopback)."""
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,14 +47,14 @@ def _body(
             "namespace": "ns",
             "uid": "uid-chat",
             "generation": 2,
-            "annotations": annotations or {},
+            "annotations": copy.deepcopy(annotations or {}),
         },
         "spec": {
             "model": "org/chat",
             "replicas": replicas,
             "autoscaling": {"enabled": True, "maxReplicas": 8, "targetPerReplica": 16},
         },
-        "status": status or {},
+        "status": copy.deepcopy(status or {}),  # the fake API merges into what it holds
     }
 
 
@@ -104,6 +105,12 @@ async def test_a_model_that_cannot_grow_says_so_once_and_stops_asking() -> None:
             1,
         )
         assert event["message"].startswith("1 of 2 replicas cannot be placed: no node has")
+        # A watch that lags behind shows the object without the status just written: the status
+        # is written again, the Event is not.
+        lagging = _body(replicas=2, annotations=held, status=blocked)
+        await autoscaler.round({KEY: lagging}, {KEY: []}, now=65.0)
+        [event] = _events(fake)
+        assert event["count"] == 1
 
 
 async def test_the_reconciles_status_write_never_drops_or_rewinds_the_autoscalers() -> None:
