@@ -31,6 +31,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
 # Each request keeps its replica's engine busy this long: the load the autoscaler sees.
 REQUEST_S = 25
+# The operator's count of finished autoscaler rounds.
+ROUNDS = "modelfleet_autoscaler_rounds_total"
 
 
 @pytest.fixture
@@ -107,7 +109,7 @@ async def test_with_autoscaling_off_external_scale_writes_are_respected(
     kube: KubeClient, namespace: str, gpus: Any, operators: Operators
 ) -> None:
     await gpus(2, 1)
-    operators.start()
+    operator = operators.start()
     await kube.create(
         md_path(namespace),
         md("ext", replicas=1, autoscaling={"enabled": False, "maxReplicas": 1}),
@@ -117,9 +119,22 @@ async def test_with_autoscaling_off_external_scale_writes_are_respected(
     scale = await kube.patch(md_path(namespace, "ext") + "/scale", {"spec": {"replicas": 2}})
     assert scale["spec"]["replicas"] == 2
     await wait_ready(kube, namespace, "ext", 2)
-    # Over more than two autoscaler rounds the count stays what the external writer set, even
-    # though maxReplicas says 1: the built-in autoscaler steps aside.
-    await asyncio.sleep(12)
+    # Over two autoscaler rounds after the write the count stays what the external writer set,
+    # even though maxReplicas says 1: the built-in autoscaler steps aside.
+    metrics = f"http://127.0.0.1:{operator.metrics_port}/metrics"
+    async with httpx.AsyncClient(timeout=5) as http:
+
+        async def rounds() -> float:
+            text = (await http.get(metrics)).text
+            line = next(x for x in text.splitlines() if x.startswith(ROUNDS + " "))
+            return float(line.split()[1])
+
+        start = await rounds()
+
+        async def two_more() -> bool:
+            return await rounds() >= start + 2
+
+        await wait_for(two_more, timeout=30, interval=0.5, what="two autoscaler rounds")
     assert await spec_replicas(kube, namespace, "ext") == 2
     await wait_ready(kube, namespace, "ext", 2)
 

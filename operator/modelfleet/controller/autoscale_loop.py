@@ -83,7 +83,11 @@ class Autoscaler:
 
     def _forget(self, key: Key) -> None:
         if self.metrics is not None:
-            for gauge in (self.metrics.autoscaler_desired, self.metrics.autoscaler_load):
+            for gauge in (
+                self.metrics.autoscaler_desired,
+                self.metrics.autoscaler_load,
+                self.metrics.autoscaler_limited,
+            ):
                 with contextlib.suppress(KeyError):
                     gauge.remove(*key)
         self.history.pop(key, None)
@@ -147,8 +151,12 @@ class Autoscaler:
                 now=wall,
                 scaled=scaled,
             )
+            if self.metrics is not None:
+                self.metrics.autoscaler_limited.labels(*key).set(1 if _is_limited(status) else 0)
             await self._report(key, md, status, now)
             await self._remove_stale_held(md, wall)
+        if self.metrics is not None:
+            self.metrics.autoscaler_rounds.inc()
         return written
 
     async def _scale(self, key: Key, md: ModelDeployment, replicas: int) -> bool:

@@ -109,6 +109,18 @@ class OperatorMetrics:
             ["direction"],
             registry=registry,
         )
+        self.autoscaler_limited = Gauge(
+            "modelfleet_autoscaler_limited",
+            "1 while the autoscaler cannot raise a model's count (status.autoscaling's "
+            "ScalingLimited condition is True: maxReplicas, or replicas placement cannot place).",
+            ["namespace", "deployment"],
+            registry=registry,
+        )
+        self.autoscaler_rounds = Counter(
+            "modelfleet_autoscaler_rounds_total",
+            "Rounds the autoscaler completed (scrape, decide, write) over every autoscaled model.",
+            registry=registry,
+        )
         for direction in ("up", "down"):
             self.autoscaler_scales.labels(direction)
         for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):

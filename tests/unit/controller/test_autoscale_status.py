@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 from fake_api import serve_fake_api
+from prometheus_client import CollectorRegistry
 
 from modelfleet.api.held import format_held, held_key
 from modelfleet.api.labels import ANN_DEMAND
@@ -17,6 +18,7 @@ from modelfleet.api.v1alpha1 import ModelDeployment
 from modelfleet.controller.autoscale_loop import Autoscaler, compute_held
 from modelfleet.controller.autoscale_scrape import EngineScraper
 from modelfleet.controller.execute import EventRecorder, apply_status
+from modelfleet.controller.metrics import OperatorMetrics
 from modelfleet.controller.status import status_changed
 from modelfleet.kube.paths import md_path
 
@@ -80,7 +82,10 @@ async def test_a_model_that_cannot_grow_says_so_once_and_stops_asking() -> None:
     held = {held_key("gw-a"): format_held(100, datetime.now(UTC))}
     async with serve_fake_api() as (fake, client), aiohttp.ClientSession() as session:
         fake.objects[PATH] = _body(replicas=2, annotations=held, status=blocked)
-        autoscaler = Autoscaler(client, EngineScraper(session), events=EventRecorder(client))
+        metrics = OperatorMetrics(CollectorRegistry())
+        autoscaler = Autoscaler(
+            client, EngineScraper(session), metrics, events=EventRecorder(client)
+        )
         for now in (0.0, 5.0, 10.0, 60.0):
             written = await autoscaler.round({KEY: fake.objects[PATH]}, {KEY: []}, now=now)
             assert written == {}
@@ -96,6 +101,8 @@ async def test_a_model_that_cannot_grow_says_so_once_and_stops_asking() -> None:
             "True",
             "NoCapacity",
         )
+        assert metrics.autoscaler_limited.labels(*KEY)._value.get() == 1
+        assert metrics.autoscaler_rounds._value.get() == 4
         # The reconcile's part of the status is untouched by the autoscaler's writes.
         assert stored["status"]["conditions"] == blocked["conditions"]
         [event] = _events(fake)
