@@ -316,11 +316,12 @@ async def test_requests_held_at_zero_size_the_wake_up(
 
             async def woken() -> dict[str, Any] | None:
                 obj = await kube.get(md_path(namespace, "cold"))
-                return obj if obj["spec"]["replicas"] == 3 else None
+                # /scale first, then the status that explains it: wait for both.
+                auto = (obj.get("status") or {}).get("autoscaling") or {}
+                return obj if obj["spec"]["replicas"] == auto.get("desiredReplicas") == 3 else None
 
             obj = await wait_for(woken, timeout=40, what="the autoscaler raising cold to 3")
             auto = obj["status"]["autoscaling"]
-            assert auto["desiredReplicas"] == 3
             assert auto["signal"]["held"] >= 5  # ceil(held / 2) == 3
             assert auto["signal"]["replicasMeasured"] == 0
             assert "requests held by the gateway over" in auto["reason"]
