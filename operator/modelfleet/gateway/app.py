@@ -168,7 +168,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         with contextlib.suppress(Exception):
-            await gateway.usage.flush()  # the last use of every model, once more
+            # The last use of every model once more, and no held count left behind.
+            await gateway.usage.flush(final=True)
         await upstream.close()
 
 

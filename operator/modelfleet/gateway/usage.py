@@ -101,10 +101,12 @@ class UsageRecorder:
             self._wake.clear()
             await self.flush()
 
-    async def flush(self) -> None:
+    async def flush(self, *, final: bool = False) -> None:
+        """Write what is due; `final` (the gateway stops): every changed held count at once, so
+        the requests this replica no longer holds stop counting now."""
         now = self.clock()
         demand, self._demand = self._demand, set()
-        held = self._held_due(now)
+        held = self._held_due(now, final)
         for model in sorted(demand | held.keys()):
             values: dict[str, str | None] = {}
             if model in demand:
@@ -132,7 +134,7 @@ class UsageRecorder:
                 self._written[model] = last
                 self._written_at[model] = now
 
-    def _held_due(self, now: float) -> dict[str, int]:
+    def _held_due(self, now: float, final: bool = False) -> dict[str, int]:
         """The held counts to write now, by model (0: remove this replica's annotation)."""
         queued = self.registry.queue_depths()
         due: dict[str, int] = {}
@@ -141,7 +143,7 @@ class UsageRecorder:
             since = now - self._held_at.get(model, float("-inf"))
             # (A model with nothing written yet is in `queued`: its first count goes at once.)
             wait = HELD_INTERVAL_S if count != last else HELD_REFRESH_S
-            if last is None or since >= wait:
+            if last is None or since >= wait or (final and count != last):
                 due[model] = count
         return due
 

@@ -108,3 +108,18 @@ def test_held_keys_are_valid_annotation_names() -> None:
     )
     for bad in ("", "3", "x 2026-01-02T03:04:05Z", "3 yesterday", "-1 2026-01-02T03:04:05Z"):
         assert parse_held(bad) is None
+
+
+async def test_a_stopping_gateway_removes_its_count_at_once() -> None:
+    registry = Registry()
+    registry.replace_deployments([md_obj("chat")])
+    writer, clock = RecordingWriter(), FakeClock()
+    usage = _recorder(registry, writer, clock, "gw-a")
+    assert registry.hold("chat", 100)
+    await usage.flush()
+    assert writer.writes[-1][2] == {usage.held_key: format_held(1, clock.now)}
+    # Its held request ends as it stops, well within HELD_INTERVAL_S of the last write.
+    registry.release("chat")
+    clock.now += HELD_INTERVAL_S / 4
+    await usage.flush(final=True)
+    assert writer.writes[-1][2] == {usage.held_key: None}
