@@ -38,7 +38,7 @@ def format_held(count: int, at: datetime | float) -> str:
 def parse_held(value: str) -> tuple[int, datetime] | None:
     """(count, time) from an annotation value; None for anything else."""
     parts = value.split()
-    if len(parts) != 2 or not parts[0].isdigit():
+    if len(parts) != 2 or not (parts[0].isascii() and parts[0].isdigit()):
         return None
     at = parse_time(parts[1])
     return None if at is None else (int(parts[0]), at)

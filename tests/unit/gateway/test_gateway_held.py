@@ -106,7 +106,14 @@ def test_held_keys_are_valid_annotation_names() -> None:
         3,
         datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
     )
-    for bad in ("", "3", "x 2026-01-02T03:04:05Z", "3 yesterday", "-1 2026-01-02T03:04:05Z"):
+    for bad in (
+        "",
+        "3",
+        "x 2026-01-02T03:04:05Z",
+        "3 yesterday",
+        "-1 2026-01-02T03:04:05Z",
+        "\u00b2 2026-01-02T03:04:05Z",  # a digit to str.isdigit, not to int()
+    ):
         assert parse_held(bad) is None
 
 
