@@ -140,7 +140,8 @@ def pick_replica(
                 eligible,
                 route.config.load_factor,
                 view.held if view is not None else None,
-                view.holder if view is not None else None,
+                view.last if view is not None else None,
+                view is not None and view.counted,
             )
         chosen = None if index is None else replicas[index]
     elif policy == Balancing.LEAST_OUTSTANDING:

@@ -8,11 +8,13 @@
   2016): walking the ring from the key, the first replica whose load stays within
   `load_factor` x the average takes the request; so a hot prefix spills over to the next replica
   on the ring (the same one for every gateway) instead of queueing behind itself.
-- **New keys**: a key this gateway has not seen lately (proxy.py remembers the recent ones)
-  buys nothing from its owner's cache, so it goes to the least loaded replica, and to the first
-  of those in ring order from the key: its owner whenever the owner is among the least loaded.
-  Prompts that nobody shares are then balanced as by least-outstanding, not spread unevenly
-  within the bound, while a prefix that does come back is found on the ring.
+- **What a gateway remembers** (KeyMemory): where each key went last, in bounded memory. A new
+  key of a model whose keys rarely come back (a prompt nobody shares) buys nothing from its
+  owner's cache, so it goes to the least loaded replica, its owner whenever that is among the
+  least loaded: such prompts are balanced as by least-outstanding. A key seen twice is counted
+  on its replica, and a replica takes a reused key it does not hold only within a key bound,
+  so that no replica's cache has to hold far more prefixes than the others'. A key goes back
+  to the replica it went to last (its prefix is cached there) while that is within both bounds.
 - **Keys**: the prompt prefix (chat messages' contents in order or the completion prompt,
   whitespace collapsed, cut at `prefix_chars`: a chat whose one user message reads like a
   completion prompt hashes alike), or a session id (`x-session-id`, else the OpenAI `user`).
@@ -27,7 +29,7 @@ import bisect
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,49 +120,58 @@ def choose_bounded(
     eligible: Sequence[bool],
     load_factor: float,
     held: Sequence[int] | None = None,
-    holder: int | None = None,
+    last: int | None = None,
+    counted: bool = False,
 ) -> int | None:
     """The first eligible replica from `key` on the ring whose load after this request stays
     within `load_factor` x the average (at least 1); None when none is eligible.
 
-    With `held` (how many reused keys this gateway counts on each replica; `holder` the one
-    this key is counted on, if any) a replica that does not hold the key takes it only while
-    its count stays within `KEY_FACTOR` x the average plus one: prefixes, not only requests,
-    are spread so that no replica's prefix cache holds far more than the others'. When no
-    replica passes both bounds, the first within the load bound takes it, else the first.
+    With `held` (how many reused keys this gateway counts on each replica) a replica takes a
+    key it does not hold only while its count stays within `KEY_FACTOR` x the average plus one:
+    prefixes, not only requests, are spread so that no replica's cache must hold far more than
+    the others'. `last` is the replica the key went to last (its prefix is cached there),
+    `counted` whether the key is counted there: the key stays there while that replica is
+    within both bounds. When no replica passes both, the first within the load bound takes it,
+    else the first.
     """
     count = sum(eligible)
     if count == 0:
         return None
     total = sum(load for load, ok in zip(loads, eligible, strict=True) if ok)
     capacity = max(1.0, math.ceil(load_factor * (total + 1) / count))
-    key_cap = 0
-    if held is not None:
-        keys = sum(h for h, ok in zip(held, eligible, strict=True) if ok)
-        if holder is None or not eligible[holder]:
-            keys += 1
-        key_cap = math.ceil(KEY_FACTOR * keys / count) + 1
-    if (
-        holder is not None
-        and held is not None
-        and eligible[holder]
-        and loads[holder] + 1 <= capacity
-        and held[holder] <= key_cap
-    ):
-        return holder  # the key stays where it is cached while that is within both bounds
+    if held is None:
+        return _first_within(ring, key, eligible, lambda i: loads[i] + 1 <= capacity)
+    keys = sum(h for h, ok in zip(held, eligible, strict=True) if ok)
+    at_last = last is not None and eligible[last]
+    if not (counted and at_last):
+        keys += 1
+    key_cap = math.ceil(KEY_FACTOR * keys / count) + 1
+
+    def within(index: int) -> bool:
+        extra = 0 if counted and index == last else 1
+        return loads[index] + 1 <= capacity and held[index] + extra <= key_cap
+
+    if last is not None and at_last and within(last):
+        return last  # stay where the prefix is cached
+    chosen = _first_within(ring, key, eligible, within)
+    if chosen is not None and within(chosen):
+        return chosen
+    return _first_within(ring, key, eligible, lambda i: loads[i] + 1 <= capacity)
+
+
+def _first_within(
+    ring: Ring, key: int, eligible: Sequence[bool], ok: Callable[[int], bool]
+) -> int | None:
+    """The first eligible replica from `key` on the ring that is `ok`, else the first eligible
+    one; None when none is eligible."""
     first: int | None = None
-    within_load: int | None = None
     for index in ring.walk(key):
-        if not eligible[index]:
-            continue
-        if first is None:
-            first = index
-        if loads[index] + 1 <= capacity:
-            if held is None or index == holder or held[index] + 1 <= key_cap:
+        if eligible[index]:
+            if ok(index):
                 return index
-            if within_load is None:
-                within_load = index
-    return first if within_load is None else within_load
+            if first is None:
+                first = index
+    return first
 
 
 def choose_least(
@@ -183,7 +194,8 @@ class KeyView:
 
     least_loaded: bool = False  # a new key of a model whose keys rarely come back
     held: Sequence[int] | None = None  # reused keys counted on each replica, in route order
-    holder: int | None = None  # the replica this key is counted on
+    last: int | None = None  # the replica the key went to last
+    counted: bool = False  # whether it is counted there (seen at least twice)
 
 
 class KeyMemory:
@@ -210,11 +222,12 @@ class KeyMemory:
             return KeyView(least_loaded=True)
         counts = self.held.get(model, {})
         held = [counts.get(name, 0) for name in names]
-        holder = None
-        if entry is not None and entry[1]:
-            with contextlib.suppress(ValueError):
-                holder = names.index(entry[0])
-        return KeyView(held=held, holder=holder)
+        if entry is None:
+            return KeyView(held=held)
+        last = None
+        with contextlib.suppress(ValueError):  # the replica may have left
+            last = names.index(entry[0])
+        return KeyView(held=held, last=last, counted=entry[1])
 
     def record(self, model: str, key: int, replica: str) -> str:
         """Remember where `key` went; "new", "hit" or "moved"."""

@@ -156,21 +156,23 @@ def test_the_key_bound_spreads_reused_keys_across_replicas() -> None:
     assert max(plain.values()) > max(held)  # the ring alone was less even for these keys
 
 
-def test_a_held_key_stays_with_its_replica_within_both_bounds() -> None:
+def test_a_key_stays_where_it_went_within_both_bounds() -> None:
     ring = Ring([f"r{i}" for i in range(4)])
     key = KEYS[4]
-    owner, second = list(ring.walk(key))[:2]
+    owner, second, third, _ = ring.walk(key)
     held = [10] * 4
+    every = [True] * 4
     # Counted on the second replica (its owner was full once): it stays there, no cold start.
-    assert choose_bounded(ring, key, [0.0] * 4, [True] * 4, 1.5, held, second) == second
+    assert choose_bounded(ring, key, [0.0] * 4, every, 1.5, held, second, True) == second
+    # Seen once there (not counted yet): it stays too, as one more key for that replica.
+    assert choose_bounded(ring, key, [0.0] * 4, every, 1.5, held, second, False) == second
     loads = [0.0] * 4
     loads[second] = 20.0  # beyond the load bound: back to the ring, the owner first
-    assert choose_bounded(ring, key, loads, [True] * 4, 1.5, held, second) == owner
+    assert choose_bounded(ring, key, loads, every, 1.5, held, second, True) == owner
     held[owner] = 30  # and the owner beyond the key bound: the next one on the ring
-    third = list(ring.walk(key))[2]
-    assert choose_bounded(ring, key, loads, [True] * 4, 1.5, held, None) == third
+    assert choose_bounded(ring, key, loads, every, 1.5, held, None) == third
     # Every replica beyond the key bound: the load bound alone decides.
-    assert choose_bounded(ring, key, loads, [True] * 4, 1.5, [30] * 4, None) == owner
+    assert choose_bounded(ring, key, loads, every, 1.5, [30] * 4, None) == owner
 
 
 def hashed_route(policy: Balancing, n: int = 4, **config: object) -> Route:
@@ -314,11 +316,11 @@ def test_key_memory_counts_reused_keys_per_replica_and_forgets_them() -> None:
     assert memory.held["m"] == {"a": 1, "b": 1}
     memory.record("m", 2, "a")  # moved: counted where it went
     assert memory.held["m"] == {"a": 2}
-    view = memory.view("m", 2, ("a", "b"))
-    assert (view.least_loaded, view.held, view.holder) == (False, [2, 0], 0)
-    assert memory.view("m", 2, ("b", "c")).holder is None  # its replica left
-    memory.record("m", 3, "c")
-    memory.record("m", 4, "c")  # key 1 forgotten, and its count with it
+    assert memory.view("m", 2, ("a", "b")) == KeyView(held=[2, 0], last=0, counted=True)
+    assert memory.view("m", 2, ("b", "c")) == KeyView(held=[0, 0], counted=True)  # a left
+    memory.record("m", 5, "b")
+    assert memory.view("m", 5, ("a", "b")) == KeyView(held=[2, 0], last=1)  # seen once
+    memory.record("m", 3, "c")  # key 1 forgotten, and its count with it
     assert memory.held["m"] == {"a": 1}
 
 
