@@ -17,8 +17,9 @@ Workloads, each a closed loop of `--users` clients sending streamed chat complet
 
 Every run uses prompts no earlier run used and waits for the engines to drain, so no run
 inherits another's cache or queue. Figures: TTFT (first bytes of the stream) and end-to-end
-p50/p99, output tokens/s, the replicas' prefix-cache hit ratio (from their own vllm: counters),
-requests per replica, and the gateway's CPU per request (/proc, over the measured window).
+p50/p99, output tokens/s, the replicas' prefix-cache hit ratio (from their own vllm: counters;
+each replica's in the progress lines), requests per replica, and the gateway's CPU per request
+(/proc, over the measured window).
 
 Everything shares the machine's cores: the load generator, the routers and the four stand-ins.
 """
