@@ -389,7 +389,7 @@ async def test_prefix_routing_keeps_conversations_on_their_replicas_and_moves_on
         assert await turn("B", f"follow-up {i}") == names[0]
 
     metrics = (await http.get("/metrics")).text
-    moved = '{model="chat",result="moved",choice="owner"} 1.0'  # the new owner on the ring
+    moved = '{choice="owner",model="chat",result="moved"} 1.0'  # the new owner on the ring
     assert f"modelfleet_gateway_affinity_requests_total{moved}" in metrics
     assert f'modelfleet_gateway_replica_requests_total{{model="chat",replica="{names[0]}"}}' in (
         metrics

@@ -112,8 +112,8 @@ def pick_replica(
     `key` is the request's position on the ring (prefix or session) for the hashed policies;
     a hashed policy without one (no prompt, no session) takes the least loaded replica.
     `view` is what the gateway remembers of the key (routing.KeyMemory): a new key of a model
-    whose keys rarely come back takes the least loaded replica, the first of them in ring order
-    from the key; any other takes the first replica on the ring within the load bound and, with
+    whose keys rarely come back takes the replica with the fewest requests in flight, the first
+    of them in ring order from the key; any other takes the first replica on the ring within the load bound and, with
     the counts of reused keys, the key bound.
 
     Ejected replicas are skipped while others are left; when all are ejected (or excluded after a
@@ -129,14 +129,16 @@ def pick_replica(
     chosen: Replica | None = None
     if key is not None and route.ring is not None:
         eligible = [r.ejected_until <= now and r not in exclude for r in replicas]
-        loads = route.loads(now)
         if view is not None and view.least_loaded:
-            index = choose_least(route.ring, key, loads, eligible)
+            # In-flight only, as least-outstanding: engine figures are up to a scrape old, and
+            # new prompts would pile onto the replica that looked least loaded at the last one.
+            in_flight = [float(r.outstanding) for r in replicas]
+            index = choose_least(route.ring, key, in_flight, eligible)
         else:
             index = choose_bounded(
                 route.ring,
                 key,
-                loads,
+                route.loads(now),
                 eligible,
                 route.config.load_factor,
                 view.held if view is not None else None,
