@@ -213,6 +213,21 @@ def test_prefix_hash_sends_new_keys_of_a_model_without_reuse_to_the_least_loaded
     assert pick_replica(route, 0.0, (), key, KeyView(least_loaded=True)) is home
 
 
+def test_new_keys_go_by_in_flight_counts_even_with_engine_load() -> None:
+    route = hashed_route(Balancing.PREFIX_HASH, engine_load=True)
+    key = KEYS[6]
+    home = pick_replica(route, 10.0, (), key)
+    assert home is not None
+    for replica in route.replicas:
+        replica.outstanding = 1
+    home.outstanding = 0
+    home.engine_waiting, home.engine_at = 5.0, 10.0  # a scrape says its engine is queueing
+    # A new prompt: this gateway's own in-flight count decides, as least-outstanding would.
+    assert pick_replica(route, 10.5, (), key, KeyView(least_loaded=True)) is home
+    # A known key: the engine's queue counts, and puts the owner beyond the bound.
+    assert pick_replica(route, 10.5, (), key, KeyView()) is not home
+
+
 def test_the_ring_survives_a_rebuild_and_replicas_keep_their_state() -> None:
     route = hashed_route(Balancing.SESSION_AFFINITY)
     route.replicas[0].outstanding = 3
