@@ -113,8 +113,8 @@ def pick_replica(
     a hashed policy without one (no prompt, no session) takes the least loaded replica.
     `view` is what the gateway remembers of the key (routing.KeyMemory): a new key of a model
     whose keys rarely come back takes the replica with the fewest requests in flight, the first
-    of them in ring order from the key; any other takes the first replica on the ring within the load bound and, with
-    the counts of reused keys, the key bound.
+    of them in ring order from the key; any other goes back to the replica it went to last, or
+    else takes the first replica on the ring, within the load bound and the key bound.
 
     Ejected replicas are skipped while others are left; when all are ejected (or excluded after a
     failed try), they are used anyway, since refusing every request helps nobody.
