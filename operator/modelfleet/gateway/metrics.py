@@ -86,8 +86,8 @@ class GatewayMetrics:
             "(the replica its key went to last, where its prefix is probably cached), moved "
             "(another one: bounded load, or the replica left) or new (a key not seen lately); "
             "and by choice: owner (the key's replica on the ring), spill (a later one on the "
-            "ring: a bound, an ejection or a retry) or least (the least loaded, for a new key "
-            "of a model whose keys rarely come back). "
+            "ring: a bound, an ejection or a retry) or least (the fewest requests in flight, "
+            "for a new key of a model whose keys rarely come back). "
             "hit / all is the router-side prefix hit ratio.",
             ["model", "result", "choice"],
             registry=r,

@@ -10,10 +10,11 @@
   on the ring (the same one for every gateway) instead of queueing behind itself.
 - **What a gateway remembers** (KeyMemory): where each key went last, in bounded memory. A new
   key of a model whose keys rarely come back (a prompt nobody shares) buys nothing from its
-  owner's cache, so it goes to the least loaded replica, its owner whenever that is among the
-  least loaded: such prompts are balanced as by least-outstanding. A key seen twice is counted
-  on its replica, and a replica takes a reused key it does not hold only within a key bound,
-  so that no replica's cache has to hold far more prefixes than the others'. A key goes back
+  owner's cache, so it goes to the replica with the fewest requests in flight, its owner
+  whenever that is among them: such prompts are balanced as by least-outstanding. A key seen
+  twice is counted on its replica, and a replica takes a reused key it does not hold only
+  within a key bound, so that no replica's cache has to hold far more prefixes than the
+  others'. A key goes back
   to the replica it went to last (its prefix is cached there) while that is within both bounds.
 - **Keys**: the prompt prefix (chat messages' contents in order or the completion prompt,
   whitespace collapsed, cut at `prefix_chars`: a chat whose one user message reads like a
@@ -46,7 +47,7 @@ MEMORY_KEYS = 65536
 # A replica takes a reused key it does not hold only within this factor of the average count
 # (plus one): tighter than the load bound, since a prefix occupies a cache between requests.
 KEY_FACTOR = 1.1
-# A model's new keys go to the least loaded replica while fewer than this share of its
+# A model's new keys go by least-outstanding while fewer than this share of its
 # requests carry a key seen before; the share is a moving average with this weight.
 REUSE_THRESHOLD = 0.5
 REUSE_ALPHA = 1 / 128
