@@ -14,8 +14,8 @@
   whenever that is among them: such prompts are balanced as by least-outstanding. A key seen
   twice is counted on its replica, and a replica takes a reused key it does not hold only
   within a key bound, so that no replica's cache has to hold far more prefixes than the
-  others'. A key goes back
-  to the replica it went to last (its prefix is cached there) while that is within both bounds.
+  others'. A key goes back to the replica it went to last (its prefix is cached there) while
+  that is within both bounds.
 - **Keys**: the prompt prefix (chat messages' contents in order or the completion prompt,
   whitespace collapsed, cut at `prefix_chars`: a chat whose one user message reads like a
   completion prompt hashes alike), or a session id (`x-session-id`, else the OpenAI `user`).
