@@ -17,8 +17,9 @@ Workloads, each a closed loop of `--users` clients sending streamed chat complet
 
 Every run uses prompts no earlier run used and waits for the engines to drain, so no run
 inherits another's cache or queue. Figures: TTFT (first bytes of the stream) and end-to-end
-p50/p99, output tokens/s, the replicas' prefix-cache hit ratio (from their own vllm: counters),
-requests per replica, and the gateway's CPU per request (/proc, over the measured window).
+p50/p99, output tokens/s, the replicas' prefix-cache hit ratio (from their own vllm: counters;
+each replica's in the progress lines), requests per replica, and the gateway's CPU per request
+(/proc, over the measured window).
 
 Everything shares the machine's cores: the load generator, the routers and the four stand-ins.
 """
@@ -63,7 +64,7 @@ class Target:
 
 
 _AFFINITY = re.compile(
-    r'^modelfleet_gateway_affinity_requests_total\{[^}]*result="(\w+)"\} (\S+)$', re.M
+    r'^modelfleet_gateway_affinity_requests_total\{[^}]*result="(\w+)"[^}]*\} (\S+)$', re.M
 )
 _seen_affinity: dict[str, dict[str, float]] = {}
 
@@ -73,7 +74,9 @@ async def router_hit_ratio(url: str) -> float:
     last (since the previous call for this gateway)."""
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
         text = await resp.text()
-    now = {result: float(value) for result, value in _AFFINITY.findall(text)}
+    now: dict[str, float] = {}
+    for result, value in _AFFINITY.findall(text):  # summed over the choice label
+        now[result] = now.get(result, 0.0) + float(value)
     before = _seen_affinity.get(url, {})
     _seen_affinity[url] = now
     delta = {k: v - before.get(k, 0.0) for k, v in now.items()}
@@ -92,6 +95,7 @@ class RunResult:
     duration_s: float = 0.0
     hit_ratio: float = float("nan")
     per_replica: list[int] = field(default_factory=list)
+    hit_per_replica: list[float] = field(default_factory=list)
     cpu_ms_per_req: float = float("nan")
     preemptions: int = 0
     router_hit_ratio: float = float("nan")  # the gateway's affinity "hit" share
@@ -279,6 +283,12 @@ async def run(
         round(a.get("vllm:request_success_total", 0) - b.get("vllm:request_success_total", 0))
         for a, b in zip(after, before, strict=True)
     ]
+    result.hit_per_replica = [
+        (a.get("vllm:prefix_cache_hits_total", 0) - b.get("vllm:prefix_cache_hits_total", 0))
+        / max(1.0, a.get("vllm:prefix_cache_queries_total", 0)
+              - b.get("vllm:prefix_cache_queries_total", 0))
+        for a, b in zip(after, before, strict=True)
+    ]  # fmt: skip
     result.preemptions = round(
         sum(
             a.get("vllm:num_preemptions_total", 0) - b.get("vllm:num_preemptions_total", 0)
@@ -463,7 +473,8 @@ async def main() -> int:
                 results[(workload, name)] = result
                 print(
                     f"{workload:<13} {name:<17} ttft p50 {result.pct(result.ttft_s, 50):8.1f} ms"
-                    f"  p99 {result.pct(result.ttft_s, 99):8.1f} ms  hit {result.hit_ratio:5.2f}",
+                    f"  p99 {result.pct(result.ttft_s, 99):8.1f} ms  hit {result.hit_ratio:5.2f}"
+                    f" ({' '.join(f'{h:.2f}' for h in result.hit_per_replica)})",
                     flush=True,
                 )
 

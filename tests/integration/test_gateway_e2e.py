@@ -5,6 +5,7 @@ nodes private to each test. The caller is the official `openai` client."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +18,7 @@ import pytest
 from clusterkit import Cluster, wait_for
 from operator_kit import (
     GatewayProcess,
+    OperatorProcess,
     Operators,
     conditions,
     md,
@@ -36,6 +38,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 # How long the gateway holds a request for a model scaled to zero; the cold start below must
 # finish well inside it.
 HOLD_TIMEOUT_S = 60
+# The operator's replica count per node, from its metrics.
+_NODE_REPLICAS = re.compile(r'^modelfleet_pool_node_replicas\{node="([^"]+)"\} (\S+)$', re.M)
 
 
 @pytest.fixture
@@ -289,6 +293,20 @@ async def test_a_model_switched_off_by_its_spec_is_refused_at_once_and_serves_on
     await wait_ready(kube, namespace, "dormant", 1)
 
 
+async def pool_replicas(
+    operator: OperatorProcess, nodes: list[str], expected: list[int] | None, total: int = 0
+) -> bool:
+    """Whether the operator's pool metrics count `expected` replicas on `nodes` (in order),
+    or with `expected` None, `total` of them over the nodes, none with more than one."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"http://127.0.0.1:{operator.metrics_port}/metrics")).text
+    counts = {node: float(value) for node, value in _NODE_REPLICAS.findall(text) if node in nodes}
+    got = [round(counts.get(node, 0.0)) for node in nodes]
+    if expected is not None:
+        return got == expected
+    return sum(got) == total and max(got) <= 1
+
+
 def conversation_for(owner: str, names: list[str], avoid: str = "") -> str:
     """A system prompt whose prefix the ring gives to `owner` among `names` (and, with
     `avoid`, never to `avoid` once `owner` is gone): what any gateway computes alone."""
@@ -310,11 +328,17 @@ async def test_prefix_routing_keeps_conversations_on_their_replicas_and_moves_on
     http: httpx.AsyncClient,
     ai: openai.AsyncOpenAI,
 ) -> None:
-    await gpus(3, 1)
-    operators.start()
+    nodes = await gpus(3, 1)
+    operator = operators.start()
     await kube.create(md_path(namespace), md("chat", replicas=3, routing={"policy": "PrefixHash"}))
     await wait_ready(kube, namespace, "chat", 3)
     names = ["chat-instance-1", "chat-instance-2", "chat-instance-3"]
+    # The operator counts its replicas per node for the pool's balance figures: one on each.
+    await wait_for(
+        lambda: pool_replicas(operator, nodes, [1, 1, 1]),
+        timeout=15,
+        what="the operator's pool counting one replica on each node",
+    )
 
     async def routed() -> bool:
         return await gateway_instances(http, "chat") == names
@@ -352,6 +376,11 @@ async def test_prefix_routing_keeps_conversations_on_their_replicas_and_moves_on
         return await gateway_instances(http, "chat") == names[:2]
 
     await wait_for(shrunk, timeout=30, what="the gateway dropping chat-instance-3")
+    await wait_for(
+        lambda: pool_replicas(operator, nodes, None, total=2),
+        timeout=15,
+        what="the operator's pool counting the two replicas left",
+    )
     ring = Ring(names[:2])
     key = hash_key((extract_prefix({"prompt": systems["A"]}, DEFAULT_PREFIX_CHARS) or "").encode())
     moved_to = ring.names[ring.owner(key) or 0]
@@ -360,7 +389,8 @@ async def test_prefix_routing_keeps_conversations_on_their_replicas_and_moves_on
         assert await turn("B", f"follow-up {i}") == names[0]
 
     metrics = (await http.get("/metrics")).text
-    assert 'modelfleet_gateway_affinity_requests_total{model="chat",result="moved"} 1.0' in metrics
+    moved = '{choice="owner",model="chat",result="moved"} 1.0'  # the new owner on the ring
+    assert f"modelfleet_gateway_affinity_requests_total{moved}" in metrics
     assert f'modelfleet_gateway_replica_requests_total{{model="chat",replica="{names[0]}"}}' in (
         metrics
     )

@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from modelfleet.api.v1alpha1 import Balancing
-from modelfleet.gateway.routing import Ring, RoutingConfig, choose_bounded, compute_load
+from modelfleet.gateway.routing import (
+    KeyView,
+    Ring,
+    RoutingConfig,
+    choose_bounded,
+    choose_least,
+    compute_load,
+)
 
 
 @dataclass(eq=False)
@@ -94,12 +101,20 @@ def _least_loaded(
 
 
 def pick_replica(
-    route: Route, now: float, exclude: tuple[Replica, ...] = (), key: int | None = None
+    route: Route,
+    now: float,
+    exclude: tuple[Replica, ...] = (),
+    key: int | None = None,
+    view: KeyView | None = None,
 ) -> Replica | None:
     """The replica for the next request, or None when the route has none.
 
     `key` is the request's position on the ring (prefix or session) for the hashed policies;
     a hashed policy without one (no prompt, no session) takes the least loaded replica.
+    `view` is what the gateway remembers of the key (routing.KeyMemory): a new key of a model
+    whose keys rarely come back takes the replica with the fewest requests in flight, the first
+    of them in ring order from the key; any other goes back to the replica it went to last, or
+    else takes the first replica on the ring, within the load bound and the key bound.
 
     Ejected replicas are skipped while others are left; when all are ejected (or excluded after a
     failed try), they are used anyway, since refusing every request helps nobody.
@@ -114,9 +129,22 @@ def pick_replica(
     chosen: Replica | None = None
     if key is not None and route.ring is not None:
         eligible = [r.ejected_until <= now and r not in exclude for r in replicas]
-        index = choose_bounded(
-            route.ring, key, route.loads(now), eligible, route.config.load_factor
-        )
+        if view is not None and view.least_loaded:
+            # In-flight only, as least-outstanding: engine figures are up to a scrape old, and
+            # new prompts would pile onto the replica that looked least loaded at the last one.
+            in_flight = [float(r.outstanding) for r in replicas]
+            index = choose_least(route.ring, key, in_flight, eligible)
+        else:
+            index = choose_bounded(
+                route.ring,
+                key,
+                route.loads(now),
+                eligible,
+                route.config.load_factor,
+                view.held if view is not None else None,
+                view.last if view is not None else None,
+                view is not None and view.counted,
+            )
         chosen = None if index is None else replicas[index]
     elif policy == Balancing.LEAST_OUTSTANDING:
         chosen = _least_loaded(route, [float(r.outstanding) for r in replicas], start, now, exclude)

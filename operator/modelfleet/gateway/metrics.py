@@ -84,9 +84,12 @@ class GatewayMetrics:
             "modelfleet_gateway_affinity_requests",
             "Requests routed by a hashed policy (PrefixHash, SessionAffinity), by result: hit "
             "(the replica its key went to last, where its prefix is probably cached), moved "
-            "(another one: bounded load, or the replica left) or new (a key not seen lately). "
+            "(another one: bounded load, or the replica left) or new (a key not seen lately); "
+            "and by choice: owner (the key's replica on the ring), spill (a later one on the "
+            "ring: a bound, an ejection or a retry) or least (the fewest requests in flight, "
+            "for a new key of a model whose keys rarely come back). "
             "hit / all is the router-side prefix hit ratio.",
-            ["model", "result"],
+            ["model", "result", "choice"],
             registry=r,
         )
         self.requests = Counter(
@@ -173,7 +176,7 @@ class GatewayMetrics:
         )
         self._children: dict[tuple[str, int], Any] = {}
         self._latency_children: dict[str, Any] = {}
-        self._affinity_children: dict[tuple[str, str], Any] = {}
+        self._affinity_children: dict[tuple[str, str, str], Any] = {}
         self._replicas: ReplicaCollector | None = None
 
     def watch_replicas(self, routes: Callable[[], Mapping[str, Route]], fresh_s: float) -> None:
@@ -182,10 +185,11 @@ class GatewayMetrics:
             self._replicas = ReplicaCollector(routes, fresh_s)
             self.registry.register(self._replicas)
 
-    def observe_affinity(self, model: str, result: str) -> None:
-        child = self._affinity_children.get((model, result))
+    def observe_affinity(self, model: str, result: str, choice: str) -> None:
+        labels = (model, result, choice)
+        child = self._affinity_children.get(labels)
         if child is None:
-            child = self._affinity_children[(model, result)] = self.affinity.labels(model, result)
+            child = self._affinity_children[labels] = self.affinity.labels(*labels)
         child.inc()
 
     def observe(self, model: str, code: int, seconds: float) -> None:

@@ -40,6 +40,8 @@ from modelfleet.gateway.model import (
 from modelfleet.gateway.registry import Registry
 from modelfleet.gateway.routing import (
     SESSION_HEADER,
+    KeyMemory,
+    KeyView,
     RoutingConfig,
     extract_prefix,
     extract_session,
@@ -72,8 +74,6 @@ _SMALL_BODY_BYTES = 64 * 1024
 # The usage figures of an answer (the whole JSON body, or a stream's usage chunk).
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
-# Routing keys remembered for the router-side hit ratio; beyond this the oldest are forgotten.
-_AFFINITY_KEYS = 65536
 
 
 def _json_doc(body: bytes) -> dict[str, Any] | None:
@@ -106,28 +106,6 @@ def _count_usage(replica: Replica, data: bytes) -> None:
         replica.prompt_tokens += int(prompt.group(1))
     if completion:
         replica.completion_tokens += int(completion.group(1))
-
-
-class AffinityTracker:
-    """Which replica each routing key went to last: the router's view of prefix-cache hits.
-
-    A request whose key last went to the same replica probably finds its prefix cached there
-    ("hit"); one sent elsewhere (bounded load, the replica left) starts cold ("moved"); a key
-    not seen (or forgotten) is "new".
-    """
-
-    def __init__(self, limit: int = _AFFINITY_KEYS) -> None:
-        self.limit = limit
-        self.last: dict[int, str] = {}
-
-    def record(self, key: int, replica: str) -> str:
-        last = self.last.pop(key, None)
-        if last is None and len(self.last) >= self.limit:
-            del self.last[next(iter(self.last))]  # the least recently seen key
-        self.last[key] = replica
-        if last is None:
-            return "new"
-        return "hit" if last == replica else "moved"
 
 
 @dataclass(frozen=True)
@@ -201,7 +179,7 @@ class Proxy:
         self.usage = usage
         self.upstream = upstream
         self.buffered_body_bytes = 0  # reserved by the requests in flight (see _handle)
-        self.affinity = AffinityTracker()
+        self.keys = KeyMemory()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -376,6 +354,20 @@ class Proxy:
             retry_after_s=cfg.retry_after_s,
         )
 
+    def _observe_affinity(
+        self, route: Route, model: str, key: int, replica: Replica, view: KeyView | None
+    ) -> None:
+        """Remember where the key went; count the request by result (hit, moved, new) and by
+        choice: the key's owner on the ring, the least loaded (a new key of a model whose keys
+        rarely come back) or another replica on the ring (a bound, an ejection, a retry)."""
+        owner = route.ring.owner(key) if route.ring is not None else None
+        if owner is not None and route.replicas[owner] is replica:
+            choice = "owner"
+        else:
+            choice = "least" if view is not None and view.least_loaded else "spill"
+        result = self.keys.record(model, key, replica.name)
+        self.metrics.observe_affinity(model, result, choice)
+
     def _upstream_headers(self, request: web.Request) -> bytes:
         """The forwarded request headers as wire bytes, built once per request (not per try).
 
@@ -406,12 +398,15 @@ class Proxy:
             if route.config.hashed
             else None
         )
+        view = None
+        if key is not None and route.ring is not None:
+            view = self.keys.view(model, key, route.ring.names)
         for attempt in range(cfg.retries + 1):
-            replica = pick_replica(route, time.monotonic(), tried, key)
+            replica = pick_replica(route, time.monotonic(), tried, key, view)
             if replica is None:
                 break
             if key is not None and attempt == 0:
-                self.metrics.observe_affinity(model, self.affinity.record(key, replica.name))
+                self._observe_affinity(route, model, key, replica, view)
             tried += (replica,)
             replica.outstanding += 1
             replica.requests += 1

@@ -16,12 +16,17 @@ from modelfleet.enginemetrics import EngineMetricsError, parse_engine_load
 from modelfleet.gateway.balancer import Replica, Route, build_route, pick_replica
 from modelfleet.gateway.engineload import scrape_replica
 from modelfleet.gateway.metrics import GatewayMetrics
-from modelfleet.gateway.proxy import AffinityTracker, compute_routing_key
+from modelfleet.gateway.proxy import compute_routing_key
 from modelfleet.gateway.registry import Registry
 from modelfleet.gateway.routing import (
+    KEY_FACTOR,
+    REUSE_THRESHOLD,
+    KeyMemory,
+    KeyView,
     Ring,
     RoutingConfig,
     choose_bounded,
+    choose_least,
     compute_load,
     extract_prefix,
     extract_session,
@@ -113,6 +118,63 @@ def test_a_hot_key_spills_to_the_next_replica_on_the_ring() -> None:
     assert choose_bounded(ring, key, loads, [False] * 4, 1.25) is None
 
 
+def test_a_new_key_takes_the_least_loaded_and_its_owner_among_equals() -> None:
+    ring = Ring([f"r{i}" for i in range(4)])
+    key = KEYS[3]
+    owner, second, third, _ = ring.walk(key)
+    loads = [2.0] * 4
+    assert choose_least(ring, key, loads, [True] * 4) == owner  # ties: the owner first
+    loads[owner] = 3.0
+    assert choose_least(ring, key, loads, [True] * 4) == second  # then ring order
+    loads[third] = 0.0
+    assert choose_least(ring, key, loads, [True] * 4) == third  # one strictly least
+    assert choose_least(ring, key, loads, [i != third for i in range(4)]) == second
+    assert choose_least(ring, key, loads, [False] * 4) is None
+
+
+def test_a_new_key_spreads_prompts_nobody_shares_as_evenly_as_least_outstanding() -> None:
+    ring = Ring([f"r{i}" for i in range(4)])
+    loads = [0.0] * 4
+    rng = random.Random(3)
+    for key in KEYS[:2000]:
+        loads[choose_least(ring, key, loads, [True] * 4)] += 1  # type: ignore[index]
+        if rng.random() < 0.5:  # requests end at random
+            busy = [i for i in range(4) if loads[i] > 0]
+            loads[rng.choice(busy)] -= 1
+        assert max(loads) - min(loads) <= 2  # hashing within a 1.5 bound allows far more
+
+
+def test_the_key_bound_spreads_reused_keys_across_replicas() -> None:
+    ring = Ring([f"r{i}" for i in range(4)])
+    held = [0] * 4
+    for key in KEYS[:128]:  # 128 conversations: hashing alone gives some replica ~40
+        index = choose_bounded(ring, key, [0.0] * 4, [True] * 4, 1.5, held, None)
+        assert index is not None
+        held[index] += 1
+    assert max(held) <= -(-KEY_FACTOR * 128 // 4) + 1
+    plain = Counter(ring.owner(k) for k in KEYS[:128])
+    assert max(plain.values()) > max(held)  # the ring alone was less even for these keys
+
+
+def test_a_key_stays_where_it_went_within_both_bounds() -> None:
+    ring = Ring([f"r{i}" for i in range(4)])
+    key = KEYS[4]
+    owner, second, third, _ = ring.walk(key)
+    held = [10] * 4
+    every = [True] * 4
+    # Counted on the second replica (its owner was full once): it stays there, no cold start.
+    assert choose_bounded(ring, key, [0.0] * 4, every, 1.5, held, second, True) == second
+    # Seen once there (not counted yet): it stays too, as one more key for that replica.
+    assert choose_bounded(ring, key, [0.0] * 4, every, 1.5, held, second, False) == second
+    loads = [0.0] * 4
+    loads[second] = 20.0  # beyond the load bound: back to the ring, the owner first
+    assert choose_bounded(ring, key, loads, every, 1.5, held, second, True) == owner
+    held[owner] = 30  # and the owner beyond the key bound: the next one on the ring
+    assert choose_bounded(ring, key, loads, every, 1.5, held, None) == third
+    # Every replica beyond the key bound: the load bound alone decides.
+    assert choose_bounded(ring, key, loads, every, 1.5, [30] * 4, None) == owner
+
+
 def hashed_route(policy: Balancing, n: int = 4, **config: object) -> Route:
     triples = [(f"m-instance-{i}", f"127.0.0.1:{9000 + i}", "default") for i in range(n)]
     return build_route("m", triples, RoutingConfig(policy, **config), None, 1.5)  # type: ignore[arg-type]
@@ -133,6 +195,37 @@ def test_prefix_hash_sticks_until_the_bound_and_skips_ejected_replicas() -> None
     assert pick_replica(route, 1.0, (), key) is other  # the next on the ring, not any
     assert pick_replica(route, 11.0, (), key) is home
     assert pick_replica(route, 11.0, (home,), key) is other  # a retry goes elsewhere
+
+
+def test_prefix_hash_sends_new_keys_of_a_model_without_reuse_to_the_least_loaded() -> None:
+    route = hashed_route(Balancing.PREFIX_HASH)
+    key = KEYS[5]
+    home = pick_replica(route, 0.0, (), key, KeyView())
+    assert home is not None
+    for replica in route.replicas:
+        replica.outstanding = 1
+    home.outstanding = 2  # within the bound, but busier than the others
+    assert pick_replica(route, 0.0, (), key, KeyView()) is home  # a known key stays
+    least = pick_replica(route, 0.0, (), key, KeyView(least_loaded=True))
+    assert least is not None
+    assert least is not home
+    home.outstanding = 1
+    assert pick_replica(route, 0.0, (), key, KeyView(least_loaded=True)) is home
+
+
+def test_new_keys_go_by_in_flight_counts_even_with_engine_load() -> None:
+    route = hashed_route(Balancing.PREFIX_HASH, engine_load=True)
+    key = KEYS[6]
+    home = pick_replica(route, 10.0, (), key)
+    assert home is not None
+    for replica in route.replicas:
+        replica.outstanding = 1
+    home.outstanding = 0
+    home.engine_waiting, home.engine_at = 5.0, 10.0  # a scrape says its engine is queueing
+    # A new prompt: this gateway's own in-flight count decides, as least-outstanding would.
+    assert pick_replica(route, 10.5, (), key, KeyView(least_loaded=True)) is home
+    # A known key: the engine's queue counts, and puts the owner beyond the bound.
+    assert pick_replica(route, 10.5, (), key, KeyView()) is not home
 
 
 def test_the_ring_survives_a_rebuild_and_replicas_keep_their_state() -> None:
@@ -218,14 +311,48 @@ def test_routing_keys_from_request_bodies() -> None:
     assert compute_routing_key(RoutingConfig(Balancing.ROUND_ROBIN), body, None) is None
 
 
-def test_affinity_tracker_tells_hits_moves_and_new_keys() -> None:
-    tracker = AffinityTracker(limit=2)
-    assert tracker.record(1, "a") == "new"
-    assert tracker.record(1, "a") == "hit"
-    assert tracker.record(1, "b") == "moved"
-    tracker.record(2, "a")
-    tracker.record(3, "a")  # forgets key 1, the least recently seen
-    assert tracker.record(1, "b") == "new"
+def test_key_memory_tells_hits_moves_and_new_keys_per_model() -> None:
+    memory = KeyMemory(limit=2)
+    assert memory.record("m", 1, "a") == "new"
+    assert memory.record("m", 1, "a") == "hit"
+    assert memory.record("m", 1, "b") == "moved"
+    assert memory.record("other", 1, "b") == "new"  # the same prompt to another model
+    memory.record("m", 3, "a")  # forgets key 1, the least recently seen
+    assert memory.record("m", 1, "b") == "new"
+
+
+def test_key_memory_counts_reused_keys_per_replica_and_forgets_them() -> None:
+    memory = KeyMemory(limit=3)
+    memory.record("m", 1, "a")  # seen once: cached somewhere, counted nowhere yet
+    assert memory.held == {}
+    memory.record("m", 1, "a")
+    memory.record("m", 2, "b")
+    memory.record("m", 2, "b")
+    assert memory.held["m"] == {"a": 1, "b": 1}
+    memory.record("m", 2, "a")  # moved: counted where it went
+    assert memory.held["m"] == {"a": 2}
+    assert memory.view("m", 2, ("a", "b")) == KeyView(held=[2, 0], last=0, counted=True)
+    assert memory.view("m", 2, ("b", "c")) == KeyView(held=[0, 0], counted=True)  # a left
+    memory.record("m", 5, "b")
+    assert memory.view("m", 5, ("a", "b")) == KeyView(held=[2, 0], last=1)  # seen once
+    memory.record("m", 3, "c")  # key 1 forgotten, and its count with it
+    assert memory.held["m"] == {"a": 1}
+
+
+def test_new_keys_go_by_the_ring_until_a_models_keys_stop_coming_back() -> None:
+    memory = KeyMemory()
+    names = ("a", "b")
+    assert not memory.view("m", 0, names).least_loaded  # nothing known: assume reuse
+    for key in range(1, 200):  # every prompt fresh, as on the control workload
+        memory.record("m", key, "a")
+    assert memory.reuse["m"] < REUSE_THRESHOLD
+    assert memory.view("m", 1000, names) == KeyView(least_loaded=True)
+    assert not memory.view("m", 199, names).least_loaded  # a key seen before: the ring
+    for _ in range(200):  # the same few conversations again and again
+        memory.record("m", 7, "a")
+    assert memory.reuse["m"] > REUSE_THRESHOLD
+    assert not memory.view("m", 1001, names).least_loaded
+    assert not memory.view("other", 1000, names).least_loaded  # per model
 
 
 # ---- load scores -------------------------------------------------------------------------------
@@ -336,9 +463,9 @@ def test_per_replica_figures_and_affinity_results_are_metrics() -> None:
     second.engine_waiting, second.engine_kv_cache, second.engine_at = 3.0, 0.5, time.monotonic()
     metrics = GatewayMetrics()
     metrics.watch_replicas(lambda: {"m": route}, 1.5)
-    metrics.observe_affinity("m", "hit")
-    metrics.observe_affinity("m", "hit")
-    metrics.observe_affinity("m", "new")
+    metrics.observe_affinity("m", "hit", "owner")
+    metrics.observe_affinity("m", "hit", "owner")
+    metrics.observe_affinity("m", "new", "least")
 
     def value(name: str, **labels: str) -> float | None:
         return metrics.registry.get_sample_value(name, labels)
@@ -351,7 +478,10 @@ def test_per_replica_figures_and_affinity_results_are_metrics() -> None:
     other = {"model": "m", "replica": "m-instance-1"}
     assert value("modelfleet_gateway_replica_engine_waiting", **other) == 3
     assert value("modelfleet_gateway_replica_engine_kv_cache_usage", **other) == 0.5
-    assert value("modelfleet_gateway_affinity_requests_total", model="m", result="hit") == 2
+    hits = {"model": "m", "result": "hit", "choice": "owner"}
+    assert value("modelfleet_gateway_affinity_requests_total", **hits) == 2
+    least = {"model": "m", "result": "new", "choice": "least"}
+    assert value("modelfleet_gateway_affinity_requests_total", **least) == 1
     route.replicas = [second]  # the replica left: its series go with it
     assert value("modelfleet_gateway_replica_requests_total", **names) is None
 
