@@ -137,9 +137,10 @@ def compute_may_evict(
     """May the `rank`-th replica of `md` (1: its first) be placed by evicting others?
 
     An autoscaled model with load figures evicts only for replicas its own load needs now
-    (rank <= what the latest round implied), whether or not it lost replicas lately: a
-    count left over from a past burst takes nothing from anyone. Any other model: an eviction
-    victim does not evict back; a request that arrives after it may.
+    (rank <= what the latest round implied, at least 1: the autoscaler's minReplicas), whether
+    or not it lost replicas lately: a count left over from a past burst takes nothing from
+    anyone. Any other model: an eviction victim does not evict back; a request that arrives
+    after it may.
     """
     if md.spec.autoscaling.enabled and need is not None:
         return rank <= need.latest
