@@ -106,20 +106,34 @@ class Sampler:
             await asyncio.sleep(0.3)
 
 
-async def evictions(kube: KubeClient, namespace: str) -> dict[tuple[str, str], int]:
-    """(victim deployment, evictor deployment) -> evictions so far, from the victims' Events."""
+async def evictions(kube: KubeClient, namespace: str) -> dict[str, tuple[str, str, str, int]]:
+    """Event name -> (victim deployment, victim Pod, evictor, count) of every eviction Event."""
     listing = await kube.list(
         f"/api/v1/namespaces/{namespace}/events", fieldSelector="reason=Evicted"
     )
-    out: dict[tuple[str, str], int] = {}
+    out: dict[str, tuple[str, str, str, int]] = {}
     for event in listing["items"]:
         found = EVICTED.match(event.get("message") or "")
-        if not found or event.get("type") != "Warning":
-            continue
-        victim = event["involvedObject"]["name"]
-        key = (victim, found["by"])
-        out[key] = out.get(key, 0) + int(event.get("count") or 1)
+        if found and event.get("type") == "Warning":
+            victim = event["involvedObject"]["name"]
+            count = int(event.get("count") or 1)
+            out[event["metadata"]["name"]] = (victim, found["pod"], found["by"], count)
     return out
+
+
+def evicted_between(
+    before: dict[str, tuple[str, str, str, int]], after: dict[str, tuple[str, str, str, int]]
+) -> dict[tuple[str, str], int]:
+    """(victim deployment, evictor) -> replica Pods evicted between the two listings.
+
+    Pods, not Events: a victim still terminating may be named by a second eviction decision
+    of the same evictor (a repeat, not a new eviction), which posts its Event again.
+    """
+    pods: dict[tuple[str, str], set[str]] = {}
+    for name, (victim, pod, by, count) in after.items():
+        if name not in before or count > before[name][3]:
+            pods.setdefault((victim, by), set()).add(pod)
+    return {key: len(names) for key, names in pods.items()}
 
 
 async def load_wave(http: httpx.AsyncClient, name: str, stop: asyncio.Event) -> int:
@@ -192,8 +206,7 @@ async def test_alternating_waves_never_evict_back_and_forth(
                 stop.set()
                 served = await load
             assert served > 0, f"no request to {loaded} succeeded in its wave"
-            after = await evictions(kube, namespace)
-            return {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+            return evicted_between(before, await evictions(kube, namespace))
 
         # Wave 1: beta grows into the two free GPUs (the cluster is full after it).
         first = await wave("beta", grows=True)
