@@ -186,3 +186,87 @@ def test_minreplicas_still_bounds_a_peer_with_no_load() -> None:
     # A model's own load floor never stands in its own way.
     own = P.ReplicaRequest(deployment=alpha, pod="alpha-instance-2", load_floors={alpha: 3})
     assert P.compute_eviction_floors({}, own) == {}
+
+
+# --- alternating waves, round by round, on the real engine ----------------------------------------
+
+
+def test_alternating_waves_never_evict_back_and_forth() -> None:
+    """Four one-GPU nodes, two autoscaled models of one priority (1..3, floor 1) whose counts
+    only go up (a long scale-down window), load moving from one to the other every 100 s.
+    Every 5 s each model's autoscaler round records what its load implies and each reconciles
+    (plan, place on the real engine, apply). Evictions only ever go towards the loaded model,
+    floors hold, and the loaded model has its 3 replicas by the end of each wave."""
+    names = ("alpha", "beta")
+    uids = {"alpha": "uid-alpha", "beta": "uid-beta"}
+    spec = {"alpha": 1, "beta": 1}
+    pods = [
+        replace(
+            pod(1, deployment=n, node=f"n{i}", gpus=(f"n{i}:0",), owner_uid=uids[n]),
+            min_replicas=1,
+        )
+        for i, n in enumerate(names)
+    ]
+    history: dict[tuple[str, str], list[Recommendation]] = {("ns", n): [] for n in names}
+    evictions: list[tuple[float, str, str]] = []  # (when, evictor, victim deployment)
+    at_wave_end: list[tuple[str, int]] = []
+    defaults = PodDefaults(image=IMAGE)
+    snap = snapshot(*(report(f"n{i}", 1) for i in range(4)))
+    for step in range(60):
+        t = step * 5.0
+        loaded = names[int(t // 100) % 2]
+        for n in names:
+            wanted = 3 if n == loaded else 1
+            history[("ns", n)].append(Recommendation(t, wanted))
+            spec[n] = max(spec[n], wanted)
+        needs = {k: need for k, h in history.items() if (need := compute_load_need(h, t))}
+        for n in names:
+            # The GPUs an eviction frees are reserved for the evictor (operator: Reserved
+            # placeholders): here it places again at once, before the other model's turn.
+            for _ in range(4):
+                md = make_md(name=n, uid=uids[n], replicas=spec[n], minReplicas=1, autoscaling=AUTO)
+                ours = [p for p in pods if p.deployment == n]
+                plan = compute_plan(md, ours, nodes(*(f"n{i}" for i in range(4))), NOW, "h")
+                if not plan.to_place:
+                    break
+                last_used = {("ns", m): (1000.0 if m == loaded else 10.0) for m in names}
+                placer = build_placer(
+                    facts(*(f"n{i}" for i in range(4))),
+                    pods,
+                    last_used,
+                    snap,
+                    P.PlacementSettings(),
+                )
+                out = place(
+                    plan,
+                    md,
+                    placer,
+                    defaults=defaults,
+                    now=NOW,
+                    need=needs.get(("ns", n)),
+                    load_floors=compute_load_floors(
+                        needs, {("ns", m): 0 for m in names}, ("ns", n), 0
+                    ),
+                )
+                gone = {v.pod for v in out.victims}
+                evictions += [(t, n, v.deployment) for v in out.victims]
+                pods = [p for p in pods if p.name not in gone]
+                pods += [
+                    replace(c.record, ready=True, owner_uid=uids[n], min_replicas=1)
+                    for c in out.to_create
+                ]
+                if not gone:
+                    break
+        for n in names:
+            ready = sum(1 for p in pods if p.deployment == n and p.ready)
+            assert ready >= 1, f"{n} below its floor at t={t}"
+        if t % 100 == 95:
+            at_wave_end.append((loaded, sum(1 for p in pods if p.deployment == loaded)))
+    assert evictions, "the waves made no eviction at all"
+    for when, evictor, victim in evictions:
+        assert evictor == names[int(when // 100) % 2], f"{evictor} evicted {victim} at t={when}"
+    # Wave 1: alpha grows into free GPUs; then each loaded model gets its 3 replicas.
+    assert at_wave_end == [("alpha", 3), ("beta", 3), ("alpha", 3)], at_wave_end
+    # Per wave after the first, exactly the idle model's two spare replicas changed hands.
+    per_wave = [sum(1 for w, *_ in evictions if int(w // 100) == i) for i in range(3)]
+    assert per_wave == [0, 2, 2], per_wave
