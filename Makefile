@@ -130,6 +130,13 @@ gpu-proof: $(STAMP) ## On a machine with an NVIDIA GPU: the agent's NVML backend
 bench-autoscaling: $(STAMP) ## Autoscaler decision over load traces (no cluster): step to ready, GPU-s vs static, flaps
 	$(BIN)/python benchmarks/bench_autoscaling.py
 
+# The cluster benchmark holds the integration lock for its whole run: one cluster run at a time.
+CLUSTER_LOCK ?= /tmp/mf-integration.lock
+
+.PHONY: bench-autoscaling-cluster
+bench-autoscaling-cluster: $(STAMP) control-plane ## Autoscaler on the local control plane: ramp vs static (step to Ready, TTFT p99, GPU-s, flaps), opposite waves (evictions, floors)
+	flock $(CLUSTER_LOCK) $(BIN)/python benchmarks/bench_autoscaling_cluster.py $(BENCH_ARGS)
+
 .PHONY: bench-agent
 bench-agent: $(STAMP) ## Agent: sample cost per GPU and /v1/gpus latency p50/p99 (8 GPUs)
 	$(BIN)/python benchmarks/bench_agent.py

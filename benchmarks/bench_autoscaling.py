@@ -13,7 +13,7 @@ enough ready replicas, replica-seconds (GPU-seconds at one GPU per replica), sec
 load per ready replica than the target (where TTFT grows), and count changes.
 
 This measures the decision and its windows only; the end-to-end run through the gateway on the
-local control plane is not part of it.
+local control plane is `make bench-autoscaling-cluster` (benchmarks/bench_autoscaling_cluster.py).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ the planner and its tests depend only on these small values.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from modelfleet.api import ModelDeploymentSpec
 from modelfleet.placement import NO_REQUESTS, Requests
@@ -92,6 +92,9 @@ class PlacementRequest:
     released: tuple[str, ...] = ()  # pod names this plan deletes: their GPUs count as free
     may_evict: bool = True
     requests: Requests = NO_REQUESTS  # CPU, memory and pod slot the replica asks of its node
+    # (namespace, name) -> Ready replicas that deployment's own load needs now; eviction for
+    # this replica leaves it that many (place.compute_load_floors).
+    load_floors: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
 
 Placer = Callable[[PlacementRequest], Decision]

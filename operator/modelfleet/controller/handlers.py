@@ -111,6 +111,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     ]
     # The built-in autoscaler: only models with spec.autoscaling.enabled (docs/operator.md).
     autoscaler = Autoscaler(client, EngineScraper(agents), metrics, runtime.events)
+    # Placement reads what each autoscaled model's load needs: eviction follows load.
+    runtime.load_history = lambda: autoscaler.history
     memo.tasks.append(
         asyncio.create_task(
             autoscale_forever(autoscaler, lambda: runtime.cluster), name="autoscaler"

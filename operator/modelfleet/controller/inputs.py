@@ -324,6 +324,7 @@ def build_replica_request(
         priority=spec.priority,
         min_replicas=spec.min_replicas,
         last_used=last_used,
+        load_floors={P.DeploymentRef(ns, name): n for (ns, name), n in request.load_floors.items()},
         requests=request.requests,
     )
 

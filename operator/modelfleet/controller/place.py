@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from modelfleet.api import ModelDeployment, SharingMode
 from modelfleet.api import labels as L
 from modelfleet.api.times import format_time, parse_time
+from modelfleet.controller.autoscale import Recommendation
 from modelfleet.controller.builders import (
     PodDefaults,
     build_replica_pod,
@@ -77,8 +78,72 @@ def compute_eviction_mark(
     return remembered
 
 
-def compute_may_evict(md: ModelDeployment, mark: EvictionMark | None) -> bool:
-    """An eviction victim does not evict back; a request that arrives after it may."""
+# How long an autoscaled model's replicas stay protected after its load last needed them: a
+# lull shorter than this (requests finishing between two bursts, one scrape that missed a
+# replica) does not hand them to another model of the same priority.
+LOAD_HOLD_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoadNeed:
+    """The replicas an autoscaled model's own load asks for, from its autoscaler's rounds
+    (what the load implied, within the bounds, before the stabilization windows)."""
+
+    latest: int  # in the latest round
+    held: int  # the most in any round of the last LOAD_HOLD_S
+
+
+def compute_load_need(
+    history: Sequence[Recommendation], now: float, hold_s: float = LOAD_HOLD_S
+) -> LoadNeed | None:
+    """What the load asked for lately, or None when no round within `hold_s` had figures.
+
+    `history` is the autoscaler's per-round recommendations, on the same monotonic clock as
+    `now`.
+    """
+    recent = [r for r in history if now - r.at <= hold_s]
+    if not recent:
+        return None
+    latest = max(recent, key=lambda r: r.at)
+    return LoadNeed(latest=latest.replicas, held=max(r.replicas for r in recent))
+
+
+def compute_load_floors(
+    needs: Mapping[tuple[str, str], LoadNeed],
+    priorities: Mapping[tuple[str, str], int],
+    requester: tuple[str, str],
+    priority: int,
+) -> dict[tuple[str, str], int]:
+    """The Ready replicas eviction must leave each autoscaled model for `requester`: what its
+    own load needed over the hold, for models whose priority is not below the requester's.
+
+    A higher priority still takes a lower one's replicas down to its minReplicas (priority is
+    the order the user gave); between models of one rank, load decides: a replica its own model
+    is using is not taken, so two models never take each other's replicas back and forth.
+    """
+    return {
+        key: need.held
+        for key, need in needs.items()
+        if key != requester and priorities.get(key, priority - 1) >= priority
+    }
+
+
+def compute_may_evict(
+    md: ModelDeployment,
+    mark: EvictionMark | None,
+    need: LoadNeed | None = None,
+    rank: int = 1,
+) -> bool:
+    """May the `rank`-th replica of `md` (1: its first) be placed by evicting others?
+
+    An autoscaled model with load figures evicts only for replicas its own load needs now
+    (rank <= what the latest round implied, at least 1: the autoscaler's minReplicas), whether
+    or not it lost replicas lately: a count left over from a past burst takes nothing from
+    anyone. Any other model: an eviction victim does not evict back; a request that arrives
+    after it may.
+    """
+    if md.spec.autoscaling.enabled and need is not None:
+        return rank <= need.latest
     if mark is None:
         return True
     demand = parse_time(md.metadata.annotations.get(L.ANN_DEMAND))
@@ -96,6 +161,8 @@ def place(
     mark: EvictionMark | None = None,
     unseen_nodes: Sequence[str] = (),
     consolidating: Consolidating | None = None,
+    need: LoadNeed | None = None,
+    load_floors: Mapping[tuple[str, str], int] | None = None,
 ) -> Plan:
     """`plan` with its `to_place` ordinals placed: Pods to create, or an eviction, or a blocker.
 
@@ -103,7 +170,9 @@ def place(
     so an eviction under way is waited for instead of repeated; `mark` is the deployment's last
     eviction (it then does not evict back); `unseen_nodes` are GPU nodes no agent reports, named
     when nothing fits because placement cannot see them; `consolidating`, when given, is tried
-    before any eviction (and a deployment whose moves are under way waits for them).
+    before any eviction (and a deployment whose moves are under way waits for them); `need` is
+    what this deployment's own load asks for (autoscaled models), and `load_floors` what other
+    models' load needs (`compute_load_floors`): eviction leaves them that many Ready replicas.
     """
     out = replace(
         plan,
@@ -116,11 +185,13 @@ def place(
     template_hash = compute_template_hash(md, defaults.image)
     requests = compute_replica_requests(md.spec, defaults)
     footprint = compute_footprint_mib(md)
-    may_evict = compute_may_evict(md, mark)
     released = tuple(d.name for d in plan.to_delete)
     namespace, name = md.metadata.namespace or "", md.metadata.name
-    for n in plan.to_place:
+    # Replicas already there or coming back under their own names, before these.
+    before = plan.target - len(plan.to_place)
+    for i, n in enumerate(plan.to_place):
         pod_name = instance_name(name, n)
+        may_evict = compute_may_evict(md, mark, need, before + i + 1)
         request = PlacementRequest(
             namespace=namespace,
             deployment=name,
@@ -131,6 +202,7 @@ def place(
             released=released,
             may_evict=may_evict,
             requests=requests,
+            load_floors=dict(load_floors or {}),
         )
         decision = placer(request)
         if isinstance(decision, Placed):
@@ -144,6 +216,8 @@ def place(
             and isinstance(found := consolidating.consolidator(request), Consolidate)
         ):
             _plan_consolidation(out, md, pod_name, found, consolidating, defaults, now)
+        elif isinstance(decision, Evict) and not may_evict and need is not None:
+            out.blocker = _waits_within_load(pod_name, need, mark, decision.reason)
         elif isinstance(decision, Evict):
             _blocked_by_eviction(out, md, pod_name, decision, deleting, may_evict, mark, now)
         elif not may_evict and mark is not None:
@@ -343,6 +417,19 @@ def _waits_after_eviction(mark: EvictionMark | None, why: str) -> Blocker:
     return Blocker(
         Reason.EVICTED,
         f"evicted by {by}; comes back when capacity frees up or a request arrives ({why})",
+    )
+
+
+def _waits_within_load(
+    pod_name: str, need: LoadNeed, mark: EvictionMark | None, why: str
+) -> Blocker:
+    """An autoscaled model whose load does not need this replica takes no one's GPUs for it."""
+    lost = f"evicted by {mark.by}; " if mark is not None else ""
+    return Blocker(
+        Reason.EVICTED if mark is not None else "NoCapacity",
+        f"{lost}{pod_name} waits for free GPUs: its load needs {need.latest} "
+        f"replica{'s' if need.latest != 1 else ''} now, and a model evicts others only for "
+        f"replicas its load needs ({why})",
     )
 
 

@@ -47,7 +47,12 @@ from modelfleet.controller.execute import Executed, ServiceWanted, apply_invalid
 from modelfleet.controller.inflight import Key
 from modelfleet.controller.metrics import OperatorMetrics
 from modelfleet.controller.observed import ObservedPod, compute_assignment_records, is_replica_of
-from modelfleet.controller.place import Consolidating, compute_eviction_mark, place
+from modelfleet.controller.place import (
+    Consolidating,
+    compute_eviction_mark,
+    compute_load_floors,
+    place,
+)
 from modelfleet.controller.plan import AssignmentRecord, EventSpec, Plan, Reason, compute_plan
 from modelfleet.controller.runtime import ClusterState, Runtime
 from modelfleet.controller.status import (
@@ -194,6 +199,8 @@ async def _place(
         snapshot = rt.snapshot()
         everything = rt.all_pods(cluster)
         placer = rt.placer(cluster, snapshot, key, everything, now)
+        needs = rt.load_needs(time.monotonic())
+        priorities = {(p.namespace, p.deployment): p.priority for p in everything}
         placed = place(
             plan,
             md,
@@ -204,6 +211,8 @@ async def _place(
             mark=compute_eviction_mark(md, rt.eviction_mark(key)),
             unseen_nodes=rt.gpu_nodes_without_agent,
             consolidating=_consolidating(rt, cluster, key, everything, placer, now),
+            need=needs.get(key),
+            load_floors=compute_load_floors(needs, priorities, key, md.spec.priority),
         )
         rt.promise(key, placed, everything, now)
         placer.keep()

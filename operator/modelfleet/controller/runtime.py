@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,6 +24,7 @@ from modelfleet import placement as P
 from modelfleet.api.ownership import ClaimKey, claim_key, served_name
 from modelfleet.controller import inputs
 from modelfleet.controller.admission import AdmissionBackoff
+from modelfleet.controller.autoscale import Recommendation
 from modelfleet.controller.builders import PodDefaults
 from modelfleet.controller.execute import EventRecorder
 from modelfleet.controller.inflight import InFlight, Key
@@ -38,7 +39,7 @@ from modelfleet.controller.observed import (
     is_replica_of,
     with_assigned_gpus,
 )
-from modelfleet.controller.place import EvictionMark
+from modelfleet.controller.place import EvictionMark, LoadNeed, compute_load_need
 from modelfleet.controller.plan import Plan
 from modelfleet.controller.reservations import Reservation, Reservations
 from modelfleet.controller.views import LazyPlacer, PlacementViews
@@ -129,6 +130,9 @@ class Runtime:
     queued: defaultdict[Key, int] = field(default_factory=lambda: defaultdict(int))
     blocked: set[Key] = field(default_factory=set)  # last plan could not place a replica
     cluster: ClusterState | None = None  # the live indices, once a handler has seen them
+    # The built-in autoscaler's per-round recommendations of each autoscaled model (its
+    # `history`), read by placement so that eviction follows load (place.compute_load_floors).
+    load_history: Callable[[], Mapping[Key, Sequence[Recommendation]]] | None = None
     _marks: dict[Key, EvictionMark] = field(default_factory=dict)
     _invalid: dict[Key, str] = field(default_factory=dict)  # the last invalid-spec message
     _details: dict[Key, tuple[str, ...]] = field(default_factory=dict)  # the last plan logged
@@ -245,6 +249,17 @@ class Runtime:
         while len(self._assignments_seen) > 4096:
             self._assignments_seen.popitem(last=False)
         return out
+
+    def load_needs(self, now: float) -> dict[Key, LoadNeed]:
+        """What each autoscaled model's own load asked for lately (`now`: monotonic clock)."""
+        if self.load_history is None:
+            return {}
+        needs = {}
+        for key, history in self.load_history().items():
+            need = compute_load_need(history, now)
+            if need is not None:
+                needs[key] = need
+        return needs
 
     def eviction_mark(self, key: Key) -> EvictionMark | None:
         """The eviction of `key` this process decided, if its annotation may not show yet."""

@@ -16,7 +16,12 @@ docs/placement.md describes every strategy, score and rule with worked examples.
 """
 
 from modelfleet.placement.consolidation import Consolidation, Move, plan_consolidation
-from modelfleet.placement.engine import check_request, compute_fragmentation_penalty, decide
+from modelfleet.placement.engine import (
+    check_request,
+    compute_eviction_floors,
+    compute_fragmentation_penalty,
+    decide,
+)
 from modelfleet.placement.eviction import eviction_key
 from modelfleet.placement.model import (
     NO_REQUESTS,
@@ -71,6 +76,7 @@ __all__ = [
     "UnplaceableCode",
     "build_view",
     "check_request",
+    "compute_eviction_floors",
     "compute_fragmentation_penalty",
     "compute_ledger",
     "decide",

@@ -6,12 +6,13 @@ rule with worked examples; the reasons returned here are what Events and status 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from modelfleet.placement.eviction import EvictionPlan, blocked_reasons, plan_eviction
 from modelfleet.placement.model import (
     Decision,
+    DeploymentRef,
     Evict,
     Placed,
     PlacedReplica,
@@ -54,6 +55,20 @@ def check_request(request: ReplicaRequest) -> None:
     ):
         if value is not None and value <= 0:
             raise PlacementInputError(f"{name}: {what} is {value} MiB; it must be positive")
+
+
+def compute_eviction_floors(
+    floors: Mapping[DeploymentRef, int], request: ReplicaRequest
+) -> Mapping[DeploymentRef, int]:
+    """The Ready replicas eviction must leave each deployment for this request: its
+    minReplicas, raised to what its own load needs where the request says so (load_floors)."""
+    if not request.load_floors:
+        return floors
+    merged = dict(floors)
+    for dep, needed in request.load_floors.items():
+        if dep != request.deployment and needed > merged.get(dep, 0):
+            merged[dep] = needed
+    return merged
 
 
 def compute_static_key(request: ReplicaRequest) -> StaticKey:
@@ -666,9 +681,10 @@ def _no_fit(
         (n, [g for g in n.gpus if g.info.healthy], not request.spread or dep not in n.deployments)
         for n, _ in nodes
     ]
+    floors = compute_eviction_floors(view.floors, request)
     for _ in range(HOST_RETRIES):
         plan = plan_eviction(
-            candidates, count, need, margin, dep, request.priority, view.serving, view.floors
+            candidates, count, need, margin, dep, request.priority, view.serving, floors
         )
         if plan is None or _host_after_eviction(plan, request):
             break
@@ -689,7 +705,9 @@ def _no_fit(
             ),
         )
     in_the_way = [r for n, _ in nodes for r in n.replicas]
-    blocked = blocked_reasons(in_the_way, dep, request.priority, view.serving, view.floors)
+    blocked = blocked_reasons(
+        in_the_way, dep, request.priority, view.serving, view.floors, request.load_floors
+    )
     if host_short:
         return Unplaceable(
             UnplaceableCode.NO_CAPACITY, f"{_host_short(nodes, request)}; elsewhere: {blocked}"

@@ -307,23 +307,37 @@ def blocked_reasons(
     priority: int,
     serving: Mapping[DeploymentRef, int],
     floors: Mapping[DeploymentRef, int],
+    load_floors: Mapping[DeploymentRef, int] | None = None,
 ) -> str:
-    """Why the replicas in the way may not be evicted, in counts a person can act on."""
-    same = higher = floor = starting = 0
+    """Why the replicas in the way may not be evicted, in counts a person can act on.
+
+    `load_floors`: the Ready replicas some deployments' own load needs now (autoscaled models of
+    the requester's rank), which eviction leaves them like minReplicas.
+    """
+    load_floors = load_floors or {}
+    same = higher = floor = loaded = starting = 0
     for rep in replicas:
+        ready = serving.get(rep.deployment, 0)
         if rep.deployment == deployment:
             same += 1
         elif rep.priority > priority:
             higher += 1
         elif rep.state != ReplicaState.READY:
             starting += 1
-        elif serving.get(rep.deployment, 0) <= floors.get(rep.deployment, 0):
+        elif ready <= floors.get(rep.deployment, 0):
             floor += 1
+        elif ready <= load_floors.get(rep.deployment, 0):
+            loaded += 1
     parts = []
     if higher:
         parts.append(f"{higher} have a higher priority than {priority}")
     if floor:
         parts.append(f"{floor} are at their deployment's minReplicas")
+    if loaded:
+        parts.append(
+            f"{loaded} are needed by their own deployment's load (autoscaling: a model of the "
+            "same priority does not take replicas another one is using)"
+        )
     if starting:
         parts.append(f"{starting} are still starting")
     if same:

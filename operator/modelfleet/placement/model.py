@@ -218,6 +218,10 @@ class ReplicaRequest:
     priority: int = 0
     min_replicas: int = 0
     last_used: float = 0.0
+    # Replicas that other deployments' own load needs now (autoscaled models whose priority is
+    # not below this request's): eviction leaves each at least that many Ready, as it does
+    # minReplicas, so a model never takes replicas that another one of its rank is using.
+    load_floors: Mapping[DeploymentRef, int] = field(default_factory=dict)
     # What its Pod will ask of the kubelet: spec.engine.resources, the GPUs of an Exclusive
     # replica, and the pod itself.
     requests: Requests = ONE_POD
