@@ -464,15 +464,15 @@ def report(
     args: argparse.Namespace,
 ) -> int:
     """The table, then the headline figures as the last line."""
-    print()
-    print(
-        f"{'closed loop':<13} {'policy':<17} {'reqs':>5} {'ttft p50':>9} {'ttft p99':>9} "
-        f"{'e2e p50':>8} {'e2e p99':>8} {'tok/s':>7} {'hit':>5} {'router':>6} {'cpu ms':>6} "
-        f"{'preempt':>7} {'errors':>6}  per replica"
-    )
-    for (workload, name), r in results.items():
-        if workload == "open":
-            continue
+    closed = {key: r for key, r in results.items() if key[0] != "open"}
+    if closed:
+        print()
+        print(
+            f"{'closed loop':<13} {'policy':<17} {'reqs':>5} {'ttft p50':>9} {'ttft p99':>9} "
+            f"{'e2e p50':>8} {'e2e p99':>8} {'tok/s':>7} {'hit':>5} {'router':>6} {'cpu ms':>6} "
+            f"{'preempt':>7} {'errors':>6}  per replica"
+        )
+    for (workload, name), r in closed.items():
         print(
             f"{workload:<13} {name:<17} {len(r.e2e_s):>5} {r.pct(r.ttft_s, 50):>9.1f} "
             f"{r.pct(r.ttft_s, 99):>9.1f} {r.pct(r.e2e_s, 50):>8.1f} {r.pct(r.e2e_s, 99):>8.1f} "
