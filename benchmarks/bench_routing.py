@@ -18,8 +18,8 @@ Workloads of streamed chat completions from `--users` clients:
 - open: the shared-prefix workload as an open loop, the load the issue asks for ("at a load that
   saturates round-robin"). Requests arrive as a Poisson process at `--rate` per second from a
   seeded schedule, the same times, users and turns for every policy, whether or not earlier
-  ones have been answered; `--rate`'s default, 60/s, is about 1.8x what round-robin serves
-  here (~33/s) and below what PrefixHash serves. A closed loop cannot overload a policy: its
+  ones have been answered; `--rate`'s default, 60/s, is about 1.7x what round-robin serves
+  here (33-37/s) and below what PrefixHash serves. A closed loop cannot overload a policy: its
   queue stops growing at `--users`. Here round-robin's queue grows for the whole window, so
   its TTFT grows with the window's length (`--warmup` + `--open-duration`). Bounded by
   `--max-outstanding` (arrivals beyond it are dropped and counted) and `--open-grace`.
@@ -551,7 +551,7 @@ async def main() -> int:
         "--rate",
         type=float,
         default=60.0,
-        help="open loop: requests per second offered (round-robin serves ~33 here)",
+        help="open loop: requests per second offered (round-robin serves 33-37 here)",
     )
     parser.add_argument(
         "--open-duration", type=float, default=12.0, help="open loop: measured seconds per run"
