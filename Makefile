@@ -168,7 +168,7 @@ $(PEERS_VENV)/.installed:
 		&& $(PEERS_VENV)/bin/pip install -q $(PEERS) && touch $@
 
 .PHONY: bench-routing
-bench-routing: $(STAMP) $(PEERS_VENV)/.installed ## Routing policies and vllm-router's cache-aware on 4 calibrated stand-ins: TTFT, tokens/s, prefix hits
+bench-routing: $(STAMP) $(PEERS_VENV)/.installed ## Routing policies and vllm-router's cache-aware on 4 calibrated stand-ins, closed loop and open loop above round-robin's capacity: TTFT, tokens/s, prefix hits
 	$(BIN)/python benchmarks/bench_routing.py --peers-venv $(PEERS_VENV) $(BENCH_ARGS)
 
 .PHONY: bench-slowloris

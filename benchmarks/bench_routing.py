@@ -6,20 +6,31 @@ prefix caching); each runs at --gpu-memory-utilization 0.6, which leaves 3,328 K
 (53,248 tokens). In front of the same four: one modelfleet gateway per policy, and vllm-router
 with its cache-aware policy from the benchmark's own environment.
 
-Workloads, each a closed loop of `--users` clients sending streamed chat completions:
-- shared-prefix: every user has a long system prompt of its own and a conversation that grows
-  turn by turn (each turn: a new user message, the answer appended), starting over after
-  `--turns` turns. All users' prefixes together (~160k tokens) exceed one replica's cache
-  three times, but a quarter of them fit: a replica only hits its cache when it keeps seeing
-  the same users. Users wait `--think` seconds on average between requests, so a replica's
-  in-flight count says nothing of which users it served last.
+Workloads of streamed chat completions from `--users` clients:
+- shared-prefix (closed loop: each user waits for its answer): every user has a long system
+  prompt of its own and a conversation that grows turn by turn (each turn: a new user message,
+  the answer appended), starting over after `--turns` turns. All users' prefixes together
+  (~160k tokens) exceed one replica's cache three times, but a quarter of them fit: a replica
+  only hits its cache when it keeps seeing the same users. Users wait `--think` seconds on
+  average between requests, so a replica's in-flight count says nothing of which users it
+  served last.
 - control: every request a fresh prompt of the same length; no prefix is ever shared.
+- open: the shared-prefix workload as an open loop, the load the issue asks for ("at a load that
+  saturates round-robin"). Requests arrive as a Poisson process at `--rate` per second from a
+  seeded schedule, the same times, users and turns for every policy, whether or not earlier
+  ones have been answered; `--rate`'s default, 60/s, is about 1.7x what round-robin serves
+  here (33-37/s) and below what PrefixHash serves. A closed loop cannot overload a policy: its
+  queue stops growing at `--users`. Here round-robin's queue grows for the whole window, so
+  its TTFT grows with the window's length (`--warmup` + `--open-duration`). Bounded by
+  `--max-outstanding` (arrivals beyond it are dropped and counted) and `--open-grace`.
 
 Every run uses prompts no earlier run used and waits for the engines to drain, so no run
 inherits another's cache or queue. Figures: TTFT (first bytes of the stream) and end-to-end
 p50/p99, output tokens/s, the replicas' prefix-cache hit ratio (from their own vllm: counters;
 each replica's in the progress lines), requests per replica, and the gateway's CPU per request
-(/proc, over the measured window).
+(/proc, over the measured window). In the open loop, TTFT and end-to-end count from each
+request's scheduled arrival, with the offered and completed rates, the generator's lag behind
+its schedule and the requests dropped by the cap.
 
 Everything shares the machine's cores: the load generator, the routers and the four stand-ins.
 """
@@ -29,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import random
 import re
 import shutil
@@ -99,6 +111,14 @@ class RunResult:
     cpu_ms_per_req: float = float("nan")
     preemptions: int = 0
     router_hit_ratio: float = float("nan")  # the gateway's affinity "hit" share
+    # Open loop only: arrivals in the measured window, those answered within it, those dropped
+    # by the cap on outstanding requests, those cancelled unfinished after the grace period,
+    # and how late the generator sent each one after its scheduled time.
+    offered: int = 0
+    completed: int = 0
+    dropped: int = 0
+    unfinished: int = 0
+    lag_s: list[float] = field(default_factory=list)
 
     def pct(self, values: list[float], q: float) -> float:
         if not values:
@@ -160,13 +180,18 @@ class User:
 
 
 async def one_request(
-    http: aiohttp.ClientSession, url: str, body: dict[str, object]
+    http: aiohttp.ClientSession, url: str, body: dict[str, object] | bytes
 ) -> tuple[float, float] | None:
     """(TTFT, end-to-end) of one streamed request; None when it failed."""
     started = time.perf_counter()
     first: float | None = None
+    sent = (
+        http.post(url, data=body, headers={"Content-Type": "application/json"})
+        if isinstance(body, bytes)
+        else http.post(url, json=body)
+    )
     try:
-        async with http.post(url, json=body) as resp:
+        async with sent as resp:
             if resp.status != 200:
                 await resp.read()
                 return None
@@ -207,6 +232,37 @@ async def drain(http: aiohttp.ClientSession, replicas: list[str], timeout_s: flo
             return
         await asyncio.sleep(0.2)
     raise RuntimeError("the replicas did not drain within 60 s")
+
+
+def replica_figures(
+    result: RunResult, before: list[dict[str, float]], after: list[dict[str, float]]
+) -> None:
+    """Hit ratios, requests per replica and preemptions from the replicas' own counters."""
+    queries = sum(
+        a.get("vllm:prefix_cache_queries_total", 0) - b.get("vllm:prefix_cache_queries_total", 0)
+        for a, b in zip(after, before, strict=True)
+    )
+    hits = sum(
+        a.get("vllm:prefix_cache_hits_total", 0) - b.get("vllm:prefix_cache_hits_total", 0)
+        for a, b in zip(after, before, strict=True)
+    )
+    result.hit_ratio = hits / queries if queries else float("nan")
+    result.per_replica = [
+        round(a.get("vllm:request_success_total", 0) - b.get("vllm:request_success_total", 0))
+        for a, b in zip(after, before, strict=True)
+    ]
+    result.hit_per_replica = [
+        (a.get("vllm:prefix_cache_hits_total", 0) - b.get("vllm:prefix_cache_hits_total", 0))
+        / max(1.0, a.get("vllm:prefix_cache_queries_total", 0)
+              - b.get("vllm:prefix_cache_queries_total", 0))
+        for a, b in zip(after, before, strict=True)
+    ]  # fmt: skip
+    result.preemptions = round(
+        sum(
+            a.get("vllm:num_preemptions_total", 0) - b.get("vllm:num_preemptions_total", 0)
+            for a, b in zip(after, before, strict=True)
+        )
+    )
 
 
 async def run(
@@ -270,35 +326,113 @@ async def run(
         await asyncio.gather(count_at(measure_from), count_at(stop_at), *(client(u) for u in users))
         result.duration_s = args.duration
         before, after = counted
-    queries = sum(
-        a.get("vllm:prefix_cache_queries_total", 0) - b.get("vllm:prefix_cache_queries_total", 0)
-        for a, b in zip(after, before, strict=True)
-    )
-    hits = sum(
-        a.get("vllm:prefix_cache_hits_total", 0) - b.get("vllm:prefix_cache_hits_total", 0)
-        for a, b in zip(after, before, strict=True)
-    )
-    result.hit_ratio = hits / queries if queries else float("nan")
-    result.per_replica = [
-        round(a.get("vllm:request_success_total", 0) - b.get("vllm:request_success_total", 0))
-        for a, b in zip(after, before, strict=True)
-    ]
-    result.hit_per_replica = [
-        (a.get("vllm:prefix_cache_hits_total", 0) - b.get("vllm:prefix_cache_hits_total", 0))
-        / max(1.0, a.get("vllm:prefix_cache_queries_total", 0)
-              - b.get("vllm:prefix_cache_queries_total", 0))
-        for a, b in zip(after, before, strict=True)
-    ]  # fmt: skip
-    result.preemptions = round(
-        sum(
-            a.get("vllm:num_preemptions_total", 0) - b.get("vllm:num_preemptions_total", 0)
-            for a, b in zip(after, before, strict=True)
-        )
-    )
+    replica_figures(result, before, after)
     if target.metrics:
         result.router_hit_ratio = await router_hit_ratio(target.metrics)
     if "start" in cpu and "stop" in cpu and window_requests:
         result.cpu_ms_per_req = (cpu["stop"] - cpu["start"]) * 1000 / window_requests
+    return result
+
+
+def open_schedule(args: argparse.Namespace, tag: str) -> list[tuple[float, bytes]]:
+    """The open loop's arrivals: (seconds from the start, request body), fixed by `--seed`.
+
+    Arrivals are a Poisson process at `--rate` over the warm-up and the window; each one is
+    the next turn of a user drawn at random from `--users`, so every policy gets the same
+    times, users and turns (only the words differ, by `tag`, to keep runs' caches apart). A
+    turn's prompt holds the previous answers, which the stand-in's answer (the last user message
+    cut at max_tokens) makes known beforehand: a turn arrives on schedule whether or not the
+    previous one has been answered, as a request from a new user would.
+    """
+    rng = random.Random(args.seed)
+    users = [User(i, args, tag, shared=True) for i in range(args.users)]
+    out: list[tuple[float, bytes]] = []
+    at = rng.expovariate(args.rate)
+    while at < args.warmup + args.open_duration:
+        user = users[rng.randrange(len(users))]
+        body, message = user.next_body()
+        user.answered(message)
+        out.append((at, json.dumps(body).encode()))
+        at += rng.expovariate(args.rate)
+    return out
+
+
+async def run_open(
+    target: Target, replicas: list[str], args: argparse.Namespace, tag: str
+) -> RunResult:
+    """The shared-prefix workload as an open loop: requests arrive on a fixed schedule.
+
+    TTFT and end-to-end are counted from each request's scheduled arrival, so a generator that
+    falls behind does not hide queueing (its lag is reported). Requests that arrive in the
+    measured window are followed until they finish, for at most `--open-grace` seconds after
+    the last arrival; then the rest are cancelled (the stand-ins abort them) and counted.
+    """
+    result = RunResult(target.name, "open")
+    schedule = open_schedule(args, tag)
+    timeout = aiohttp.ClientTimeout(total=args.warmup + args.open_duration + args.open_grace)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+        await drain(http, replicas)
+        loop = asyncio.get_running_loop()
+        counted: list[list[dict[str, float]]] = []
+
+        async def count_at(when: float) -> None:
+            await asyncio.sleep(max(0.0, when - loop.time()))
+            counted.append(await replica_counters(http, replicas))
+
+        start = loop.time() + 0.1
+        measure_from = start + args.warmup
+        stop_at = measure_from + args.open_duration
+        tokens = min(args.max_tokens, args.user_words)  # the stand-in echoes the message
+        outstanding = 0
+
+        async def send(due: float, body: bytes, measured: bool) -> None:
+            nonlocal outstanding
+            sent = loop.time()
+            try:
+                timing = await one_request(http, target.url, body)
+            finally:
+                outstanding -= 1
+            done = loop.time()
+            if measure_from <= done <= stop_at and timing is not None:
+                result.completed += 1
+                result.output_tokens += tokens
+            if not measured:
+                return
+            result.lag_s.append(sent - due)
+            if timing is None:
+                result.errors += 1
+                return
+            result.ttft_s.append(sent - due + timing[0])
+            result.e2e_s.append(done - due)
+
+        async def arrivals() -> None:
+            nonlocal outstanding
+            for at, body in schedule:
+                due = start + at
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                measured = due >= measure_from
+                result.offered += measured
+                if outstanding >= args.max_outstanding:
+                    result.dropped += measured
+                    continue
+                outstanding += 1
+                tasks.append(asyncio.create_task(send(due, body, measured)))
+
+        tasks: list[asyncio.Task[None]] = []
+        await asyncio.gather(count_at(measure_from), count_at(stop_at), arrivals())
+        if tasks:
+            await asyncio.wait(tasks, timeout=max(0.0, stop_at + args.open_grace - loop.time()))
+        left = [task for task in tasks if not task.done()]
+        for task in left:
+            task.cancel()
+        result.unfinished = len(left)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        result.duration_s = args.open_duration
+        before, after = counted
+    replica_figures(result, before, after)
+    if target.metrics:
+        result.router_hit_ratio = await router_hit_ratio(target.metrics)
     return result
 
 
@@ -324,21 +458,43 @@ def median(values: list[float]) -> float:
 
 
 def report(
-    results: dict[tuple[str, str], RunResult], targets: dict[str, Target], logdir: Path
+    results: dict[tuple[str, str], RunResult],
+    targets: dict[str, Target],
+    logdir: Path,
+    args: argparse.Namespace,
 ) -> int:
     """The table, then the headline figures as the last line."""
-    print()
-    print(
-        f"{'workload':<13} {'policy':<17} {'reqs':>5} {'ttft p50':>9} {'ttft p99':>9} "
-        f"{'e2e p50':>8} {'e2e p99':>8} {'tok/s':>7} {'hit':>5} {'router':>6} {'cpu ms':>6} "
-        f"{'preempt':>7} {'errors':>6}  per replica"
-    )
-    for (workload, name), r in results.items():
+    closed = {key: r for key, r in results.items() if key[0] != "open"}
+    if closed:
+        print()
+        print(
+            f"{'closed loop':<13} {'policy':<17} {'reqs':>5} {'ttft p50':>9} {'ttft p99':>9} "
+            f"{'e2e p50':>8} {'e2e p99':>8} {'tok/s':>7} {'hit':>5} {'router':>6} {'cpu ms':>6} "
+            f"{'preempt':>7} {'errors':>6}  per replica"
+        )
+    for (workload, name), r in closed.items():
         print(
             f"{workload:<13} {name:<17} {len(r.e2e_s):>5} {r.pct(r.ttft_s, 50):>9.1f} "
             f"{r.pct(r.ttft_s, 99):>9.1f} {r.pct(r.e2e_s, 50):>8.1f} {r.pct(r.e2e_s, 99):>8.1f} "
             f"{r.tokens_per_s:>7.0f} {r.hit_ratio:>5.2f} {r.router_hit_ratio:>6.2f} "
             f"{r.cpu_ms_per_req:>6.3f} {r.preemptions:>7} {r.errors:>6}  {r.per_replica}"
+        )
+    opened = {name: r for (workload, name), r in results.items() if workload == "open"}
+    if opened:
+        print()
+        print(
+            f"{'open loop':<17} {'offered/s':>9} {'done/s':>7} {'dropped':>7} {'unfin':>5} "
+            f"{'lag p50':>7} {'lag p99':>7} {'reqs':>5} {'ttft p50':>9} {'ttft p99':>9} "
+            f"{'e2e p50':>8} {'e2e p99':>8} {'tok/s':>7} {'hit':>5} {'errors':>6}  per replica"
+        )
+    for name, r in opened.items():
+        print(
+            f"{name:<17} {r.offered / r.duration_s:>9.1f} {r.completed / r.duration_s:>7.1f} "
+            f"{r.dropped:>7} {r.unfinished:>5} {r.pct(r.lag_s, 50):>7.1f} "
+            f"{r.pct(r.lag_s, 99):>7.1f} {len(r.e2e_s):>5} {r.pct(r.ttft_s, 50):>9.1f} "
+            f"{r.pct(r.ttft_s, 99):>9.1f} "
+            f"{r.pct(r.e2e_s, 50):>8.1f} {r.pct(r.e2e_s, 99):>8.1f} {r.tokens_per_s:>7.0f} "
+            f"{r.hit_ratio:>5.2f} {r.errors:>6}  {r.per_replica}"
         )
     for target in targets.values():
         if target.error:
@@ -352,6 +508,9 @@ def report(
     rr, prefix = ttft("shared-prefix", "round-robin"), ttft("shared-prefix", "prefix")
     router_ttft = ttft("shared-prefix", "vllm-router")
     lo_control, prefix_control = ttft("control", "least-outstanding"), ttft("control", "prefix")
+    open_rr, open_prefix = ttft("open", "round-robin"), ttft("open", "prefix")
+    open_router = ttft("open", "vllm-router")
+    lag = max((r.pct(r.lag_s, 99) for r in opened.values()), default=float("nan"))
     cpu = median([r.cpu_ms_per_req for (w, n), r in results.items() if n != "vllm-router"])
     errors = sum(r.errors for r in results.values())
     print(
@@ -360,7 +519,12 @@ def report(
         f"prefix_vs_rr={rr / prefix:.1f}x "
         f"control_ttft_p50_ms_lo={lo_control:.1f} control_ttft_p50_ms_prefix={prefix_control:.1f} "
         f"control_prefix_vs_lo={prefix_control / lo_control:.2f} "
-        f"gateway_cpu_ms_per_req={cpu:.3f} errors={errors}"
+        f"gateway_cpu_ms_per_req={cpu:.3f} "
+        f"open_rate={args.rate:g}/s open_ttft_p50_ms_rr={open_rr:.1f} "
+        f"open_ttft_p50_ms_prefix={open_prefix:.1f} open_ttft_p50_ms_vllm_router={open_router:.1f} "
+        f"open_ttft_p50_prefix_vs_rr={open_rr / open_prefix:.1f}x "
+        f"open_ttft_p50_prefix_vs_vllm_router={open_router / open_prefix:.1f}x "
+        f"open_lag_p99_ms={lag:.1f} errors={errors}"
     )
     return 0 if errors == 0 else 1
 
@@ -378,6 +542,33 @@ async def main() -> int:
     parser.add_argument("--turns", type=int, default=6, help="turns before a conversation ends")
     parser.add_argument("--warmup", type=float, default=4.0, help="seconds before measuring")
     parser.add_argument("--duration", type=float, default=12.0, help="measured seconds per run")
+    parser.add_argument(
+        "--workloads",
+        default="shared-prefix,control,open",
+        help="comma-separated workloads to run: shared-prefix and control (closed loops), open",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=60.0,
+        help="open loop: requests per second offered (round-robin serves 33-37 here)",
+    )
+    parser.add_argument(
+        "--open-duration", type=float, default=12.0, help="open loop: measured seconds per run"
+    )
+    parser.add_argument(
+        "--open-grace",
+        type=float,
+        default=60.0,
+        help="open loop: seconds after the last arrival to wait for answers before cancelling",
+    )
+    parser.add_argument(
+        "--max-outstanding",
+        type=int,
+        default=2000,
+        help="open loop: requests in flight at most; arrivals beyond it are dropped and counted",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="open loop: the arrival schedule's")
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument(
         "--policies", default="", help="comma-separated policies to run (default: all)"
@@ -461,6 +652,8 @@ async def main() -> int:
             ("shared-prefix", ["round-robin", "least-outstanding", "prefix", "prefix+load",
                                "session", "vllm-router"]),
             ("control", ["least-outstanding", "prefix", "prefix+load", "vllm-router"]),
+            ("open", ["round-robin", "least-outstanding", "prefix", "prefix+load", "session",
+                      "vllm-router"]),
         ]  # fmt: skip
         results: dict[tuple[str, str], RunResult] = {}
         for workload, names in plan:
@@ -468,8 +661,13 @@ async def main() -> int:
                 target = targets[name]
                 if target.error or (args.policies and name not in args.policies.split(",")):
                     continue
+                if workload not in args.workloads.split(","):
+                    continue
                 tag = f"r{len(results)}"
-                result = await run(target, workload, replicas, args, tag)
+                if workload == "open":
+                    result = await run_open(target, replicas, args, tag)
+                else:
+                    result = await run(target, workload, replicas, args, tag)
                 results[(workload, name)] = result
                 print(
                     f"{workload:<13} {name:<17} ttft p50 {result.pct(result.ttft_s, 50):8.1f} ms"
@@ -478,7 +676,7 @@ async def main() -> int:
                     flush=True,
                 )
 
-    return report(results, targets, logdir)
+    return report(results, targets, logdir, args)
 
 
 def _interrupt(*_: object) -> None:
