@@ -34,7 +34,6 @@ import itertools
 import math
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
+from autoscale_kit import evictions, evictions_since  # noqa: E402
 from clusterkit import CLUSTER_SH, KUBECONFIG, Cluster  # noqa: E402
 from operator_kit import (  # noqa: E402
     Operators,
@@ -73,7 +73,6 @@ NODES = 4
 MAX_TOKENS = 48
 PROMPT_WORDS = 120
 LEVELS = (1, 2, 4, 2, 1)  # replicas' worth of users per step
-EVICTED = re.compile(r"^(?P<pod>\S+) evicted to make room for (?P<ns>[^/]+)/(?P<by>\S+?):")
 
 
 def engine_env() -> list[dict[str, str]]:
@@ -350,21 +349,6 @@ async def ramp(world: World, name: str, autoscaled: bool, step_s: float) -> Ramp
 # --- part 2: opposite waves ---------------------------------------------------------------------
 
 
-async def evictions(kube: KubeClient, namespace: str) -> dict[str, tuple[str, str, str, int]]:
-    """Event name -> (victim deployment, victim Pod, evictor, count) of every eviction Event."""
-    listing = await kube.list(
-        f"/api/v1/namespaces/{namespace}/events", fieldSelector="reason=Evicted"
-    )
-    out: dict[str, tuple[str, str, str, int]] = {}
-    for event in listing["items"]:
-        found = EVICTED.match(event.get("message") or "")
-        if found and event.get("type") == "Warning":
-            victim = event["involvedObject"]["name"]
-            count = int(event.get("count") or 1)
-            out[event["metadata"]["name"]] = (victim, found["pod"], found["by"], count)
-    return out
-
-
 @dataclass
 class WaveResult:
     loaded: str
@@ -421,11 +405,7 @@ async def waves(world: World, count: int) -> tuple[list[WaveResult], dict[str, i
         await asyncio.sleep(10)  # load stays on: nothing may be taken back
         await users.stop()
         after = await evictions(world.kube, world.namespace)
-        made = [
-            (victim, pod, by, count - (before[name][3] if name in before else 0))
-            for name, (victim, pod, by, count) in after.items()
-            if name not in before or count > before[name][3]
-        ]
+        made = evictions_since(before, after)
         results.append(
             WaveResult(
                 loaded,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
-from clusterkit import Cluster, wait_for
+from autoscale_kit import evicted_between, evictions, wait_autoscaler_rounds, wait_routed
+from clusterkit import Cluster
 from operator_kit import (
     GatewayProcess,
     Operators,
@@ -47,10 +47,8 @@ IN_FLIGHT = 6
 # The most requests one wave sends, whatever happens (bounded load).
 WAVE_MAX_REQUESTS = 120
 # How long a wave may take to give the loaded model its replicas (the 30 s load hold of the
-# idle peer, an eviction, a start), and how long load stays on once it has them.
+# idle peer, an eviction, a start).
 WAVE_GROW_S = 100
-WAVE_STEADY_S = 10
-EVICTED = re.compile(r"^(?P<pod>\S+) evicted to make room for (?P<ns>[^/]+)/(?P<by>\S+?):")
 
 
 @pytest.fixture
@@ -106,36 +104,6 @@ class Sampler:
             await asyncio.sleep(0.3)
 
 
-async def evictions(kube: KubeClient, namespace: str) -> dict[str, tuple[str, str, str, int]]:
-    """Event name -> (victim deployment, victim Pod, evictor, count) of every eviction Event."""
-    listing = await kube.list(
-        f"/api/v1/namespaces/{namespace}/events", fieldSelector="reason=Evicted"
-    )
-    out: dict[str, tuple[str, str, str, int]] = {}
-    for event in listing["items"]:
-        found = EVICTED.match(event.get("message") or "")
-        if found and event.get("type") == "Warning":
-            victim = event["involvedObject"]["name"]
-            count = int(event.get("count") or 1)
-            out[event["metadata"]["name"]] = (victim, found["pod"], found["by"], count)
-    return out
-
-
-def evicted_between(
-    before: dict[str, tuple[str, str, str, int]], after: dict[str, tuple[str, str, str, int]]
-) -> dict[tuple[str, str], int]:
-    """(victim deployment, evictor) -> replica Pods evicted between the two listings.
-
-    Pods, not Events: a victim still terminating may be named by a second eviction decision
-    of the same evictor (a repeat, not a new eviction), which posts its Event again.
-    """
-    pods: dict[tuple[str, str], set[str]] = {}
-    for name, (victim, pod, by, count) in after.items():
-        if name not in before or count > before[name][3]:
-            pods.setdefault((victim, by), set()).add(pod)
-    return {key: len(names) for key, names in pods.items()}
-
-
 async def load_wave(http: httpx.AsyncClient, name: str, stop: asyncio.Event) -> int:
     """IN_FLIGHT requests to `name` in flight until `stop` (at most WAVE_MAX_REQUESTS)."""
     sent = 0
@@ -170,7 +138,7 @@ async def test_alternating_waves_never_evict_back_and_forth(
     priority_b: int,
 ) -> None:
     await gpus(4, 1)
-    operators.start()
+    operator = operators.start()
     await kube.create(md_path(namespace), model("alpha", priority_a))
     await kube.create(md_path(namespace), model("beta", priority_b))
     await wait_ready(kube, namespace, "alpha", 1)
@@ -179,12 +147,7 @@ async def test_alternating_waves_never_evict_back_and_forth(
     sampling = asyncio.create_task(sampler.run())
 
     async with httpx.AsyncClient(base_url=gateway.url, timeout=REQUEST_S + 120) as http:
-
-        async def routed() -> bool:
-            active = (await http.get("/gateway/status")).json()["active_models_by_id"]
-            return bool(active.get("alpha")) and bool(active.get("beta"))
-
-        await wait_for(routed, timeout=30, what="the gateway routing to both models")
+        await wait_routed(http, "alpha", "beta")
 
         async def wave(loaded: str, grows: bool) -> dict[tuple[str, str], int]:
             """Load `loaded`; returns the evictions this wave made."""
@@ -194,7 +157,8 @@ async def test_alternating_waves_never_evict_back_and_forth(
             try:
                 if grows:
                     await wait_ready(kube, namespace, loaded, 3, deadline_s=WAVE_GROW_S)
-                    await asyncio.sleep(WAVE_STEADY_S)  # load stays on: nothing may go back
+                    # Load stays on for two more autoscaler rounds: nothing may go back.
+                    await wait_autoscaler_rounds(operator.metrics_port, 2)
                     assert await ready_count(kube, namespace, loaded) == 3
                 else:
                     # It cannot grow: give it the time a same-priority wave needs, then check.

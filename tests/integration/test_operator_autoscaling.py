@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from autoscale_kit import complete, wait_autoscaler_rounds, wait_routed
 from clusterkit import Cluster, wait_for
 from operator_kit import (
     GatewayProcess,
@@ -31,8 +32,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
 # Each request keeps its replica's engine busy this long: the load the autoscaler sees.
 REQUEST_S = 25
-# The operator's count of finished autoscaler rounds.
-ROUNDS = "modelfleet_autoscaler_rounds_total"
 
 
 @pytest.fixture
@@ -76,19 +75,10 @@ async def test_load_through_the_gateway_makes_a_model_grow_and_shrink(
     await wait_ready(kube, namespace, "chat", 1)
 
     async with httpx.AsyncClient(base_url=gateway.url, timeout=REQUEST_S + 60) as http:
-
-        async def routed() -> bool:
-            status = (await http.get("/gateway/status")).json()
-            return bool(status["active_models_by_id"].get("chat"))
-
-        await wait_for(routed, timeout=30, what="the gateway routing to chat")
-
-        async def ask(i: int) -> int:
-            body = {"model": "chat", "prompt": f"request {i}", "max_tokens": 4}
-            return (await http.post("/v1/completions", json=body)).status_code
+        await wait_routed(http, "chat")
 
         # Six requests in flight over one replica at target 2: three replicas' worth.
-        load = [asyncio.create_task(ask(i)) for i in range(6)]
+        load = [asyncio.create_task(complete(http, "chat", f"request {i}")) for i in range(6)]
 
         async def grown() -> bool:
             return await spec_replicas(kube, namespace, "chat") == 3
@@ -121,20 +111,7 @@ async def test_with_autoscaling_off_external_scale_writes_are_respected(
     await wait_ready(kube, namespace, "ext", 2)
     # Over two autoscaler rounds after the write the count stays what the external writer set,
     # even though maxReplicas says 1: the built-in autoscaler steps aside.
-    metrics = f"http://127.0.0.1:{operator.metrics_port}/metrics"
-    async with httpx.AsyncClient(timeout=5) as http:
-
-        async def rounds() -> float:
-            text = (await http.get(metrics)).text
-            line = next(x for x in text.splitlines() if x.startswith(ROUNDS + " "))
-            return float(line.split()[1])
-
-        start = await rounds()
-
-        async def two_more() -> bool:
-            return await rounds() >= start + 2
-
-        await wait_for(two_more, timeout=30, interval=0.5, what="two autoscaler rounds")
+    await wait_autoscaler_rounds(operator.metrics_port, 2)
     assert await spec_replicas(kube, namespace, "ext") == 2
     await wait_ready(kube, namespace, "ext", 2)
 
@@ -164,18 +141,9 @@ async def test_a_scale_up_on_a_full_cluster_makes_a_lower_priority_model_yield(
     await wait_ready(kube, namespace, "chat", 1)
 
     async with httpx.AsyncClient(base_url=gateway.url, timeout=REQUEST_S + 60) as http:
+        await wait_routed(http, "chat")
 
-        async def routed() -> bool:
-            status = (await http.get("/gateway/status")).json()
-            return bool(status["active_models_by_id"].get("chat"))
-
-        await wait_for(routed, timeout=30, what="the gateway routing to chat")
-
-        async def ask(i: int) -> int:
-            body = {"model": "chat", "prompt": f"request {i}", "max_tokens": 4}
-            return (await http.post("/v1/completions", json=body)).status_code
-
-        load = [asyncio.create_task(ask(i)) for i in range(4)]
+        load = [asyncio.create_task(complete(http, "chat", f"request {i}")) for i in range(4)]
         # Both GPUs are taken: the second chat replica takes batch's (lower priority, floor 0).
         await wait_ready(kube, namespace, "chat", 2, deadline_s=40)
         batch = await kube.get(md_path(namespace, "batch"))
@@ -215,19 +183,10 @@ async def test_a_model_that_cannot_grow_says_so_and_stops_asking(
     await wait_ready(kube, namespace, "chat", 1)
 
     async with httpx.AsyncClient(base_url=gateway.url, timeout=120) as http:
-
-        async def routed() -> bool:
-            status = (await http.get("/gateway/status")).json()
-            return bool(status["active_models_by_id"].get("chat"))
-
-        await wait_for(routed, timeout=30, what="the gateway routing to chat")
-
-        async def ask(i: int) -> int:
-            body = {"model": "chat", "prompt": f"request {i}", "max_tokens": 4}
-            return (await http.post("/v1/completions", json=body)).status_code
+        await wait_routed(http, "chat")
 
         # Four in flight at target 2: two replicas' worth. The second cannot be placed.
-        load = [asyncio.create_task(ask(i)) for i in range(4)]
+        load = [asyncio.create_task(complete(http, "chat", f"request {i}")) for i in range(4)]
         try:
 
             async def limited() -> dict[str, Any] | None:
@@ -245,7 +204,9 @@ async def test_a_model_that_cannot_grow_says_so_and_stops_asking(
             assert obj["status"]["autoscaling"]["desiredReplicas"] == 2
 
             # Twice the load: four replicas' worth. The count stays where it is.
-            load += [asyncio.create_task(ask(i)) for i in range(4, 8)]
+            load += [
+                asyncio.create_task(complete(http, "chat", f"request {i}")) for i in range(4, 8)
+            ]
 
             async def held_back() -> dict[str, Any] | None:
                 obj = await kube.get(md_path(namespace, "chat"))
@@ -305,13 +266,8 @@ async def test_requests_held_at_zero_size_the_wake_up(
     assert (await kube.get(md_path(namespace, "cold")))["spec"]["replicas"] == 1
 
     async with httpx.AsyncClient(base_url=gateway.url, timeout=90) as http:
-
-        async def ask(i: int) -> int:
-            body = {"model": "cold", "prompt": f"request {i}", "max_tokens": 4}
-            return (await http.post("/v1/completions", json=body)).status_code
-
         # Six held requests at target 2: three replicas at once, not one.
-        load = [asyncio.create_task(ask(i)) for i in range(6)]
+        load = [asyncio.create_task(complete(http, "cold", f"request {i}")) for i in range(6)]
         try:
 
             async def woken() -> dict[str, Any] | None:
