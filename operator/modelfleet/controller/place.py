@@ -9,9 +9,10 @@ is built twice or parsed back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import TypeGuard
 
 from modelfleet.api import ModelDeployment, SharingMode
 from modelfleet.api import labels as L
@@ -45,6 +46,7 @@ from modelfleet.controller.plan import (
     compute_footprint_mib,
     compute_settled_annotations,
 )
+from modelfleet.controller.reservations import Reservation
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +165,7 @@ def place(
     consolidating: Consolidating | None = None,
     need: LoadNeed | None = None,
     load_floors: Mapping[tuple[str, str], int] | None = None,
+    reserved: Reservation | None = None,
 ) -> Plan:
     """`plan` with its `to_place` ordinals placed: Pods to create, or an eviction, or a blocker.
 
@@ -173,6 +176,10 @@ def place(
     before any eviction (and a deployment whose moves are under way waits for them); `need` is
     what this deployment's own load asks for (autoscaled models), and `load_floors` what other
     models' load needs (`compute_load_floors`): eviction leaves them that many Ready replicas.
+    `reserved` is the GPUs an earlier eviction of this deployment freed and no replica of it
+    holds yet (`compute_unused_reservation`): while the node still reports them in use (the
+    victim's process has not let go of its memory), the replica waits for them rather than
+    evicting someone else.
     """
     out = replace(
         plan,
@@ -218,6 +225,8 @@ def place(
             _plan_consolidation(out, md, pod_name, found, consolidating, defaults, now)
         elif isinstance(decision, Evict) and not may_evict and need is not None:
             out.blocker = _waits_within_load(pod_name, need, mark, decision.reason)
+        elif isinstance(decision, Evict) and _reservation_unused(reserved, out.to_create):
+            out.blocker = _waits_for_reservation(pod_name, reserved)
         elif isinstance(decision, Evict):
             _blocked_by_eviction(out, md, pod_name, decision, deleting, may_evict, mark, now)
         elif not may_evict and mark is not None:
@@ -409,6 +418,41 @@ def _blocked_by_eviction(
         _plan_eviction(plan, md, pod_name, decision, deleting, now + RESERVATION_TTL)
     else:
         plan.blocker = _waits_after_eviction(mark, decision.reason)
+
+
+def compute_unused_reservation(
+    reservation: Reservation | None, pods: Iterable[ObservedPod]
+) -> Reservation | None:
+    """`reservation` while none of `pods` (the deployment's own, not terminating) is on its
+    GPUs yet; None once one is, or when there is none."""
+    if reservation is None:
+        return None
+    gpus = set(reservation.gpu_ids)
+    for pod in pods:
+        if not pod.deleting and pod.node == reservation.node and gpus & set(pod.gpus):
+            return None
+    return reservation
+
+
+def _reservation_unused(
+    reserved: Reservation | None, creating: Sequence[PodToCreate]
+) -> TypeGuard[Reservation]:
+    """A reservation no replica of this pass is placed on either."""
+    if reserved is None:
+        return False
+    gpus = set(reserved.gpu_ids)
+    return not any(
+        c.placed.node == reserved.node and gpus & set(c.placed.gpu_ids) for c in creating
+    )
+
+
+def _waits_for_reservation(pod_name: str, reserved: Reservation) -> Blocker:
+    """The GPUs this deployment's eviction freed are not free yet: wait, evict no one else."""
+    return Blocker(
+        Reason.EVICTING,
+        f"{pod_name} waits for the GPUs its eviction freed on {reserved.node} "
+        f"({', '.join(reserved.gpu_ids)}): the node still reports them in use",
+    )
 
 
 def _waits_after_eviction(mark: EvictionMark | None, why: str) -> Blocker:

@@ -51,6 +51,7 @@ from modelfleet.controller.place import (
     Consolidating,
     compute_eviction_mark,
     compute_load_floors,
+    compute_unused_reservation,
     place,
 )
 from modelfleet.controller.plan import AssignmentRecord, EventSpec, Plan, Reason, compute_plan
@@ -213,6 +214,10 @@ async def _place(
             consolidating=_consolidating(rt, cluster, key, everything, placer, now),
             need=needs.get(key),
             load_floors=compute_load_floors(needs, priorities, key, md.spec.priority),
+            reserved=compute_unused_reservation(
+                rt.reservations.active(now).get(key),
+                [p for p in everything if (p.namespace, p.deployment) == key],
+            ),
         )
         rt.promise(key, placed, everything, now)
         placer.keep()

@@ -12,8 +12,9 @@ from modelfleet.api.gpustats import GpuReport, GpuStats, PodRef
 from modelfleet.controller.builders import PodDefaults
 from modelfleet.controller.decisions import Decision, Placed, PlacementRequest, Placer
 from modelfleet.controller.observed import NodeFacts, NodeHealth, ObservedPod, instance_name
-from modelfleet.controller.place import compute_eviction_mark, place
+from modelfleet.controller.place import compute_eviction_mark, compute_unused_reservation, place
 from modelfleet.controller.plan import Plan, compute_plan
+from modelfleet.controller.reservations import Reservation
 from modelfleet.gpus.health import EndpointState
 from modelfleet.gpus.snapshot import EndpointSample, PoolSnapshot, build_snapshot
 
@@ -124,6 +125,7 @@ def plan_and_place(
     template_hash: str = HASH,
     deleting: frozenset[tuple[str, str]] = frozenset(),
     unseen_nodes: tuple[str, ...] = (),
+    reserved: Reservation | None = None,
 ) -> Plan:
     """The two pure planning steps as the reconcile runs them: plan, then place."""
     plan = compute_plan(md, pods, health, now, template_hash)
@@ -138,6 +140,7 @@ def plan_and_place(
         deleting=deleting,
         mark=compute_eviction_mark(md),
         unseen_nodes=unseen_nodes,
+        reserved=compute_unused_reservation(reserved, pods),
     )
 
 

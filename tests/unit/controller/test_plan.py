@@ -11,6 +11,7 @@ from modelfleet.api import labels as L
 from modelfleet.controller.decisions import Evict, PlacementRequest, Unplaceable, Victim
 from modelfleet.controller.observed import NodeHealth
 from modelfleet.controller.plan import compute_plan, compute_target
+from modelfleet.controller.reservations import Reservation
 
 
 def names(items: list[object]) -> list[str]:
@@ -183,6 +184,38 @@ def test_eviction_under_way_is_waited_for_not_repeated() -> None:
     assert not plan.events
     assert plan.blocker is not None
     assert plan.blocker.reason == "Evicting"
+
+
+def test_an_evictor_waits_for_the_gpus_its_eviction_freed_and_evicts_no_one_else() -> None:
+    # The victim's Pod is gone, but the node still reports its memory on the reserved GPU: the
+    # engine sees no room and names another victim. The replica waits for its reservation.
+    reserved = Reservation("node-a", ("node-a:1",), NOW + timedelta(seconds=60))
+    victims = (Victim("ns", "busy-instance-1", "busy"),)
+    placer = FreeGpus([], otherwise=lambda r: Evict(victims, "busy is least recently used"))
+    plan = plan_and_place(make_md(replicas=1), [], nodes("node-a"), placer, NOW, reserved=reserved)
+    assert not plan.victims
+    assert not plan.events
+    assert plan.blocker is not None
+    assert plan.blocker.reason == "Evicting"
+    assert "node-a:1" in plan.blocker.message
+    assert "still reports them in use" in plan.blocker.message
+
+
+def test_a_used_reservation_does_not_hold_back_the_next_eviction() -> None:
+    # Replica 1 runs on the reserved GPU: replica 2 may evict for itself.
+    reserved = Reservation("node-a", ("node-a:1",), NOW + timedelta(seconds=60))
+    victims = (Victim("ns", "busy-instance-1", "busy"),)
+    placer = FreeGpus([], otherwise=lambda r: Evict(victims, "busy is least recently used"))
+    running = [pod(1, gpus=("node-a:1",))]
+    plan = plan_and_place(
+        make_md(replicas=2), running, nodes("node-a"), placer, NOW, reserved=reserved
+    )
+    assert plan.victims == list(victims)
+    # The same within one pass: replica 1 is placed on the reserved GPU, replica 2 evicts.
+    placer = FreeGpus(["node-a:1"], otherwise=lambda r: Evict(victims, "lru"))
+    plan = plan_and_place(make_md(replicas=2), [], nodes("node-a"), placer, NOW, reserved=reserved)
+    assert [c.placed.gpu_ids for c in plan.to_create] == [("node-a:1",)]
+    assert plan.victims == list(victims)
 
 
 def test_evicted_deployment_does_not_evict_back() -> None:
